@@ -1,0 +1,171 @@
+"""The SimCLR LightningModule: encoder f, projection head g, NT-Xent, and the paper's optimiser."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from simclr_lightning.backbones import build_resnet
+from simclr_lightning.heads import ProjectionHead
+from simclr_lightning.loss import NTXentLoss
+from simclr_lightning.optim import (
+    LRScaling,
+    OptimizerName,
+    build_optimizer,
+    param_groups,
+    scaled_learning_rate,
+    warmup_cosine,
+)
+
+
+class SimCLR(L.LightningModule):
+    """SimCLR pretraining (Chen et al. 2020).
+
+    Training batches are ``((view_a, view_b), labels)``; labels are only passed on to
+    callbacks (online probe, kNN), never used by the loss. ``training_step`` and
+    ``validation_step`` return the backbone features so callbacks need no second forward.
+
+    Args:
+        backbone: torchvision ResNet to build from scratch: resnet18, resnet34 or resnet50.
+        cifar_stem: 3x3 stride-1 first convolution and no max-pool, for 32x32 images.
+        in_channels: 3 for colour images, 1 for MNIST-like data.
+        head_hidden_dim / head_output_dim / head_layers: the projection MLP (2 layers is
+            SimCLR v1, 3 is v2). ``head_hidden_dim`` None means the encoder's width.
+        temperature: the tau of NT-Xent.
+        optimizer: lars (the paper), sgd (momentum) or adamw.
+        base_lr: learning rate before scaling; the peak rate is base_lr * B / 256 (linear)
+            or base_lr * sqrt(B) (sqrt), B the global batch (per-device batch x devices x
+            nodes x gradient accumulation).
+        weight_decay: applied to weights only; BatchNorm and bias parameters are excluded
+            (and skip LARS adaptation) when ``exclude_bn_bias``.
+        warmup_epochs: linear warm-up length, then cosine decay to ``final_lr_ratio`` x peak,
+            stepped every optimizer step.
+        gather_distributed: under DDP use every rank's embeddings as negatives.
+        batch_size: per-device batch for the learning-rate rule; None reads it from the
+            datamodule (or the train DataLoader).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        cifar_stem: bool = False,
+        in_channels: int = 3,
+        head_hidden_dim: int | None = 2048,
+        head_output_dim: int = 128,
+        head_layers: int = 2,
+        temperature: float = 0.5,
+        optimizer: OptimizerName = "lars",
+        base_lr: float = 0.3,
+        lr_scaling: LRScaling = "linear",
+        weight_decay: float = 1e-6,
+        momentum: float = 0.9,
+        lars_eta: float = 0.001,
+        exclude_bn_bias: bool = True,
+        warmup_epochs: float = 10.0,
+        final_lr_ratio: float = 0.0,
+        gather_distributed: bool = True,
+        batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        _require(base_lr > 0, "model.base_lr", base_lr, "> 0")
+        _require(weight_decay >= 0, "model.weight_decay", weight_decay, ">= 0")
+        _require(warmup_epochs >= 0, "model.warmup_epochs", warmup_epochs, ">= 0")
+        _require(0 <= final_lr_ratio <= 1, "model.final_lr_ratio", final_lr_ratio, "in [0, 1]")
+        _require(temperature > 0, "model.temperature", temperature, "> 0")
+        _require(
+            optimizer in ("lars", "sgd", "adamw"),
+            "model.optimizer",
+            optimizer,
+            "one of lars, sgd, adamw",
+        )
+        _require(
+            lr_scaling in ("linear", "sqrt", "none"),
+            "model.lr_scaling",
+            lr_scaling,
+            "one of linear, sqrt, none",
+        )
+        _require(batch_size is None or batch_size >= 2, "model.batch_size", batch_size, ">= 2")
+        self.backbone, self.feature_dim = build_resnet(backbone, cifar_stem, in_channels)
+        self.head = ProjectionHead(
+            self.feature_dim,
+            hidden_dim=head_hidden_dim or self.feature_dim,
+            output_dim=head_output_dim,
+            num_layers=head_layers,
+        )
+        self.criterion = NTXentLoss(temperature, gather_distributed=gather_distributed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Encoder features h = f(x): the representation used downstream."""
+        return self.backbone(x)
+
+    def training_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
+        (x_a, x_b), labels = batch
+        # One pass over both views: BatchNorm sees the 2N images together, as in SimCLR.
+        features = self.backbone(torch.cat([x_a, x_b]))
+        z_a, z_b = self.head(features).chunk(2)
+        loss, stats = self.criterion.forward_with_stats(z_a, z_b)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"train/loss is {loss.item()} at step {self.global_step}: lower model.base_lr, "
+                f"raise model.temperature or warm up longer (model.warmup_epochs)"
+            )
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+        return {"loss": loss, "features": features.detach(), "labels": torch.cat([labels, labels])}
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        x, labels = batch
+        return {"features": self.backbone(x), "labels": labels}
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.backbone(x)
+
+    def _train_loader(self):
+        # Lightning loads the train loader lazily; with max_steps-only training it is not yet
+        # loaded when configure_optimizers runs, so load it the way estimated_stepping_batches does.
+        if self.trainer.train_dataloader is None:
+            self.trainer.fit_loop.setup_data()
+        return self.trainer.train_dataloader
+
+    def global_batch_size(self) -> int:
+        """Images per optimizer step over all processes: what the learning-rate rule scales by."""
+        per_device = self.hparams.batch_size
+        if per_device is None:
+            per_device = getattr(self.trainer.datamodule, "batch_size", None)
+        if per_device is None:
+            per_device = getattr(self._train_loader(), "batch_size", None)
+        if per_device is None:
+            raise ValueError(
+                "cannot tell the per-device batch size for the learning-rate rule: "
+                "set model.batch_size"
+            )
+        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        lr = scaled_learning_rate(hp.base_lr, self.global_batch_size(), hp.lr_scaling)
+        groups = param_groups(self, hp.weight_decay, hp.exclude_bn_bias)
+        optimizer = build_optimizer(hp.optimizer, groups, lr, hp.momentum, hp.lars_eta)
+        self._train_loader()
+        steps_per_epoch = max(
+            1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches
+        )
+        warmup_steps = min(total_steps, round(hp.warmup_epochs * steps_per_epoch))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, warmup_steps, total_steps, hp.final_lr_ratio),
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1},
+        }
+
+
+def _require(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")

@@ -1,0 +1,138 @@
+"""Optimisation pieces of the SimCLR recipe: LARS, learning-rate scaling, warm-up + cosine."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+LRScaling = Literal["linear", "sqrt", "none"]
+OptimizerName = Literal["lars", "sgd", "adamw"]
+
+
+class LARS(Optimizer):
+    """Layer-wise Adaptive Rate Scaling (You et al. 2017) as SimCLR's reference code applies it.
+
+    Per parameter: ``g += wd * w``; ``lr_local = lr * eta * ||w|| / ||g||`` (1 when either
+    norm is 0); ``v = momentum * v + lr_local * g``; ``w -= v``. Groups with
+    ``lars_adaptation=False`` (BatchNorm and biases in SimCLR) skip the trust ratio and are
+    plain SGD with momentum.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+        nesterov: bool = False,
+        lars_adaptation: bool = True,
+    ) -> None:
+        if lr < 0 or momentum < 0 or weight_decay < 0 or eta <= 0:
+            raise ValueError("LARS needs lr >= 0, momentum >= 0, weight_decay >= 0, eta > 0")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eta=eta,
+            nesterov=nesterov,
+            lars_adaptation=lars_adaptation,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if group["weight_decay"] != 0:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                if group["lars_adaptation"]:
+                    w_norm = torch.linalg.vector_norm(p)
+                    g_norm = torch.linalg.vector_norm(grad)
+                    trust = torch.where(
+                        (w_norm > 0) & (g_norm > 0),
+                        group["eta"] * w_norm / g_norm,
+                        torch.ones_like(w_norm),
+                    )
+                    scaled = grad * (trust * lr)
+                else:
+                    scaled = grad * lr
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(momentum).add_(scaled)
+                update = buf * momentum + scaled if group["nesterov"] else buf
+                p.sub_(update)
+        return loss
+
+
+def param_groups(model: nn.Module, weight_decay: float, exclude_bn_bias: bool = True) -> list[dict]:
+    """Two groups: weights that are decayed (and LARS-adapted), and BatchNorm/bias parameters
+    that are not, as in SimCLR. One-dimensional parameters are exactly the BN and bias ones
+    in the ResNet + MLP head this library builds."""
+    if not exclude_bn_bias:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": weight_decay, "lars_adaptation": True}]
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars_adaptation": True},
+        {"params": no_decay, "weight_decay": 0.0, "lars_adaptation": False},
+    ]
+
+
+def scaled_learning_rate(base_lr: float, global_batch_size: int, scaling: LRScaling) -> float:
+    """SimCLR's rule: ``base_lr * B / 256`` (linear) or ``base_lr * sqrt(B)`` (sqrt, the
+    paper's choice for small batches and long training)."""
+    if scaling == "linear":
+        return base_lr * global_batch_size / 256
+    if scaling == "sqrt":
+        return base_lr * math.sqrt(global_batch_size)
+    if scaling == "none":
+        return base_lr
+    raise ValueError(f"lr_scaling={scaling!r} is invalid: choose one of linear, sqrt, none")
+
+
+def build_optimizer(
+    name: OptimizerName,
+    groups: list[dict],
+    lr: float,
+    momentum: float,
+    lars_eta: float,
+) -> Optimizer:
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, eta=lars_eta)
+    # The extra group key is LARS's; torch's optimizers keep unknown keys untouched.
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ValueError(f"optimizer={name!r} is unknown: choose one of lars, sgd, adamw")
+
+
+def warmup_cosine(
+    step: int, warmup_steps: int, total_steps: int, final_ratio: float = 0.0
+) -> float:
+    """Multiplier of the peak learning rate at optimizer ``step``: linear warm-up from
+    1/warmup_steps to 1, then cosine decay to ``final_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,57 @@
+"""Shared fixtures: real data from ../shared (never committed) and small subsets of it."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SIMCLR_SHARED_DATA", REPO.parent / "shared" / "data"))
+FASHION_MNIST = Path(os.environ.get("SIMCLR_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+# CI sets SIMCLR_REQUIRE_DATA=1: missing data is then a failure, not a skip.
+REQUIRE_DATA = os.environ.get("SIMCLR_REQUIRE_DATA") == "1"
+
+
+def _missing(what: str):
+    if REQUIRE_DATA:
+        pytest.fail(f"{what} is missing and SIMCLR_REQUIRE_DATA=1")
+    pytest.skip(f"{what} is missing")
+
+
+@pytest.fixture(scope="session")
+def cifar_jpg_root(tmp_path_factory) -> Path:
+    """All of CIFAR-10 as JPEGs (ImageFolder layout), extracted once per session."""
+    archive = SHARED_DATA / "cifar10-jpg.tar.gz"
+    if not archive.is_file():
+        _missing(str(archive))
+    dest = tmp_path_factory.mktemp("cifar10_jpg")
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    return dest / "cifar10-jpg"
+
+
+def make_subset(source: Path, dest: Path, train_per_class: int, val_per_class: int) -> Path:
+    """An ImageFolder tree of symlinks to the first images of each class."""
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for class_dir in sorted((source / split).iterdir()):
+            out = dest / split / class_dir.name
+            out.mkdir(parents=True, exist_ok=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                (out / image.name).symlink_to(image)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def cifar_tiny(cifar_jpg_root, tmp_path_factory) -> Path:
+    """20 train and 10 val images per class: enough for plumbing, cheap on 2 cores."""
+    return make_subset(cifar_jpg_root, tmp_path_factory.mktemp("cifar_tiny"), 20, 10)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        _missing(f"Fashion-MNIST in {FASHION_MNIST} (apt-get install dataset-fashion-mnist)")
+    return FASHION_MNIST

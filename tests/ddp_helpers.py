@@ -1,0 +1,62 @@
+"""Worker code for the distributed tests: real process groups over gloo on CPU."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import simclr_lightning.loss as loss_module
+from simclr_lightning import NTXentLoss
+
+
+def gather_without_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """The classic bug: negatives from other ranks carry no gradient, nor does our slice."""
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out)
+
+
+def gather_local_grad_only(tensor: torch.Tensor) -> torch.Tensor:
+    """The half fix: our own slice keeps its gradient, other ranks' gradients are dropped."""
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    out[dist.get_rank()] = tensor
+    return torch.cat(out)
+
+
+BROKEN_GATHERS = {"nograd": gather_without_grad, "localgrad": gather_local_grad_only}
+
+
+def use_gather(mode: str) -> None:
+    if mode != "correct":
+        loss_module.gather_with_grad = BROKEN_GATHERS[mode]
+
+
+def mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def global_batch(world: int, per_rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(world * per_rank, 10, generator=gen), torch.randn(
+        world * per_rank, 10, generator=gen
+    )
+
+
+def torch_ddp_worker(rank, world, init_file, out_dir, mode, per_rank, temperature):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        use_gather(mode)
+        model = nn.parallel.DistributedDataParallel(mlp(seed=0))
+        x_a, x_b = global_batch(world, per_rank, seed=1)
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        # One forward over both views, as DDP expects one forward per backward.
+        z_a, z_b = model(torch.cat([x_a[mine], x_b[mine]])).chunk(2)
+        loss = NTXentLoss(temperature)(z_a, z_b)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
