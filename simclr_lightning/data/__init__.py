@@ -1,0 +1,8 @@
+"""LightningDataModules serving SimCLR's two views (or one eval view) with labels."""
+
+from simclr_lightning.data.base import SimCLRDataModule
+from simclr_lightning.data.cifar import CIFARDataModule
+from simclr_lightning.data.image_folder import ImageFolderDataModule
+from simclr_lightning.data.mnist import MNISTDataModule
+
+__all__ = ["CIFARDataModule", "ImageFolderDataModule", "MNISTDataModule", "SimCLRDataModule"]

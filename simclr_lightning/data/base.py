@@ -1,0 +1,163 @@
+"""What every SimCLR data module shares: loaders, the three kinds of view, and early checks."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from simclr_lightning.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SimCLRAugmentation,
+    TwoViews,
+    eval_transform,
+    view_transform,
+)
+
+Task = Literal["pretrain", "classify"]
+
+
+class SimCLRDataModule(L.LightningDataModule):
+    """Base class: subclasses say where images come from, this class how they are served.
+
+    Args:
+        batch_size: images per device and step; the global batch is
+            batch_size x devices x nodes.
+        augmentation: the SimCLR view settings (each subclass defaults to the paper's for its
+            data); mean/std left None take the dataset's channel statistics.
+        task: ``pretrain`` serves ``((view_a, view_b), label)``; ``classify`` serves one lightly
+            augmented view (random crop + flip), for linear evaluation and fine-tuning.
+        val_batch_size: None means ``batch_size``.
+        drop_last: drop the incomplete last training batch (the loss wants full batches).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 256,
+        augmentation: SimCLRAugmentation | None = None,
+        task: Task = "pretrain",
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        drop_last: bool = True,
+        val_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(batch_size, int) or batch_size < 2:
+            raise ValueError(
+                f"data.batch_size={batch_size!r} is invalid: NT-Xent needs at least 2 images "
+                f"per device"
+            )
+        if task not in ("pretrain", "classify"):
+            raise ValueError(f"data.task={task!r} is invalid: choose pretrain or classify")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers!r} is invalid: must be >= 0")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"data.val_batch_size={val_batch_size!r} is invalid: must be >= 1")
+        self.batch_size = batch_size
+        aug = augmentation or SimCLRAugmentation()
+        mean, std = self.channel_stats()
+        self.augmentation = aug.replace(mean=aug.mean or mean, std=aug.std or std)
+        self.task = task
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.drop_last = drop_last
+        self.val_batch_size = val_batch_size or batch_size
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std used to normalise when the augmentation names none."""
+        return IMAGENET_MEAN, IMAGENET_STD
+
+    def make_dataset(self, split: Literal["train", "val"], transform) -> Dataset | None:
+        """The split with ``transform`` applied to each image, or None if it does not exist."""
+        raise NotImplementedError
+
+    eval_resize_ratio: float | None = None  # <1: resize to size/ratio then centre-crop
+
+    # -- transforms -----------------------------------------------------------------------------
+    def train_transform(self):
+        aug = self.augmentation
+        if self.task == "pretrain":
+            return TwoViews(view_transform(aug))
+        size = aug.image_size
+        if size <= 64:  # CIFAR-style linear evaluation
+            crop = v2.RandomCrop(size, padding=size // 8, padding_mode="reflect")
+            ops = [v2.ToImage(), v2.Resize((size, size), antialias=True), crop]
+        else:  # ImageNet-style
+            ops = [v2.ToImage(), v2.RandomResizedCrop(size, antialias=True)]
+        ops += [
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(aug.mean, aug.std),
+        ]
+        return v2.Compose(ops)
+
+    def eval_transform(self):
+        aug = self.augmentation
+        return eval_transform(aug.image_size, aug.mean, aug.std, self.eval_resize_ratio)
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.train_set is None:
+            self.train_set = self.make_dataset("train", self.train_transform())
+            self._check_batch_size(len(self.train_set))
+        if self.val_set is None:
+            self.val_set = self.make_dataset("val", self.eval_transform())
+
+    def _check_batch_size(self, n_images: int) -> None:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_rank = math.ceil(n_images / world)  # DistributedSampler pads to equal shards
+        if self.drop_last and per_rank < self.batch_size:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is larger than the {per_rank} training "
+                f"images each of the {world} process(es) gets ({n_images} in all): lower "
+                f"data.batch_size or use more data"
+            )
+        if not self.drop_last and self.task == "pretrain" and per_rank % self.batch_size == 1:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} leaves a last batch of 1 image per process "
+                f"({per_rank} images each), which NT-Xent and BatchNorm cannot use: set "
+                f"data.drop_last=true or change data.batch_size"
+            )
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last,
+            num_workers=workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return self._loader(self.val_set, self.val_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def eval_train_dataloader(self) -> DataLoader:
+        """The labelled training split without augmentation: the memory bank of a kNN monitor."""
+        dataset = self.make_dataset("train", self.eval_transform())
+        return self._loader(dataset, self.val_batch_size, train=False)

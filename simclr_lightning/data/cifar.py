@@ -1,0 +1,80 @@
+"""CIFAR-10 and CIFAR-100 through torchvision, with an offline path that says what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from torch.utils.data import Dataset
+from torchvision import datasets
+
+from simclr_lightning.data.base import SimCLRDataModule
+from simclr_lightning.transforms import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    SimCLRAugmentation,
+)
+
+_DATASETS = {
+    "cifar10": (datasets.CIFAR10, "cifar-10-batches-py", CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": (datasets.CIFAR100, "cifar-100-python", CIFAR100_MEAN, CIFAR100_STD),
+}
+
+
+class CIFARDataModule(SimCLRDataModule):
+    """CIFAR-10/100 (torchvision's python-pickle format) in ``data_dir``.
+
+    Args:
+        data_dir: folder holding ``cifar-10-batches-py/`` (or ``cifar-100-python/``).
+        dataset: cifar10 or cifar100.
+        download: fetch the archive on rank 0 when it is absent.
+        augmentation: the paper's CIFAR views (32 px, jitter strength 0.5, no blur).
+        **kwargs: see :class:`SimCLRDataModule`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        dataset: Literal["cifar10", "cifar100"] = "cifar10",
+        download: bool = True,
+        augmentation: SimCLRAugmentation = SimCLRAugmentation(image_size=32, jitter_strength=0.5),
+        **kwargs,
+    ) -> None:
+        if dataset not in _DATASETS:
+            raise ValueError(f"data.dataset={dataset!r} is unknown: choose cifar10 or cifar100")
+        self.data_dir = data_dir
+        self.dataset = dataset
+        self.download = download
+        super().__init__(augmentation=augmentation, **kwargs)
+
+    def channel_stats(self):
+        _, _, mean, std = _DATASETS[self.dataset]
+        return mean, std
+
+    def prepare_data(self) -> None:
+        cls, folder, _, _ = _DATASETS[self.dataset]
+        if (Path(self.data_dir) / folder).is_dir() or not self.download:
+            return
+        try:
+            cls(self.data_dir, train=True, download=True)
+            cls(self.data_dir, train=False, download=True)
+        except OSError as err:  # URLError is an OSError: no network
+            raise RuntimeError(self._missing_message(f"download failed ({err})")) from err
+
+    def make_dataset(self, split, transform) -> Dataset:
+        cls, _, _, _ = _DATASETS[self.dataset]
+        try:
+            return cls(self.data_dir, train=split == "train", transform=transform, download=False)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+            raise RuntimeError(self._missing_message(str(err))) from err
+
+    def _missing_message(self, why: str) -> str:
+        _, folder, _, _ = _DATASETS[self.dataset]
+        return (
+            f"{self.dataset} is not in data.data_dir={self.data_dir!r}: {why}. Put the extracted "
+            f"{folder}/ there (or set data.download=true with network), or train on an image "
+            f"folder instead: simclr-lightning fit --config configs/imagefolder.yaml "
+            f"--data.root DIR"
+        )
