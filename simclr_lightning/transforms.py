@@ -102,6 +102,12 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"augmentation.{name}={value!r} is invalid: must be {allowed}")
 
 
+# The paper's views per kind of data (frozen, so safe as shared defaults).
+CIFAR_VIEWS = SimCLRAugmentation(image_size=32, jitter_strength=0.5)
+MNIST_VIEWS = SimCLRAugmentation(image_size=28, jitter_strength=0.5)
+IMAGENET_VIEWS = SimCLRAugmentation.imagenet(224)
+
+
 def view_transform(cfg: SimCLRAugmentation) -> v2.Compose:
     """One random SimCLR view of a PIL image or uint8 tensor, as a normalized float tensor.
 

@@ -10,6 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from simclr_lightning.device_data import DeviceImageStore, IndexDataset
+from simclr_lightning.gpu_augment import GPUAugment
 from simclr_lightning.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -20,6 +22,7 @@ from simclr_lightning.transforms import (
 )
 
 Task = Literal["pretrain", "classify"]
+Augment = Literal["cpu", "gpu"]
 
 
 class SimCLRDataModule(L.LightningDataModule):
@@ -32,6 +35,11 @@ class SimCLRDataModule(L.LightningDataModule):
             data); mean/std left None take the dataset's channel statistics.
         task: ``pretrain`` serves ``((view_a, view_b), label)``; ``classify`` serves one lightly
             augmented view (random crop + flip), for linear evaluation and fine-tuning.
+        augment: where the pretraining views are made. ``cpu``: torchvision v2 in the
+            DataLoader workers. ``gpu``: the workers only decode; both views are made for the
+            whole batch on the device in ``on_after_batch_transfer`` (:class:`GPUAugment`,
+            per-sample parameters, same settings). Datasets held in memory (CIFAR, MNIST)
+            then live on the device and the loader yields only indices.
         val_batch_size: None means ``batch_size``.
         drop_last: drop the incomplete last training batch (the loss wants full batches).
     """
@@ -41,6 +49,7 @@ class SimCLRDataModule(L.LightningDataModule):
         batch_size: int = 256,
         augmentation: SimCLRAugmentation | None = None,
         task: Task = "pretrain",
+        augment: Augment = "cpu",
         num_workers: int = 8,
         pin_memory: bool = True,
         persistent_workers: bool = True,
@@ -55,6 +64,8 @@ class SimCLRDataModule(L.LightningDataModule):
             )
         if task not in ("pretrain", "classify"):
             raise ValueError(f"data.task={task!r} is invalid: choose pretrain or classify")
+        if augment not in ("cpu", "gpu"):
+            raise ValueError(f"data.augment={augment!r} is invalid: choose cpu or gpu")
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers!r} is invalid: must be >= 0")
         if val_batch_size is not None and val_batch_size < 1:
@@ -64,6 +75,7 @@ class SimCLRDataModule(L.LightningDataModule):
         mean, std = self.channel_stats()
         self.augmentation = aug.replace(mean=aug.mean or mean, std=aug.std or std)
         self.task = task
+        self.augment = augment
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
@@ -71,6 +83,8 @@ class SimCLRDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.device_store: DeviceImageStore | None = None
+        self.gpu_augment = GPUAugment(self.augmentation) if self.on_device else None
 
     # -- what subclasses provide -------------------------------------------------------------
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -83,9 +97,24 @@ class SimCLRDataModule(L.LightningDataModule):
 
     eval_resize_ratio: float | None = None  # <1: resize to size/ratio then centre-crop
 
+    def make_device_store(self, dataset: Dataset) -> DeviceImageStore | None:
+        """The whole training split as one uint8 tensor, for datasets already in memory."""
+        return None
+
+    def device_input_transform(self):
+        """What the workers do when views are made on the device: decode to a uint8 tensor
+        (all images must then share one size)."""
+        return v2.ToImage()
+
+    @property
+    def on_device(self) -> bool:
+        return self.augment == "gpu" and self.task == "pretrain"
+
     # -- transforms -----------------------------------------------------------------------------
     def train_transform(self):
         aug = self.augmentation
+        if self.on_device:
+            return self.device_input_transform()
         if self.task == "pretrain":
             return TwoViews(view_transform(aug))
         size = aug.image_size
@@ -110,6 +139,8 @@ class SimCLRDataModule(L.LightningDataModule):
         if stage == "fit" and self.train_set is None:
             self.train_set = self.make_dataset("train", self.train_transform())
             self._check_batch_size(len(self.train_set))
+            if self.on_device:
+                self.device_store = self.make_device_store(self.train_set)
         if self.val_set is None:
             self.val_set = self.make_dataset("val", self.eval_transform())
 
@@ -144,7 +175,21 @@ class SimCLRDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
+        if self.device_store is not None:  # images live on the device: serve indices only
+            indices = IndexDataset(len(self.device_store))
+            return DataLoader(indices, self.batch_size, shuffle=True, drop_last=self.drop_last)
         return self._loader(self.train_set, self.batch_size, train=True)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Make both SimCLR views of the whole batch on its device (``augment: gpu``)."""
+        if not self.on_device or self.trainer is None or not self.trainer.training:
+            return batch
+        if self.device_store is not None:
+            images, labels = self.device_store.to(batch.device).gather(batch)
+        else:
+            images, labels = batch
+        self.gpu_augment.to(images.device)
+        return self.gpu_augment.two_views(images), labels
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

@@ -5,15 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import torch
 from torch.utils.data import Dataset
 from torchvision import datasets
 
 from simclr_lightning.data.base import SimCLRDataModule
+from simclr_lightning.device_data import DeviceImageStore
 from simclr_lightning.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
+    CIFAR_VIEWS,
     SimCLRAugmentation,
 )
 
@@ -39,7 +42,7 @@ class CIFARDataModule(SimCLRDataModule):
         data_dir: str = "data",
         dataset: Literal["cifar10", "cifar100"] = "cifar10",
         download: bool = True,
-        augmentation: SimCLRAugmentation = SimCLRAugmentation(image_size=32, jitter_strength=0.5),
+        augmentation: SimCLRAugmentation = CIFAR_VIEWS,
         **kwargs,
     ) -> None:
         if dataset not in _DATASETS:
@@ -70,11 +73,15 @@ class CIFARDataModule(SimCLRDataModule):
         except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
             raise RuntimeError(self._missing_message(str(err))) from err
 
+    def make_device_store(self, dataset) -> DeviceImageStore:
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+        return DeviceImageStore(images, torch.as_tensor(dataset.targets))
+
     def _missing_message(self, why: str) -> str:
         _, folder, _, _ = _DATASETS[self.dataset]
+        fetch = "" if self.download else " (or set data.download=true, which needs network)"
         return (
             f"{self.dataset} is not in data.data_dir={self.data_dir!r}: {why}. Put the extracted "
-            f"{folder}/ there (or set data.download=true with network), or train on an image "
-            f"folder instead: simclr-lightning fit --config configs/imagefolder.yaml "
-            f"--data.root DIR"
+            f"{folder}/ there{fetch}, or train on an image folder instead: "
+            f"simclr-lightning fit --config configs/imagefolder.yaml --data.root DIR"
         )

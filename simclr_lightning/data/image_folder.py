@@ -8,9 +8,10 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
+from torchvision.transforms import v2
 
 from simclr_lightning.data.base import SimCLRDataModule
-from simclr_lightning.transforms import SimCLRAugmentation
+from simclr_lightning.transforms import IMAGENET_VIEWS, SimCLRAugmentation
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -60,7 +61,7 @@ class ImageFolderDataModule(SimCLRDataModule):
     def __init__(
         self,
         root: str,
-        augmentation: SimCLRAugmentation = SimCLRAugmentation.imagenet(224),
+        augmentation: SimCLRAugmentation = IMAGENET_VIEWS,
         **kwargs,
     ) -> None:
         self.root = Path(root)
@@ -77,6 +78,13 @@ class ImageFolderDataModule(SimCLRDataModule):
     def eval_resize_ratio(self) -> float | None:
         # ImageNet evaluation resizes to 256 then centre-crops 224; small images just resize.
         return 0.875 if self.augmentation.image_size >= 96 else None
+
+    def device_input_transform(self):
+        # Views are cropped on the device from one fixed-size square per image: the centre
+        # square, 8/7 of the view size for ImageNet-size views (as 256 -> 224), else the view size.
+        size = self.augmentation.image_size
+        load = round(size * 8 / 7) if size >= 96 else size
+        return v2.Compose([v2.ToImage(), v2.Resize(load, antialias=True), v2.CenterCrop(load)])
 
     def make_dataset(self, split, transform) -> Dataset | None:
         folder = self.root / split

@@ -12,7 +12,8 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 
 from simclr_lightning.data.base import SimCLRDataModule
-from simclr_lightning.transforms import SimCLRAugmentation
+from simclr_lightning.device_data import DeviceImageStore
+from simclr_lightning.transforms import MNIST_VIEWS, SimCLRAugmentation
 
 _INFO = {
     # name: (torchvision class, its folder, mean, std)
@@ -77,7 +78,7 @@ class MNISTDataModule(SimCLRDataModule):
         data_dir: str = "data",
         dataset: Literal["mnist", "fashion_mnist"] = "fashion_mnist",
         download: bool = False,
-        augmentation: SimCLRAugmentation = SimCLRAugmentation(image_size=28, jitter_strength=0.5),
+        augmentation: SimCLRAugmentation = MNIST_VIEWS,
         **kwargs,
     ) -> None:
         if dataset not in _INFO:
@@ -90,6 +91,9 @@ class MNISTDataModule(SimCLRDataModule):
     def channel_stats(self):
         _, _, mean, std = _INFO[self.dataset]
         return mean, std
+
+    def make_device_store(self, dataset: IdxImages) -> DeviceImageStore:
+        return DeviceImageStore(dataset.images, dataset.labels)
 
     def _find(self, name: str) -> Path | None:
         _, folder, _, _ = _INFO[self.dataset]

@@ -1,0 +1,86 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from simclr_lightning import SimCLR
+from simclr_lightning.cli import cli_main
+from tests.conftest import REPO, make_subset
+
+FAST_CPU = [
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.precision=32-true",
+    "--trainer.sync_batchnorm=false",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--model.init_args.backbone=resnet18",
+    "--data.init_args.batch_size=32",
+    "--data.init_args.num_workers=0",
+    "--data.init_args.augmentation.image_size=32",
+    "--data.init_args.augmentation.blur_prob=0",
+]
+
+
+@pytest.fixture(scope="module")
+def cifar_100_per_class(cifar_jpg_root, tmp_path_factory) -> Path:
+    return make_subset(cifar_jpg_root, tmp_path_factory.mktemp("cifar_100pc"), 100, 10)
+
+
+@pytest.mark.slow
+def test_fit_imagefolder_config_writes_a_checkpoint_that_reloads(cifar_100_per_class, tmp_path):
+    config = str(REPO / "configs" / "imagefolder.yaml")
+    args = ["fit", "--config", config, "--data.root", str(cifar_100_per_class)]
+    cli = cli_main(args + FAST_CPU + [f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.trainer.global_step == 3
+    last = next(tmp_path.rglob("last.ckpt"))
+    assert (last.parent.parent / "config.yaml").is_file()  # the CLI saved the full config
+
+    loaded = SimCLR.load_from_checkpoint(last, map_location="cpu")
+    assert loaded.hparams.backbone == "resnet18" and loaded.hparams.temperature == 0.1
+    images = torch.randn(4, 3, 32, 32)
+    trained = cli.model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), trained(images), rtol=0, atol=0)
+    assert not torch.equal(loaded(images), SimCLR(backbone="resnet18").eval()(images))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--model.init_args.temperature=0", "model.temperature=0.0 is invalid"),
+        ("--model.init_args.backbone=vit", "backbone='vit' is unknown"),
+        ("--data.init_args.batch_size=1", "data.batch_size=1 is invalid"),
+    ],
+)
+def test_bad_values_from_the_command_line_name_the_setting(cifar_tiny, capsys, override, message):
+    args = ["fit", "--config", str(REPO / "configs" / "imagefolder.yaml")]
+    # jsonargparse validates by instantiating, before any work; from a shell this exits 2.
+    with pytest.raises((SystemExit, ValueError)) as failure:
+        cli_main(args + ["--data.root", str(cifar_tiny), override])
+    assert message in str(failure.value) + capsys.readouterr().err
+
+
+def test_image_folder_without_train_split_is_reported(cifar_tiny, capsys):
+    args = ["fit", "--config", str(REPO / "configs" / "imagefolder.yaml")]
+    with pytest.raises((SystemExit, ValueError, FileNotFoundError)) as failure:
+        cli_main(args + ["--data.root", str(cifar_tiny / "train")])
+    assert "has no train/ folder" in str(failure.value) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "entry", [["simclr-lightning"], [sys.executable, "-m", "simclr_lightning"]]
+)
+def test_console_entry_points_print_the_config(entry):
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / entry[0])] + entry[1:] if entry[0] == "simclr-lightning" else entry
+    cmd += ["fit", "--config", str(REPO / "configs" / "cifar10.yaml"), "--print_config"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "class_path: simclr_lightning.SimCLR" in proc.stdout
+    assert "batch_size: 512" in proc.stdout and "temperature: 0.5" in proc.stdout

@@ -1,0 +1,130 @@
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from simclr_lightning import SimCLR, build_resnet
+from tests.reference import cosine_schedule_reference
+
+
+def pairs(n: int, size: int = 8, value: float | None = None, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    a, b = (
+        torch.randn(n, 3, size, size, generator=gen),
+        torch.randn(n, 3, size, size, generator=gen),
+    )
+    if value is not None:
+        a.fill_(value)
+    return [((a[i], b[i]), i % 3) for i in range(n)]
+
+
+def tiny_trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    return L.Trainer(**(defaults | kwargs))
+
+
+@pytest.mark.parametrize(
+    "name,cifar_stem,in_channels,size,dim",
+    [
+        ("resnet18", True, 3, 32, 512),
+        ("resnet34", False, 1, 28, 512),
+        ("resnet50", True, 3, 16, 2048),
+    ],
+)
+def test_backbones(name, cifar_stem, in_channels, size, dim):
+    net, feature_dim = build_resnet(name, cifar_stem=cifar_stem, in_channels=in_channels)
+    assert feature_dim == dim
+    assert net.conv1.in_channels == in_channels
+    if cifar_stem:
+        assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+        assert isinstance(net.maxpool, nn.Identity)
+    net.eval()
+    assert net(torch.randn(2, in_channels, size, size)).shape == (2, dim)
+
+
+def test_cifar_stem_keeps_resolution():
+    net, _ = build_resnet("resnet18", cifar_stem=True)
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    assert stem(torch.randn(1, 3, 32, 32)).shape[-1] == 32
+
+
+@pytest.mark.parametrize(
+    "kwargs,setting",
+    [
+        ({"backbone": "resnet19"}, "backbone"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"base_lr": 0.0}, "base_lr"),
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"lr_scaling": "log"}, "lr_scaling"),
+        ({"head_layers": 0}, "head_layers"),
+    ],
+)
+def test_bad_hyperparameters_fail_fast(kwargs, setting):
+    with pytest.raises(ValueError, match=setting):
+        SimCLR(**kwargs)
+
+
+def test_learning_rate_follows_scaling_rule_warmup_and_cosine():
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    model = SimCLR(
+        head_hidden_dim=16,
+        head_output_dim=8,
+        optimizer="sgd",
+        base_lr=0.4,
+        warmup_epochs=1,
+        lr_scaling="linear",
+    )
+    trainer = tiny_trainer(max_epochs=3, callbacks=[Record()])
+    trainer.fit(model, DataLoader(pairs(16), batch_size=4, shuffle=True))
+    peak = 0.4 * 4 / 256
+    expected = [peak * cosine_schedule_reference(s, 4, 12, 0.0) for s in range(12)]
+    assert lrs == pytest.approx(expected)
+    # BN and bias parameters are not decayed; the others are.
+    decays = [g["weight_decay"] for g in trainer.optimizers[0].param_groups]
+    assert decays == [model.hparams.weight_decay, 0.0]
+
+
+def test_training_step_returns_features_for_callbacks_and_logs_health():
+    seen = {}
+
+    class Grab(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.update(outputs)
+
+    model = SimCLR(head_hidden_dim=16, head_output_dim=8)
+    trainer = tiny_trainer(max_steps=1, callbacks=[Grab()])
+    trainer.fit(model, DataLoader(pairs(6), batch_size=6))
+    assert seen["features"].shape == (12, 512) and not seen["features"].requires_grad
+    assert seen["labels"].tolist() == [0, 1, 2, 0, 1, 2] * 2
+    logged = trainer.callback_metrics
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/pos_cos",
+        "train/neg_cos",
+        "train/contrastive_acc",
+        "train/z_std",
+    ):
+        assert key in logged, key
+
+
+def test_nan_loss_stops_training_with_a_clear_error():
+    model = SimCLR(head_hidden_dim=16, head_output_dim=8)
+    trainer = tiny_trainer(max_steps=2)
+    with pytest.raises(FloatingPointError, match="train/loss is nan"):
+        trainer.fit(model, DataLoader(pairs(4, value=float("nan")), batch_size=4))
