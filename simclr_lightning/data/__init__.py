@@ -2,7 +2,8 @@
 
 from simclr_lightning.data.base import SimCLRDataModule
 from simclr_lightning.data.cifar import CIFARDataModule
+from simclr_lightning.data.image_files import ImageFilesDataModule
 from simclr_lightning.data.image_folder import ImageFolderDataModule
 from simclr_lightning.data.mnist import MNISTDataModule
 
-__all__ = ["CIFARDataModule", "ImageFolderDataModule", "MNISTDataModule", "SimCLRDataModule"]
+__all__ = ["CIFARDataModule", "ImageFilesDataModule", "ImageFolderDataModule", "MNISTDataModule", "SimCLRDataModule"]

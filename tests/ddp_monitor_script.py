@@ -1,0 +1,133 @@
+"""One SimCLR epoch with the online probe and the kNN monitor, saving what they logged.
+
+Run as a script (Lightning's "ddp" strategy relaunches it once per extra device). With
+--devices 1 each training batch is the concatenation, in rank order, of the per-rank batches
+the 2-device run sees (Lightning shuffles DDP training data with seed 0 at epoch 0).
+Validation (37 images) and the kNN bank (41 images) are not multiples of 2, so the 2-device
+run also has DistributedSampler's padding repeats to leave out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+import simclr_lightning.knn as knn  # noqa: E402
+from simclr_lightning.knn import KNNMonitor  # noqa: E402
+from simclr_lightning.linear_probe import OnlineLinearProbe  # noqa: E402
+from simclr_lightning.module import SimCLR  # noqa: E402
+
+WORLD, PER_RANK, STEPS = 2, 4, 2
+N_VAL, N_BANK, CLASSES = 37, 41, 4
+
+
+def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 16, 16, generator=gen), torch.randint(0, CLASSES, (n,), generator=gen)
+
+
+class Data(L.LightningDataModule):
+    def __init__(self, devices: int) -> None:
+        super().__init__()
+        self.devices = devices
+
+    def train_dataloader(self):
+        n = WORLD * PER_RANK * STEPS
+        a, y = images(n, seed=1)
+        b, _ = images(n, seed=2)
+        y[3] = -1  # an unlabeled image in the probe's batches
+        if self.devices > 1:  # Lightning always shuffles training data under DDP
+            order, batch = list(range(n)), PER_RANK
+        else:  # per step, rank 0's batch then rank 1's, from DistributedSampler's permutation
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+            shards = [perm[r::WORLD] for r in range(WORLD)]
+            order = [
+                i
+                for s in range(STEPS)
+                for shard in shards
+                for i in shard[s * PER_RANK : (s + 1) * PER_RANK]
+            ]
+            batch = WORLD * PER_RANK
+        samples = [((a[i], b[i]), y[i]) for i in order]
+        return DataLoader(samples, batch_size=batch, shuffle=False)
+
+    def val_dataloader(self):
+        x, y = images(N_VAL, seed=3)
+        y[5] = -1
+        return DataLoader(list(zip(x, y, strict=True)), batch_size=5)
+
+    def eval_train_dataloader(self):
+        x, y = images(N_BANK, seed=4)
+        y[7] = -1
+        return DataLoader(list(zip(x, y, strict=True)), batch_size=6)
+
+
+class FreezeBatchNorm(L.Callback):
+    """Per-process BatchNorm statistics would make 2 processes differ from 1 by design."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        for m in pl_module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    seen = {}
+    plain_knn_predict = knn.knn_predict
+
+    def recording_knn_predict(query, bank, bank_labels, *rest):
+        seen.update(query=query.cpu(), bank=bank.cpu(), bank_labels=bank_labels.cpu())
+        return plain_knn_predict(query, bank, bank_labels, *rest)
+
+    knn.knn_predict = recording_knn_predict
+
+    L.seed_everything(0, verbose=False)
+    model = SimCLR(
+        cifar_stem=True,
+        head_hidden_dim=64,
+        head_output_dim=16,
+        optimizer="sgd",
+        base_lr=0.5,
+        warmup_epochs=0,
+    )
+    probe = OnlineLinearProbe(num_classes=CLASSES, optimizer="sgd", lr=0.5)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        max_epochs=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FreezeBatchNorm(), probe, KNNMonitor(num_classes=CLASSES, k=10)],
+    )
+    trainer.fit(model, datamodule=Data(args.devices))
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if "/" in k}
+    torch.save(
+        {
+            "metrics": metrics,
+            "probe": {k: v.clone() for k, v in probe.classifier.state_dict().items()},
+            "probe_steps": probe.steps,
+            "knn_inputs": seen,
+            "world": trainer.world_size,
+        },
+        args.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Loggers and plots: configs/wandb.yaml in offline mode (the run's files hold the metrics, the
+plot and the model), and the embedding plot on TensorBoard and CSV loggers."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from PIL import Image
+
+from simclr_lightning.cli import cli_main
+from simclr_lightning.embedding_plot import TAB10, UNLABELED, EmbeddingPlot, pca_2d
+from tests.test_knn import FeatureData, FeatureModule
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: spinning OpenMP threads are much slower
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_wandb_records(path: Path):
+    """The protobuf records of a ``run-*.wandb`` file: W&B's LevelDB-style log (7-byte file
+    header, 32 KiB blocks of chunks with a 7-byte header: crc32, length, type)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    ident, magic, _ = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B" and magic == 0xBEE1
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:  # zero padding
+            pos += left
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST chunk: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_holds_metrics_plot_and_model(cifar_tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "unused"))  # save_dir wins, as documented
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    cli = cli_main(
+        [
+            "fit",
+            "--seed_everything=0",
+            "--model=simclr_lightning.SimCLR",
+            "--model.head_hidden_dim=64",
+            "--model.optimizer=sgd",
+            "--model.warmup_epochs=0",
+            "--data=simclr_lightning.ImageFolderDataModule",
+            f"--data.root={cifar_tiny}",
+            "--data.augmentation.image_size=32",
+            "--data.batch_size=20",
+            "--data.num_workers=0",
+            f"--config={CONFIGS / 'wandb.yaml'}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.logger.init_args.name=offline-test",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=3",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks+=simclr_lightning.linear_probe.OnlineLinearProbe",
+            "--trainer.callbacks.num_classes=10",
+            "--trainer.callbacks+=simclr_lightning.embedding_plot.EmbeddingPlot",
+        ]
+    )
+    logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    wandb.finish()
+
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert not (tmp_path / "unused").exists()
+    (log,) = run_dir.glob("run-*.wandb")
+    history, artifacts, names = {}, [], set()
+    for record in read_wandb_records(log):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                history.setdefault(key, []).append(item.value_json)
+        elif kind == "artifact":
+            artifacts.append(record.artifact.type)
+        elif kind == "run":
+            names.add(record.run.display_name)
+    assert names == {"offline-test"}
+    for metric in ("probe/val_top1", "probe/val_top5", "probe/train_loss", "train/loss_epoch"):
+        assert float(history[metric][-1]) == pytest.approx(logged[metric], rel=1e-6), metric
+    assert history["embeddings/val/_type"] == ['"images/separated"']
+    (png,) = (run_dir / "files" / "media" / "images" / "embeddings").glob("*.png")
+    assert Image.open(png).size == (512 + 130, 512)
+    assert "model" in artifacts  # log_model: true, recorded for `wandb sync`
+
+
+def test_pca_2d_matches_numpy_svd():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 12, generator=gen) * torch.linspace(5, 0.1, 12)
+    got = pca_2d(x).double().numpy()
+    centred = x.double().numpy() - x.double().numpy().mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    want = centred @ vt[:2].T
+    for i in range(2):  # components are defined up to sign
+        assert abs(np.corrcoef(got[:, i], want[:, i])[0, 1]) > 0.999
+
+
+def clusters(n: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = 8 * torch.eye(3, 10)[y] + 0.3 * torch.randn(n, 10, generator=gen)
+    y[::10] = -1
+    return x, y
+
+
+def plot_pixels(image: Image.Image, colour) -> np.ndarray:
+    """Coordinates of the plot-area pixels of exactly ``colour`` (the legend is right of 512)."""
+    rgb = np.asarray(image.convert("RGB"))[:, :512]
+    return np.argwhere((rgb == np.array(colour)).all(axis=2))
+
+
+def test_embedding_plot_on_tensorboard_and_csv(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    plot = EmbeddingPlot(every_n_epochs=2)
+    loggers = [TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=4,
+        logger=loggers,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[plot],
+    )
+    trainer.fit(FeatureModule(10), datamodule=FeatureData(clusters(30, 0), clusters(60, 1)))
+
+    # Classes 0-2 in their own colours, well apart; unlabeled rows grey.
+    centres = []
+    for label in range(3):
+        pixels = plot_pixels(plot.image, TAB10[label])
+        assert len(pixels) > 10, label
+        centres.append(pixels.mean(axis=0))
+    assert min(np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1 :]) > 50
+    assert len(plot_pixels(plot.image, UNLABELED)) > 0
+
+    events = EventAccumulator(str(loggers[0].log_dir), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Images("embeddings/val")
+    assert len(images) == 2  # epochs 2 and 4
+    assert (images[-1].width, images[-1].height) == plot.image.size
+    pngs = sorted((Path(loggers[1].log_dir) / "embeddings").glob("*.png"))
+    assert [p.name for p in pngs] == ["epoch=001.png", "epoch=003.png"]
+    assert np.array_equal(np.asarray(Image.open(pngs[-1]).convert("RGB")), np.asarray(plot.image))
