@@ -13,10 +13,10 @@ from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.knn import KNNMonitor, knn_predict
 from simclr_lightning.linear_eval import LinearEval
 from simclr_lightning.linear_probe import OnlineLinearProbe
-from simclr_lightning.prediction import PredictionWriter
 from simclr_lightning.loss import NTXentLoss
 from simclr_lightning.module import SimCLR
 from simclr_lightning.optim import LARS
+from simclr_lightning.prediction import PredictionWriter
 from simclr_lightning.transforms import SimCLRAugmentation
 
 __version__ = "0.1.0"

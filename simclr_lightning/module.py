@@ -124,6 +124,21 @@ class SimCLR(L.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.backbone(x)
 
+    def on_train_start(self) -> None:
+        # Lightning keeps whatever train/eval mode the module had before fit; a model left in
+        # eval mode (e.g. by a kNN check before training) would pretrain with frozen BatchNorm
+        # statistics. Every part of SimCLR trains, so make that explicit.
+        self.train()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # LightningCLI's --ckpt_path parses the saved hyperparameters against --model; for a
+        # model built in Python they carry no class path, and that parsing fails.
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams:
+            hparams = dict(hparams)
+            hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
+            checkpoint["hyper_parameters"] = hparams
+
     def _train_loader(self):
         # Lightning loads the train loader lazily; with max_steps-only training it is not yet
         # loaded when configure_optimizers runs, so load it the way estimated_stepping_batches does.

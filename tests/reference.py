@@ -60,3 +60,19 @@ def cosine_schedule_reference(step, warmup, total, final):
         return (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return final + (1 - final) * (1 + math.cos(math.pi * min(t, 1.0))) / 2
+
+
+def weighted_knn_top1(train_x, train_y, test_x, test_y, k: int = 200, temperature: float = 0.1):
+    """InstDisc's weighted kNN (Wu et al. 2018), float64: each of the k most cosine-similar
+    training features votes for its class with weight exp(similarity / temperature)."""
+    train_x = torch.nn.functional.normalize(train_x.double(), dim=1)
+    test_x = torch.nn.functional.normalize(test_x.double(), dim=1)
+    num_classes = int(train_y.max()) + 1
+    correct = 0
+    for x, y in zip(test_x, test_y, strict=True):
+        sims = train_x @ x
+        top = sims.topk(min(k, len(sims)))
+        votes = torch.zeros(num_classes, dtype=torch.float64)
+        votes.index_add_(0, train_y[top.indices], torch.exp(top.values / temperature))
+        correct += int(votes.argmax() == y)
+    return correct / len(test_y)

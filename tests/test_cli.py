@@ -84,3 +84,40 @@ def test_console_entry_points_print_the_config(entry):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "class_path: simclr_lightning.SimCLR" in proc.stdout
     assert "batch_size: 512" in proc.stdout and "temperature: 0.5" in proc.stdout
+
+
+def test_cli_resumes_a_checkpoint_of_a_model_built_in_python(cifar_tiny, tmp_path):
+    import lightning as L
+
+    from simclr_lightning import ImageFolderDataModule
+
+    model = SimCLR(backbone="resnet18", temperature=0.3, head_hidden_dim=64, head_output_dim=32)
+    data = ImageFolderDataModule(str(cifar_tiny), batch_size=32, num_workers=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(model, data)
+    ckpt = tmp_path / "python.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    args = ["fit", "--config", str(REPO / "configs" / "imagefolder.yaml")]
+    args += ["--data.root", str(cifar_tiny), f"--ckpt_path={ckpt}"]
+    overrides = [a for a in FAST_CPU if not a.startswith(("--trainer.max_epochs", "--model."))]
+    cli = cli_main(
+        args
+        + overrides
+        + [
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=2",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    # the architecture and loss come from the checkpoint, not from the config's defaults
+    assert cli.model.hparams.temperature == 0.3 and cli.model.hparams.head_output_dim == 32
+    assert cli.trainer.global_step == 4

@@ -6,4 +6,10 @@ from simclr_lightning.data.image_files import ImageFilesDataModule
 from simclr_lightning.data.image_folder import ImageFolderDataModule
 from simclr_lightning.data.mnist import MNISTDataModule
 
-__all__ = ["CIFARDataModule", "ImageFilesDataModule", "ImageFolderDataModule", "MNISTDataModule", "SimCLRDataModule"]
+__all__ = [
+    "CIFARDataModule",
+    "ImageFilesDataModule",
+    "ImageFolderDataModule",
+    "MNISTDataModule",
+    "SimCLRDataModule",
+]
