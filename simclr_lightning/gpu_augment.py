@@ -63,6 +63,7 @@ take ~55 ms here against ~250 ms for ``view_transform`` looped over the images.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -256,8 +257,8 @@ def resized_crop(
 
 def sample_crop_boxes(
     n: int,
-    height: int,
-    width: int,
+    height: int | Tensor,
+    width: int | Tensor,
     scale: tuple[float, float],
     ratio: tuple[float, float],
     generator: torch.Generator | None = None,
@@ -265,29 +266,29 @@ def sample_crop_boxes(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``n`` boxes (top, left, height, width) with ``v2.RandomResizedCrop.make_params``'s law.
 
-    All 10 attempts are drawn at once and the first valid one is kept per sample;
-    samples with none fall back to torchvision's centre crop. Sizes are rounded half
-    to even like Python's ``round``; computed in float64 like torchvision's scalars.
+    ``height``/``width`` are one image size or ``[n]`` sizes, one per image. All 10 attempts
+    are drawn at once and the first valid one is kept per sample; samples with none fall
+    back to torchvision's centre crop. Sizes are rounded half to even like Python's
+    ``round``; computed in float64 like torchvision's scalars.
     """
     f64 = torch.float64
-    area = float(height * width)
+    height = torch.as_tensor(height, dtype=torch.long, device=device).expand(n)
+    width = torch.as_tensor(width, dtype=torch.long, device=device).expand(n)
+    area = (height * width).to(f64)[:, None]
     u = torch.rand(n, 10, 2, generator=generator, device=device, dtype=f64)
     target_area = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
     w = torch.sqrt(target_area * aspect).round_().long()
     h = torch.sqrt(target_area / aspect).round_().long()
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    ok = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # first valid attempt
     found = ok.any(dim=1)
 
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
-    else:
-        fw, fh = width, height
+    in_ratio = width.to(f64) / height.to(f64)
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fw = torch.where(wide, (height.to(f64) * max(ratio)).round().long(), width)
+    fh = torch.where(narrow, (width.to(f64) / min(ratio)).round().long(), height)
     w = torch.where(found, w.gather(1, first).squeeze(1), fw)
     h = torch.where(found, h.gather(1, first).squeeze(1), fh)
 
@@ -376,8 +377,9 @@ class GPUAugment(nn.Module):
         }
         return {k: v.to(device) for k, v in params.items()} if device is not None else params
 
-    def apply(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """Apply given per-sample ``params`` (see :meth:`sample_params`) to ``images``."""
+    def apply(self, images: Tensor, params: dict[str, Tensor], crop: bool = True) -> Tensor:
+        """Apply given per-sample ``params`` (see :meth:`sample_params`) to ``images``;
+        ``crop=False`` for images already cropped, resized and flipped with those params."""
         cfg = self.cfg
         if images.ndim != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(images.shape)}")
@@ -390,15 +392,16 @@ class GPUAugment(nn.Module):
             x = images.to(torch.float32).mul_(1.0 / 255.0)  # as v2.ToDtype(scale=True)
         else:
             x = images.to(torch.float32)
-        x = resized_crop(
-            x,
-            params["top"],
-            params["left"],
-            params["height"],
-            params["width"],
-            cfg.image_size,
-            flip=params["flip"],
-        )
+        if crop:
+            x = resized_crop(
+                x,
+                params["top"],
+                params["left"],
+                params["height"],
+                params["width"],
+                cfg.image_size,
+                flip=params["flip"],
+            )
         x = x.clamp_(0.0, 1.0)  # the matmul's rounding can leave [0, 1] by ~1e-7
         if self.jitter_enabled:
             x = self._jitter(x, params)
@@ -473,6 +476,39 @@ class GPUAugment(nn.Module):
         """The SimCLR positive pair: two independent views of every image (one pass of 2B)."""
         both = self(torch.cat([images, images], dim=0))
         return both[: images.shape[0]], both[images.shape[0] :]
+
+    def two_views_of_list(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Two views of every image in a list of ``[C, H, W]`` images of different sizes
+        (a batch of decoded JPEGs), cropping from each full image as torchvision would.
+
+        Boxes are drawn on the host for each image's own size; each crop is resized with
+        the antialiased bilinear ``interpolate`` torchvision uses (a loop of 2 small kernels
+        per image), and everything after the crop runs on the whole batch.
+        """
+        if len({tuple(im.shape) for im in images}) == 1:
+            return self.two_views(torch.stack(list(images)))
+        n, size = len(images), self.cfg.image_size
+        device = images[0].device
+        heights = torch.tensor([im.shape[-2] for im in images]).repeat(2)
+        widths = torch.tensor([im.shape[-1] for im in images]).repeat(2)
+        params = self.sample_params(2 * n, heights, widths)
+        boxes = torch.stack([params[k] for k in ("top", "left", "height", "width")], 1).tolist()
+        flips = params["flip"].tolist()
+        out = torch.empty(2 * n, images[0].shape[0], size, size, device=device)
+        for j, (top, left, h, w) in enumerate(boxes):
+            crop = images[j % n][None, :, top : top + h, left : left + w]
+            if crop.dtype == torch.uint8:
+                crop = crop.to(torch.float32).mul_(1.0 / 255.0)
+            crop = F.interpolate(
+                crop.float(),
+                size=(size, size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+            out[j] = crop[0].flip(-1) if flips[j] else crop[0]
+        views = self.apply(out, {k: v.to(device) for k, v in params.items()}, crop=False)
+        return views[:n], views[n:]
 
     def extra_repr(self) -> str:
         return repr(self.cfg)

@@ -44,6 +44,10 @@ class SimCLR(L.LightningModule):
         gather_distributed: under DDP use every rank's embeddings as negatives.
         batch_size: per-device batch for the learning-rate rule; None reads it from the
             datamodule (or the train DataLoader).
+        channels_last: on CUDA, keep the encoder and its inputs in channels-last memory
+            format (NHWC), the layout tensor-core convolutions want under bf16/fp16.
+        compile: ``torch.compile`` the encoder when fitting (state-dict names unchanged).
+            Measure first: for CIFAR ResNet-18 eager was faster in one H100 measurement.
     """
 
     def __init__(
@@ -66,6 +70,8 @@ class SimCLR(L.LightningModule):
         final_lr_ratio: float = 0.0,
         gather_distributed: bool = True,
         batch_size: int | None = None,
+        channels_last: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -95,15 +101,28 @@ class SimCLR(L.LightningModule):
             num_layers=head_layers,
         )
         self.criterion = NTXentLoss(temperature, gather_distributed=gather_distributed)
+        self._compiled = False
 
     def forward(self, x: Tensor) -> Tensor:
         """Encoder features h = f(x): the representation used downstream."""
-        return self.backbone(x)
+        return self.backbone(self._layout(x))
+
+    def _layout(self, x: Tensor) -> Tensor:
+        if self.hparams.get("channels_last") and x.is_cuda and x.ndim == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def on_fit_start(self) -> None:
+        if self.hparams.get("channels_last") and self.device.type == "cuda":
+            self.backbone.to(memory_format=torch.channels_last)
+        if self.hparams.get("compile") and not self._compiled:
+            self.backbone.compile()  # in place: parameters and state-dict keys stay the same
+            self._compiled = True
 
     def training_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
         (x_a, x_b), labels = batch
         # One pass over both views: BatchNorm sees the 2N images together, as in SimCLR.
-        features = self.backbone(torch.cat([x_a, x_b]))
+        features = self(torch.cat([x_a, x_b]))
         z_a, z_b = self.head(features).chunk(2)
         loss, stats = self.criterion.forward_with_stats(z_a, z_b)
         if not torch.isfinite(loss):
@@ -118,11 +137,11 @@ class SimCLR(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         x, labels = batch
-        return {"features": self.backbone(x), "labels": labels}
+        return {"features": self(x), "labels": labels}
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.backbone(x)
+        return self(x)
 
     def on_train_start(self) -> None:
         # Lightning keeps whatever train/eval mode the module had before fit; a model left in

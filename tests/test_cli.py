@@ -121,3 +121,29 @@ def test_cli_resumes_a_checkpoint_of_a_model_built_in_python(cifar_tiny, tmp_pat
     # the architecture and loss come from the checkpoint, not from the config's defaults
     assert cli.model.hparams.temperature == 0.3 and cli.model.hparams.head_output_dim == 32
     assert cli.trainer.global_step == 4
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        ["cifar10.yaml"],
+        ["cifar10.yaml", "cifar10_jpg_gpu.yaml"],
+        ["cifar10.yaml", "monitors.yaml"],
+        ["cifar10.yaml", "wandb.yaml"],
+        ["imagefolder.yaml"],
+        ["demo.yaml"],
+        ["linear_eval.yaml"],
+    ],
+)
+def test_every_config_parses(configs, cifar_tiny, capsys):
+    args = ["fit"]
+    for name in configs:
+        args += ["--config", str(REPO / "configs" / name)]
+    if "root: null" in "".join((REPO / "configs" / n).read_text() for n in configs) or any(
+        n in ("imagefolder.yaml", "demo.yaml") for n in configs
+    ):
+        args += ["--data.root", str(cifar_tiny)]
+    with pytest.raises(SystemExit) as done:
+        cli_main(args + ["--print_config"])
+    assert done.value.code in (0, None), capsys.readouterr().err[-2000:]
+    assert "class_path" in capsys.readouterr().out

@@ -16,6 +16,7 @@ from simclr_lightning import (
     MNISTDataModule,
     SimCLRAugmentation,
 )
+from simclr_lightning.encoded_images import ImageBatch
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -213,7 +214,8 @@ def test_gpu_augment_path_makes_views_after_transfer(cifar_tiny):
     dm = ImageFolderDataModule(str(cifar_tiny), augment="gpu", **small())
     dm.setup("fit")
     raw, labels = next(iter(dm.train_dataloader()))
-    assert raw.dtype == torch.uint8 and raw.shape == (8, 3, 32, 32)  # workers only decode
+    assert isinstance(raw, ImageBatch) and len(raw) == 8  # workers only decode
+    assert all(im.decoded and im.data.dtype == torch.uint8 for im in raw.images)
     (x_a, x_b), y = fit_one_step_and_grab_batch(dm)
     assert x_a.shape == x_b.shape == (8, 3, 32, 32) and x_a.dtype == torch.float32
     assert not torch.equal(x_a, x_b)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from simclr_lightning.device_data import DeviceImageStore, IndexDataset
+from simclr_lightning.encoded_images import ImageBatch
 from simclr_lightning.gpu_augment import GPUAugment
 from simclr_lightning.transforms import (
     IMAGENET_MEAN,
@@ -160,7 +161,14 @@ class SimCLRDataModule(L.LightningDataModule):
                 f"data.drop_last=true or change data.batch_size"
             )
 
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+    def device_collate_fn(self):
+        """How workers' samples form a batch when views are made on the device (None:
+        PyTorch's default stacking)."""
+        return None
+
+    def _loader(
+        self, dataset: Dataset, batch_size: int, train: bool, collate_fn=None
+    ) -> DataLoader:
         workers = self.num_workers
         return DataLoader(
             dataset,
@@ -170,6 +178,7 @@ class SimCLRDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
+            collate_fn=collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -178,17 +187,26 @@ class SimCLRDataModule(L.LightningDataModule):
         if self.device_store is not None:  # images live on the device: serve indices only
             indices = IndexDataset(len(self.device_store))
             return DataLoader(indices, self.batch_size, shuffle=True, drop_last=self.drop_last)
-        return self._loader(self.train_set, self.batch_size, train=True)
+        collate = self.device_collate_fn() if self.on_device else None
+        return self._loader(self.train_set, self.batch_size, train=True, collate_fn=collate)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Make both SimCLR views of the whole batch on its device (``augment: gpu``)."""
         if not self.on_device or self.trainer is None or not self.trainer.training:
             return batch
+        return self.device_views(batch)
+
+    def device_views(self, batch):
+        """``((view_a, view_b), labels)`` from what the training loader yields when views are
+        made on the device: indices into the resident store, an :class:`ImageBatch`, or a
+        uint8 image tensor, all already on the training device."""
         if self.device_store is not None:
             images, labels = self.device_store.to(batch.device).gather(batch)
         else:
             images, labels = batch
-        self.gpu_augment.to(images.device)
+        self.gpu_augment.to(labels.device)
+        if isinstance(images, ImageBatch):  # undecoded or of different sizes
+            return self.gpu_augment.two_views_of_list(images.decode(labels.device)), labels
         return self.gpu_augment.two_views(images), labels
 
     def val_dataloader(self) -> DataLoader | list:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
+from typing import Literal
 
+import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
-from torchvision.transforms import v2
 
 from simclr_lightning.data.base import SimCLRDataModule
+from simclr_lightning.device_data import DeviceImageStore
+from simclr_lightning.encoded_images import collate_encoded, read_encoded
 from simclr_lightning.transforms import IMAGENET_VIEWS, SimCLRAugmentation
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -30,17 +34,18 @@ def load_rgb(path: str) -> Image.Image:
 class UnlabeledImages(Dataset):
     """Images directly in a folder, without class folders; labels are -1 (unknown)."""
 
-    def __init__(self, root: Path, transform=None) -> None:
+    def __init__(self, root: Path, transform=None, loader=load_rgb) -> None:
         self.files = sorted(
             str(p) for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
         )
         self.transform = transform
+        self.loader = loader
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
-        image = load_rgb(self.files[index])
+        image = self.loader(self.files[index])
         return (self.transform(image) if self.transform else image), -1
 
 
@@ -55,6 +60,13 @@ class ImageFolderDataModule(SimCLRDataModule):
         root: the folder holding ``train/`` (and ``val/``).
         augmentation: defaults to the paper's ImageNet settings at 224 px (jitter strength 1,
             blur); set ``augmentation.image_size`` etc. for other data.
+        decode: with ``augment: gpu``, where training JPEGs are decoded: ``cpu`` in the
+            workers, or ``gpu``: workers only read the files and the batch is decoded on the
+            device (nvJPEG) before the views are made. Either way views are cropped from the
+            full image, as the CPU pipeline crops them.
+        resident: with ``augment: gpu``, decode the whole training split once and keep it on
+            the device as uint8 (all images must share one size, e.g. the CIFAR-10 JPEG
+            copy: 150 MB); batches are then drawn by index, with no loader workers.
         **kwargs: see :class:`SimCLRDataModule`.
     """
 
@@ -62,8 +74,14 @@ class ImageFolderDataModule(SimCLRDataModule):
         self,
         root: str,
         augmentation: SimCLRAugmentation = IMAGENET_VIEWS,
+        decode: Literal["cpu", "gpu"] = "cpu",
+        resident: bool = False,
         **kwargs,
     ) -> None:
+        if decode not in ("cpu", "gpu"):
+            raise ValueError(f"data.decode={decode!r} is invalid: choose cpu or gpu")
+        self.decode = decode
+        self.resident = resident
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.root={root!r} is not a directory")
@@ -80,11 +98,30 @@ class ImageFolderDataModule(SimCLRDataModule):
         return 0.875 if self.augmentation.image_size >= 96 else None
 
     def device_input_transform(self):
-        # Views are cropped on the device from one fixed-size square per image: the centre
-        # square, 8/7 of the view size for ImageNet-size views (as 256 -> 224), else the view size.
-        size = self.augmentation.image_size
-        load = round(size * 8 / 7) if size >= 96 else size
-        return v2.Compose([v2.ToImage(), v2.Resize(load, antialias=True), v2.CenterCrop(load)])
+        return None  # make_dataset then hands over bytes or decoded uint8 images as they are
+
+    def device_collate_fn(self):
+        return collate_encoded
+
+    def make_device_store(self, dataset) -> DeviceImageStore | None:
+        if not self.resident:
+            return None
+        loader = DataLoader(
+            dataset, batch_size=512, num_workers=self.num_workers, collate_fn=collate_encoded
+        )
+        images, labels, first = [], [], None
+        for batch, batch_labels in loader:
+            for image in batch.images:
+                first = first or image
+                if image.data.shape != first.data.shape:
+                    raise ValueError(
+                        f"data.resident=true needs training images of one size: {image.path} "
+                        f"is {tuple(image.data.shape)}, {first.path} is "
+                        f"{tuple(first.data.shape)}; set data.resident=false"
+                    )
+                images.append(image.data)
+            labels.append(batch_labels)
+        return DeviceImageStore(torch.stack(images), torch.cat(labels))
 
     def make_dataset(self, split, transform) -> Dataset | None:
         folder = self.root / split
@@ -93,15 +130,18 @@ class ImageFolderDataModule(SimCLRDataModule):
                 warnings.warn(f"{folder} does not exist: no validation", stacklevel=2)
                 return None
             raise FileNotFoundError(f"{folder} does not exist")
+        loader = load_rgb
+        if transform is None:  # the device path: bytes or uint8 pixels, made into views later
+            loader = partial(read_encoded, decode=self.decode == "cpu" or self.resident)
         if any(p.is_dir() for p in folder.iterdir()):
             try:
                 dataset = datasets.ImageFolder(
-                    str(folder), transform=transform, loader=load_rgb, allow_empty=True
+                    str(folder), transform=transform, loader=loader, allow_empty=True
                 )
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"data.root: {err}") from err
         else:
-            dataset = UnlabeledImages(folder, transform)
+            dataset = UnlabeledImages(folder, transform, loader)
         if len(dataset) == 0:
             raise FileNotFoundError(
                 f"{folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"

@@ -1,0 +1,122 @@
+"""What speed buys: kNN top-1 on real CIFAR-10 after a fixed wall-clock budget of training.
+
+    tar -xzf ../shared/data/cifar10-jpg.tar.gz -C /tmp
+    python benchmarks/time_to_accuracy.py --root /tmp/cifar10-jpg --augment gpu --minutes 3
+    python benchmarks/time_to_accuracy.py --root /tmp/cifar10-jpg --augment cpu --minutes 3
+    # same number of epochs on both pipelines (the no-accuracy-cost check):
+    python benchmarks/time_to_accuracy.py --root /tmp/cifar10-jpg \
+        --epochs 24 --minutes 0 --augment cpu
+    python benchmarks/time_to_accuracy.py --root /tmp/cifar10-jpg \
+        --epochs 24 --minutes 0 --augment gpu
+    python benchmarks/time_to_accuracy.py --root /tmp/cifar10-jpg --tiny   # CPU smoke run
+
+The recipe of the issue's measurements: ResNet-18 with the CIFAR stem, batch 512, SGD with
+lr 0.06 x B/128 (``base_lr`` 0.12 per 256), cosine decay, temperature 0.5, bf16 on CUDA.
+With ``--minutes`` the cosine schedule spans ``--epochs`` (choose the number that fits the
+budget, as a user would) and training stops at the budget or the last epoch, whichever is
+first. kNN: weighted, k=200, temperature 0.1, train split (no augmentation) as memory bank,
+``val/`` as queries. Prints one line per run; compare runs made on the same device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from simclr_lightning import ImageFolderDataModule, SimCLR, SimCLRAugmentation  # noqa: E402
+from simclr_lightning.knn import knn_predict  # noqa: E402
+from simclr_lightning.transforms import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", required=True, help="CIFAR-10 in the ImageFolder layout")
+    p.add_argument("--augment", choices=["cpu", "gpu"], default="gpu")
+    p.add_argument("--epochs", type=int, default=65, help="length of the cosine schedule")
+    p.add_argument("--minutes", type=float, default=3.0, help="training budget; 0: no limit")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--workers", type=int, default=16, help="loader workers (CPU pipeline)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="a few CPU steps: checks the code path")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def features(model: SimCLR, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    xs, ys = [], []
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            xs.append(model(x.to(device, non_blocking=True)).float())
+        ys.append(y.to(device))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    cuda = torch.cuda.is_available() and not a.tiny
+    device = torch.device("cuda" if cuda else "cpu")
+    L.seed_everything(a.seed)
+    aug = SimCLRAugmentation(image_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    data = ImageFolderDataModule(
+        a.root,
+        augmentation=aug,
+        batch_size=8 if a.tiny else a.batch_size,
+        augment=a.augment,
+        resident=a.augment == "gpu",
+        num_workers=0 if a.tiny else a.workers,
+        val_batch_size=8 if a.tiny else 1024,
+    )
+    model = SimCLR(
+        backbone="resnet18",
+        cifar_stem=True,
+        head_hidden_dim=2048,
+        temperature=0.5,
+        optimizer="sgd",
+        base_lr=0.12,
+        weight_decay=5e-4,
+        warmup_epochs=0,
+    )
+    trainer = L.Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
+        benchmark=cuda,
+        max_epochs=1 if a.tiny else a.epochs,
+        limit_train_batches=3 if a.tiny else None,
+        max_time={"minutes": a.minutes} if a.minutes > 0 and not a.tiny else None,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, data)
+    train_s = time.perf_counter() - start
+
+    model.to(device)
+    bank_loader, query_loader = data.eval_train_dataloader(), data.val_dataloader()
+    if a.tiny:
+        bank_loader = [b for _, b in zip(range(4), bank_loader, strict=False)]
+        query_loader = [b for _, b in zip(range(2), query_loader, strict=False)]
+    bank_x, bank_y = features(model, bank_loader, device)
+    query_x, query_y = features(model, query_loader, device)
+    scores = knn_predict(query_x, bank_x, bank_y, 10, k=200, temperature=0.1)
+    top1 = (scores.argmax(1) == query_y).float().mean().item()
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    print(
+        f"device {name} | augment {a.augment} | epochs {trainer.current_epoch} of {a.epochs} "
+        f"| train {train_s:.0f} s | {trainer.global_step} steps | kNN top-1 {100 * top1:.2f}%"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Images that travel from the DataLoader to the device undecoded (or at their own sizes).
+
+For ImageNet-size data the CPU cost is JPEG decoding plus per-image augmentation. With
+``augment: gpu`` and ``decode: gpu`` the workers only read file bytes; the whole batch is
+decoded on the device (nvJPEG through ``torchvision.io.decode_jpeg(device=...)``) and the
+views are cropped from each full image, exactly as the CPU pipeline would crop them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import default_collate
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+_JPEG_MAGIC = b"\xff\xd8"
+
+
+@dataclass
+class EncodedImage:
+    """One image as its file's bytes (``decoded`` False) or as uint8 ``[C, H, W]``."""
+
+    path: str
+    data: Tensor
+    decoded: bool
+
+
+def read_encoded(path: str, decode: bool) -> EncodedImage:
+    """The worker's side: read the bytes, and decode them here only when ``decode``."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        # a plain tensor: torchvision's read_file maps the file, and such storage cannot be
+        # sent from a DataLoader worker
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        if decode or raw[:2] != _JPEG_MAGIC:  # PNG & co. are decoded here, on the CPU
+            return EncodedImage(path, decode_image(data, mode=ImageReadMode.RGB), True)
+    except Exception as err:
+        raise RuntimeError(f"cannot read image {path}: {err}") from err
+    return EncodedImage(path, data, False)
+
+
+class ImageBatch:
+    """A batch of :class:`EncodedImage` of any sizes.
+
+    The pixels or bytes of all images are packed into one flat tensor, so a worker hands a
+    batch over in one shared-memory block rather than one per image. It has no ``to`` method
+    on purpose: Lightning's batch transfer leaves it on the host, and :meth:`decode` moves or
+    decodes the images onto the device in one batched call.
+    """
+
+    def __init__(self, images: Sequence[EncodedImage]) -> None:
+        self.paths = [im.path for im in images]
+        self.shapes = [tuple(im.data.shape) for im in images]
+        self.decoded = [im.decoded for im in images]
+        self.buffer = torch.cat([im.data.reshape(-1) for im in images]) if images else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def images(self) -> list[EncodedImage]:
+        out, start = [], 0
+        for path, shape, decoded in zip(self.paths, self.shapes, self.decoded, strict=True):
+            size = math.prod(shape)
+            data = self.buffer[start : start + size].view(shape)
+            out.append(EncodedImage(path, data, decoded))
+            start += size
+        return out
+
+    def decode(self, device: torch.device | str) -> list[Tensor]:
+        """uint8 RGB ``[3, H, W]`` tensors on ``device``, in batch order."""
+        device = torch.device(device)
+        images = self.images
+        out: list[Tensor | None] = [None] * len(images)
+        encoded = [i for i, im in enumerate(images) if not im.decoded]
+        for i, im in enumerate(images):
+            if im.decoded:
+                out[i] = im.data.to(device, non_blocking=True)
+        if encoded:
+            try:
+                decoded = decode_jpeg(
+                    [images[i].data for i in encoded], mode=ImageReadMode.RGB, device=device
+                )
+            except Exception:  # find the culprit; nvJPEG lacks some formats (e.g. CMYK)
+                decoded = [self._decode_one(images[i], device) for i in encoded]
+            for i, image in zip(encoded, decoded, strict=True):
+                out[i] = image
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _decode_one(image: EncodedImage, device: torch.device) -> Tensor:
+        try:
+            return decode_jpeg(image.data, mode=ImageReadMode.RGB, device=device)
+        except Exception:
+            pass
+        try:  # the CPU decoder reads what nvJPEG does not
+            return decode_image(image.data, mode=ImageReadMode.RGB).to(device)
+        except Exception as err:
+            raise RuntimeError(f"cannot decode image {image.path}: {err}") from err
+
+    def __repr__(self) -> str:
+        return f"ImageBatch({len(self.images)} images)"
+
+
+def collate_encoded(samples: Sequence[tuple[EncodedImage, int]]) -> tuple[ImageBatch, Tensor]:
+    """DataLoader ``collate_fn`` for ``(EncodedImage, label)`` samples."""
+    images, labels = zip(*samples, strict=True)
+    return ImageBatch(images), default_collate(list(labels))

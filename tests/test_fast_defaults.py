@@ -1,0 +1,100 @@
+"""GPU speed settings of SimCLR: channels-last on CUDA and optional torch.compile change the
+speed, never the features, the parameters' names or the checkpoints."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from simclr_lightning import SimCLR
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def two_view_loader(n: int = 16, size: int = 32) -> DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, n, 3, size, size, generator=gen)
+    labels = torch.zeros(n, dtype=torch.long)
+    data = TensorDataset(a, b, labels)
+    return DataLoader(
+        data,
+        batch_size=8,
+        collate_fn=lambda s: (
+            (torch.stack([x[0] for x in s]), torch.stack([x[1] for x in s])),
+            torch.stack([x[2] for x in s]),
+        ),
+    )
+
+
+def fit_steps(model: SimCLR, accelerator: str, steps: int = 1) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, train_dataloaders=two_view_loader())
+    return trainer
+
+
+def test_channels_last_is_a_no_op_on_cpu():
+    model = SimCLR(backbone="resnet18", head_hidden_dim=32, channels_last=True)
+    fit_steps(model, "cpu")
+    assert model.backbone.conv1.weight.is_contiguous()  # NCHW kept off CUDA
+
+
+@pytest.mark.slow
+def test_compiled_encoder_keeps_names_and_features(tmp_path):
+    torch.manual_seed(0)
+    eager = SimCLR(backbone="resnet18", head_hidden_dim=32)
+    compiled = SimCLR(backbone="resnet18", head_hidden_dim=32, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    trainer = fit_steps(compiled, "cpu")
+    assert compiled._compiled
+    ckpt = tmp_path / "c.ckpt"
+    trainer.save_checkpoint(ckpt)
+    reloaded = SimCLR.load_from_checkpoint(ckpt)  # plain names: loads without compile
+    assert set(reloaded.state_dict()) == set(eager.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    compiled.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), reloaded(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+def test_channels_last_on_cuda_gives_the_same_features():
+    torch.manual_seed(0)
+    nchw = SimCLR(backbone="resnet18", head_hidden_dim=32, channels_last=False).cuda().eval()
+    nhwc = SimCLR(backbone="resnet18", head_hidden_dim=32, channels_last=True)
+    nhwc.load_state_dict(nchw.state_dict())
+    nhwc.cuda().eval()
+    nhwc.on_fit_start()
+    assert nhwc.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(x), nchw(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@cuda
+def test_bf16_fit_step_on_cuda_is_finite():
+    model = SimCLR(backbone="resnet18", head_hidden_dim=32)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        benchmark=True,
+    )
+    trainer.fit(model, train_dataloaders=two_view_loader())
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
