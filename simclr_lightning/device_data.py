@@ -43,7 +43,7 @@ class IndexDataset(Dataset[int]):
         return index
 
     def __getitems__(self, indices: Sequence[int]) -> list[int]:
-        # Batched fetch used by the DataLoader: skips one __getitem__ call per sample.
+        # Batched fetch used by the DataLoader: one call per batch instead of one per sample.
         return [self[i] for i in indices]
 
     def __repr__(self) -> str:

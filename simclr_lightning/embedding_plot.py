@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from simclr_lightning.data.base import dataset_class_names
 from simclr_lightning.knn import RowCollector, validation_loader
 
 # matplotlib's tab10, then evenly spaced hues for more classes; grey for unlabeled (-1).
@@ -136,12 +137,13 @@ class EmbeddingPlot(L.Callback):
             pick = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))
             pick = pick[: self.max_points].to(features.device)
             features, labels = features[pick], labels[pick]
-        self._plot(trainer, pca_2d(features), labels.cpu())
+        self._plot(trainer, features, labels.cpu())
 
     @rank_zero_only
-    def _plot(self, trainer: L.Trainer, points: Tensor, labels: Tensor) -> None:
+    def _plot(self, trainer: L.Trainer, features: Tensor, labels: Tensor) -> None:
+        points = pca_2d(features)  # rank 0 only: the others would throw it away
         epoch = trainer.current_epoch
-        names = _class_names(trainer.datamodule)
+        names = dataset_class_names(trainer.datamodule)
         title = f"{self.tag}  epoch {epoch}  (PCA, {len(points)} points)"
         self.image = render_scatter(points, labels, names, self.size, title)
         # The step Lightning logs this epoch's validation metrics at: the picture lines up.
@@ -156,11 +158,3 @@ class EmbeddingPlot(L.Callback):
                 out = Path(logger.log_dir) / "embeddings" / f"epoch={epoch:03d}.png"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 self.image.save(out)
-
-
-def _class_names(datamodule) -> list[str] | None:
-    for attr in ("val_set", "train_set"):
-        names = getattr(getattr(datamodule, attr, None), "classes", None)
-        if names:
-            return [str(n) for n in names]
-    return None

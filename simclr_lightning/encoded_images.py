@@ -64,10 +64,13 @@ class ImageBatch:
 
     @property
     def images(self) -> list[EncodedImage]:
+        return self._unpack(self.buffer)
+
+    def _unpack(self, buffer: Tensor) -> list[EncodedImage]:
         out, start = [], 0
         for path, shape, decoded in zip(self.paths, self.shapes, self.decoded, strict=True):
             size = math.prod(shape)
-            data = self.buffer[start : start + size].view(shape)
+            data = buffer[start : start + size].view(shape)
             out.append(EncodedImage(path, data, decoded))
             start += size
         return out
@@ -78,9 +81,10 @@ class ImageBatch:
         images = self.images
         out: list[Tensor | None] = [None] * len(images)
         encoded = [i for i, im in enumerate(images) if not im.decoded]
-        for i, im in enumerate(images):
-            if im.decoded:
-                out[i] = im.data.to(device, non_blocking=True)
+        if len(encoded) < len(images):  # decoded pixels: one copy of the packed buffer
+            for i, im in enumerate(self._unpack(self.buffer.to(device))):
+                if im.decoded:
+                    out[i] = im.data
         if encoded:
             try:
                 decoded = decode_jpeg(

@@ -402,7 +402,8 @@ class GPUAugment(nn.Module):
                 cfg.image_size,
                 flip=params["flip"],
             )
-        x = x.clamp_(0.0, 1.0)  # the matmul's rounding can leave [0, 1] by ~1e-7
+        # the matmul's rounding can leave [0, 1] by ~1e-7; without the crop x may be the caller's
+        x = x.clamp_(0.0, 1.0) if crop else x.clamp(0.0, 1.0)
         if self.jitter_enabled:
             x = self._jitter(x, params)
         if cfg.grayscale_prob > 0 and x.shape[1] == 3:
@@ -411,7 +412,7 @@ class GPUAugment(nn.Module):
             blurred = gaussian_blur(x, cfg.kernel_size, params["sigma"])
             x = torch.where(_per_sample(params["blur"], x), blurred, x)
         if cfg.solarize_prob > 0:
-            x = torch.where(_per_sample(params["solarize"], x) & (x >= 0.5), 1.0 - x, x)
+            x = torch.where(_per_sample(params["solarize"], x), solarize(x), x)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     def _jitter(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
@@ -496,11 +497,11 @@ class GPUAugment(nn.Module):
         flips = params["flip"].tolist()
         out = torch.empty(2 * n, images[0].shape[0], size, size, device=device)
         for j, (top, left, h, w) in enumerate(boxes):
-            crop = images[j % n][None, :, top : top + h, left : left + w]
-            if crop.dtype == torch.uint8:
-                crop = crop.to(torch.float32).mul_(1.0 / 255.0)
+            crop = images[j % n][None, :, top : top + h, left : left + w].to(torch.float32)
+            if images[j % n].dtype == torch.uint8:
+                crop = crop.mul_(1.0 / 255.0)
             crop = F.interpolate(
-                crop.float(),
+                crop,
                 size=(size, size),
                 mode="bilinear",
                 antialias=True,

@@ -3,8 +3,6 @@ so it tracks representation quality from the first epoch, without a probe's own 
 
 from __future__ import annotations
 
-import time
-
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -244,7 +242,6 @@ class KNNMonitor(L.Callback):
         self.val_rows = RowCollector()
         self.active = False
         self._bank_loader: DataLoader | None = None
-        self.last_seconds = 0.0  # wall time of the last bank pass + scoring, for reports
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._bank_loader = None  # a new run may bring a new datamodule
@@ -276,7 +273,6 @@ class KNNMonitor(L.Callback):
         if not self.active:
             return
         self.active = False
-        start = time.perf_counter()
         device = pl_module.device
         query, query_labels = self.val_rows.gather(trainer, device)
         self.val_rows.reset()
@@ -292,12 +288,10 @@ class KNNMonitor(L.Callback):
         scores = knn_predict(
             query, bank, bank_labels, num_classes, self.k, self.temperature, self.chunk_size
         )
-        # Every rank holds the same global result: no further reduction.
         # Every rank holds the same global result; sync_dist averages equal values (exact) and
         # keeps Lightning from warning about unsynced epoch-level metrics.
         pl_module.log("knn/val_top1", top_k_accuracy(scores, query_labels, 1), sync_dist=True)
         pl_module.log("knn/val_top5", top_k_accuracy(scores, query_labels, 5), sync_dist=True)
-        self.last_seconds = time.perf_counter() - start
 
     @torch.no_grad()
     def _encode_bank(self, trainer: L.Trainer, pl_module: L.LightningModule):

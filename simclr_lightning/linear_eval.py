@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from simclr_lightning.backbones import build_resnet
+from simclr_lightning.cli_checkpoint import with_class_path
+from simclr_lightning.data.base import dataset_class_names
 from simclr_lightning.knn import dataset_size, pick_loader, sample_positions
 from simclr_lightning.optim import LARS, param_groups, warmup_cosine
 
@@ -210,7 +212,7 @@ class LinearEval(L.LightningModule):
                 "LinearEval trains on single labelled views: set data.task=classify "
                 f"(got data.task={datamodule.task!r})"
             )
-        names = _class_names(datamodule)
+        names = dataset_class_names(datamodule)
         if names is not None:
             if len(names) != self.hparams.num_classes:
                 raise ValueError(
@@ -230,12 +232,9 @@ class LinearEval(L.LightningModule):
             }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams = with_class_path(self, checkpoint)
         if hparams:
             hparams["checkpoint"] = None  # the weights are here: rebuilding needs no SimCLR file
-            # LightningCLI's --ckpt_path parsing (subclass mode) fails on hyperparameters
-            # without a class path, i.e. on checkpoints of models built in Python.
-            hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
             checkpoint["hyper_parameters"] = hparams
         checkpoint["linear_eval"] = {
             "class_names": self.class_names,
@@ -256,11 +255,3 @@ def _classify_batch(batch) -> tuple[Tensor, Tensor]:
             "LinearEval got two views per image: set data.task=classify for linear evaluation"
         )
     return x, y
-
-
-def _class_names(datamodule) -> list[str] | None:
-    for attr in ("train_set", "val_set"):
-        names = getattr(getattr(datamodule, attr, None), "classes", None)
-        if names:
-            return [str(n) for n in names]
-    return None

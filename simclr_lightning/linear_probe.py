@@ -3,7 +3,6 @@ for the cost of one matrix product per batch."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import lightning as L
@@ -14,7 +13,9 @@ from torch import nn
 from torch.nn.utils import skip_init
 from torchmetrics.classification import MulticlassAccuracy
 
+from simclr_lightning.distributed import rank_and_world_size
 from simclr_lightning.knn import dataset_size, sample_positions, validation_loader
+from simclr_lightning.optim import warmup_cosine
 
 
 class OnlineLinearProbe(L.Callback):
@@ -127,7 +128,7 @@ class OnlineLinearProbe(L.Callback):
         stats = torch.stack([loss_sum.detach(), correct.float()]).to(device)
         count = torch.tensor([float(len(labels))], device=device)
         packed = torch.cat([p.grad.flatten() for p in params] + [stats, count])
-        if _distributed():
+        if rank_and_world_size()[1] > 1:
             dist.all_reduce(packed)  # every rank calls this once per batch
         total_loss, total_correct, count = packed[-3:].tolist()
         if count == 0:
@@ -147,7 +148,7 @@ class OnlineLinearProbe(L.Callback):
         if self.schedule == "constant":
             return
         total = max(1, int(trainer.estimated_stepping_batches) * trainer.accumulate_grad_batches)
-        lr = self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, self.steps / total)))
+        lr = self.lr * warmup_cosine(self.steps, 0, total)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -213,7 +214,3 @@ class OnlineLinearProbe(L.Callback):
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.steps = int(state_dict.get("steps", 0))
         self._pending_state = None
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

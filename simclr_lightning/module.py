@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from simclr_lightning.backbones import build_resnet
+from simclr_lightning.cli_checkpoint import with_class_path
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.loss import NTXentLoss
 from simclr_lightning.optim import (
@@ -112,10 +113,14 @@ class SimCLR(L.LightningModule):
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def on_fit_start(self) -> None:
-        if self.hparams.get("channels_last") and self.device.type == "cuda":
+    def configure_model(self) -> None:
+        # Before the strategy wraps the model (DDP builds its gradient buckets with these
+        # strides) and in every stage, so weights and inputs agree in validate/predict too.
+        if self._trainer is None:
+            return
+        if self.hparams.get("channels_last") and self.trainer.strategy.root_device.type == "cuda":
             self.backbone.to(memory_format=torch.channels_last)
-        if self.hparams.get("compile") and not self._compiled:
+        if self.hparams.get("compile") and self.trainer.state.fn == "fit" and not self._compiled:
             self.backbone.compile()  # in place: parameters and state-dict keys stay the same
             self._compiled = True
 
@@ -150,13 +155,8 @@ class SimCLR(L.LightningModule):
         self.train()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # LightningCLI's --ckpt_path parses the saved hyperparameters against --model; for a
-        # model built in Python they carry no class path, and that parsing fails.
-        hparams = checkpoint.get("hyper_parameters")
-        if hparams:
-            hparams = dict(hparams)
-            hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
-            checkpoint["hyper_parameters"] = hparams
+        if checkpoint.get("hyper_parameters"):
+            checkpoint["hyper_parameters"] = with_class_path(self, checkpoint)
 
     def _train_loader(self):
         # Lightning loads the train loader lazily; with max_steps-only training it is not yet

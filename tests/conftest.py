@@ -7,12 +7,24 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SIMCLR_SHARED_DATA", REPO.parent / "shared" / "data"))
 FASHION_MNIST = Path(os.environ.get("SIMCLR_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 # CI sets SIMCLR_REQUIRE_DATA=1: missing data is then a failure, not a skip.
 REQUIRE_DATA = os.environ.get("SIMCLR_REQUIRE_DATA") == "1"
+
+
+@pytest.fixture
+def one_thread():
+    """On 2 shared cores, OpenMP threads spin-waiting for a descheduled sibling make CPU
+    training 10-20x slower than a single thread. Files opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _missing(what: str):

@@ -238,3 +238,26 @@ def test_resident_cifar_draws_images_by_index(cifar_jpg_root, tmp_path, monkeypa
         assert torch.equal(image, pixels) and int(label) == expected_label
     (x_a, x_b), y = fit_one_step_and_grab_batch(dm)
     assert x_a.shape == (4, 3, 32, 32) and not torch.equal(x_a, x_b)
+
+
+def test_gpu_views_differ_across_ranks_after_seed_everything(cifar_tiny):
+    """Every DDP rank seeds the same default generators; the device augmentation must still
+    draw different crops and jitter on each rank, and the same ones again for the same rank."""
+    from types import SimpleNamespace
+
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(8)
+
+    def views_on(rank: int) -> torch.Tensor:
+        torch.manual_seed(0)  # what seed_everything does in every process
+        dm = ImageFolderDataModule(str(cifar_tiny), augment="gpu", **small())
+        device = SimpleNamespace(root_device=torch.device("cpu"))
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, strategy=device)
+        dm.setup("fit")
+        (x_a, x_b), _ = dm.device_views((images, labels))
+        return torch.cat([x_a, x_b])
+
+    rank0, rank1 = views_on(0), views_on(1)
+    assert torch.equal(rank0, views_on(0))
+    per_image_equal = (rank0 == rank1).flatten(1).all(dim=1)
+    assert not per_image_equal.any()

@@ -70,13 +70,13 @@ def test_compiled_encoder_keeps_names_and_features(tmp_path):
 @pytest.mark.gpu
 @cuda
 def test_channels_last_on_cuda_gives_the_same_features():
-    torch.manual_seed(0)
-    nchw = SimCLR(backbone="resnet18", head_hidden_dim=32, channels_last=False).cuda().eval()
     nhwc = SimCLR(backbone="resnet18", head_hidden_dim=32, channels_last=True)
-    nhwc.load_state_dict(nchw.state_dict())
-    nhwc.cuda().eval()
-    nhwc.on_fit_start()
+    fit_steps(nhwc, "gpu")  # configure_model converts the encoder before DDP/training
     assert nhwc.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    nchw = SimCLR(backbone="resnet18", head_hidden_dim=32, channels_last=False)
+    nchw.load_state_dict(nhwc.state_dict())
+    nchw.cuda().eval()
+    nhwc.eval()
     x = torch.randn(8, 3, 32, 32, device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(nhwc(x), nchw(x), rtol=1e-3, atol=1e-3)

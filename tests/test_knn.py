@@ -13,13 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from simclr_lightning.knn import KNNMonitor, knn_predict
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: spinning OpenMP threads are much slower
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_scores(query, bank, labels, num_classes, k, temperature):

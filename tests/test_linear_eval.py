@@ -13,13 +13,7 @@ from torch.utils.data import DataLoader
 from simclr_lightning.linear_eval import LinearEval
 from tests.test_export import quiet_trainer, save_simclr_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: spinning OpenMP threads are much slower
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -11,13 +11,7 @@ from simclr_lightning.linear_probe import OnlineLinearProbe
 from simclr_lightning.module import SimCLR
 from tests.test_knn import EpochMetrics, FeatureData, FeatureModule
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: spinning OpenMP threads are much slower
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:

@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from simclr_lightning import SimCLR, build_resnet
-from tests.reference import cosine_schedule_reference
+from tests.reference import cosine_schedule_reference, nt_xent_reference
 
 
 def pairs(n: int, size: int = 8, value: float | None = None, seed: int = 0):
@@ -103,10 +103,18 @@ def test_training_step_returns_features_for_callbacks_and_logs_health():
     seen = {}
 
     class Grab(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            (x_a, x_b), _ = batch
+            with torch.no_grad():  # the same train-mode forward the step is about to make
+                z_a, z_b = pl_module.head(pl_module.backbone(torch.cat([x_a, x_b]))).chunk(2)
+            seen["reference_loss"] = float(nt_xent_reference(z_a, z_b, 0.5))
+            unit_a, unit_b = (torch.nn.functional.normalize(z.double(), dim=1) for z in (z_a, z_b))
+            seen["reference_pos_cos"] = float((unit_a * unit_b).sum(dim=1).mean())
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.update(outputs)
 
-    model = SimCLR(head_hidden_dim=16, head_output_dim=8)
+    model = SimCLR(head_hidden_dim=16, head_output_dim=8, temperature=0.5)
     trainer = tiny_trainer(max_steps=1, callbacks=[Grab()])
     trainer.fit(model, DataLoader(pairs(6), batch_size=6))
     assert seen["features"].shape == (12, 512) and not seen["features"].requires_grad
@@ -121,6 +129,8 @@ def test_training_step_returns_features_for_callbacks_and_logs_health():
         "train/z_std",
     ):
         assert key in logged, key
+    assert float(logged["train/loss"]) == pytest.approx(seen["reference_loss"], rel=1e-4)
+    assert float(logged["train/pos_cos"]) == pytest.approx(seen["reference_pos_cos"], abs=1e-4)
 
 
 def test_nan_loss_stops_training_with_a_clear_error():

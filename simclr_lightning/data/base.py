@@ -26,6 +26,15 @@ Task = Literal["pretrain", "classify"]
 Augment = Literal["cpu", "gpu"]
 
 
+def dataset_class_names(datamodule) -> list[str] | None:
+    """Class names of a data module's datasets (an ImageFolder's ``classes``), if it has any."""
+    for attr in ("train_set", "val_set"):
+        names = getattr(getattr(datamodule, attr, None), "classes", None)
+        if names:
+            return [str(n) for n in names]
+    return None
+
+
 class SimCLRDataModule(L.LightningDataModule):
     """Base class: subclasses say where images come from, this class how they are served.
 
@@ -93,7 +102,10 @@ class SimCLRDataModule(L.LightningDataModule):
         return IMAGENET_MEAN, IMAGENET_STD
 
     def make_dataset(self, split: Literal["train", "val"], transform) -> Dataset | None:
-        """The split with ``transform`` applied to each image, or None if it does not exist."""
+        """The split with ``transform`` applied to each image, or None if it does not exist.
+
+        ``transform`` None (what :meth:`device_input_transform` may return) asks for images
+        as the device path takes them: uint8 tensors or undecoded file bytes."""
         raise NotImplementedError
 
     eval_resize_ratio: float | None = None  # <1: resize to size/ratio then centre-crop
@@ -137,6 +149,8 @@ class SimCLRDataModule(L.LightningDataModule):
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.gpu_augment is not None and self.trainer is not None:
+            self._seed_gpu_augment()
         if stage == "fit" and self.train_set is None:
             self.train_set = self.make_dataset("train", self.train_transform())
             self._check_batch_size(len(self.train_set))
@@ -144,6 +158,15 @@ class SimCLRDataModule(L.LightningDataModule):
                 self.device_store = self.make_device_store(self.train_set)
         if self.val_set is None:
             self.val_set = self.make_dataset("val", self.eval_transform())
+
+    def _seed_gpu_augment(self) -> None:
+        # seed_everything gives every rank the same default generators, so without a stream
+        # of its own per rank each rank would draw the same crops and jitter for batch
+        # position i. (Loader workers get the rank mixed into their seeds by Lightning.)
+        device = self.trainer.strategy.root_device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(torch.initial_seed() + self.trainer.global_rank)
+        self.gpu_augment.generator = generator
 
     def _check_batch_size(self, n_images: int) -> None:
         world = self.trainer.world_size if self.trainer is not None else 1
