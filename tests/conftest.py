@@ -27,6 +27,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def quiet_trainer(**kwargs):
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary; ``kwargs``
+    override any of it."""
+    import lightning as L
+
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**(defaults | kwargs))
+
+
 def _missing(what: str):
     if REQUIRE_DATA:
         pytest.fail(f"{what} is missing and SIMCLR_REQUIRE_DATA=1")

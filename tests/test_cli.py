@@ -7,7 +7,7 @@ import torch
 
 from simclr_lightning import SimCLR
 from simclr_lightning.cli import cli_main
-from tests.conftest import REPO, make_subset
+from tests.conftest import REPO, make_subset, quiet_trainer
 
 FAST_CPU = [
     "--trainer.accelerator=cpu",
@@ -87,20 +87,15 @@ def test_console_entry_points_print_the_config(entry):
 
 
 def test_cli_resumes_a_checkpoint_of_a_model_built_in_python(cifar_tiny, tmp_path):
-    import lightning as L
 
     from simclr_lightning import ImageFolderDataModule
 
     model = SimCLR(backbone="resnet18", temperature=0.3, head_hidden_dim=64, head_output_dim=32)
     data = ImageFolderDataModule(str(cifar_tiny), batch_size=32, num_workers=0)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_epochs=1,
         limit_train_batches=2,
         limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
     )
     trainer.fit(model, data)
     ckpt = tmp_path / "python.ckpt"

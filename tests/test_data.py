@@ -17,6 +17,7 @@ from simclr_lightning import (
     SimCLRAugmentation,
 )
 from simclr_lightning.encoded_images import ImageBatch
+from tests.conftest import quiet_trainer
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -195,14 +196,9 @@ def fit_one_step_and_grab_batch(dm) -> tuple:
             seen["batch"] = batch  # after on_after_batch_transfer
 
     model = SimCLR(head_hidden_dim=16, head_output_dim=8)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=1,
         limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[Grab()],
     )
     trainer.fit(model, dm)

@@ -15,19 +15,9 @@ import simclr_lightning.export as export_module
 from simclr_lightning.export import export_backbone, main
 from simclr_lightning.linear_eval import LinearEval
 from simclr_lightning.module import SimCLR
+from tests.conftest import quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def quiet_trainer(**kwargs) -> L.Trainer:
-    options = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return L.Trainer(**{**options, **kwargs})
 
 
 def save_simclr_checkpoint(path: Path, cifar_stem: bool, in_channels: int) -> SimCLR:

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from simclr_lightning import SimCLR
+from tests.conftest import quiet_trainer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -29,14 +30,9 @@ def two_view_loader(n: int = 16, size: int = 32) -> DataLoader:
 
 
 def fit_steps(model: SimCLR, accelerator: str, steps: int = 1) -> L.Trainer:
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator=accelerator,
-        devices=1,
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(model, train_dataloaders=two_view_loader())
     return trainer
@@ -86,14 +82,10 @@ def test_channels_last_on_cuda_gives_the_same_features():
 @cuda
 def test_bf16_fit_step_on_cuda_is_finite():
     model = SimCLR(backbone="resnet18", head_hidden_dim=32)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="gpu",
-        devices=1,
         precision="bf16-mixed",
         max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
         benchmark=True,
     )
     trainer.fit(model, train_dataloaders=two_view_loader())

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from simclr_lightning.knn import KNNMonitor, knn_predict
+from tests.conftest import quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,13 +161,8 @@ def test_monitor_logs_brute_force_accuracy_every_n_epochs(tmp_path):
     train_y[:5] = -1  # unlabeled images: not in the bank
     val_y[-3:] = -1  # nor scored
     metrics = EpochMetrics()
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_epochs=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[KNNMonitor(k=9, temperature=0.2, every_n_epochs=2, chunk_size=4), metrics],
     )
     trainer.fit(FeatureModule(6), datamodule=FeatureData((train_x, train_y), (val_x, val_y)))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from simclr_lightning import ImageFolderDataModule, SimCLR, SimCLRAugmentation
-from tests.conftest import make_subset
+from tests.conftest import make_subset, quiet_trainer
 from tests.reference import cosine_knn_top1, weighted_knn_top1
 
 TRAIN_PER_CLASS = 200
@@ -69,13 +69,8 @@ def test_pretraining_improves_knn_on_real_cifar(cifar_jpg_root, tmp_path):
     data.setup("fit")
     before = _knn_top1(model, data)
 
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_epochs=EPOCHS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
     )
     trainer.fit(model, data)

@@ -9,20 +9,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from simclr_lightning.linear_probe import OnlineLinearProbe
 from simclr_lightning.module import SimCLR
+from tests.conftest import quiet_trainer
 from tests.test_knn import EpochMetrics, FeatureData, FeatureModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def quiet_trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 def separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from simclr_lightning import SimCLR, build_resnet
+from tests.conftest import quiet_trainer
 from tests.reference import cosine_schedule_reference, nt_xent_reference
 
 
@@ -20,16 +21,7 @@ def pairs(n: int, size: int = 8, value: float | None = None, seed: int = 0):
 
 
 def tiny_trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    return L.Trainer(**(defaults | kwargs))
+    return quiet_trainer(**({"limit_val_batches": 0} | kwargs))
 
 
 @pytest.mark.parametrize(

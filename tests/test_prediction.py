@@ -16,11 +16,11 @@ from simclr_lightning.cli import cli_main
 from simclr_lightning.data.image_folder import ImageFolderDataModule
 from simclr_lightning.linear_eval import LinearEval
 from simclr_lightning.transforms import SimCLRAugmentation
+from tests.conftest import quiet_trainer
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "linear_eval.yaml"
 # Normalisation of the training run, not the ImageNet default: prediction must reuse it.
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,14 +37,9 @@ def classifier(cifar_tiny, tmp_path_factory) -> Path:
         batch_size=20,
         num_workers=0,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=3,
         limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(LinearEval(num_classes=10, lr=0.5), datamodule=data)
     path = tmp_path_factory.mktemp("classifier") / "linear.ckpt"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -15,10 +14,10 @@ from PIL import Image
 
 from simclr_lightning.cli import cli_main
 from simclr_lightning.embedding_plot import TAB10, UNLABELED, EmbeddingPlot, pca_2d
+from tests.conftest import quiet_trainer
 from tests.test_knn import FeatureData, FeatureModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,13 +142,9 @@ def test_embedding_plot_on_tensorboard_and_csv(tmp_path):
 
     plot = EmbeddingPlot(every_n_epochs=2)
     loggers = [TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")]
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_epochs=4,
         logger=loggers,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[plot],
     )
     trainer.fit(FeatureModule(10), datamodule=FeatureData(clusters(30, 0), clusters(60, 1)))
