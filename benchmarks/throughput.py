@@ -34,9 +34,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simclr_lightning import ImageFolderDataModule, SimCLR, SimCLRAugmentation  # noqa: E402
-from simclr_lightning.device_data import DeviceImageStore  # noqa: E402
-from simclr_lightning.gpu_augment import GPUAugment, sample_crop_boxes  # noqa: E402
-from simclr_lightning.transforms import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from simclr_lightning.data.device_store import DeviceImageStore  # noqa: E402
+from simclr_lightning.data.gpu import GPUAugment, sample_crop_boxes  # noqa: E402
+from simclr_lightning.data.transforms import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -277,7 +277,7 @@ def fidelity_rows(a: argparse.Namespace) -> list[tuple[str, str]]:
     image = torch.rand(8, 3, 96, 128, generator=gen)
     aug = GPUAugment(SimCLRAugmentation(image_size=64, mean=(0, 0, 0), std=(1, 1, 1)), gen)
     params = aug.sample_params(8, 96, 128)
-    from simclr_lightning.gpu_augment import adjust_hue, resized_crop
+    from simclr_lightning.data.gpu import adjust_hue, resized_crop
 
     ours = resized_crop(image, params["top"], params["left"], params["height"], params["width"], 64)
     theirs = torch.stack(

@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simclr_lightning import ImageFolderDataModule, SimCLR, SimCLRAugmentation  # noqa: E402
-from simclr_lightning.knn import knn_predict  # noqa: E402
-from simclr_lightning.transforms import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from simclr_lightning.data.transforms import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from simclr_lightning.evaluation.knn import knn_predict  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,42 +1,62 @@
-"""SimCLR self-supervised pretraining for PyTorch Lightning."""
+"""SimCLR self-supervised pretraining for PyTorch Lightning.
 
-from simclr_lightning.backbones import build_resnet
+Where things live: ``module.py`` (the ``SimCLR`` LightningModule) with its parts ``loss.py``,
+``heads.py``, ``backbones.py`` and ``optim.py``; ``distributed.py`` (gathers); ``data/`` (data
+modules, CPU transforms, the on-device augmentation in ``data/gpu/``); ``callbacks/``
+(monitors and writers); ``evaluation/`` (linear evaluation, kNN); ``checkpoint.py`` (encoder
+loading and export); ``cli.py`` (the ``simclr-lightning`` command).
+"""
+
+from simclr_lightning import _deprecated
+from simclr_lightning.backbones import apply_stem, build_resnet
+from simclr_lightning.callbacks import (
+    EmbeddingPlot,
+    KNNMonitor,
+    OnlineLinearProbe,
+    PredictionWriter,
+)
+from simclr_lightning.checkpoint import export_backbone, load_backbone_state
 from simclr_lightning.data import (
     CIFARDataModule,
+    ImageFilesDataModule,
     ImageFolderDataModule,
     MNISTDataModule,
     SimCLRDataModule,
 )
-from simclr_lightning.embedding_plot import EmbeddingPlot
-from simclr_lightning.export import export_backbone
+from simclr_lightning.data.gpu import GPUAugment
+from simclr_lightning.data.transforms import SimCLRAugmentation
+from simclr_lightning.errors import SettingError
+from simclr_lightning.evaluation import LinearEval, knn_predict
 from simclr_lightning.heads import ProjectionHead
-from simclr_lightning.knn import KNNMonitor, knn_predict
-from simclr_lightning.linear_eval import LinearEval
-from simclr_lightning.linear_probe import OnlineLinearProbe
 from simclr_lightning.loss import NTXentLoss
 from simclr_lightning.module import SimCLR
 from simclr_lightning.optim import LARS
-from simclr_lightning.prediction import PredictionWriter
-from simclr_lightning.transforms import SimCLRAugmentation
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_deprecated.install()
 
 __all__ = [
-    "EmbeddingPlot",
-    "KNNMonitor",
-    "LinearEval",
-    "OnlineLinearProbe",
-    "PredictionWriter",
-    "export_backbone",
-    "knn_predict",
-    "LARS",
     "CIFARDataModule",
+    "EmbeddingPlot",
+    "GPUAugment",
+    "ImageFilesDataModule",
     "ImageFolderDataModule",
+    "KNNMonitor",
+    "LARS",
+    "LinearEval",
     "MNISTDataModule",
     "NTXentLoss",
+    "OnlineLinearProbe",
+    "PredictionWriter",
     "ProjectionHead",
+    "SettingError",
     "SimCLR",
     "SimCLRAugmentation",
     "SimCLRDataModule",
+    "apply_stem",
     "build_resnet",
+    "export_backbone",
+    "knn_predict",
+    "load_backbone_state",
 ]

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from torch import nn
 from torchvision import models
 
+from simclr_lightning.errors import require
+
 RESNETS: dict[str, Callable[..., models.ResNet]] = {
     "resnet18": models.resnet18,
     "resnet34": models.resnet34,
@@ -23,10 +25,8 @@ def build_resnet(
     ``torchvision.models.<name>()`` unchanged (after the same stem edits).
     Returns the network and the width of the features it outputs.
     """
-    if name not in RESNETS:
-        raise ValueError(f"backbone={name!r} is unknown: choose one of {sorted(RESNETS)}")
-    if in_channels < 1:
-        raise ValueError(f"in_channels={in_channels!r} is invalid: must be >= 1")
+    require(name in RESNETS, "model.backbone", name, f"one of {', '.join(sorted(RESNETS))}")
+    require(in_channels >= 1, "model.in_channels", in_channels, ">= 1")
     net = RESNETS[name](weights=None)
     apply_stem(net, cifar_stem=cifar_stem, in_channels=in_channels)
     feature_dim = net.fc.in_features

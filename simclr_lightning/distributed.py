@@ -1,10 +1,13 @@
-"""The one collective the loss needs: an all-gather that carries gradients back to their owner."""
+"""Collectives of this library: the differentiable gather the loss needs, and the row
+bookkeeping that lets evaluation callbacks see every validation image exactly once under DDP."""
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -24,3 +27,148 @@ def gather_with_grad(tensor: Tensor) -> Tensor:
     import torch.distributed.nn.functional as dist_fn
 
     return torch.cat(dist_fn.all_gather(tensor), dim=0)
+
+
+def sample_positions(dataloader: DataLoader, batch_idx: int, batch_len: int) -> Tensor | None:
+    """Dataset positions of the rows of batch ``batch_idx``, or None when the loader's order
+    cannot be known (shuffled, custom batch sampler).
+
+    Under DDP, Lightning gives rank r of W the samples r, r+W, r+2W, ... of an unshuffled
+    loader and pads with repeats up to a multiple of W; padded rows get positions >= the
+    dataset size, so callers can drop them and score every sample exactly once.
+    """
+    batch_size = dataloader.batch_size
+    if batch_size is None:
+        return None
+    local = torch.arange(batch_idx * batch_size, batch_idx * batch_size + batch_len)
+    sampler = dataloader.sampler
+    if isinstance(sampler, DistributedSampler) and not sampler.shuffle:
+        return sampler.rank + local * sampler.num_replicas
+    if isinstance(sampler, SequentialSampler):
+        return local
+    return None
+
+
+def dataset_size(dataloader: DataLoader) -> int:
+    sampler = dataloader.sampler
+    if isinstance(sampler, DistributedSampler):
+        return len(sampler.dataset)
+    return len(dataloader.dataset)
+
+
+def gather_rows(trainer: L.Trainer, *tensors: Tensor) -> list[Tensor]:
+    """Concatenate same-length tensors from every rank along dim 0 (ranks may hold different
+    numbers of rows); a no-op in one process."""
+    if trainer.world_size == 1:
+        return list(tensors)
+    strategy = trainer.strategy
+    n = torch.tensor([len(tensors[0])], device=tensors[0].device)
+    sizes = strategy.all_gather(n).flatten().tolist()
+    longest = max(sizes)
+    out = []
+    for t in tensors:
+        padded = t.new_zeros((longest, *t.shape[1:]))
+        padded[: len(t)] = t
+        gathered = strategy.all_gather(padded)
+        out.append(torch.cat([gathered[r, :size] for r, size in enumerate(sizes)]))
+    return out
+
+
+class RowCollector:
+    """Accumulates ``(features, labels, positions)`` of one pass over a loader and, after
+    :meth:`gather`, holds every rank's rows once each, in dataset order when it is known."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.features: list[Tensor] = []
+        self.labels: list[Tensor] = []
+        self.positions: list[Tensor] = []
+        self.ordered = True
+        self.size: int | None = None
+
+    def add(self, dataloader: DataLoader | None, batch_idx: int, features: Tensor, labels: Tensor):
+        positions = None
+        if dataloader is not None:
+            positions = sample_positions(dataloader, batch_idx, len(features))
+        if positions is not None:
+            self.size = dataset_size(dataloader)
+        else:
+            self.ordered = False
+            positions = torch.full((len(features),), -1)
+        self.features.append(features.detach().float())
+        self.labels.append(labels.detach().long())
+        self.positions.append(positions.to(features.device))
+
+    def __len__(self) -> int:
+        return sum(len(f) for f in self.features)
+
+    def gather(self, trainer: L.Trainer, device: torch.device) -> tuple[Tensor, Tensor]:
+        """All ranks' features and labels; padding duplicates dropped when positions are known."""
+        dim = self.features[0].shape[1] if self.features else 0
+        if trainer.world_size > 1:  # a rank with no rows still joins the collectives
+            dim = int(trainer.strategy.all_gather(torch.tensor(dim, device=device)).max())
+        if self.features:
+            feats = torch.cat(self.features).to(device)
+            labels = torch.cat(self.labels).to(device)
+            pos = torch.cat(self.positions).to(device)
+        else:
+            feats = torch.zeros(0, dim, device=device)
+            labels = torch.zeros(0, dtype=torch.long, device=device)
+            pos = torch.zeros(0, dtype=torch.long, device=device)
+        ordered = self.ordered
+        if trainer.world_size > 1:
+            ordered = trainer.strategy.reduce_boolean_decision(ordered, all=True)
+            feats, labels, pos = gather_rows(trainer, feats, labels, pos)
+        if ordered and self.size is not None and len(pos):
+            keep = pos < self.size  # DistributedSampler's padding
+            feats, labels, pos = feats[keep], labels[keep], pos[keep]
+            pos, order = pos.sort(stable=True)
+            first = torch.ones_like(pos, dtype=torch.bool)
+            first[1:] = pos[1:] != pos[:-1]  # the same sample seen by several ranks
+            feats, labels = feats[order][first], labels[order][first]
+        return feats, labels
+
+
+def pick_loader(loaders, dataloader_idx: int = 0) -> DataLoader | None:
+    """Loader ``dataloader_idx`` of ``trainer.val_dataloaders`` (or ``test_dataloaders``)."""
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
+    elif isinstance(loaders, dict):
+        loaders = list(loaders.values())[dataloader_idx]
+    return loaders if isinstance(loaders, DataLoader) else None
+
+
+def validation_loader(trainer: L.Trainer, dataloader_idx: int = 0) -> DataLoader | None:
+    return pick_loader(trainer.val_dataloaders, dataloader_idx)
+
+
+def shard_loader(loader: DataLoader, trainer: L.Trainer) -> DataLoader:
+    """``loader`` split across ranks the way Lightning splits validation loaders (unshuffled,
+    padded), so :func:`sample_positions` can undo it."""
+    if trainer.world_size == 1:
+        return loader
+    kwargs = trainer.strategy.distributed_sampler_kwargs or {}
+    sampler = DistributedSampler(loader.dataset, shuffle=False, **kwargs)
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        persistent_workers=loader.persistent_workers,
+    )
+
+
+def real_rows(
+    dataloader: DataLoader | None, batch_idx: int, n: int, device: torch.device
+) -> Tensor:
+    """``[n]`` mask of the rows of batch ``batch_idx`` that are not DistributedSampler's padding
+    repeats (all True when the loader's order is unknown), so each image counts once."""
+    keep = torch.ones(n, dtype=torch.bool, device=device)
+    positions = None if dataloader is None else sample_positions(dataloader, batch_idx, n)
+    if positions is not None:
+        keep &= positions.to(device) < dataset_size(dataloader)
+    return keep

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from simclr_lightning.errors import require
+
 
 class ProjectionHead(nn.Module):
     """MLP with BatchNorm: 2 layers as in SimCLR v1, 3 as in SimCLR v2.
@@ -21,11 +23,9 @@ class ProjectionHead(nn.Module):
         output_bn: bool = False,
     ) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"head_layers={num_layers!r} is invalid: must be >= 1")
-        for name, value in (("head_hidden_dim", hidden_dim), ("head_output_dim", output_dim)):
-            if value < 1:
-                raise ValueError(f"{name}={value!r} is invalid: must be >= 1")
+        require(num_layers >= 1, "model.head_layers", num_layers, ">= 1")
+        require(hidden_dim >= 1, "model.head_hidden_dim", hidden_dim, ">= 1")
+        require(output_dim >= 1, "model.head_output_dim", output_dim, ">= 1")
         layers: list[nn.Module] = []
         width = input_dim
         for _ in range(num_layers - 1):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simclr_lightning.distributed import gather_with_grad, rank_and_world_size
+from simclr_lightning.errors import require
 
 
 class NTXentLoss(nn.Module):
@@ -24,8 +25,7 @@ class NTXentLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.5, gather_distributed: bool = True) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature={temperature!r} is invalid: must be > 0")
+        require(temperature > 0, "model.temperature", temperature, "> 0")
         self.temperature = float(temperature)
         self.gather_distributed = gather_distributed
 

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from simclr_lightning.backbones import build_resnet
-from simclr_lightning.cli_checkpoint import with_class_path
+from simclr_lightning.checkpoint import with_class_path
+from simclr_lightning.errors import require
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.loss import NTXentLoss
 from simclr_lightning.optim import (
@@ -76,24 +77,24 @@ class SimCLR(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        _require(base_lr > 0, "model.base_lr", base_lr, "> 0")
-        _require(weight_decay >= 0, "model.weight_decay", weight_decay, ">= 0")
-        _require(warmup_epochs >= 0, "model.warmup_epochs", warmup_epochs, ">= 0")
-        _require(0 <= final_lr_ratio <= 1, "model.final_lr_ratio", final_lr_ratio, "in [0, 1]")
-        _require(temperature > 0, "model.temperature", temperature, "> 0")
-        _require(
+        require(base_lr > 0, "model.base_lr", base_lr, "> 0")
+        require(weight_decay >= 0, "model.weight_decay", weight_decay, ">= 0")
+        require(warmup_epochs >= 0, "model.warmup_epochs", warmup_epochs, ">= 0")
+        require(0 <= final_lr_ratio <= 1, "model.final_lr_ratio", final_lr_ratio, "in [0, 1]")
+        require(temperature > 0, "model.temperature", temperature, "> 0")
+        require(
             optimizer in ("lars", "sgd", "adamw"),
             "model.optimizer",
             optimizer,
             "one of lars, sgd, adamw",
         )
-        _require(
+        require(
             lr_scaling in ("linear", "sqrt", "none"),
             "model.lr_scaling",
             lr_scaling,
             "one of linear, sqrt, none",
         )
-        _require(batch_size is None or batch_size >= 2, "model.batch_size", batch_size, ">= 2")
+        require(batch_size is None or batch_size >= 2, "model.batch_size", batch_size, ">= 2")
         self.backbone, self.feature_dim = build_resnet(backbone, cifar_stem, in_channels)
         self.head = ProjectionHead(
             self.feature_dim,
@@ -198,8 +199,3 @@ class SimCLR(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1},
         }
-
-
-def _require(ok: bool, name: str, value, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from simclr_lightning.errors import require
+
 LRScaling = Literal["linear", "sqrt", "none"]
 OptimizerName = Literal["lars", "sgd", "adamw"]
 
@@ -104,9 +106,8 @@ def scaled_learning_rate(base_lr: float, global_batch_size: int, scaling: LRScal
         return base_lr * global_batch_size / 256
     if scaling == "sqrt":
         return base_lr * math.sqrt(global_batch_size)
-    if scaling == "none":
-        return base_lr
-    raise ValueError(f"lr_scaling={scaling!r} is invalid: choose one of linear, sqrt, none")
+    require(scaling == "none", "model.lr_scaling", scaling, "one of linear, sqrt, none")
+    return base_lr
 
 
 def build_optimizer(

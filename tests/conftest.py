@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, make_subset
+
 SHARED_DATA = Path(os.environ.get("SIMCLR_SHARED_DATA", REPO.parent / "shared" / "data"))
 FASHION_MNIST = Path(os.environ.get("SIMCLR_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 # CI sets SIMCLR_REQUIRE_DATA=1: missing data is then a failure, not a skip.
@@ -25,22 +26,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def quiet_trainer(**kwargs):
-    """A CPU Trainer without logger, checkpoints, progress bar or model summary; ``kwargs``
-    override any of it."""
-    import lightning as L
-
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return L.Trainer(**(defaults | kwargs))
 
 
 def _missing(what: str):
@@ -59,17 +44,6 @@ def cifar_jpg_root(tmp_path_factory) -> Path:
     with tarfile.open(archive) as tar:
         tar.extractall(dest, filter="data")
     return dest / "cifar10-jpg"
-
-
-def make_subset(source: Path, dest: Path, train_per_class: int, val_per_class: int) -> Path:
-    """An ImageFolder tree of symlinks to the first images of each class."""
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for class_dir in sorted((source / split).iterdir()):
-            out = dest / split / class_dir.name
-            out.mkdir(parents=True, exist_ok=True)
-            for image in sorted(class_dir.iterdir())[:count]:
-                (out / image.name).symlink_to(image)
-    return dest
 
 
 @pytest.fixture(scope="session")

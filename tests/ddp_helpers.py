@@ -1,7 +1,14 @@
-"""Worker code for the distributed tests: real process groups over gloo on CPU."""
+"""What the distributed tests share: worker code for real process groups over gloo on CPU, and
+the one Trainer setup of the scripts that Lightning's "ddp" strategy relaunches per device."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -60,3 +67,42 @@ def torch_ddp_worker(rank, world, init_file, out_dir, mode, per_rank, temperatur
         torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def run_ddp_script(script: str, devices: int, out: Path, *args: str) -> list[dict]:
+    """Run ``tests/<script> --devices N --out OUT ARGS`` as a user runs a training script, and
+    load what each rank saved (``rank<r>_of<N>.pt``)."""
+    out.mkdir(parents=True)
+    cmd = [sys.executable, str(Path(__file__).with_name(script)), "--devices", str(devices)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 shared cores: no spinning thread pairs
+    proc = subprocess.run(
+        cmd + ["--out", str(out), *args], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(out / f"rank{r}_of{devices}.pt") for r in range(devices)]
+
+
+class FreezeBatchNorm(L.Callback):
+    """Per-process BatchNorm statistics make W processes differ from one by design; with them
+    fixed, the only coupling across samples left is the one under test."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        for m in pl_module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def ddp_trainer(devices: int, callbacks: list[L.Callback], **kwargs) -> L.Trainer:
+    """A quiet CPU Trainer on ``devices`` processes: Lightning's "ddp" strategy (gloo) for more
+    than one, as a user's script gets it."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **kwargs,
+    )

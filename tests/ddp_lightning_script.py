@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from simclr_lightning import SimCLR  # noqa: E402
-from tests.ddp_helpers import use_gather  # noqa: E402
+from tests.ddp_helpers import FreezeBatchNorm, ddp_trainer, use_gather  # noqa: E402
 
 WORLD, PER_RANK = 2, 4
 
@@ -27,13 +27,6 @@ class SaveStep(L.Callback):
     def __init__(self, out: Path) -> None:
         self.out = out
         self.loss = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        # BatchNorm couples the samples of one process, and SyncBatchNorm needs GPUs: with
-        # fixed statistics the only cross-sample coupling left is the loss, the thing tested.
-        for m in pl_module.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.loss = outputs["loss"].detach()
@@ -84,17 +77,8 @@ def main() -> None:
         base_lr=0.1,
         warmup_epochs=0,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
-        max_steps=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[SaveStep(args.out)],
+    trainer = ddp_trainer(
+        args.devices, [FreezeBatchNorm(), SaveStep(args.out)], max_steps=1, limit_val_batches=0
     )
     trainer.fit(model, DataLoader(samples, batch_size=batch_size, shuffle=False))
 

@@ -19,10 +19,9 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-import simclr_lightning.knn as knn  # noqa: E402
-from simclr_lightning.knn import KNNMonitor  # noqa: E402
-from simclr_lightning.linear_probe import OnlineLinearProbe  # noqa: E402
-from simclr_lightning.module import SimCLR  # noqa: E402
+import simclr_lightning.callbacks.knn_monitor as knn_monitor  # noqa: E402
+from simclr_lightning import KNNMonitor, OnlineLinearProbe, SimCLR  # noqa: E402
+from tests.ddp_helpers import FreezeBatchNorm, ddp_trainer  # noqa: E402
 
 WORLD, PER_RANK, STEPS = 2, 4, 2
 N_VAL, N_BANK, CLASSES = 37, 41, 4
@@ -69,15 +68,6 @@ class Data(L.LightningDataModule):
         return DataLoader(list(zip(x, y, strict=True)), batch_size=6)
 
 
-class FreezeBatchNorm(L.Callback):
-    """Per-process BatchNorm statistics would make 2 processes differ from 1 by design."""
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        for m in pl_module.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, required=True)
@@ -85,13 +75,13 @@ def main() -> None:
     args = parser.parse_args()
 
     seen = {}
-    plain_knn_predict = knn.knn_predict
+    plain_knn_predict = knn_monitor.knn_predict
 
     def recording_knn_predict(query, bank, bank_labels, *rest):
         seen.update(query=query.cpu(), bank=bank.cpu(), bank_labels=bank_labels.cpu())
         return plain_knn_predict(query, bank, bank_labels, *rest)
 
-    knn.knn_predict = recording_knn_predict
+    knn_monitor.knn_predict = recording_knn_predict
 
     L.seed_everything(0, verbose=False)
     model = SimCLR(
@@ -103,18 +93,8 @@ def main() -> None:
         warmup_epochs=0,
     )
     probe = OnlineLinearProbe(num_classes=CLASSES, optimizer="sgd", lr=0.5)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
-        max_epochs=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[FreezeBatchNorm(), probe, KNNMonitor(num_classes=CLASSES, k=10)],
-    )
+    callbacks = [FreezeBatchNorm(), probe, KNNMonitor(num_classes=CLASSES, k=10)]
+    trainer = ddp_trainer(args.devices, callbacks, max_epochs=1, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=Data(args.devices))
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if "/" in k}
     torch.save(

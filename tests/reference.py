@@ -1,10 +1,15 @@
-"""Independent float64 references written from the papers, with explicit loops."""
+"""Independent float64 references written from the papers, with explicit loops.
+
+Cosine similarity is never computed here the way the library does (normalise, then a matrix
+product): per pair with ``torch.nn.functional.cosine_similarity``, or from Python floats.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def nt_xent_reference(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -17,7 +22,7 @@ def nt_xent_reference(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) 
         z += [z_a[k].double(), z_b[k].double()]
 
     def sim(u, v):
-        return (u @ v) / (u.norm() * v.norm())
+        return F.cosine_similarity(u, v, dim=0, eps=0.0)
 
     def ell(i, j):
         denominator = sum(torch.exp(sim(z[i], z[k]) / temperature) for k in range(2 * n) if k != i)
@@ -29,11 +34,10 @@ def nt_xent_reference(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) 
 
 def cosine_knn_top1(train_x, train_y, test_x, test_y, k: int = 20) -> float:
     """Majority vote of the k most cosine-similar training features (brute force, float64)."""
-    train_x = torch.nn.functional.normalize(train_x.double(), dim=1)
-    test_x = torch.nn.functional.normalize(test_x.double(), dim=1)
+    train_x, test_x = train_x.double(), test_x.double()
     correct = 0
     for x, y in zip(test_x, test_y, strict=True):
-        nearest = (train_x @ x).topk(k).indices
+        nearest = F.cosine_similarity(train_x, x[None], dim=1).topk(k).indices
         votes = torch.bincount(train_y[nearest], minlength=int(train_y.max()) + 1)
         correct += int(votes.argmax() == y)
     return correct / len(test_y)
@@ -65,14 +69,35 @@ def cosine_schedule_reference(step, warmup, total, final):
 def weighted_knn_top1(train_x, train_y, test_x, test_y, k: int = 200, temperature: float = 0.1):
     """InstDisc's weighted kNN (Wu et al. 2018), float64: each of the k most cosine-similar
     training features votes for its class with weight exp(similarity / temperature)."""
-    train_x = torch.nn.functional.normalize(train_x.double(), dim=1)
-    test_x = torch.nn.functional.normalize(test_x.double(), dim=1)
+    train_x, test_x = train_x.double(), test_x.double()
     num_classes = int(train_y.max()) + 1
     correct = 0
     for x, y in zip(test_x, test_y, strict=True):
-        sims = train_x @ x
+        sims = F.cosine_similarity(train_x, x[None], dim=1)
         top = sims.topk(min(k, len(sims)))
         votes = torch.zeros(num_classes, dtype=torch.float64)
         votes.index_add_(0, train_y[top.indices], torch.exp(top.values / temperature))
         correct += int(votes.argmax() == y)
     return correct / len(test_y)
+
+
+def weighted_knn_scores(query, bank, labels, num_classes, k, temperature):
+    """InstDisc's weighted vote, one query and one bank row at a time, in float64; among equal
+    similarities the lower bank index counts as nearer."""
+    query, bank, labels = query.double().tolist(), bank.double().tolist(), labels.tolist()
+
+    def unit(v):
+        norm = math.sqrt(sum(x * x for x in v))
+        return [x / norm for x in v]
+
+    bank = [unit(b) for b in bank]
+    out = []
+    for q in query:
+        q = unit(q)
+        sims = [sum(a * b for a, b in zip(q, row, strict=True)) for row in bank]
+        nearest = sorted(range(len(bank)), key=lambda j: (-sims[j], j))[:k]
+        scores = [0.0] * num_classes
+        for j in nearest:
+            scores[labels[j]] += math.exp(sims[j] / temperature)
+        out.append(scores)
+    return torch.tensor(out, dtype=torch.float64)

@@ -1,16 +1,59 @@
-"""The benchmark scripts' code paths run on CPU with tiny sizes (their numbers mean nothing
-here; they are measured on a GPU)."""
+"""The benchmark scripts' code paths run on CPU with tiny sizes. Their speeds mean nothing here
+(they are measured on a GPU), but what they print must be well formed: every figure positive
+and finite, and every ratio the quotient of the rows it names."""
 
+import math
+import re
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
+
+ROWS = (
+    "CIFAR R18: model alone",
+    "CIFAR R18: CPU pipeline",
+    "CIFAR R18: GPU pipeline, resident",
+    "GPUAugment alone",
+    "ImageNet R50 64px: model alone",
+    "ImageNet R50 64px: CPU pipeline",
+    "nvJPEG decode",
+)
+
+
+def parse_throughput(out: str) -> tuple[dict[str, tuple[float, str]], dict[str, float]]:
+    """``{row: (images/s, peak GiB field)}`` of the table and ``{row: ratio}`` of the ratios."""
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("pipeline"))
+    table = {}
+    for line in lines[head + 1 :]:
+        if not line.strip():
+            break
+        name, rate, peak = re.fullmatch(r"(.+?)\s+(\S+)\s+(\S+)", line).groups()
+        table[name] = (float(rate), peak)
+    ratios = {}
+    for line in lines:
+        match = re.fullmatch(r"(.+?)\s+(\S+) x model alone", line)
+        if match:
+            ratios[match.group(1)] = float(match.group(2))
+    return table, ratios
+
+
+def model_alone_row(table: dict, pipeline: str) -> str:
+    """The model-alone row of the same workload (text before ':') and variant ('(eager)')."""
+    workload = pipeline.split(":")[0]
+    variant = pipeline[pipeline.rfind("(") :] if pipeline.endswith(")") else ""
+    (row,) = [
+        name
+        for name in table
+        if name.startswith(workload + ":") and "model alone" in name and name.endswith(variant)
+    ]
+    return row
 
 
 @pytest.mark.slow
-def test_throughput_tiny_prints_every_row():
+def test_throughput_tiny_prints_consistent_figures():
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--tiny"],
         capture_output=True,
@@ -20,18 +63,24 @@ def test_throughput_tiny_prints_every_row():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for row in (
-        "CIFAR R18: model alone",
-        "CIFAR R18: CPU pipeline",
-        "CIFAR R18: GPU pipeline, resident",
-        "GPUAugment alone",
-        "ImageNet R50 64px: model alone",
-        "ImageNet R50 64px: CPU pipeline",
-        "nvJPEG decode",
-        "x model alone",
-        "crop+resize max |diff|",
-    ):
-        assert row in out, row
+    assert out.startswith("device: CPU")
+    table, ratios = parse_throughput(out)
+    for row in ROWS:
+        assert any(row in name for name in table), row
+    for name, (rate, peak) in table.items():
+        assert math.isfinite(rate) and rate > 0, name
+        assert peak == "-", name  # no GPU memory to report on a CPU
+    pipelines = [name for name in table if "pipeline" in name]
+    assert pipelines and sorted(ratios) == sorted(pipelines)
+    for name, ratio in ratios.items():
+        alone = table[model_alone_row(table, name)][0]
+        rate = table[name][0]
+        # rates are printed to 1 decimal (+-0.05), the ratio to 2 (+-0.005)
+        low, high = (rate - 0.05) / (alone + 0.05), (rate + 0.05) / (alone - 0.05)
+        assert low - 0.005 <= ratio <= high + 0.005, (name, ratio, rate, alone)
+    assert "crop+resize max |diff|" in out
+    diff = float(re.search(r"crop\+resize max \|diff\| vs TF.resized_crop: (\S+)", out).group(1))
+    assert diff < 1e-5
 
 
 @pytest.mark.slow
@@ -41,5 +90,15 @@ def test_time_to_accuracy_tiny_runs_both_pipelines(cifar_tiny, augment):
     cmd = [sys.executable, str(script), "--root", str(cifar_tiny), "--tiny", "--augment", augment]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"augment {augment}" in proc.stdout and "kNN top-1" in proc.stdout
-    assert "| 3 steps |" in proc.stdout
+    line = proc.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(
+        r"device (.+) \| augment (\w+) \| epochs (\d+) of (\d+) \| setup (\d+) s "
+        r"\| train (\d+) s \| (\d+) steps \| kNN top-1 (\S+)%",
+        line,
+    )
+    assert match, line
+    device, run_augment, epochs, _, setup_s, train_s, steps, top1 = match.groups()
+    assert device == "CPU" and run_augment == augment
+    assert int(epochs) == 1 and int(steps) == 3  # --tiny: one epoch of 3 batches
+    assert 0 <= int(setup_s) < 600 and 0 <= int(train_s) < 600
+    assert 0 <= float(top1) <= 100 and math.isfinite(float(top1))

@@ -13,13 +13,12 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+from simclr_lightning.checkpoint import export_backbone
 from simclr_lightning.cli import cli_main
-from simclr_lightning.export import export_backbone
-from simclr_lightning.linear_eval import LinearEval
+from simclr_lightning.evaluation import LinearEval
 from simclr_lightning.module import SimCLR
-from tests.conftest import make_subset
+from tests.helpers import REPO, make_subset
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # ImageFolderDataModule's
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -78,11 +77,11 @@ def pretrained(cifar_small, tmp_path_factory) -> dict:
             "--trainer.max_epochs=2",
             "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
             f"--trainer.logger.save_dir={out}",
-            "--trainer.callbacks+=simclr_lightning.linear_probe.OnlineLinearProbe",
+            "--trainer.callbacks+=simclr_lightning.OnlineLinearProbe",
             "--trainer.callbacks.num_classes=10",
-            "--trainer.callbacks+=simclr_lightning.knn.KNNMonitor",
+            "--trainer.callbacks+=simclr_lightning.KNNMonitor",
             "--trainer.callbacks.k=200",
-            "--trainer.callbacks+=simclr_lightning.embedding_plot.EmbeddingPlot",
+            "--trainer.callbacks+=simclr_lightning.EmbeddingPlot",
             "--trainer.callbacks.every_n_epochs=2",
             *QUIET,
         ]

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from simclr_lightning import SimCLR
-from tests.conftest import quiet_trainer
+from tests.helpers import quiet_trainer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from simclr_lightning import ImageFolderDataModule, SimCLR, SimCLRAugmentation
-from tests.conftest import make_subset, quiet_trainer
+from tests.helpers import make_subset, quiet_trainer
 from tests.reference import cosine_knn_top1, weighted_knn_top1
 
 TRAIN_PER_CLASS = 200

@@ -1,23 +1,17 @@
-"""Loggers and plots: configs/wandb.yaml in offline mode (the run's files hold the metrics, the
-plot and the model), and the embedding plot on TensorBoard and CSV loggers."""
+"""configs/wandb.yaml in offline mode: the run's files hold the metrics, the plot and the model."""
 
 from __future__ import annotations
 
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 
 from simclr_lightning.cli import cli_main
-from simclr_lightning.embedding_plot import TAB10, UNLABELED, EmbeddingPlot, pca_2d
-from tests.conftest import quiet_trainer
-from tests.test_knn import FeatureData, FeatureModule
+from tests.helpers import REPO
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = REPO / "configs"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,9 +72,9 @@ def test_offline_wandb_run_holds_metrics_plot_and_model(cifar_tiny, tmp_path, mo
             "--trainer.accelerator=cpu",
             "--trainer.devices=1",
             "--trainer.enable_progress_bar=false",
-            "--trainer.callbacks+=simclr_lightning.linear_probe.OnlineLinearProbe",
+            "--trainer.callbacks+=simclr_lightning.OnlineLinearProbe",
             "--trainer.callbacks.num_classes=10",
-            "--trainer.callbacks+=simclr_lightning.embedding_plot.EmbeddingPlot",
+            "--trainer.callbacks+=simclr_lightning.EmbeddingPlot",
         ]
     )
     logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
@@ -110,59 +104,3 @@ def test_offline_wandb_run_holds_metrics_plot_and_model(cifar_tiny, tmp_path, mo
     (png,) = (run_dir / "files" / "media" / "images" / "embeddings").glob("*.png")
     assert Image.open(png).size == (512 + 130, 512)
     assert "model" in artifacts  # log_model: true, recorded for `wandb sync`
-
-
-def test_pca_2d_matches_numpy_svd():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(200, 12, generator=gen) * torch.linspace(5, 0.1, 12)
-    got = pca_2d(x).double().numpy()
-    centred = x.double().numpy() - x.double().numpy().mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    want = centred @ vt[:2].T
-    for i in range(2):  # components are defined up to sign
-        assert abs(np.corrcoef(got[:, i], want[:, i])[0, 1]) > 0.999
-
-
-def clusters(n: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    x = 8 * torch.eye(3, 10)[y] + 0.3 * torch.randn(n, 10, generator=gen)
-    y[::10] = -1
-    return x, y
-
-
-def plot_pixels(image: Image.Image, colour) -> np.ndarray:
-    """Coordinates of the plot-area pixels of exactly ``colour`` (the legend is right of 512)."""
-    rgb = np.asarray(image.convert("RGB"))[:, :512]
-    return np.argwhere((rgb == np.array(colour)).all(axis=2))
-
-
-def test_embedding_plot_on_tensorboard_and_csv(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    plot = EmbeddingPlot(every_n_epochs=2)
-    loggers = [TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")]
-    trainer = quiet_trainer(
-        max_epochs=4,
-        logger=loggers,
-        callbacks=[plot],
-    )
-    trainer.fit(FeatureModule(10), datamodule=FeatureData(clusters(30, 0), clusters(60, 1)))
-
-    # Classes 0-2 in their own colours, well apart; unlabeled rows grey.
-    centres = []
-    for label in range(3):
-        pixels = plot_pixels(plot.image, TAB10[label])
-        assert len(pixels) > 10, label
-        centres.append(pixels.mean(axis=0))
-    assert min(np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1 :]) > 50
-    assert len(plot_pixels(plot.image, UNLABELED)) > 0
-
-    events = EventAccumulator(str(loggers[0].log_dir), size_guidance={"images": 0})
-    events.Reload()
-    images = events.Images("embeddings/val")
-    assert len(images) == 2  # epochs 2 and 4
-    assert (images[-1].width, images[-1].height) == plot.image.size
-    pngs = sorted((Path(loggers[1].log_dir) / "embeddings").glob("*.png"))
-    assert [p.name for p in pngs] == ["epoch=001.png", "epoch=003.png"]
-    assert np.array_equal(np.asarray(Image.open(pngs[-1]).convert("RGB")), np.asarray(plot.image))

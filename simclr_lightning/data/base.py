@@ -10,17 +10,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from simclr_lightning.device_data import DeviceImageStore, IndexDataset
-from simclr_lightning.encoded_images import ImageBatch
-from simclr_lightning.gpu_augment import GPUAugment
-from simclr_lightning.transforms import (
+from simclr_lightning.data.device_store import DeviceImageStore, IndexDataset
+from simclr_lightning.data.encoded import ImageBatch
+from simclr_lightning.data.gpu import GPUAugment
+from simclr_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SimCLRAugmentation,
     TwoViews,
+    classify_transform,
     eval_transform,
     view_transform,
 )
+from simclr_lightning.errors import SettingError, require
 
 Task = Literal["pretrain", "classify"]
 Augment = Literal["cpu", "gpu"]
@@ -67,19 +69,21 @@ class SimCLRDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 2:
-            raise ValueError(
-                f"data.batch_size={batch_size!r} is invalid: NT-Xent needs at least 2 images "
-                f"per device"
-            )
-        if task not in ("pretrain", "classify"):
-            raise ValueError(f"data.task={task!r} is invalid: choose pretrain or classify")
-        if augment not in ("cpu", "gpu"):
-            raise ValueError(f"data.augment={augment!r} is invalid: choose cpu or gpu")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers!r} is invalid: must be >= 0")
-        if val_batch_size is not None and val_batch_size < 1:
-            raise ValueError(f"data.val_batch_size={val_batch_size!r} is invalid: must be >= 1")
+        require(
+            isinstance(batch_size, int) and batch_size >= 2,
+            "data.batch_size",
+            batch_size,
+            "an integer >= 2 (NT-Xent needs at least 2 images per device)",
+        )
+        require(task in ("pretrain", "classify"), "data.task", task, "pretrain or classify")
+        require(augment in ("cpu", "gpu"), "data.augment", augment, "cpu or gpu")
+        require(num_workers >= 0, "data.num_workers", num_workers, ">= 0")
+        require(
+            val_batch_size is None or val_batch_size >= 1,
+            "data.val_batch_size",
+            val_batch_size,
+            ">= 1",
+        )
         self.batch_size = batch_size
         aug = augmentation or SimCLRAugmentation()
         mean, std = self.channel_stats()
@@ -130,18 +134,7 @@ class SimCLRDataModule(L.LightningDataModule):
             return self.device_input_transform()
         if self.task == "pretrain":
             return TwoViews(view_transform(aug))
-        size = aug.image_size
-        if size <= 64:  # CIFAR-style linear evaluation
-            crop = v2.RandomCrop(size, padding=size // 8, padding_mode="reflect")
-            ops = [v2.ToImage(), v2.Resize((size, size), antialias=True), crop]
-        else:  # ImageNet-style
-            ops = [v2.ToImage(), v2.RandomResizedCrop(size, antialias=True)]
-        ops += [
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(aug.mean, aug.std),
-        ]
-        return v2.Compose(ops)
+        return classify_transform(aug)
 
     def eval_transform(self):
         aug = self.augmentation
@@ -172,13 +165,13 @@ class SimCLRDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         per_rank = math.ceil(n_images / world)  # DistributedSampler pads to equal shards
         if self.drop_last and per_rank < self.batch_size:
-            raise ValueError(
+            raise SettingError(
                 f"data.batch_size={self.batch_size} is larger than the {per_rank} training "
                 f"images each of the {world} process(es) gets ({n_images} in all): lower "
                 f"data.batch_size or use more data"
             )
         if not self.drop_last and self.task == "pretrain" and per_rank % self.batch_size == 1:
-            raise ValueError(
+            raise SettingError(
                 f"data.batch_size={self.batch_size} leaves a last batch of 1 image per process "
                 f"({per_rank} images each), which NT-Xent and BatchNorm cannot use: set "
                 f"data.drop_last=true or change data.batch_size"

@@ -10,8 +10,8 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 
 from simclr_lightning.data.base import SimCLRDataModule
-from simclr_lightning.device_data import DeviceImageStore
-from simclr_lightning.transforms import (
+from simclr_lightning.data.device_store import DeviceImageStore
+from simclr_lightning.data.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR100_MEAN,
@@ -19,6 +19,7 @@ from simclr_lightning.transforms import (
     CIFAR_VIEWS,
     SimCLRAugmentation,
 )
+from simclr_lightning.errors import require
 
 _DATASETS = {
     "cifar10": (datasets.CIFAR10, "cifar-10-batches-py", CIFAR10_MEAN, CIFAR10_STD),
@@ -45,8 +46,7 @@ class CIFARDataModule(SimCLRDataModule):
         augmentation: SimCLRAugmentation = CIFAR_VIEWS,
         **kwargs,
     ) -> None:
-        if dataset not in _DATASETS:
-            raise ValueError(f"data.dataset={dataset!r} is unknown: choose cifar10 or cifar100")
+        require(dataset in _DATASETS, "data.dataset", dataset, "cifar10 or cifar100")
         self.data_dir = data_dir
         self.dataset = dataset
         self.download = download

@@ -9,7 +9,8 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_lightning.data.image_folder import IMAGE_EXTENSIONS, load_rgb
-from simclr_lightning.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from simclr_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from simclr_lightning.errors import require
 
 
 def list_images(paths: str | Sequence[str]) -> list[str]:
@@ -56,7 +57,7 @@ class ImageFilesDataModule(L.LightningDataModule):
     """Serves ``predict_dataloader()`` over image files with the evaluation transform.
 
     ``image_size``/``mean``/``std``/``resize_ratio`` left None are taken from the model being
-    run when it records its preprocessing (a :class:`~simclr_lightning.linear_eval.LinearEval`
+    run when it records its preprocessing (a :class:`~simclr_lightning.evaluation.LinearEval`
     checkpoint does), so predictions see images prepared as in training; otherwise 224 px
     with ImageNet statistics. An unreadable image raises an error naming the file.
 
@@ -75,8 +76,8 @@ class ImageFilesDataModule(L.LightningDataModule):
         resize_ratio: float | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or num_workers < 0:
-            raise ValueError("data.batch_size must be >= 1 and data.num_workers >= 0")
+        require(batch_size >= 1, "data.batch_size", batch_size, ">= 1")
+        require(num_workers >= 0, "data.num_workers", num_workers, ">= 0")
         self.files = list_images(paths)
         self.batch_size = batch_size
         self.num_workers = num_workers

@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 
 from simclr_lightning.data.base import SimCLRDataModule
-from simclr_lightning.device_data import DeviceImageStore
-from simclr_lightning.encoded_images import collate_encoded, read_encoded
-from simclr_lightning.transforms import IMAGENET_VIEWS, SimCLRAugmentation
+from simclr_lightning.data.device_store import DeviceImageStore
+from simclr_lightning.data.encoded import collate_encoded, read_encoded
+from simclr_lightning.data.transforms import IMAGENET_VIEWS, SimCLRAugmentation
+from simclr_lightning.errors import require
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -78,8 +79,7 @@ class ImageFolderDataModule(SimCLRDataModule):
         resident: bool = False,
         **kwargs,
     ) -> None:
-        if decode not in ("cpu", "gpu"):
-            raise ValueError(f"data.decode={decode!r} is invalid: choose cpu or gpu")
+        require(decode in ("cpu", "gpu"), "data.decode", decode, "cpu or gpu")
         self.decode = decode
         self.resident = resident
         self.root = Path(root)

@@ -12,8 +12,9 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 
 from simclr_lightning.data.base import SimCLRDataModule
-from simclr_lightning.device_data import DeviceImageStore
-from simclr_lightning.transforms import MNIST_VIEWS, SimCLRAugmentation
+from simclr_lightning.data.device_store import DeviceImageStore
+from simclr_lightning.data.transforms import MNIST_VIEWS, SimCLRAugmentation
+from simclr_lightning.errors import require
 
 _INFO = {
     # name: (torchvision class, its folder, mean, std)
@@ -81,8 +82,7 @@ class MNISTDataModule(SimCLRDataModule):
         augmentation: SimCLRAugmentation = MNIST_VIEWS,
         **kwargs,
     ) -> None:
-        if dataset not in _INFO:
-            raise ValueError(f"data.dataset={dataset!r} is unknown: choose mnist or fashion_mnist")
+        require(dataset in _INFO, "data.dataset", dataset, "mnist or fashion_mnist")
         self.data_dir = data_dir
         self.dataset = dataset
         self.download = download

@@ -1,0 +1,122 @@
+"""The kNN monitor: weighted kNN accuracy of the encoder during pretraining, no training of its
+own, so it tracks representation quality from the first epoch."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+from simclr_lightning.distributed import RowCollector, shard_loader, validation_loader
+from simclr_lightning.evaluation.knn import knn_predict, top_k_accuracy
+
+
+class KNNMonitor(L.Callback):
+    """Weighted kNN top-1/top-5 of validation features against the labelled training split.
+
+    Every ``every_n_epochs`` validation epochs, it encodes the datamodule's
+    ``eval_train_dataloader()`` (training images, no augmentation) with the module's
+    ``forward`` as the memory bank and scores the features ``validation_step`` returned
+    (dataloader 0) with :func:`knn_predict`; logged as ``knn/val_top1`` and ``knn/val_top5``.
+    Under DDP each rank encodes its shard of the bank and of the validation set; both are
+    gathered once, DistributedSampler's padding repeats dropped, so every rank scores the
+    same global set and the metrics equal a single process's. Rows labelled -1 are ignored.
+
+    Args:
+        num_classes: None reads it as 1 + the largest bank label.
+        k / temperature: neighbours and the softmax temperature of their votes.
+        every_n_epochs: the bank pass costs one inference epoch over the training set.
+        chunk_size: query rows scored at once (memory: chunk_size x bank size floats).
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        k: int = 200,
+        temperature: float = 0.1,
+        every_n_epochs: int = 1,
+        chunk_size: int = 1024,
+    ) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs={every_n_epochs!r} is invalid: must be >= 1")
+        if k < 1 or temperature <= 0:
+            raise ValueError(f"k={k!r} and temperature={temperature!r} must be >= 1 and > 0")
+        self.num_classes = num_classes
+        self.k = k
+        self.temperature = temperature
+        self.every_n_epochs = every_n_epochs
+        self.chunk_size = chunk_size
+        self.val_rows = RowCollector()
+        self.active = False
+        self._bank_loader: DataLoader | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._bank_loader = None  # a new run may bring a new datamodule
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        if trainer.state.fn != "fit":
+            return True
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.val_rows.reset()
+        self.active = self._due(trainer)
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if not self.active or dataloader_idx != 0:
+            return
+        if not isinstance(outputs, dict) or "features" not in outputs:
+            raise RuntimeError(
+                "KNNMonitor needs validation_step to return {'features': ..., 'labels': ...}"
+            )
+        loader = validation_loader(trainer, dataloader_idx)
+        self.val_rows.add(loader, batch_idx, outputs["features"], outputs["labels"])
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not self.active:
+            return
+        self.active = False
+        device = pl_module.device
+        query, query_labels = self.val_rows.gather(trainer, device)
+        self.val_rows.reset()
+        bank, bank_labels = self._encode_bank(trainer, pl_module)
+        keep = bank_labels >= 0
+        bank, bank_labels = bank[keep], bank_labels[keep]
+        keep = query_labels >= 0
+        query, query_labels = query[keep], query_labels[keep]
+        if len(bank) == 0 or len(query) == 0:
+            rank_zero_warn("KNNMonitor: no labelled training or validation images; skipping")
+            return
+        num_classes = self.num_classes or int(bank_labels.max()) + 1
+        scores = knn_predict(
+            query, bank, bank_labels, num_classes, self.k, self.temperature, self.chunk_size
+        )
+        # Every rank holds the same global result; sync_dist averages equal values (exact) and
+        # keeps Lightning from warning about unsynced epoch-level metrics.
+        pl_module.log("knn/val_top1", top_k_accuracy(scores, query_labels, 1), sync_dist=True)
+        pl_module.log("knn/val_top5", top_k_accuracy(scores, query_labels, 5), sync_dist=True)
+
+    @torch.no_grad()
+    def _encode_bank(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        if self._bank_loader is None:
+            datamodule = trainer.datamodule
+            if datamodule is None or not hasattr(datamodule, "eval_train_dataloader"):
+                raise RuntimeError(
+                    "KNNMonitor needs a datamodule with eval_train_dataloader() (every "
+                    "SimCLRDataModule has one): the training images without augmentation"
+                )
+            self._bank_loader = shard_loader(datamodule.eval_train_dataloader(), trainer)
+        rows = RowCollector()
+        was_training = pl_module.training
+        pl_module.eval()
+        with trainer.precision_plugin.val_step_context():
+            for batch_idx, (x, labels) in enumerate(self._bank_loader):
+                features = pl_module(x.to(pl_module.device, non_blocking=True))
+                rows.add(self._bank_loader, batch_idx, features, labels.to(pl_module.device))
+        pl_module.train(was_training)
+        return rows.gather(trainer, pl_module.device)

@@ -1,0 +1,212 @@
+"""An online linear probe: a running estimate of linear-evaluation accuracy during pretraining,
+for the cost of one matrix product per batch."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import skip_init
+from torchmetrics.classification import MulticlassAccuracy
+
+from simclr_lightning.distributed import rank_and_world_size, real_rows, validation_loader
+from simclr_lightning.optim import warmup_cosine
+
+
+class OnlineLinearProbe(L.Callback):
+    """Trains ``nn.Linear(pl_module.feature_dim, num_classes)`` on the detached backbone
+    features ``training_step`` returns (``{"features", "labels"}``): no second forward pass.
+
+    The classifier and its optimizer live in this callback, not in the LightningModule, so the
+    module's optimizer never sees them and no gradient reaches the encoder; creating the
+    classifier (zero-initialised) draws no random numbers, so attaching the probe leaves the
+    pretraining run bit-identical. Under DDP one all-reduce per step sums the probe's gradients
+    (and its sample counts), so every rank applies the gradient of the mean loss over the
+    global batch and the probes stay identical. Validation accuracy (top-1, top-5) is a
+    torchmetrics ``MulticlassAccuracy`` reduced across ranks, with DistributedSampler's padding
+    repeats left out. Rows labelled -1 (unlabeled images) are skipped.
+
+    Logs ``probe/train_loss``, ``probe/train_top1`` (epoch means), ``probe/val_top1`` and
+    ``probe/val_top5``. Classifier, optimizer and step count are saved in checkpoints.
+
+    Args:
+        num_classes: classes of the labels.
+        optimizer: adam (robust to the scale of unnormalised features) or sgd (momentum).
+        lr / weight_decay / momentum: of the probe's optimizer.
+        schedule: constant, or cosine decay to 0 over the training batches of the run.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        optimizer: Literal["adam", "sgd"] = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        schedule: Literal["constant", "cosine"] = "constant",
+    ) -> None:
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes!r} is invalid: must be >= 2")
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer={optimizer!r} is invalid: choose adam or sgd")
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule={schedule!r} is invalid: choose constant or cosine")
+        if lr <= 0:
+            raise ValueError(f"lr={lr!r} is invalid: must be > 0")
+        self.num_classes = num_classes
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.momentum = momentum
+        self.schedule = schedule
+        self.classifier: nn.Linear | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.steps = 0
+        self._pending_state: dict[str, Any] | None = None
+        self._val_rows = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(num_classes=self.num_classes)
+
+    # -- construction ---------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        dim = getattr(pl_module, "feature_dim", None)
+        if not isinstance(dim, int):
+            raise AttributeError(
+                "OnlineLinearProbe needs pl_module.feature_dim, the width of the features "
+                "training_step returns"
+            )
+        if self.classifier is not None and self.classifier.in_features == dim:
+            return
+        device = trainer.strategy.root_device
+        # Zero init (the loss is convex, so nothing is lost): no random numbers drawn, so the run
+        # stays bit-identical with or without the probe, and every rank and every strategy
+        # (DDP reseeds its processes) starts from the same probe.
+        self.classifier = skip_init(nn.Linear, dim, self.num_classes, device=device)
+        nn.init.zeros_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+        params = self.classifier.parameters()
+        if self.optimizer_name == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
+        top5 = min(5, self.num_classes)
+        self.val_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro").to(device)
+        self.val_top5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro").to(device)
+        if self._pending_state is not None:
+            self.load_state_dict(self._pending_state)
+
+    # -- training -------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not isinstance(outputs, dict) or "features" not in outputs or "labels" not in outputs:
+            raise RuntimeError(
+                "OnlineLinearProbe needs training_step to return {'loss', 'features', 'labels'}"
+            )
+        classifier, optimizer = self.classifier, self.optimizer
+        device = classifier.weight.device
+        features = outputs["features"].detach().to(device, torch.float32)
+        labels = outputs["labels"].to(device)
+        keep = labels >= 0
+        features, labels = features[keep], labels[keep]
+        classifier.train()
+        optimizer.zero_grad(set_to_none=False)
+        with torch.enable_grad():
+            logits = classifier(features)
+            # A sum, not a mean: divided below by the labelled rows over all ranks.
+            loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+            loss_sum.backward()
+        correct = (logits.detach().argmax(dim=1) == labels).sum()
+        params = list(classifier.parameters())
+        stats = torch.stack([loss_sum.detach(), correct.float()]).to(device)
+        count = torch.tensor([float(len(labels))], device=device)
+        packed = torch.cat([p.grad.flatten() for p in params] + [stats, count])
+        if rank_and_world_size()[1] > 1:
+            dist.all_reduce(packed)  # every rank calls this once per batch
+        total_loss, total_correct, count = packed[-3:].tolist()
+        if count == 0:
+            return
+        offset = 0
+        for p in params:
+            p.grad.copy_(packed[offset : offset + p.numel()].view_as(p)).div_(count)
+            offset += p.numel()
+        self._set_lr(trainer)
+        optimizer.step()
+        self.steps += 1
+        log = dict(on_step=False, on_epoch=True, sync_dist=True, batch_size=int(count))
+        pl_module.log("probe/train_loss", total_loss / count, **log)
+        pl_module.log("probe/train_top1", total_correct / count, **log)
+
+    def _set_lr(self, trainer: L.Trainer) -> None:
+        if self.schedule == "constant":
+            return
+        total = max(1, int(trainer.estimated_stepping_batches) * trainer.accumulate_grad_batches)
+        lr = self.lr * warmup_cosine(self.steps, 0, total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # -- validation -----------------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.val_top1.reset()
+        self.val_top5.reset()
+        self._val_rows = 0
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if dataloader_idx != 0 or self.classifier is None:
+            return
+        if not isinstance(outputs, dict) or "features" not in outputs or "labels" not in outputs:
+            raise RuntimeError(
+                "OnlineLinearProbe needs validation_step to return {'features', 'labels'}"
+            )
+        features = outputs["features"].to(self.classifier.weight.device, torch.float32)
+        labels = outputs["labels"].to(features.device)
+        loader = validation_loader(trainer, dataloader_idx)
+        keep = (labels >= 0) & real_rows(loader, batch_idx, len(labels), labels.device)
+        if not keep.any():
+            return
+        self.classifier.eval()
+        logits = self.classifier(features[keep])
+        self.val_top1.update(logits, labels[keep])
+        self.val_top5.update(logits, labels[keep])
+        self._val_rows += int(keep.sum())
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.classifier is None or trainer.sanity_checking:
+            return
+        if not trainer.strategy.reduce_boolean_decision(self._val_rows > 0, all=False):
+            return
+        # compute() all-gathers the metric states: exact global accuracy on every rank.
+        top1, top5 = self.val_top1.compute(), self.val_top5.compute()
+        pl_module.log("probe/val_top1", top1, sync_dist=True)
+        pl_module.log("probe/val_top5", top5, sync_dist=True)
+        self.val_top1.reset()
+        self.val_top5.reset()
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.classifier is None:
+            return dict(self._pending_state or {})
+        return {
+            "classifier": self.classifier.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.classifier is None:  # restored before setup: apply once the classifier exists
+            self._pending_state = state_dict
+            return
+        self.classifier.load_state_dict(state_dict["classifier"])
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.steps = int(state_dict.get("steps", 0))
+        self._pending_state = None

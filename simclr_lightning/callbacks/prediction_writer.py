@@ -1,0 +1,112 @@
+"""Write ``predict`` results to a file, one row per image: what a user of a trained classifier
+actually wants from ``simclr-lightning predict``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import IO, Any
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes each image's file, predicted class name and per-class probabilities.
+
+    The format follows ``output``'s suffix: ``.csv`` (columns ``file``, ``prediction``,
+    ``prob_<class>`` ...) or ``.jsonl``/``.json`` (JSON lines:
+    ``{"file", "prediction", "probabilities": {class: p}}``). The model's ``predict_step``
+    returns ``[B, C]`` probabilities (:class:`~simclr_lightning.evaluation.LinearEval` does);
+    class names come from ``class_names``, else the model's ``class_names``, else 0..C-1.
+    The file column is the path when the batch carries one (``ImageFilesDataModule``), else
+    the dataset index. Rows go to a temporary file renamed at the end, so an interrupted run
+    leaves no partial file; with several processes each writes ``<stem>.rank<r><suffix>``.
+    """
+
+    def __init__(self, output: str, class_names: list[str] | None = None) -> None:
+        super().__init__(write_interval="batch")
+        suffix = Path(output).suffix.lower()
+        if suffix not in FORMATS:
+            raise ValueError(
+                f"output={output!r}: unknown format {suffix!r}, use one of {sorted(FORMATS)}"
+            )
+        self.output = Path(output)
+        self.format = FORMATS[suffix]
+        self.class_names = class_names
+        self._file: IO[str] | None = None
+        self._csv: Any = None
+        self._names: list[str] | None = None
+        self.path: Path | None = None  # the file written, once predict has run
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self.output
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._tmp = path.with_name(f".{path.name}.tmp")
+        self._file = open(self._tmp, "w", newline="", encoding="utf-8")
+        self._csv = None
+        self._names = self.class_names or getattr(pl_module, "class_names", None)
+
+    def write_on_batch_end(
+        self,
+        trainer,
+        pl_module,
+        prediction: Tensor,
+        batch_indices,
+        batch,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        probs = prediction.detach().float().cpu()
+        if probs.ndim != 2:
+            raise ValueError(
+                f"PredictionWriter expects [batch, classes] probabilities from predict_step, "
+                f"got shape {tuple(probs.shape)}"
+            )
+        names = self._names or [str(i) for i in range(probs.shape[1])]
+        if len(names) != probs.shape[1]:
+            raise ValueError(f"{len(names)} class names for {probs.shape[1]} probabilities")
+        files = _row_ids(batch, batch_indices, len(probs))
+        best = probs.argmax(dim=1).tolist()
+        for file, row, k in zip(files, probs.tolist(), best, strict=True):
+            if self.format == "jsonl":
+                record = {
+                    "file": file,
+                    "prediction": names[k],
+                    "probabilities": dict(zip(names, row, strict=True)),
+                }
+                self._file.write(json.dumps(record) + "\n")
+            else:
+                if self._csv is None:
+                    self._csv = csv.writer(self._file)
+                    self._csv.writerow(["file", "prediction"] + [f"prob_{n}" for n in names])
+                self._csv.writerow([file, names[k]] + [f"{p:.6g}" for p in row])
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        self._file = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+            self._file = None
+
+
+def _row_ids(batch, batch_indices, n: int) -> list[str]:
+    if isinstance(batch, (tuple, list)) and len(batch) > 1:
+        meta = batch[1]
+        if isinstance(meta, (list, tuple)) and all(isinstance(m, str) for m in meta):
+            return list(meta)
+    if batch_indices is not None and len(batch_indices) == n:
+        return [str(int(i)) for i in batch_indices]
+    return [""] * n

@@ -1,0 +1,206 @@
+"""SimCLR view augmentation for a whole batch on the device that holds it.
+
+torchvision's v2 transforms draw one set of random parameters per call, so applied to a
+``[B, C, H, W]`` tensor every image gets the same crop, flip and jitter. SimCLR needs
+independent views per image, and a per-image CPU pipeline is the bottleneck for CIFAR-size
+data. :class:`GPUAugment` draws every parameter per sample (:mod:`.sampling`, torchvision's
+laws) and applies the ops to the batch at once (:mod:`.functional`), driven by the same
+:class:`~simclr_lightning.data.transforms.SimCLRAugmentation` as the CPU pipeline, in the
+same order: random resized crop + flip; colour jitter with its four ops in a random order
+per sample; grayscale; Gaussian blur; solarize; normalize.
+
+Everything works on float32 in [0, 1]; the CPU pipeline works on uint8 until the end, so
+it additionally rounds to multiples of 1/255 after each op (at most 0.5/255 per op).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from simclr_lightning.data.gpu.functional import (
+    adjust_hue,
+    blend,
+    gaussian_blur,
+    per_sample,
+    resized_crop,
+    rgb_to_grayscale,
+    solarize,
+)
+from simclr_lightning.data.gpu.sampling import jitter_ranges, sample_view_params
+from simclr_lightning.data.transforms import SimCLRAugmentation
+
+__all__ = ["GPUAugment"]
+
+# Op ids of the jitter order, as in torchvision's ColorJitter ``fn_idx``.
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+
+
+class GPUAugment(nn.Module):
+    """Independent SimCLR views of a batch ``[B, C, H, W]`` (uint8, or float in [0, 1]).
+
+    Same settings and meaning as :func:`~simclr_lightning.data.transforms.view_transform`,
+    but every sample draws its own parameters. Returns float32 normalized
+    ``[B, C, image_size, image_size]`` on the input's device. ``generator`` makes the
+    draws reproducible; parameters are drawn on its device and moved to the images'.
+    """
+
+    def __init__(self, cfg: SimCLRAugmentation, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.generator = generator
+        self.jitter_ranges = jitter_ranges(cfg)
+        self.jitter_enabled = cfg.jitter_prob > 0 and cfg.jitter_strength > 0
+        if cfg.mean is None or cfg.std is None:
+            raise ValueError(
+                "GPUAugment needs cfg.mean and cfg.std (None means the dataset's statistics, "
+                "to be filled in before building it: cfg.replace(mean=..., std=...))"
+            )
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
+
+    def sample_params(
+        self, batch_size: int, height: int, width: int, device: torch.device | str | None = None
+    ) -> dict[str, Tensor]:
+        """Per-sample parameters for ``batch_size`` images (see :func:`sample_view_params`)."""
+        return sample_view_params(self.cfg, batch_size, height, width, self.generator, device)
+
+    def apply(self, images: Tensor, params: dict[str, Tensor], crop: bool = True) -> Tensor:
+        """Apply given per-sample ``params`` (see :meth:`sample_params`) to ``images``;
+        ``crop=False`` for images already cropped, resized and flipped with those params."""
+        cfg = self.cfg
+        if images.ndim != 4:
+            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(images.shape)}")
+        if self.mean.shape[1] not in (1, images.shape[1]):
+            raise ValueError(
+                f"cfg.mean/std have {self.mean.shape[1]} values, "
+                f"images have {images.shape[1]} channels"
+            )
+        if images.dtype == torch.uint8:
+            x = images.to(torch.float32).mul_(1.0 / 255.0)  # as v2.ToDtype(scale=True)
+        else:
+            x = images.to(torch.float32)
+        if crop:
+            x = resized_crop(
+                x,
+                params["top"],
+                params["left"],
+                params["height"],
+                params["width"],
+                cfg.image_size,
+                flip=params["flip"],
+            )
+        # the matmul's rounding can leave [0, 1] by ~1e-7; without the crop x may be the caller's
+        x = x.clamp_(0.0, 1.0) if crop else x.clamp(0.0, 1.0)
+        if self.jitter_enabled:
+            x = self._jitter(x, params)
+        if cfg.grayscale_prob > 0 and x.shape[1] == 3:
+            x = torch.where(per_sample(params["grayscale"], x), rgb_to_grayscale(x, 3), x)
+        if cfg.blur_prob > 0:
+            blurred = gaussian_blur(x, cfg.kernel_size, params["sigma"])
+            x = torch.where(per_sample(params["blur"], x), blurred, x)
+        if cfg.solarize_prob > 0:
+            x = torch.where(per_sample(params["solarize"], x), solarize(x), x)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def _jitter(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
+        # Per sample the order is: blends before hue, hue, blends after hue. Brightness,
+        # contrast and saturation are all blend(x, other, f) with other = 0, the
+        # grayscale mean, or the grayscale image, so one blend per position covers the
+        # whole batch: each sample gets the op its permutation puts there, or factor 1
+        # (an exact identity) when that slot is on the other side of its hue, disabled,
+        # or the sample is not jittered. The costly hue op then runs once, through a
+        # where(). No data-dependent shapes, so no host-device sync.
+        applied = params["jitter"]
+        order = params["order"]
+        rgb = x.shape[1] == 3
+        hue_on = self.jitter_ranges[HUE] is not None and rgb
+        hue_pos = (order == HUE).to(torch.uint8).argmax(dim=1) if hue_on else None
+        if hue_on:
+            x = self._blend_slots(x, params, range(3), before=hue_pos)
+            x = torch.where(per_sample(applied, x), adjust_hue(x, params["hue"]), x)
+            return self._blend_slots(x, params, range(1, 4), after=hue_pos)
+        return self._blend_slots(x, params, range(4))
+
+    def _blend_slots(
+        self,
+        x: Tensor,
+        params: dict[str, Tensor],
+        slots: range,
+        before: Tensor | None = None,
+        after: Tensor | None = None,
+    ) -> Tensor:
+        """Apply the brightness/contrast/saturation ops found at ``slots`` of each order."""
+        order = params["order"]
+        factors = torch.stack(
+            [params["brightness"], params["contrast"], params["saturation"]], dim=1
+        ).to(x.dtype)
+        rgb = x.shape[1] == 3
+        for slot in slots:
+            op = order[:, slot]
+            active = params["jitter"] & (op < HUE)
+            if before is not None:
+                active = active & (slot < before)
+            if after is not None:
+                active = active & (slot > after)
+            for op_id in (BRIGHTNESS, CONTRAST, SATURATION):
+                if self.jitter_ranges[op_id] is None or (op_id == SATURATION and not rgb):
+                    active = active & (op != op_id)
+            factor = torch.where(active, factors.gather(1, op.clamp(max=2)[:, None])[:, 0], 1.0)
+            gray = rgb_to_grayscale(x) if rgb else x
+            other = torch.where(
+                per_sample(op == CONTRAST, x),
+                gray.mean(dim=(-3, -2, -1), keepdim=True),
+                torch.where(per_sample(op == SATURATION, x), gray, 0.0),
+            )
+            x = blend(x, other, per_sample(factor, x))
+        return x
+
+    def forward(self, images: Tensor) -> Tensor:
+        """One random view per image, parameters drawn independently per sample."""
+        b, _, h, w = images.shape
+        return self.apply(images, self.sample_params(b, h, w, images.device))
+
+    def two_views(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The SimCLR positive pair: two independent views of every image (one pass of 2B)."""
+        both = self(torch.cat([images, images], dim=0))
+        return both[: images.shape[0]], both[images.shape[0] :]
+
+    def two_views_of_list(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Two views of every image in a list of ``[C, H, W]`` images of different sizes
+        (a batch of decoded JPEGs), cropping from each full image as torchvision would.
+
+        Boxes are drawn on the host for each image's own size; each crop is resized with
+        the antialiased bilinear ``interpolate`` torchvision uses (a loop of 2 small kernels
+        per image), and everything after the crop runs on the whole batch.
+        """
+        if len({tuple(im.shape) for im in images}) == 1:
+            return self.two_views(torch.stack(list(images)))
+        n, size = len(images), self.cfg.image_size
+        device = images[0].device
+        heights = torch.tensor([im.shape[-2] for im in images]).repeat(2)
+        widths = torch.tensor([im.shape[-1] for im in images]).repeat(2)
+        params = self.sample_params(2 * n, heights, widths)
+        boxes = torch.stack([params[k] for k in ("top", "left", "height", "width")], 1).tolist()
+        flips = params["flip"].tolist()
+        out = torch.empty(2 * n, images[0].shape[0], size, size, device=device)
+        for j, (top, left, h, w) in enumerate(boxes):
+            crop = images[j % n][None, :, top : top + h, left : left + w].to(torch.float32)
+            if images[j % n].dtype == torch.uint8:
+                crop = crop.mul_(1.0 / 255.0)
+            crop = F.interpolate(
+                crop,
+                size=(size, size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+            out[j] = crop[0].flip(-1) if flips[j] else crop[0]
+        views = self.apply(out, {k: v.to(device) for k, v in params.items()}, crop=False)
+        return views[:n], views[n:]
+
+    def extra_repr(self) -> str:
+        return repr(self.cfg)

@@ -1,0 +1,134 @@
+"""Per-sample random parameters of a SimCLR view, drawn with torchvision's laws.
+
+Every draw is made whatever the probabilities, so the random stream does not depend on
+them, and everything is drawn at once for the batch (no loop, no host-device sync).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from simclr_lightning.data.transforms import SimCLRAugmentation
+
+__all__ = ["jitter_ranges", "sample_crop_boxes", "sample_view_params"]
+
+
+def sample_crop_boxes(
+    n: int,
+    height: int | Tensor,
+    width: int | Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``n`` boxes (top, left, height, width) with ``v2.RandomResizedCrop.make_params``'s law.
+
+    ``height``/``width`` are one image size or ``[n]`` sizes, one per image. All 10 attempts
+    are drawn at once and the first valid one is kept per sample; samples with none fall
+    back to torchvision's centre crop. Sizes are rounded half to even like Python's
+    ``round``; computed in float64 like torchvision's scalars.
+    """
+    f64 = torch.float64
+    height = torch.as_tensor(height, dtype=torch.long, device=device).expand(n)
+    width = torch.as_tensor(width, dtype=torch.long, device=device).expand(n)
+    area = (height * width).to(f64)[:, None]
+    u = torch.rand(n, 10, 2, generator=generator, device=device, dtype=f64)
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    w = torch.sqrt(target_area * aspect).round_().long()
+    h = torch.sqrt(target_area / aspect).round_().long()
+    ok = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # first valid attempt
+    found = ok.any(dim=1)
+
+    in_ratio = width.to(f64) / height.to(f64)
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fw = torch.where(wide, (height.to(f64) * max(ratio)).round().long(), width)
+    fh = torch.where(narrow, (width.to(f64) / min(ratio)).round().long(), height)
+    w = torch.where(found, w.gather(1, first).squeeze(1), fw)
+    h = torch.where(found, h.gather(1, first).squeeze(1), fh)
+
+    pos = torch.rand(n, 2, generator=generator, device=device, dtype=f64)
+    top = torch.minimum((pos[:, 0] * (height - h + 1)).long(), height - h)
+    left = torch.minimum((pos[:, 1] * (width - w + 1)).long(), width - w)
+    top = torch.where(found, top, (height - fh) // 2)
+    left = torch.where(found, left, (width - fw) // 2)
+    return top, left, h, w
+
+
+def jitter_ranges(cfg: SimCLRAugmentation) -> list[tuple[float, float] | None]:
+    """torchvision's ColorJitter ranges for (brightness, contrast, saturation, hue); None
+    where it would skip the op."""
+    b, c, s, h = cfg.jitter
+    return [
+        _jitter_range(b, 1.0, clip=True),
+        _jitter_range(c, 1.0, clip=True),
+        _jitter_range(s, 1.0, clip=True),
+        _jitter_range(h, 0.0, clip=False),
+    ]
+
+
+def sample_view_params(
+    cfg: SimCLRAugmentation,
+    batch_size: int,
+    height: int | Tensor,
+    width: int | Tensor,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    """Parameters for ``batch_size`` views of ``height x width`` images (or ``[B]`` sizes).
+
+    Keys: ``top, left, height, width`` (crop boxes, int64), ``flip``, ``jitter`` (jitter
+    applied), ``brightness, contrast, saturation, hue`` (float32 factors; identity values for
+    ops the config disables), ``order`` (``[B, 4]`` permutation of the op ids 0-3 =
+    brightness, contrast, saturation, hue, applied left to right), ``grayscale``, ``blur``,
+    ``sigma``, ``solarize``. Drawn on the generator's device, returned on ``device``.
+    """
+    n, gen = batch_size, generator
+    draw_device = gen.device if gen is not None else device
+    top, left, h, w = sample_crop_boxes(
+        n, height, width, cfg.crop_scale, cfg.crop_ratio, gen, draw_device
+    )
+    coins = torch.rand(n, 5, generator=gen, device=draw_device)
+    u = torch.rand(n, 5, generator=gen, device=draw_device)
+    factors = []
+    centres = (1.0, 1.0, 1.0, 0.0)
+    for col, (rng, centre) in enumerate(zip(jitter_ranges(cfg), centres, strict=True)):
+        if rng is None:
+            factors.append(torch.full_like(u[:, col], centre))
+        else:
+            factors.append(rng[0] + (rng[1] - rng[0]) * u[:, col])
+    order = torch.rand(n, 4, generator=gen, device=draw_device).argsort(dim=1)
+    lo, hi = cfg.blur_sigma
+    jitter_enabled = cfg.jitter_prob > 0 and cfg.jitter_strength > 0
+    params = {
+        "top": top,
+        "left": left,
+        "height": h,
+        "width": w,
+        "flip": coins[:, 0] < cfg.hflip_prob,
+        "jitter": (coins[:, 1] < cfg.jitter_prob) & jitter_enabled,
+        "brightness": factors[0],
+        "contrast": factors[1],
+        "saturation": factors[2],
+        "hue": factors[3],
+        "order": order,
+        "grayscale": coins[:, 2] < cfg.grayscale_prob,
+        "blur": coins[:, 3] < cfg.blur_prob,
+        "sigma": lo + (hi - lo) * u[:, 4],
+        "solarize": coins[:, 4] < cfg.solarize_prob,
+    }
+    return {k: v.to(device) for k, v in params.items()} if device is not None else params
+
+
+def _jitter_range(value: float, centre: float, clip: bool) -> tuple[float, float] | None:
+    # torchvision's ColorJitter._check_input for a single number.
+    lo, hi = centre - value, centre + value
+    if clip:
+        lo = max(lo, 0.0)
+    return None if lo == hi == centre else (lo, hi)

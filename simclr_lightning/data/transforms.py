@@ -1,0 +1,184 @@
+"""SimCLR's view augmentation (paper, appendix A) as torchvision v2 pipelines.
+
+The same :class:`SimCLRAugmentation` settings drive the CPU pipeline here and the
+batched GPU pipeline, so a YAML config means the same thing on either path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import v2
+
+from simclr_lightning.errors import require
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class SimCLRAugmentation:
+    """Parameters of one SimCLR view; defaults are the paper's CIFAR-10 settings.
+
+    Colour jitter uses strength ``s``: brightness, contrast and saturation 0.8*s,
+    hue 0.2*s, applied with ``jitter_prob``. ``blur_kernel_size`` None means 10% of
+    ``image_size`` rounded to an odd number, as in the paper. ``mean``/``std`` None means the
+    dataset's own channel statistics, filled in by the data module.
+    """
+
+    image_size: int = 32
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip_prob: float = 0.5
+    jitter_strength: float = 0.5
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel_size: int | None = None
+    solarize_prob: float = 0.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+            require(ok, f"data.augmentation.{name}", value, allowed)
+
+        _check(self.image_size >= 1, "image_size", self.image_size, "an integer >= 1")
+        lo, hi = self.crop_scale
+        _check(0 < lo <= hi <= 1, "crop_scale", self.crop_scale, "0 < min <= max <= 1")
+        lo, hi = self.crop_ratio
+        _check(0 < lo <= hi, "crop_ratio", self.crop_ratio, "0 < min <= max")
+        for name in ("hflip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+            value = getattr(self, name)
+            _check(0.0 <= value <= 1.0, name, value, "a probability in [0, 1]")
+        _check(self.jitter_strength >= 0, "jitter_strength", self.jitter_strength, ">= 0")
+        lo, hi = self.blur_sigma
+        _check(0 < lo <= hi, "blur_sigma", self.blur_sigma, "0 < min <= max")
+        if self.blur_kernel_size is not None:
+            k = self.blur_kernel_size
+            _check(k >= 1 and k % 2 == 1, "blur_kernel_size", k, "an odd integer >= 1")
+        if self.mean is not None and self.std is not None:
+            _check(
+                len(self.mean) == len(self.std) and all(s > 0 for s in self.std),
+                "mean/std",
+                (self.mean, self.std),
+                "sequences of equal length with std > 0",
+            )
+
+    @classmethod
+    def imagenet(cls, image_size: int = 224, **overrides) -> SimCLRAugmentation:
+        """The paper's ImageNet settings: full-strength jitter and Gaussian blur."""
+        base = dict(
+            image_size=image_size,
+            jitter_strength=1.0,
+            blur_prob=0.5,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @property
+    def kernel_size(self) -> int:
+        if self.blur_kernel_size is not None:
+            return self.blur_kernel_size
+        k = max(3, int(round(0.1 * self.image_size)))
+        return k if k % 2 == 1 else k + 1
+
+    @property
+    def jitter(self) -> tuple[float, float, float, float]:
+        """(brightness, contrast, saturation, hue) bounds for the jitter strength."""
+        s = self.jitter_strength
+        return 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s
+
+    def replace(self, **changes) -> SimCLRAugmentation:
+        return dataclasses.replace(self, **changes)
+
+
+# The paper's views per kind of data (frozen, so safe as shared defaults).
+CIFAR_VIEWS = SimCLRAugmentation(image_size=32, jitter_strength=0.5)
+MNIST_VIEWS = SimCLRAugmentation(image_size=28, jitter_strength=0.5)
+IMAGENET_VIEWS = SimCLRAugmentation.imagenet(224)
+
+
+def view_transform(cfg: SimCLRAugmentation) -> v2.Compose:
+    """One random SimCLR view of a PIL image or uint8 tensor, as a normalized float tensor.
+
+    Works on uint8 tensors until the final conversion: v2's uint8 kernels are the
+    fast path on CPU.
+    """
+    b, c, s, h = cfg.jitter
+    ops: list = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(
+            cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, antialias=True
+        ),
+        v2.RandomHorizontalFlip(p=cfg.hflip_prob),
+    ]
+    if cfg.jitter_prob > 0 and cfg.jitter_strength > 0:
+        ops.append(v2.RandomApply([v2.ColorJitter(b, c, s, h)], p=cfg.jitter_prob))
+    if cfg.grayscale_prob > 0:
+        ops.append(v2.RandomGrayscale(p=cfg.grayscale_prob))
+    if cfg.blur_prob > 0:
+        ops.append(
+            v2.RandomApply(
+                [v2.GaussianBlur(cfg.kernel_size, sigma=cfg.blur_sigma)], p=cfg.blur_prob
+            )
+        )
+    if cfg.solarize_prob > 0:
+        ops.append(v2.RandomSolarize(threshold=128, p=cfg.solarize_prob))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
+    return v2.Compose(ops)
+
+
+def eval_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float], resize_ratio: float | None = None
+) -> v2.Compose:
+    """Deterministic evaluation view: resize (then centre-crop when ``resize_ratio`` < 1)."""
+    ops: list = [v2.ToImage()]
+    if resize_ratio is None or resize_ratio >= 1:
+        ops.append(v2.Resize((image_size, image_size), antialias=True))
+    else:
+        ops += [
+            v2.Resize(int(math.ceil(image_size / resize_ratio)), antialias=True),
+            v2.CenterCrop(image_size),
+        ]
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(tuple(mean), tuple(std))]
+    return v2.Compose(ops)
+
+
+def classify_transform(cfg: SimCLRAugmentation) -> v2.Compose:
+    """The lightly augmented single view of linear evaluation and fine-tuning: pad-4 random
+    crop + flip for images up to 64 px (CIFAR-style), random resized crop + flip above."""
+    size = cfg.image_size
+    if size <= 64:
+        crop = v2.RandomCrop(size, padding=size // 8, padding_mode="reflect")
+        ops: list = [v2.ToImage(), v2.Resize((size, size), antialias=True), crop]
+    else:
+        ops = [v2.ToImage(), v2.RandomResizedCrop(size, antialias=True)]
+    ops += [
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(cfg.mean, cfg.std),
+    ]
+    return v2.Compose(ops)
+
+
+class TwoViews:
+    """Applies a random view transform twice: the positive pair of SimCLR."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(image), self.transform(image)
+
+    def __repr__(self) -> str:
+        return f"TwoViews({self.transform!r})"

@@ -1,0 +1,15 @@
+"""The one way this library rejects a setting: an error that names it, its value and what is
+allowed, raised before any work is done."""
+
+from __future__ import annotations
+
+
+class SettingError(ValueError):
+    """A setting or input that cannot work. Its message is one line, meant for the user."""
+
+
+def require(ok: bool, setting: str, value: object, allowed: str) -> None:
+    """Raise :class:`SettingError` ``"<setting>=<value> is invalid: must be <allowed>"``
+    unless ``ok``; ``setting`` is the name a user sets it by (``model.base_lr``)."""
+    if not ok:
+        raise SettingError(f"{setting}={value!r} is invalid: must be {allowed}")

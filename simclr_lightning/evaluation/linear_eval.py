@@ -1,0 +1,235 @@
+"""Linear evaluation and fine-tuning of a pretrained encoder: the paper's headline metric."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from simclr_lightning.backbones import build_resnet
+from simclr_lightning.checkpoint import load_backbone_state, with_class_path
+from simclr_lightning.data.base import dataset_class_names
+from simclr_lightning.distributed import pick_loader, real_rows
+from simclr_lightning.errors import require
+from simclr_lightning.optim import LARS, param_groups, warmup_cosine
+
+
+class LinearEval(L.LightningModule):
+    """A linear classifier on a (frozen) SimCLR encoder.
+
+    ``checkpoint`` is a SimCLR (or LinearEval, or exported) checkpoint; its architecture
+    (``backbone``, ``cifar_stem``, ``in_channels``) overrides the arguments of the same names,
+    which only matter without one. Frozen (the default): ``requires_grad=False`` and BatchNorm
+    kept in eval mode, so the encoder is exactly the pretrained one. ``finetune`` trains it too,
+    at ``backbone_lr``. The learning rate follows a cosine over the run's optimizer steps
+    (stepped per iteration), whatever ``max_epochs`` is. Use with a data module's
+    ``task: classify`` (random crop + flip, as in the paper's linear evaluation).
+
+    Logs ``train/loss``, ``train/top1``, ``val/top1``, ``val/top5``, ``val/loss``,
+    ``test/top1``, ``test/top5``. ``predict_step`` returns class probabilities. Class names
+    (from an ImageFolder's ``classes``, or ``class_names``) and the evaluation preprocessing
+    are stored in the checkpoint for prediction.
+
+    Args:
+        optimizer: sgd (Nesterov momentum) or lars (SimCLR's linear evaluation); LARS skips
+            biases and BatchNorm, which are never weight-decayed either.
+        lr: peak learning rate of the head (no batch-size scaling).
+        backbone_lr: of the encoder when fine-tuning; None means ``lr``.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        num_classes: int = 10,
+        finetune: bool = False,
+        optimizer: Literal["sgd", "lars"] = "sgd",
+        lr: float = 0.1,
+        backbone_lr: float | None = None,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        backbone: str = "resnet18",
+        cifar_stem: bool = False,
+        in_channels: int = 3,
+        class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        require(optimizer in ("sgd", "lars"), "model.optimizer", optimizer, "sgd or lars")
+        require(num_classes >= 2, "model.num_classes", num_classes, ">= 2")
+        require(lr > 0, "model.lr", lr, "> 0")
+        require(backbone_lr is None or backbone_lr >= 0, "model.backbone_lr", backbone_lr, ">= 0")
+        require(
+            not nesterov or momentum > 0, "model.momentum", momentum, "> 0 with model.nesterov=true"
+        )
+        require(
+            class_names is None or len(class_names) == num_classes,
+            "model.class_names",
+            class_names,
+            f"a list of model.num_classes={num_classes} names",
+        )
+        self.save_hyperparameters()
+        state = None
+        if checkpoint is not None:
+            state, arch = load_backbone_state(checkpoint)
+            backbone = arch.get("backbone", backbone)
+            cifar_stem = arch.get("cifar_stem", cifar_stem)
+            in_channels = arch.get("in_channels", in_channels)
+            # What was built, so this module's own checkpoints rebuild it without the file.
+            self.hparams.update(backbone=backbone, cifar_stem=cifar_stem, in_channels=in_channels)
+        self.backbone, self.feature_dim = build_resnet(backbone, cifar_stem, in_channels)
+        if state is not None:
+            self.backbone.load_state_dict(state)
+        self.backbone.requires_grad_(finetune)
+        if not finetune:
+            self.backbone.eval()
+        self.head = nn.Linear(self.feature_dim, num_classes)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.preprocessing: dict[str, Any] | None = None
+        top5 = min(5, num_classes)
+        for stage in ("val", "test"):  # micro: the fraction of images, as papers report
+            setattr(self, f"{stage}_top1", MulticlassAccuracy(num_classes, 1, average="micro"))
+            setattr(self, f"{stage}_top5", MulticlassAccuracy(num_classes, top5, average="micro"))
+
+    def train(self, mode: bool = True) -> LinearEval:
+        """Keep a frozen encoder's BatchNorm on its pretrained statistics."""
+        super().train(mode)
+        if not self.hparams.finetune:
+            self.backbone.eval()
+        return self
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Lightning restores the modes it captured around validation by setting ``training``
+        # on each submodule directly, bypassing ``train()``: enforce eval mode where it matters.
+        if not self.hparams.finetune and self.backbone.training:
+            self.backbone.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.set_grad_enabled(self.hparams.finetune and torch.is_grad_enabled()):
+            features = self.backbone(x)
+        return self.head(features)
+
+    # -- steps ----------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x, y = _classify_batch(batch)
+        logits = self(x)
+        keep = y >= 0  # unlabeled images (-1) carry no loss
+        n = int(keep.sum())
+        loss = F.cross_entropy(logits[keep], y[keep], reduction="sum") / max(n, 1)
+        top1 = (logits[keep].argmax(1) == y[keep]).float().mean() if n else loss.new_zeros(())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        self.log(
+            "train/top1", top1, on_step=False, on_epoch=True, sync_dist=True, batch_size=max(n, 1)
+        )
+        return loss
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("val", batch, batch_idx, dataloader_idx)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("test", batch, batch_idx, dataloader_idx)
+
+    def _evaluate(self, stage: str, batch, batch_idx: int, dataloader_idx: int) -> None:
+        x, y = _classify_batch(batch)
+        logits = self(x)
+        trainer = self.trainer
+        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        loader = pick_loader(loaders, dataloader_idx)
+        keep = (y >= 0) & real_rows(loader, batch_idx, len(y), y.device)
+        logits, y = logits[keep], y[keep]
+        top1, top5 = getattr(self, f"{stage}_top1"), getattr(self, f"{stage}_top5")
+        if len(y):  # torchmetrics cannot take an empty update
+            top1.update(logits, y)
+            top5.update(logits, y)
+        self.log(f"{stage}/top1", top1, prog_bar=True)
+        self.log(f"{stage}/top5", top5)
+        # Logged on every batch (every rank must log the same keys under DDP); a batch without
+        # labelled images adds a 0 of weight 1.
+        loss = F.cross_entropy(logits, y, reduction="sum") / max(len(y), 1)
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=max(len(y), 1))
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).softmax(dim=1)
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [dict(g, lr=hp.lr) for g in param_groups(self.head, hp.weight_decay)]
+        if hp.finetune:
+            backbone_lr = hp.lr if hp.backbone_lr is None else hp.backbone_lr
+            groups += [
+                dict(g, lr=backbone_lr) for g in param_groups(self.backbone, hp.weight_decay)
+            ]
+        groups = [g for g in groups if g["params"]]
+        if hp.optimizer == "lars":
+            optimizer = LARS(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        else:
+            optimizer = torch.optim.SGD(
+                groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov
+            )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, 0, total)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1},
+        }
+
+    # -- what prediction needs later ------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        if datamodule is None or stage != "fit":
+            return
+        if getattr(datamodule, "task", "classify") != "classify":
+            raise ValueError(
+                "LinearEval trains on single labelled views: set data.task=classify "
+                f"(got data.task={datamodule.task!r})"
+            )
+        names = dataset_class_names(datamodule)
+        if names is not None:
+            if len(names) != self.hparams.num_classes:
+                raise ValueError(
+                    f"model.num_classes={self.hparams.num_classes} but the data has "
+                    f"{len(names)} classes ({', '.join(names[:5])}...)"
+                )
+            if self.class_names is None:
+                self.class_names = names
+                self.hparams["class_names"] = names
+        aug = getattr(datamodule, "augmentation", None)
+        if aug is not None:
+            self.preprocessing = {
+                "image_size": aug.image_size,
+                "mean": list(aug.mean),
+                "std": list(aug.std),
+                "resize_ratio": getattr(datamodule, "eval_resize_ratio", None),
+            }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hparams = with_class_path(self, checkpoint)
+        if hparams:
+            hparams["checkpoint"] = None  # the weights are here: rebuilding needs no SimCLR file
+            checkpoint["hyper_parameters"] = hparams
+        checkpoint["linear_eval"] = {
+            "class_names": self.class_names,
+            "preprocessing": self.preprocessing,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get("linear_eval") or {}
+        if extra.get("class_names") is not None:
+            self.class_names = list(extra["class_names"])
+        self.preprocessing = extra.get("preprocessing") or self.preprocessing
+
+
+def _classify_batch(batch) -> tuple[Tensor, Tensor]:
+    x, y = batch
+    if isinstance(x, (tuple, list)):
+        raise ValueError(
+            "LinearEval got two views per image: set data.task=classify for linear evaluation"
+        )
+    return x, y

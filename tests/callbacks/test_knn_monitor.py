@@ -1,0 +1,38 @@
+"""KNNMonitor in a real Trainer, against the float64 brute-force kNN of tests/reference.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from simclr_lightning.callbacks import KNNMonitor
+from tests.helpers import EpochMetrics, FeatureData, FeatureModule, quiet_trainer
+from tests.reference import weighted_knn_scores
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_monitor_logs_brute_force_accuracy_every_n_epochs(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    centers = 2 * torch.randn(3, 6, generator=gen)
+    train_y = torch.randint(0, 3, (45,), generator=gen)
+    val_y = torch.randint(0, 3, (21,), generator=gen)
+    train_x = centers[train_y] + 2 * torch.randn(45, 6, generator=gen)
+    val_x = centers[val_y] + 2 * torch.randn(21, 6, generator=gen)
+    train_y[:5] = -1  # unlabeled images: not in the bank
+    val_y[-3:] = -1  # nor scored
+    metrics = EpochMetrics()
+    trainer = quiet_trainer(
+        max_epochs=4,
+        callbacks=[KNNMonitor(k=9, temperature=0.2, every_n_epochs=2, chunk_size=4), metrics],
+    )
+    trainer.fit(FeatureModule(6), datamodule=FeatureData((train_x, train_y), (val_x, val_y)))
+
+    labelled = val_y >= 0
+    scores = weighted_knn_scores(val_x[labelled], train_x[5:], train_y[5:], 3, 9, 0.2)
+    want_top1 = (scores.argmax(1) == val_y[labelled]).double().mean().item()
+    assert 0.3 < want_top1 < 1.0  # informative: neither chance nor trivially perfect
+    assert "knn/val_top1" not in metrics.epochs[0]  # every_n_epochs=2: epochs 2 and 4
+    for epoch in (1, 3):
+        assert metrics.epochs[epoch]["knn/val_top1"] == pytest.approx(want_top1, abs=1e-6)
+        assert metrics.epochs[epoch]["knn/val_top5"] == 1.0  # 3 classes

@@ -1,0 +1,147 @@
+"""The online probe learns, leaves pretraining untouched, and survives a checkpoint."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from simclr_lightning.callbacks import OnlineLinearProbe
+from simclr_lightning.module import SimCLR
+from tests.helpers import EpochMetrics, FeatureData, FeatureModule, quiet_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four Gaussian clusters far apart relative to their spread: linearly separable."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = 6 * torch.eye(4, 16)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    return centers[y] + 0.5 * torch.randn(n, 16, generator=gen), y
+
+
+def test_probe_learns_linearly_separable_features():
+    train_x, train_y = separable(256, seed=0)
+    val_x, val_y = separable(96, seed=1)
+    train_y[::7] = -1  # unlabeled rows are skipped, not a crash
+    val_y[::11] = -1
+    probe = OnlineLinearProbe(num_classes=4, lr=0.05)
+    metrics = EpochMetrics()
+    trainer = quiet_trainer(max_epochs=3, callbacks=[probe, metrics])
+    data = FeatureData((train_x, train_y), (val_x, val_y), batch_size=32)
+    trainer.fit(FeatureModule(16), datamodule=data)
+
+    last = metrics.epochs[-1]
+    assert last["probe/val_top1"] > 0.95
+    assert last["probe/val_top5"] == 1.0  # top-k is capped at the 4 classes
+    assert last["probe/train_top1"] > 0.9 and last["probe/train_loss"] < 0.5
+    # The logged accuracy is the probe's accuracy on the labelled validation rows.
+    labelled = val_y >= 0
+    with torch.no_grad():
+        predicted = probe.classifier(val_x[labelled]).argmax(1)
+    want = (predicted == val_y[labelled]).float().mean().item()
+    assert abs(last["probe/val_top1"] - want) < 1e-6
+    assert probe.steps == 3 * 8
+
+
+def pair_batches(n: int = 16) -> list:
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(n, 3, 16, 16, generator=gen), torch.randn(n, 3, 16, 16, generator=gen)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    y[0] = -1
+    return [((a[i], b[i]), y[i]) for i in range(n)]
+
+
+class Record(L.Callback):
+    """Everything the probe must not change: gradients, parameters, optimizer state."""
+
+    def __init__(self) -> None:
+        self.grads: list[dict] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+
+    def on_train_end(self, trainer, pl_module):
+        self.params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        self.optimizer = trainer.optimizers[0].state_dict()
+
+
+def pretrain(probe: OnlineLinearProbe | None) -> Record:
+    L.seed_everything(0, verbose=False)
+    model = SimCLR(
+        cifar_stem=True,
+        head_hidden_dim=32,
+        head_output_dim=8,
+        optimizer="lars",
+        base_lr=0.5,
+        warmup_epochs=0,
+    )
+    record = Record()
+    callbacks = [record] + ([probe] if probe else [])
+    trainer = quiet_trainer(max_steps=3, callbacks=callbacks, deterministic=True)
+    # shuffle=True: the probe must not consume the random stream either.
+    trainer.fit(model, DataLoader(pair_batches(), batch_size=5, shuffle=True, drop_last=True))
+    return record
+
+
+def assert_same(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def test_probe_does_not_touch_the_encoder_or_its_optimizer():
+    probe = OnlineLinearProbe(num_classes=3, lr=0.1)
+    with_probe, without = pretrain(probe), pretrain(None)
+    assert probe.steps == 3 and probe.optimizer.state  # the probe did train
+    assert len(with_probe.grads) == 3
+    assert_same(with_probe.grads, without.grads)
+    assert_same(with_probe.params, without.params)
+    assert_same(with_probe.optimizer, without.optimizer)
+
+
+def test_probe_state_is_saved_and_restored(tmp_path):
+    train, val = separable(64, seed=2), separable(16, seed=3)
+    data = FeatureData(train, val, batch_size=16)
+    probe = OnlineLinearProbe(num_classes=4, optimizer="sgd", lr=0.1, schedule="cosine")
+    trainer = quiet_trainer(max_epochs=1, callbacks=[probe])
+    trainer.fit(FeatureModule(16), datamodule=data)
+    ckpt = tmp_path / "probe.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert probe.optimizer.param_groups[0]["lr"] < 0.1  # the cosine schedule moved
+
+    restored = OnlineLinearProbe(num_classes=4, optimizer="sgd", lr=0.1, schedule="cosine")
+    trainer = quiet_trainer(max_epochs=1, callbacks=[restored])  # already done: restore only
+    trainer.fit(FeatureModule(16), datamodule=data, ckpt_path=ckpt)
+    assert restored.steps == probe.steps == 4
+    assert_same(restored.classifier.state_dict(), probe.classifier.state_dict())
+    assert_same(restored.optimizer.state_dict(), probe.optimizer.state_dict())
+    # and training resumes from it
+    trainer = quiet_trainer(max_epochs=2, callbacks=[restored])
+    trainer.fit(FeatureModule(16), datamodule=data, ckpt_path=ckpt)
+    assert restored.steps == 8
+
+
+def test_probe_skips_batches_without_labels():
+    x, _ = separable(32, seed=4)
+    unlabeled = torch.full((32,), -1)
+    probe = OnlineLinearProbe(num_classes=4)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[probe])
+    trainer.fit(
+        FeatureModule(16),
+        DataLoader(TensorDataset(x, unlabeled), batch_size=8),
+        DataLoader(TensorDataset(x, unlabeled), batch_size=8),
+    )
+    assert probe.steps == 0
+    assert "probe/val_top1" not in trainer.callback_metrics

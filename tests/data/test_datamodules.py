@@ -1,0 +1,259 @@
+import gzip
+import pickle
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import datasets
+from torchvision.datasets.mnist import read_image_file, read_label_file
+
+from simclr_lightning import (
+    CIFARDataModule,
+    ImageFolderDataModule,
+    MNISTDataModule,
+    SimCLRAugmentation,
+)
+from simclr_lightning.data.encoded import ImageBatch
+from tests.helpers import quiet_trainer
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def small(aug_size: int = 32) -> dict:
+    return dict(
+        batch_size=8,
+        num_workers=0,
+        augmentation=SimCLRAugmentation(image_size=aug_size, blur_prob=0.0),
+    )
+
+
+def test_image_folder_serves_two_views_and_labels(cifar_tiny):
+    dm = ImageFolderDataModule(str(cifar_tiny), **small())
+    dm.setup("fit")
+    assert dm.train_set.classes == CLASSES and len(dm.train_set) == 200 and len(dm.val_set) == 100
+    (x_a, x_b), y = next(iter(dm.train_dataloader()))
+    assert x_a.shape == x_b.shape == (8, 3, 32, 32) and x_a.dtype == torch.float32
+    assert not torch.equal(x_a, x_b)  # two independent random views
+    assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) < 10
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (8, 3, 32, 32) and y.tolist() == [0] * 8  # sorted, unshuffled
+
+
+def test_image_folder_eval_view_is_the_normalised_image(cifar_tiny):
+    dm = ImageFolderDataModule(str(cifar_tiny), **small())
+    dm.setup("validate")
+    path, label = dm.val_set.samples[0]
+    x, y = dm.val_set[0]
+    mean = torch.tensor(dm.augmentation.mean).view(3, 1, 1)
+    std = torch.tensor(dm.augmentation.std).view(3, 1, 1)
+    pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    torch.testing.assert_close((x * std + mean) * 255, pixels.float(), atol=1e-3, rtol=0)
+    assert y == label
+
+
+def test_unlabeled_folder_gets_label_minus_one(cifar_tiny, tmp_path):
+    (tmp_path / "train").mkdir()
+    for i, image in enumerate(sorted((cifar_tiny / "train" / "cat").iterdir())[:10]):
+        (tmp_path / "train" / f"{i}.jpg").symlink_to(image.resolve())
+    dm = ImageFolderDataModule(str(tmp_path), **small())
+    with pytest.warns(UserWarning, match="no validation"):
+        dm.setup("fit")
+    _, y = next(iter(dm.train_dataloader()))
+    assert y.tolist() == [-1] * 8
+    assert dm.val_dataloader() == []
+
+
+def test_corrupt_image_error_names_the_file(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    bad = tmp_path / "train" / "a" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    dm = ImageFolderDataModule(str(tmp_path), **small())
+    dm.setup("validate")
+    dm.train_set = dm.make_dataset("train", dm.eval_transform())
+    with pytest.raises(RuntimeError, match="broken.jpg"):
+        dm.train_set[0]
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda root: ImageFolderDataModule(str(root / "nope")), "data.root"),
+        (lambda root: ImageFolderDataModule(str(root)), "no train/"),
+        (lambda root: CIFARDataModule(str(root), batch_size=1), "data.batch_size"),
+        (lambda root: CIFARDataModule(str(root), dataset="svhn"), "data.dataset"),
+        (lambda root: MNISTDataModule(str(root), num_workers=-1), "data.num_workers"),
+    ],
+)
+def test_bad_data_settings_fail_fast(tmp_path, make, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        make(tmp_path)
+
+
+def test_batch_larger_than_the_shard_fails_before_training(cifar_tiny):
+    dm = ImageFolderDataModule(str(cifar_tiny), batch_size=256, num_workers=0)
+    with pytest.raises(ValueError, match="data.batch_size=256 is larger than the 200"):
+        dm.setup("fit")
+
+
+def test_fashion_mnist_from_the_original_idx_files(fashion_mnist_dir, tmp_path):
+    dm = MNISTDataModule(str(fashion_mnist_dir), dataset="fashion_mnist", **small(28))
+    dm.setup("fit")
+    assert len(dm.train_set) == 60000 and len(dm.val_set) == 10000
+    # Fashion-MNIST is balanced: 6,000 training and 1,000 test images per class.
+    assert torch.bincount(dm.train_set.labels).tolist() == [6000] * 10
+    assert torch.bincount(dm.val_set.labels).tolist() == [1000] * 10
+    # Independent reader: torchvision's parser on the decompressed file.
+    raw = tmp_path / "t10k-images-idx3-ubyte"
+    raw.write_bytes(gzip.decompress((fashion_mnist_dir / "t10k-images-idx3-ubyte.gz").read_bytes()))
+    labels = tmp_path / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(
+        gzip.decompress((fashion_mnist_dir / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    )
+    torch.testing.assert_close(dm.val_set.images[:, 0], read_image_file(str(raw)))
+    torch.testing.assert_close(dm.val_set.labels, read_label_file(str(labels)).long())
+    (x_a, x_b), _ = next(iter(dm.train_dataloader()))
+    assert x_a.shape == (8, 1, 28, 28)
+    x, _ = dm.val_set[0]
+    expected = (read_image_file(str(raw))[0].float() / 255 - 0.2860) / 0.3530
+    torch.testing.assert_close(x[0], expected, atol=1e-5, rtol=0)
+
+
+def test_mnist_missing_files_say_where_to_put_them(tmp_path):
+    dm = MNISTDataModule(str(tmp_path), **small(28))
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        dm.setup("fit")
+
+
+def write_cifar_dir(jpg_root: Path, data_dir: Path, per_batch: int) -> list[tuple[Path, int]]:
+    """torchvision's CIFAR-10 python format, written from the JPEG copy."""
+    folder = data_dir / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CLASSES}, f)
+    written = []
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for b, name in enumerate(files):
+        split = "val" if name == "test_batch" else "train"
+        rows, labels = [], []
+        for i in range(per_batch):
+            label = (b + i) % 10
+            path = sorted((jpg_root / split / CLASSES[label]).iterdir())[b * per_batch + i]
+            rows.append(np.array(Image.open(path).convert("RGB")).transpose(2, 0, 1).reshape(-1))
+            labels.append(label)
+            written.append((path, label))
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": np.stack(rows), "labels": labels}, f)
+    return written
+
+
+def test_cifar_reads_the_torchvision_format_offline(cifar_jpg_root, tmp_path, monkeypatch):
+    written = write_cifar_dir(cifar_jpg_root, tmp_path, per_batch=4)
+    # Our files are real CIFAR-10 images but not the original archive: only the md5 differs.
+    monkeypatch.setattr(
+        datasets.cifar, "check_integrity", lambda path, md5=None: Path(path).is_file()
+    )
+    dm = CIFARDataModule(str(tmp_path), download=False, batch_size=4, num_workers=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_set) == 20 and len(dm.val_set) == 4
+    mean = torch.tensor(dm.augmentation.mean).view(3, 1, 1)
+    std = torch.tensor(dm.augmentation.std).view(3, 1, 1)
+    for index, (path, label) in enumerate(written[20:]):
+        x, y = dm.val_set[index]
+        pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        torch.testing.assert_close((x * std + mean) * 255, pixels.float(), atol=1e-3, rtol=0)
+        assert y == label
+    (x_a, x_b), y = next(iter(dm.train_dataloader()))
+    assert x_a.shape == (4, 3, 32, 32)
+
+
+def test_cifar_offline_errors_say_what_to_do(tmp_path, monkeypatch):
+    dm = CIFARDataModule(str(tmp_path), download=False, num_workers=0)
+    with pytest.raises(RuntimeError, match="cifar-10-batches-py.*configs/imagefolder.yaml"):
+        dm.setup("fit")
+
+    def no_network(self):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(datasets.CIFAR10, "download", no_network)
+    dm = CIFARDataModule(str(tmp_path), download=True, num_workers=0)
+    with pytest.raises(RuntimeError, match="data.data_dir.*download failed.*imagefolder"):
+        dm.prepare_data()
+
+
+def fit_one_step_and_grab_batch(dm) -> tuple:
+    import lightning as L
+
+    from simclr_lightning import SimCLR
+
+    seen = {}
+
+    class Grab(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["batch"] = batch  # after on_after_batch_transfer
+
+    model = SimCLR(head_hidden_dim=16, head_output_dim=8)
+    trainer = quiet_trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        callbacks=[Grab()],
+    )
+    trainer.fit(model, dm)
+    assert trainer.global_step == 1
+    return seen["batch"]
+
+
+def test_gpu_augment_path_makes_views_after_transfer(cifar_tiny):
+    dm = ImageFolderDataModule(str(cifar_tiny), augment="gpu", **small())
+    dm.setup("fit")
+    raw, labels = next(iter(dm.train_dataloader()))
+    assert isinstance(raw, ImageBatch) and len(raw) == 8  # workers only decode
+    assert all(im.decoded and im.data.dtype == torch.uint8 for im in raw.images)
+    (x_a, x_b), y = fit_one_step_and_grab_batch(dm)
+    assert x_a.shape == x_b.shape == (8, 3, 32, 32) and x_a.dtype == torch.float32
+    assert not torch.equal(x_a, x_b)
+    assert y.dtype == torch.int64
+
+
+def test_resident_cifar_draws_images_by_index(cifar_jpg_root, tmp_path, monkeypatch):
+    written = write_cifar_dir(cifar_jpg_root, tmp_path, per_batch=4)
+    monkeypatch.setattr(
+        datasets.cifar, "check_integrity", lambda path, md5=None: Path(path).is_file()
+    )
+    dm = CIFARDataModule(str(tmp_path), download=False, augment="gpu", batch_size=4, num_workers=0)
+    dm.setup("fit")
+    indices = next(iter(dm.train_dataloader()))
+    assert indices.dtype == torch.int64 and indices.shape == (4,)
+    images, labels = dm.device_store.gather(indices)
+    for i, image, label in zip(indices.tolist(), images, labels, strict=True):
+        path, expected_label = written[i]
+        pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(image, pixels) and int(label) == expected_label
+    (x_a, x_b), y = fit_one_step_and_grab_batch(dm)
+    assert x_a.shape == (4, 3, 32, 32) and not torch.equal(x_a, x_b)
+
+
+def test_gpu_views_differ_across_ranks_after_seed_everything(cifar_tiny):
+    """Every DDP rank seeds the same default generators; the device augmentation must still
+    draw different crops and jitter on each rank, and the same ones again for the same rank."""
+    from types import SimpleNamespace
+
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(8)
+
+    def views_on(rank: int) -> torch.Tensor:
+        torch.manual_seed(0)  # what seed_everything does in every process
+        dm = ImageFolderDataModule(str(cifar_tiny), augment="gpu", **small())
+        device = SimpleNamespace(root_device=torch.device("cpu"))
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, strategy=device)
+        dm.setup("fit")
+        (x_a, x_b), _ = dm.device_views((images, labels))
+        return torch.cat([x_a, x_b])
+
+    rank0, rank1 = views_on(0), views_on(1)
+    assert torch.equal(rank0, views_on(0))
+    per_image_equal = (rank0 == rank1).flatten(1).all(dim=1)
+    assert not per_image_equal.any()

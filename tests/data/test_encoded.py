@@ -1,0 +1,176 @@
+"""Undecoded / variable-size images on the device path (``augment: gpu``, ``decode: gpu``),
+run on CPU tensors: decoding matches PIL, crop boxes follow torchvision's law per image size,
+and each view is torchvision's resized crop of the full image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from simclr_lightning import ImageFolderDataModule, SimCLRAugmentation
+from simclr_lightning.data.encoded import ImageBatch, read_encoded
+from simclr_lightning.data.gpu import GPUAugment, sample_crop_boxes
+from tests.data.test_datamodules import fit_one_step_and_grab_batch
+
+SIZES = [(37, 50), (64, 48), (33, 33), (20, 90), (90, 20), (45, 70)]
+
+
+@pytest.fixture(scope="module")
+def mixed_size_folder(cifar_jpg_root, tmp_path_factory) -> Path:
+    """Real CIFAR photographs saved as JPEGs (and one PNG) at different sizes and shapes."""
+    root = tmp_path_factory.mktemp("mixed")
+    sources = sorted((cifar_jpg_root / "train" / "cat").iterdir())
+    for i, (h, w) in enumerate(SIZES * 2):
+        out = root / "train" / ("cat" if i % 2 else "dog")
+        out.mkdir(parents=True, exist_ok=True)
+        image = Image.open(sources[i]).convert("RGB").resize((w, h), Image.BICUBIC)
+        suffix = ".png" if i == 3 else ".jpg"
+        image.save(out / f"{i}{suffix}", quality=90)
+    return root
+
+
+def pil_pixels(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+
+
+def test_batch_decode_matches_pil_for_jpeg_and_png(mixed_size_folder):
+    files = sorted((mixed_size_folder / "train").rglob("*.*"))
+    batch = ImageBatch([read_encoded(str(f), decode=False) for f in files])
+    assert sum(not im.decoded for im in batch.images) == len(files) - 1  # the PNG is decoded
+    for image, path in zip(batch.decode("cpu"), files, strict=True):
+        reference = pil_pixels(path)
+        assert image.dtype == torch.uint8 and image.shape == reference.shape
+        # both are libjpeg; allow for a different IDCT / upsampling choice
+        assert (image.int() - reference.int()).abs().max() <= 2
+
+
+def test_corrupt_jpeg_is_named(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8" + bytes(range(256)) * 4)
+    batch = ImageBatch([read_encoded(str(bad), decode=False)])
+    with pytest.raises(RuntimeError, match="broken.jpg"):
+        batch.decode("cpu")
+    with pytest.raises(RuntimeError, match="broken.jpg"):
+        read_encoded(str(bad), decode=True)
+
+
+def test_boxes_for_mixed_sizes_are_each_images_own_law():
+    """Row i of a mixed-size draw equals row i of a draw for image i's size alone (same
+    random stream); the scalar draw is checked against torchvision in test_gpu_augment."""
+    n = len(SIZES)
+    heights = torch.tensor([h for h, _ in SIZES])
+    widths = torch.tensor([w for _, w in SIZES])
+    args = ((0.08, 1.0), (3 / 4, 4 / 3))
+    mixed = sample_crop_boxes(n, heights, widths, *args, torch.Generator().manual_seed(3))
+    for i, (h, w) in enumerate(SIZES):
+        alone = sample_crop_boxes(n, h, w, *args, torch.Generator().manual_seed(3))
+        assert [int(t[i]) for t in mixed] == [int(t[i]) for t in alone]
+        top, left, bh, bw = (int(t[i]) for t in mixed)
+        assert 0 <= top and top + bh <= h and 0 <= left and left + bw <= w
+
+
+def test_views_of_mixed_sizes_are_torchvision_crops_of_the_full_image(mixed_size_folder):
+    files = sorted((mixed_size_folder / "train").rglob("*.*"))
+    images = ImageBatch([read_encoded(str(f), decode=False) for f in files]).decode("cpu")
+    cfg = SimCLRAugmentation(image_size=24, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    view_a, view_b = GPUAugment(cfg, torch.Generator().manual_seed(7)).two_views_of_list(images)
+    assert view_a.shape == view_b.shape == (len(images), 3, 24, 24)
+
+    # the same draws, then torchvision's crop + resize of each full image
+    again = GPUAugment(cfg, torch.Generator().manual_seed(7))
+    n = len(images)
+    heights = torch.tensor([im.shape[1] for im in images]).repeat(2)
+    widths = torch.tensor([im.shape[2] for im in images]).repeat(2)
+    params = again.sample_params(2 * n, heights, widths)
+    crops = []
+    for j in range(2 * n):
+        image = images[j % n].float() / 255
+        top, left, h, w = (int(params[k][j]) for k in ("top", "left", "height", "width"))
+        crop = TF.resized_crop(image, top, left, h, w, [24, 24], antialias=True)
+        crops.append(TF.horizontal_flip(crop) if params["flip"][j] else crop)
+    expected = again.apply(torch.stack(crops), params, crop=False)
+    torch.testing.assert_close(torch.cat([view_a, view_b]), expected, rtol=0, atol=1e-5)
+    assert not torch.equal(view_a, view_b)
+
+
+def test_decode_on_device_trains_from_the_cli_settings(mixed_size_folder):
+    """``augment: gpu`` + ``decode: gpu`` through a real Trainer step (device = CPU here)."""
+    data = ImageFolderDataModule(
+        str(mixed_size_folder),
+        augment="gpu",
+        decode="gpu",
+        batch_size=6,
+        num_workers=0,
+        augmentation=SimCLRAugmentation(image_size=32),
+    )
+    (x_a, x_b), labels = fit_one_step_and_grab_batch(data)
+    assert x_a.shape == x_b.shape == (6, 3, 32, 32) and x_a.dtype == torch.float32
+    assert torch.isfinite(x_a).all() and not torch.equal(x_a, x_b)
+    assert set(labels.tolist()) <= {0, 1}
+
+
+def test_bad_decode_setting_is_named(mixed_size_folder):
+    with pytest.raises(ValueError, match="data.decode='nvjpeg' is invalid"):
+        ImageFolderDataModule(str(mixed_size_folder), decode="nvjpeg")
+
+
+def test_resident_image_folder_holds_every_training_image(cifar_tiny):
+    data = ImageFolderDataModule(
+        str(cifar_tiny),
+        augment="gpu",
+        resident=True,
+        batch_size=8,
+        num_workers=0,
+        augmentation=SimCLRAugmentation(image_size=32),
+    )
+    data.setup("fit")
+    store = data.device_store
+    samples = data.train_set.samples
+    assert store.images.shape == (len(samples), 3, 32, 32) and store.images.dtype == torch.uint8
+    for i in (0, len(samples) // 2, len(samples) - 1):
+        path, label = samples[i]
+        assert (store.images[i].int() - pil_pixels(Path(path)).int()).abs().max() <= 2
+        assert int(store.labels[i]) == label
+    # the kNN monitor's memory bank still gets plain eval images
+    bank_images, bank_labels = next(iter(data.eval_train_dataloader()))
+    assert bank_images.shape == (8, 3, 32, 32) and bank_images.dtype == torch.float32
+    indices = next(iter(data.train_dataloader()))
+    (view_a, view_b), labels = data.device_views(indices)
+    assert view_a.shape == (8, 3, 32, 32) and torch.equal(labels, store.labels[indices])
+
+
+def test_resident_needs_one_image_size(mixed_size_folder):
+    data = ImageFolderDataModule(
+        str(mixed_size_folder), augment="gpu", resident=True, batch_size=4, num_workers=0
+    )
+    with pytest.raises(ValueError, match="data.resident=true needs training images of one size"):
+        data.setup("fit")
+
+
+def test_undecoded_batches_cross_from_loader_workers(mixed_size_folder):
+    """A worker hands the batch over through shared memory (a mapped-file tensor cannot be,
+    and then the loader hangs: hence the alarm)."""
+    import signal
+
+    data = ImageFolderDataModule(
+        str(mixed_size_folder),
+        augment="gpu",
+        decode="gpu",
+        batch_size=4,
+        num_workers=1,
+        persistent_workers=False,
+    )
+    data.setup("fit")
+    signal.alarm(60)
+    try:
+        batches = list(data.train_dataloader())
+    finally:
+        signal.alarm(0)
+    assert len(batches) == 3 and all(isinstance(b, ImageBatch) for b, _ in batches)
+    images = [im for b, _ in batches for im in b.decode("cpu")]
+    assert sorted(tuple(im.shape[1:]) for im in images) == sorted(SIZES * 2)

@@ -1,0 +1,76 @@
+"""knn_predict against a float64 brute force written with plain loops (tests/reference.py)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from simclr_lightning.evaluation.knn import knn_predict
+from tests.reference import weighted_knn_scores
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize(("k", "chunk"), [(1, 1000), (7, 3), (60, 5), (500, 16)])
+def test_knn_predict_matches_brute_force(k, chunk):
+    gen = torch.Generator().manual_seed(k)
+    query, bank = torch.randn(23, 8, generator=gen), torch.randn(60, 8, generator=gen)
+    labels = torch.randint(0, 4, (60,), generator=gen)
+    got = knn_predict(query, bank, labels, 4, k=k, temperature=0.1, chunk_size=chunk)
+    want = weighted_knn_scores(query, bank, labels, 4, k, 0.1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def tie_heavy_features(n: int, seed: int) -> torch.Tensor:
+    """Rows from a small set whose normalised dot products are exact in float32 (0, +-0.5,
+    +-1), so many similarities tie exactly however the matmul sums."""
+    basis = [list(v) for v in torch.eye(4).tolist()]
+    basis += [list(s) for s in itertools.product([1.0, -1.0], repeat=4)]
+    gen = torch.Generator().manual_seed(seed)
+    return torch.tensor(basis)[torch.randint(0, len(basis), (n,), generator=gen)]
+
+
+@pytest.mark.parametrize("k", [3, 10, 41])
+def test_knn_predict_breaks_ties_towards_lower_bank_index(k):
+    query, bank = tie_heavy_features(30, seed=1), tie_heavy_features(40, seed=2)
+    labels = torch.randint(0, 5, (40,), generator=torch.Generator().manual_seed(3))
+    want = weighted_knn_scores(query, bank, labels, 5, k, 0.5)
+    for chunk in (1, 7, 100):
+        got = knn_predict(query, bank, labels, 5, k=k, temperature=0.5, chunk_size=chunk)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_tie_case_is_one_a_careless_top_k_gets_wrong():
+    """The tie test must be able to fail: picking the tied rows in another order changes the
+    votes for this data."""
+    query, bank = tie_heavy_features(30, seed=1), tie_heavy_features(40, seed=2)
+    labels = torch.randint(0, 5, (40,), generator=torch.Generator().manual_seed(3))
+    want = weighted_knn_scores(query, bank, labels, 5, 10, 0.5)
+    reversed_bank = weighted_knn_scores(query, bank.flip(0), labels.flip(0), 5, 10, 0.5)
+    assert not torch.allclose(want, reversed_bank)
+
+
+def test_knn_predict_chunked_equals_unchunked():
+    gen = torch.Generator().manual_seed(0)
+    query, bank = torch.randn(101, 32, generator=gen), torch.randn(300, 32, generator=gen)
+    labels = torch.randint(0, 10, (300,), generator=gen)
+    whole = knn_predict(query, bank, labels, 10, k=20, chunk_size=10_000)
+    for chunk in (1, 13, 64):
+        torch.testing.assert_close(
+            knn_predict(query, bank, labels, 10, k=20, chunk_size=chunk),
+            whole,
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+def test_knn_predict_bank_smaller_than_k_and_classes():
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    bank = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    scores = knn_predict(query, bank, torch.tensor([0, 6]), num_classes=8, k=200, temperature=1)
+    e = math.e
+    want = torch.tensor([[e, 0, 0, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, 0, e, 0]])
+    torch.testing.assert_close(scores, want)

@@ -1,0 +1,141 @@
+"""LinearEval: a frozen encoder stays the pretrained one, fine-tuning trains it at its own rate,
+the cosine runs per iteration over the whole run, and its checkpoints stand alone."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from simclr_lightning.evaluation import LinearEval
+from tests.helpers import quiet_trainer
+from tests.test_checkpoint import save_simclr_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def simclr_ckpt(tmp_path):
+    """A CIFAR-stem, 1-channel SimCLR checkpoint: not LinearEval's defaults."""
+    path = tmp_path / "simclr.ckpt"
+    model = save_simclr_checkpoint(path, cifar_stem=True, in_channels=1)
+    return path, model
+
+
+def labelled(n: int, seed: int, channels: int = 1) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, 16, 16, generator=gen)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    y[::5] = -1  # unlabeled images carry no loss
+    return list(zip(x, y, strict=True))
+
+
+class Spy(L.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[list[float]] = []
+        self.backbone_training: list[bool] = []
+        self.backbone_grads: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.backbone_training.append(pl_module.backbone.training)
+        self.backbone_grads.append(any(p.grad is not None for p in pl_module.backbone.parameters()))
+
+
+def fit(model: LinearEval, epochs: int, spy: Spy | None = None, **kwargs) -> L.Trainer:
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=[spy] if spy else [], **kwargs)
+    trainer.fit(
+        model,
+        DataLoader(labelled(24, seed=1), batch_size=8, shuffle=True),
+        DataLoader(labelled(10, seed=2), batch_size=4),
+    )
+    return trainer
+
+
+def test_frozen_encoder_is_exactly_the_pretrained_one(simclr_ckpt):
+    path, pretrained = simclr_ckpt
+    # Architecture arguments are overridden by the checkpoint's.
+    model = LinearEval(str(path), num_classes=3, backbone="resnet34", cifar_stem=False)
+    assert (model.hparams.backbone, model.hparams.cifar_stem, model.hparams.in_channels) == (
+        "resnet18",
+        True,
+        1,
+    )
+    before = {k: v.clone() for k, v in pretrained.backbone.state_dict().items()}
+    head_before = model.head.weight.detach().clone()
+    spy = Spy()
+    fit(model, epochs=2, spy=spy)  # includes the sanity check's validation
+    for name, tensor in model.backbone.state_dict().items():
+        assert torch.equal(tensor, before[name]), name  # weights and BatchNorm statistics
+    assert not torch.equal(model.head.weight, head_before)
+    assert spy.backbone_training == [False] * 6 and spy.backbone_grads == [False] * 6
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+
+
+def test_finetuning_trains_the_encoder_at_its_own_rate(simclr_ckpt):
+    path, pretrained = simclr_ckpt
+    model = LinearEval(str(path), num_classes=3, finetune=True, lr=0.1, backbone_lr=0.01)
+    spy = Spy()
+    fit(model, epochs=1, spy=spy)
+    changed = [
+        name
+        for name, tensor in model.backbone.state_dict().items()
+        if not torch.equal(tensor, pretrained.backbone.state_dict()[name])
+    ]
+    assert "conv1.weight" in changed and "bn1.running_mean" in changed
+    assert spy.backbone_training == [True] * 3 and spy.backbone_grads == [True] * 3
+    # first step: head groups at lr, encoder groups at backbone_lr
+    assert sorted(set(spy.lrs[0])) == [0.01, 0.1]
+
+
+@pytest.mark.parametrize("epochs", [2, 5])
+def test_cosine_is_per_iteration_over_the_whole_run(simclr_ckpt, epochs):
+    path, _ = simclr_ckpt
+    spy = Spy()
+    fit(LinearEval(str(path), num_classes=3, lr=0.4, optimizer="lars"), epochs=epochs, spy=spy)
+    total = 3 * epochs  # 24 images / batch 8 per epoch
+    want = [0.4 * 0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)]
+    assert len(spy.lrs) == total
+    for got, expected in zip(spy.lrs, want, strict=True):
+        assert got == pytest.approx([expected] * len(got))
+
+
+def test_own_checkpoint_rebuilds_without_the_pretraining_file(simclr_ckpt, tmp_path):
+    path, _ = simclr_ckpt
+    model = LinearEval(str(path), num_classes=3, class_names=["cat", "dog", "eel"])
+    trainer = fit(model, epochs=1)
+    trainer.save_checkpoint(tmp_path / "linear.ckpt")
+    path.unlink()
+    restored = LinearEval.load_from_checkpoint(tmp_path / "linear.ckpt")
+    assert restored.hparams.checkpoint is None and restored.hparams.cifar_stem is True
+    assert restored.class_names == ["cat", "dog", "eel"]
+    x = torch.randn(5, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(restored.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_validation_accuracy_is_counted_over_labelled_images(simclr_ckpt):
+    path, _ = simclr_ckpt
+    model = LinearEval(str(path), num_classes=3)
+    trainer = fit(model, epochs=1)
+    val = labelled(10, seed=2)
+    x = torch.stack([v[0] for v in val])
+    y = torch.stack([v[1] for v in val])
+    with torch.no_grad():
+        logits = model.eval()(x)
+    keep = y >= 0
+    want = (logits[keep].argmax(1) == y[keep]).float().mean()
+    assert float(trainer.callback_metrics["val/top1"]) == pytest.approx(float(want))
+    assert float(trainer.callback_metrics["val/top5"]) == 1.0  # top-k capped at 3 classes
+
+
+def test_two_view_batches_are_refused(simclr_ckpt):
+    path, _ = simclr_ckpt
+    pairs = [((torch.randn(1, 16, 16), torch.randn(1, 16, 16)), 0) for _ in range(4)]
+    with pytest.raises(ValueError, match="task=classify"):
+        quiet_trainer(max_steps=1).fit(LinearEval(str(path), num_classes=3), DataLoader(pairs))

@@ -1,0 +1,85 @@
+"""Helpers the tests share: a quiet CPU Trainer, subsets of the real data, and a module whose
+features are its inputs (so monitor results are known independently)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quiet_trainer(**kwargs):
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary; ``kwargs``
+    override any of it."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**(defaults | kwargs))
+
+
+def make_subset(source: Path, dest: Path, train_per_class: int, val_per_class: int) -> Path:
+    """An ImageFolder tree of symlinks to the first images of each class."""
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for class_dir in sorted((source / split).iterdir()):
+            out = dest / split / class_dir.name
+            out.mkdir(parents=True, exist_ok=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                (out / image.name).symlink_to(image)
+    return dest
+
+
+class FeatureModule(L.LightningModule):
+    """Its features are its inputs, so the expected kNN result is known independently."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.feature_dim = dim
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x + 0 * self.w
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return {"loss": (self.w**2).sum(), "features": self(x).detach(), "labels": y}
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return {"features": self(x), "labels": y}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class FeatureData(L.LightningDataModule):
+    def __init__(self, train, val, batch_size=8) -> None:
+        super().__init__()
+        self.train, self.val, self.batch_size = train, val, batch_size
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(*self.train), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(*self.val), batch_size=self.batch_size)
+
+    def eval_train_dataloader(self):
+        return DataLoader(TensorDataset(*self.train), batch_size=self.batch_size)
+
+
+class EpochMetrics(L.Callback):
+    def __init__(self) -> None:
+        self.epochs: list[dict] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.epochs.append({k: float(v) for k, v in trainer.callback_metrics.items()})

@@ -1,0 +1,110 @@
+"""The exported encoder is a plain torchvision state dict, written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader
+
+import simclr_lightning.checkpoint as checkpoint_module
+from simclr_lightning.checkpoint import export_backbone, main
+from simclr_lightning.evaluation import LinearEval
+from simclr_lightning.module import SimCLR
+from tests.helpers import quiet_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def save_simclr_checkpoint(path: Path, cifar_stem: bool, in_channels: int) -> SimCLR:
+    """One real SimCLR step on 16 px noise (so BatchNorm statistics are not the defaults),
+    saved by Lightning."""
+    L.seed_everything(0, verbose=False)
+    gen = torch.Generator().manual_seed(0)
+    views = torch.randn(2, 8, in_channels, 16, 16, generator=gen)
+    pairs = [((views[0, i], views[1, i]), i % 3) for i in range(8)]
+    model = SimCLR(
+        cifar_stem=cifar_stem,
+        in_channels=in_channels,
+        head_hidden_dim=32,
+        head_output_dim=8,
+        optimizer="sgd",
+        warmup_epochs=0,
+    )
+    trainer = quiet_trainer(max_steps=1)
+    trainer.fit(model, DataLoader(pairs, batch_size=8))
+    trainer.save_checkpoint(path)
+    return model
+
+
+@pytest.mark.parametrize(("cifar_stem", "in_channels"), [(True, 1), (False, 3)])
+def test_export_loads_into_torchvision_and_gives_same_features(tmp_path, cifar_stem, in_channels):
+    model = save_simclr_checkpoint(tmp_path / "simclr.ckpt", cifar_stem, in_channels)
+    arch = export_backbone(tmp_path / "simclr.ckpt", tmp_path / "out" / "encoder.pt")
+    assert arch == {"backbone": "resnet18", "cifar_stem": cifar_stem, "in_channels": in_channels}
+
+    # torchvision's ResNet-18 with the stem written out here, not by the library's apply_stem
+    # (its stride and padding are not in the state dict, so a shared mistake would not show)
+    net = torchvision.models.resnet18()
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    else:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    state = torch.load(tmp_path / "out" / "encoder.pt", weights_only=True)
+    result = net.load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
+    assert result.unexpected_keys == []
+    net.fc = nn.Identity()
+    x = torch.randn(4, in_channels, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), model.backbone.eval()(x), rtol=0, atol=0)
+
+
+def test_export_of_a_linear_eval_checkpoint_keeps_only_the_encoder(tmp_path):
+    save_simclr_checkpoint(tmp_path / "simclr.ckpt", cifar_stem=True, in_channels=3)
+    linear = LinearEval(str(tmp_path / "simclr.ckpt"), num_classes=3)
+    trainer = quiet_trainer(max_steps=1)
+    data = [(torch.randn(3, 16, 16), i % 3) for i in range(8)]
+    trainer.fit(linear, DataLoader(data, batch_size=4))
+    trainer.save_checkpoint(tmp_path / "linear.ckpt")
+    export_backbone(tmp_path / "linear.ckpt", tmp_path / "encoder.pt")
+    state = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert state.keys() == linear.backbone.state_dict().keys()
+    for name, tensor in linear.backbone.state_dict().items():
+        assert torch.equal(state[name], tensor)
+
+
+def test_failed_export_leaves_no_partial_file(tmp_path, monkeypatch):
+    save_simclr_checkpoint(tmp_path / "simclr.ckpt", cifar_stem=False, in_channels=3)
+    out = tmp_path / "encoder.pt"
+    out.write_bytes(b"previous export")
+
+    def crash_midway(obj, f):
+        f.write(b"half a state dict")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        export_backbone(tmp_path / "simclr.ckpt", out)
+    assert out.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.pt", "simclr.ckpt"]
+
+
+def test_command_line_entry(tmp_path, capsys):
+    save_simclr_checkpoint(tmp_path / "simclr.ckpt", cifar_stem=True, in_channels=1)
+    main([str(tmp_path / "simclr.ckpt"), str(tmp_path / "encoder.pt")])
+    printed = capsys.readouterr().out
+    assert "torchvision.models.resnet18()" in printed and "cifar_stem=True" in printed
+    assert (tmp_path / "encoder.pt").is_file()
+
+
+def test_not_a_resnet_checkpoint_is_refused(tmp_path):
+    torch.save({"state_dict": {"head.weight": torch.zeros(2, 2)}}, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match="no ResNet encoder"):
+        export_backbone(tmp_path / "x.ckpt", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()

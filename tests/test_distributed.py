@@ -1,0 +1,89 @@
+"""NT-Xent under real DDP (2 CPU processes, gloo) equals one process on the whole batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from simclr_lightning import NTXentLoss
+from tests.ddp_helpers import global_batch, mlp, run_ddp_script, torch_ddp_worker
+
+WORLD, PER_RANK, TEMPERATURE = 2, 5, 0.3
+
+
+def run_torch_ddp(tmp_path: Path, mode: str) -> list[dict]:
+    mp.spawn(
+        torch_ddp_worker,
+        args=(WORLD, str(tmp_path / "init"), str(tmp_path), mode, PER_RANK, TEMPERATURE),
+        nprocs=WORLD,
+        join=True,
+    )
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def single_process_reference() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model = mlp(seed=0)
+    x_a, x_b = global_batch(WORLD, PER_RANK, seed=1)
+    z_a, z_b = model(torch.cat([x_a, x_b])).chunk(2)
+    loss = NTXentLoss(TEMPERATURE, gather_distributed=False)(z_a, z_b)
+    loss.backward()
+    return loss.detach(), [p.grad for p in model.parameters()]
+
+
+def matches(results: list[dict], loss: torch.Tensor, grads: list[torch.Tensor]) -> bool:
+    mean_loss = torch.stack([r["loss"] for r in results]).mean()
+    same_loss = torch.allclose(mean_loss, loss, rtol=1e-5, atol=1e-6)
+    same_grads = all(
+        torch.allclose(g, ref, rtol=1e-4, atol=1e-6)
+        for r in results
+        for g, ref in zip(r["grads"], grads, strict=True)
+    )
+    return same_loss and same_grads
+
+
+def test_torch_ddp_equals_single_process(tmp_path):
+    loss, grads = single_process_reference()
+    results = run_torch_ddp(tmp_path, "correct")
+    mean_loss = torch.stack([r["loss"] for r in results]).mean()
+    torch.testing.assert_close(mean_loss, loss, rtol=1e-5, atol=1e-6)
+    for r in results:
+        for g, ref in zip(r["grads"], grads, strict=True):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["nograd", "localgrad"])
+def test_torch_ddp_check_catches_a_gather_that_drops_gradients(tmp_path, mode):
+    loss, grads = single_process_reference()
+    results = run_torch_ddp(tmp_path, mode)
+    # The forward is the same, so the loss still agrees: only gradients reveal the bug.
+    torch.testing.assert_close(torch.stack([r["loss"] for r in results]).mean(), loss)
+    assert not matches(results, loss, grads)
+
+
+def run_lightning(tmp_path: Path, devices: int, gather: str = "correct") -> list[dict]:
+    out = tmp_path / f"{devices}dev_{gather}"
+    return run_ddp_script("ddp_lightning_script.py", devices, out, "--gather", gather)
+
+
+@pytest.mark.slow
+def test_lightning_ddp_equals_single_process(tmp_path):
+    (single,) = run_lightning(tmp_path, devices=1)
+    ranks = run_lightning(tmp_path, devices=2)
+    assert [r["world"] for r in ranks] == [2, 2]
+    mean_loss = torch.stack([r["loss"] for r in ranks]).mean()
+    torch.testing.assert_close(mean_loss, single["loss"], rtol=1e-5, atol=1e-6)
+    assert single["grads"].keys() == ranks[0]["grads"].keys()
+    for name, ref in single["grads"].items():
+        for r in ranks:
+            torch.testing.assert_close(r["grads"][name], ref, rtol=1e-3, atol=1e-5, msg=name)
+
+    broken = run_lightning(tmp_path, devices=2, gather="nograd")
+    differs = [
+        name
+        for name, ref in single["grads"].items()
+        if not torch.allclose(broken[0]["grads"][name], ref, rtol=1e-3, atol=1e-5)
+    ]
+    assert differs, "a gather without gradients went unnoticed"
