@@ -242,7 +242,7 @@ def imagenet_rows(a: argparse.Namespace, tmp: Path) -> list:
         tmp / "imagenet", a.jpegs, lambda i: imagenet_size(i, a.tiny), epoch_images(a, bs)
     )
     aug = SimCLRAugmentation.imagenet(size)
-    step = make_step(SimCLR(backbone="resnet50"), a.device)
+    step = make_step(SimCLR(backbone="resnet50", cifar_stem=False), a.device)
     model_alone_row(step, bs, size, a, f"ImageNet R50 {size}px: model alone", rows)
     for name, kwargs in [
         (f"CPU pipeline, {a.workers} workers", dict(augment="cpu")),

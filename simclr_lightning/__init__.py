@@ -8,7 +8,7 @@ loading and export); ``cli.py`` (the ``simclr-lightning`` command).
 """
 
 from simclr_lightning import _deprecated
-from simclr_lightning.backbones import apply_stem, build_resnet
+from simclr_lightning.backbones import apply_stem, build_backbone, build_resnet
 from simclr_lightning.callbacks import (
     EmbeddingPlot,
     KNNMonitor,
@@ -31,6 +31,7 @@ from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.loss import NTXentLoss
 from simclr_lightning.module import SimCLR
 from simclr_lightning.optim import LARS
+from simclr_lightning.supcon import SupConLoss
 
 __version__ = "0.2.0"
 
@@ -54,7 +55,9 @@ __all__ = [
     "SimCLR",
     "SimCLRAugmentation",
     "SimCLRDataModule",
+    "SupConLoss",
     "apply_stem",
+    "build_backbone",
     "build_resnet",
     "export_backbone",
     "knn_predict",

@@ -1,37 +1,68 @@
-"""ResNet encoders built from torchvision, with the CIFAR stem SimCLR uses for 32x32 images."""
+"""Encoders: torchvision ResNets (with the CIFAR stem SimCLR uses for 32x32 images), or any timm
+model through ``timm:<name>``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 from torchvision import models
 
-from simclr_lightning.errors import require
+from simclr_lightning.errors import SettingError, require
 
 RESNETS: dict[str, Callable[..., models.ResNet]] = {
     "resnet18": models.resnet18,
     "resnet34": models.resnet34,
     "resnet50": models.resnet50,
 }
+TIMM_PREFIX = "timm:"
+
+
+def is_timm(name: str) -> bool:
+    return name.startswith(TIMM_PREFIX)
+
+
+def build_backbone(
+    name: str = "resnet18",
+    cifar_stem: bool = False,
+    in_channels: int = 3,
+    zero_init_residual: bool = True,
+    timm_kwargs: dict[str, Any] | None = None,
+) -> tuple[nn.Module, int]:
+    """A randomly initialised encoder that outputs features, and their width.
+
+    ``resnet18/34/50`` are torchvision's, with ``fc`` the identity so the state dict loads into
+    ``torchvision.models.<name>()`` unchanged (after the same stem edits). ``zero_init_residual``
+    zero-initialises the last BatchNorm of every residual block, as google-research/simclr's
+    ResNet does (``init_zero=True``), so each block starts as the identity.
+
+    ``timm:<name>`` is ``timm.create_model(name, num_classes=0, in_chans=in_channels,
+    **timm_kwargs)`` (e.g. ``{"img_size": 32}`` for a ViT on CIFAR): the model keeps its own stem
+    and initialisation (timm's ResNets zero-initialise the last BN of a block by default).
+    """
+    require(in_channels >= 1, "model.in_channels", in_channels, ">= 1")
+    if is_timm(name):
+        return _timm_backbone(name, cifar_stem, in_channels, timm_kwargs or {})
+    require(
+        name in RESNETS,
+        "model.backbone",
+        name,
+        f"one of {', '.join(sorted(RESNETS))} or timm:<model name>",
+    )
+    require(not timm_kwargs, "model.timm_kwargs", timm_kwargs, "empty for torchvision backbones")
+    net = RESNETS[name](weights=None, zero_init_residual=zero_init_residual)
+    apply_stem(net, cifar_stem=cifar_stem, in_channels=in_channels)
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
 
 
 def build_resnet(
     name: str = "resnet18", cifar_stem: bool = False, in_channels: int = 3
 ) -> tuple[models.ResNet, int]:
-    """A randomly initialised torchvision ResNet whose ``fc`` is the identity.
-
-    Keeping torchvision's module names means the encoder's state dict loads into
-    ``torchvision.models.<name>()`` unchanged (after the same stem edits).
-    Returns the network and the width of the features it outputs.
-    """
-    require(name in RESNETS, "model.backbone", name, f"one of {', '.join(sorted(RESNETS))}")
-    require(in_channels >= 1, "model.in_channels", in_channels, ">= 1")
-    net = RESNETS[name](weights=None)
-    apply_stem(net, cifar_stem=cifar_stem, in_channels=in_channels)
-    feature_dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, feature_dim
+    """0.1's builder (no zero-init of residual BatchNorms): kept for existing callers."""
+    return build_backbone(name, cifar_stem, in_channels, zero_init_residual=False)
 
 
 def apply_stem(net: models.ResNet, cifar_stem: bool, in_channels: int = 3) -> models.ResNet:
@@ -45,3 +76,29 @@ def apply_stem(net: models.ResNet, cifar_stem: bool, in_channels: int = 3) -> mo
     if cifar_stem or in_channels != 3:
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     return net
+
+
+def _timm_backbone(
+    name: str, cifar_stem: bool, in_channels: int, kwargs: dict[str, Any]
+) -> tuple[nn.Module, int]:
+    model_name = name.removeprefix(TIMM_PREFIX)
+    require(
+        not cifar_stem,
+        "model.cifar_stem",
+        cifar_stem,
+        f"false for {name}: the CIFAR stem is a torchvision-ResNet edit; a timm model keeps "
+        f"its own stem (pick one made for small images, or pass model.timm_kwargs)",
+    )
+    try:
+        import timm
+    except ImportError as err:
+        raise SettingError(
+            f"model.backbone={name!r} needs timm: pip install 'simclr-lightning[timm]'"
+        ) from err
+    try:
+        net = timm.create_model(
+            model_name, pretrained=False, num_classes=0, in_chans=in_channels, **kwargs
+        )
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise SettingError(f"model.backbone={name!r} is not a timm model: {err}") from err
+    return net, int(net.num_features)

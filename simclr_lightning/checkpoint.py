@@ -1,8 +1,8 @@
 """What this library reads from and writes to checkpoints beyond Lightning's own: the class path
-LightningCLI needs, the encoder inside a checkpoint, and its export as a plain torchvision
-state dict (no Lightning, no projection head, no optimizer state):
+LightningCLI needs, the encoder and projection head inside a checkpoint, and their export as a
+plain state dict (no Lightning, no optimizer state):
 
-    simclr-lightning-export last.ckpt resnet18_simclr.pt
+    simclr-lightning-export last.ckpt resnet18_simclr.pt [--head-layers 1]
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from simclr_lightning.errors import require
+from simclr_lightning.heads import ProjectionHead
 
 
 def with_class_path(module: L.LightningModule, checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -30,44 +33,120 @@ def with_class_path(module: L.LightningModule, checkpoint: dict[str, Any]) -> di
     return hparams
 
 
-def load_backbone_state(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The encoder weights (torchvision names) and architecture hparams in ``path``: a SimCLR or
-    LinearEval Lightning checkpoint, or a plain state dict written by ``export_backbone``."""
+ARCH_KEYS = ("backbone", "cifar_stem", "in_channels", "timm_kwargs")
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A checkpoint's state dict and hyperparameters (a plain state dict has none)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(ckpt, dict) and "state_dict" in ckpt:
+        return dict(ckpt["state_dict"]), dict(ckpt.get("hyper_parameters") or {})
+    return dict(ckpt), {}
+
+
+def load_backbone_state(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The encoder weights (the backbone's own names) and architecture hparams in ``path``: a
+    SimCLR or LinearEval Lightning checkpoint, or a plain state dict written by
+    ``export_backbone`` (whose ``fc.*`` projection layers, if any, are left out)."""
+    state, hparams = _read(path)
+    lightning_checkpoint = bool(hparams) or any(k.startswith("backbone.") for k in state)
+    if lightning_checkpoint:
         state = {
-            k.removeprefix("backbone."): v
-            for k, v in ckpt["state_dict"].items()
-            if k.startswith("backbone.")
+            k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
         }
-        hparams = dict(ckpt.get("hyper_parameters") or {})
-    else:
-        state, hparams = dict(ckpt), {}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    if "conv1.weight" not in state:
+    if not state or any(k.startswith(("head.", "projection.")) for k in state):
         raise ValueError(
-            f"{path} holds no ResNet encoder: expected a SimCLR/LinearEval checkpoint (keys "
-            f"backbone.*) or a torchvision state dict (conv1.weight ...)"
+            f"{path} holds no encoder: expected a SimCLR/LinearEval checkpoint (keys "
+            f"backbone.*) or a state dict written by simclr-lightning-export"
         )
-    arch = {k: hparams[k] for k in ("backbone", "cifar_stem", "in_channels") if k in hparams}
+    arch = {k: hparams[k] for k in ARCH_KEYS if k in hparams}
     return state, arch
 
 
-def export_backbone(checkpoint_path: str | os.PathLike, output_path: str | os.PathLike) -> dict:
+def load_projection_head(path: str | os.PathLike) -> ProjectionHead | None:
+    """The pretrained projection head of a SimCLR checkpoint (``head.net.*``), rebuilt from the
+    shapes of its weights so that 0.1's heads (no output BatchNorm) load too; None if the file
+    holds no head."""
+    state, _ = _read(path)
+    head = {k.removeprefix("head.net."): v for k, v in state.items() if k.startswith("head.net.")}
+    if not head:
+        return None
+    linears = sorted(int(k.split(".")[0]) for k, v in head.items() if v.ndim == 2)
+    first, last = head[f"{linears[0]}.weight"], head[f"{linears[-1]}.weight"]
+    projection = ProjectionHead(
+        first.shape[1],
+        hidden_dim=first.shape[0],
+        output_dim=last.shape[0],
+        num_layers=len(linears),
+        output_bn=f"{linears[-1] + 1}.running_mean" in head,
+    )
+    projection.net.load_state_dict(head)
+    return projection
+
+
+def export_backbone(
+    checkpoint_path: str | os.PathLike, output_path: str | os.PathLike, head_layers: int = 0
+) -> dict[str, Any]:
     """Write the encoder of a SimCLR (or LinearEval) checkpoint to ``output_path``.
 
-    The file is a state dict with torchvision's names, without ``fc``:
-    ``torchvision.models.<backbone>()`` (after ``apply_stem(net, cifar_stem, in_channels)``
-    when those were used) loads it with ``load_state_dict(sd, strict=False)`` reporting only
-    ``fc.weight``/``fc.bias`` missing. Written to a temporary file then renamed, so a crash
-    never leaves a truncated file at ``output_path``. Returns the architecture to rebuild:
-    ``{"backbone", "cifar_stem", "in_channels"}``.
+    The file is a state dict with the backbone's own names: ``torchvision.models.<backbone>()``
+    (after ``apply_stem(net, cifar_stem, in_channels)`` when those were used) or
+    ``timm.create_model(name, num_classes=0)`` loads it. With ``head_layers`` k > 0 it also
+    holds the first k projection-head layers as ``fc`` (an ``nn.Sequential``), the features
+    SimCLR v2 fine-tunes from: set ``net.fc`` to that Sequential (``arch["fc"]`` spells it) and
+    it loads strictly; otherwise only ``fc`` is missing. Written to a temporary file then
+    renamed, so a crash never leaves a truncated file at ``output_path``. Returns the
+    architecture to rebuild (``backbone``, ``cifar_stem``, ``in_channels``, ``head_layers``,
+    ``fc``).
     """
-    state, arch = load_backbone_state(str(checkpoint_path))
+    state, arch = load_backbone_state(checkpoint_path)
     arch = {"backbone": "resnet18", "cifar_stem": False, "in_channels": 3, **arch}
+    arch.update(head_layers=head_layers, fc=None)
+    if head_layers:
+        layers, _ = projection_layers(checkpoint_path, head_layers)
+        state.update({f"fc.{k}": v for k, v in layers.state_dict().items()})
+        arch["fc"] = sequential_code(layers)
     state = {k: v.detach().clone().contiguous() for k, v in state.items()}
     _atomic_save(state, Path(output_path))
     return arch
+
+
+def projection_layers(path: str | os.PathLike, k: int) -> tuple[nn.Sequential, dict[str, Any]]:
+    """The first ``k`` pretrained projection-head layers in ``path`` and the config of the head
+    they come from: a SimCLR checkpoint's head, or the layers a LinearEval checkpoint kept."""
+    head = load_projection_head(path)
+    if head is not None:
+        require(k <= head.num_layers, "head_layers", k, f"<= {head.num_layers}, the head's depth")
+        return head.first_layers(k), head.config
+    state, hparams = _read(path)
+    kept = hparams.get("head_layers", 0)
+    require(
+        0 < k == kept,
+        "head_layers",
+        k,
+        f"0 for {path}: it holds no projection head" if not kept else f"{kept}, the layers it kept",
+    )
+    layers = ProjectionHead(**hparams["head_config"]).first_layers(k)
+    layers.load_state_dict(
+        {n.removeprefix("projection."): v for n, v in state.items() if n.startswith("projection.")}
+    )
+    return layers, hparams["head_config"]
+
+
+def sequential_code(layers: nn.Sequential) -> str:
+    """Python that builds an empty ``layers`` (for a user with only torch and torchvision)."""
+    parts = []
+    for m in layers:
+        if isinstance(m, nn.Linear):
+            parts.append(f"nn.Linear({m.in_features}, {m.out_features}, bias={m.bias is not None})")
+        elif isinstance(m, nn.BatchNorm1d) and m.bias is None:  # the official scale-only BN
+            parts.append(f"ScaleBatchNorm1d({m.num_features})")
+        elif isinstance(m, nn.BatchNorm1d):
+            parts.append(f"nn.BatchNorm1d({m.num_features})")
+        else:
+            parts.append(f"nn.{type(m).__name__}()")
+    return f"nn.Sequential({', '.join(parts)})"
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -87,24 +166,40 @@ def _atomic_save(obj: Any, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="simclr-lightning-export",
-        description="Write a checkpoint's encoder as a torchvision ResNet state dict.",
+        description="Write a checkpoint's encoder (and projection layers) as a plain state dict.",
     )
     parser.add_argument("checkpoint", help="SimCLR or LinearEval checkpoint (.ckpt)")
     parser.add_argument("output", help="where to write the state dict (.pt)")
-    args = parser.parse_args(argv)
-    arch = export_backbone(args.checkpoint, args.output)
-    stem = ""
-    if arch["cifar_stem"] or arch["in_channels"] != 3:
-        stem = (
-            f"\n    apply_stem(net, cifar_stem={arch['cifar_stem']}, "
-            f"in_channels={arch['in_channels']})  # from simclr_lightning import apply_stem"
-        )
-    print(
-        f"wrote {args.output}; load it with:\n"
-        f"    net = torchvision.models.{arch['backbone']}(){stem}\n"
-        f"    net.load_state_dict(torch.load({str(args.output)!r}), strict=False)"
-        f"  # only fc is missing"
+    parser.add_argument(
+        "--head-layers",
+        type=int,
+        default=0,
+        help="also export the first k projection-head layers as fc (SimCLR v2 fine-tunes from 1)",
     )
+    args = parser.parse_args(argv)
+    arch = export_backbone(args.checkpoint, args.output, args.head_layers)
+    if arch["backbone"].startswith("timm:"):
+        name = arch["backbone"].removeprefix("timm:")
+        build = f"net = timm.create_model({name!r}, num_classes=0, in_chans={arch['in_channels']})"
+    else:
+        build = f"net = torchvision.models.{arch['backbone']}()"
+        if arch["cifar_stem"] or arch["in_channels"] != 3:
+            build += (
+                f"\n    apply_stem(net, cifar_stem={arch['cifar_stem']}, "
+                f"in_channels={arch['in_channels']})  # from simclr_lightning import apply_stem"
+            )
+    if arch["fc"]:
+        scale = "  # ScaleBatchNorm1d: from simclr_lightning.heads" if "Scale" in arch["fc"] else ""
+        load = (
+            f"    net.fc = {arch['fc']}{scale}\n"
+            f"    net.load_state_dict(torch.load({str(args.output)!r}))"
+        )
+    else:
+        load = (
+            f"    net.load_state_dict(torch.load({str(args.output)!r}), strict=False)"
+            f"  # only fc is missing"
+        )
+    print(f"wrote {args.output}; load it with:\n    {build}\n{load}")
 
 
 if __name__ == "__main__":

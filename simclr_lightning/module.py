@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import lightning as L
 import torch
 from torch import Tensor
 
-from simclr_lightning.backbones import build_resnet
+from simclr_lightning.backbones import build_backbone
 from simclr_lightning.checkpoint import with_class_path
 from simclr_lightning.errors import require
 from simclr_lightning.heads import ProjectionHead
@@ -19,22 +21,38 @@ from simclr_lightning.optim import (
     scaled_learning_rate,
     warmup_cosine,
 )
+from simclr_lightning.supcon import SupConLoss
+
+LossName = Literal["ntxent", "supcon"]
 
 
 class SimCLR(L.LightningModule):
-    """SimCLR pretraining (Chen et al. 2020).
+    """SimCLR pretraining (Chen et al. 2020; v2 head: Chen et al. 2020b).
 
-    Training batches are ``((view_a, view_b), labels)``; labels are only passed on to
-    callbacks (online probe, kNN), never used by the loss. ``training_step`` and
-    ``validation_step`` return the backbone features so callbacks need no second forward.
+    Training batches are ``((view_a, view_b), labels)``. With ``loss: ntxent`` (SimCLR) labels
+    are only passed on to callbacks (online probe, kNN); ``loss: supcon`` (Khosla et al. 2020)
+    uses them to define the positives. ``training_step`` and ``validation_step`` return the
+    backbone features so callbacks need no second forward.
+
+    The defaults are one recipe: google-research/simclr's CIFAR-10 pretraining command
+    (ResNet-18 with the CIFAR stem its code uses for images of 32 px, the code's 3-layer head
+    of the encoder's width with BatchNorm on every layer, LARS at 1.0 x B/256 with 10 warm-up
+    epochs, weight decay 1e-4, temperature 0.5, batch 512 in ``configs/cifar10.yaml``).
 
     Args:
-        backbone: torchvision ResNet to build from scratch: resnet18, resnet34 or resnet50.
-        cifar_stem: 3x3 stride-1 first convolution and no max-pool, for 32x32 images.
+        backbone: resnet18, resnet34 or resnet50 (torchvision, built from scratch), or
+            ``timm:<name>`` for any timm model (``pip install 'simclr-lightning[timm]'``).
+        cifar_stem: 3x3 stride-1 first convolution and no max-pool, for 32x32 images
+            (torchvision ResNets only).
         in_channels: 3 for colour images, 1 for MNIST-like data.
-        head_hidden_dim / head_output_dim / head_layers: the projection MLP (2 layers is
-            SimCLR v1, 3 is v2). ``head_hidden_dim`` None means the encoder's width.
-        temperature: the tau of NT-Xent.
+        zero_init_residual: start every residual block as the identity (the last BatchNorm
+            of each block at zero), as the official ResNet does.
+        timm_kwargs: extra ``timm.create_model`` arguments (e.g. ``{"img_size": 32}``).
+        head_hidden_dim / head_output_dim / head_layers / head_output_bn: the projection MLP
+            (2 layers is SimCLR v1, 3 is v2); ``head_hidden_dim`` None means the encoder's width;
+            ``head_output_bn`` the official scale-only BatchNorm on the output.
+        loss: ntxent (SimCLR's NT-Xent) or supcon (supervised contrastive, L_out; needs labels).
+        temperature: the tau of the loss.
         optimizer: lars (the paper), sgd (momentum) or adamw.
         base_lr: learning rate before scaling; the peak rate is base_lr * B / 256 (linear)
             or base_lr * sqrt(B) (sqrt), B the global batch (per-device batch x devices x
@@ -55,16 +73,20 @@ class SimCLR(L.LightningModule):
     def __init__(
         self,
         backbone: str = "resnet18",
-        cifar_stem: bool = False,
+        cifar_stem: bool = True,
         in_channels: int = 3,
-        head_hidden_dim: int | None = 2048,
+        zero_init_residual: bool = True,
+        timm_kwargs: dict[str, Any] | None = None,
+        head_hidden_dim: int | None = None,
         head_output_dim: int = 128,
-        head_layers: int = 2,
+        head_layers: int = 3,
+        head_output_bn: bool = True,
+        loss: LossName = "ntxent",
         temperature: float = 0.5,
         optimizer: OptimizerName = "lars",
-        base_lr: float = 0.3,
+        base_lr: float = 1.0,
         lr_scaling: LRScaling = "linear",
-        weight_decay: float = 1e-6,
+        weight_decay: float = 1e-4,
         momentum: float = 0.9,
         lars_eta: float = 0.001,
         exclude_bn_bias: bool = True,
@@ -82,6 +104,7 @@ class SimCLR(L.LightningModule):
         require(warmup_epochs >= 0, "model.warmup_epochs", warmup_epochs, ">= 0")
         require(0 <= final_lr_ratio <= 1, "model.final_lr_ratio", final_lr_ratio, "in [0, 1]")
         require(temperature > 0, "model.temperature", temperature, "> 0")
+        require(loss in ("ntxent", "supcon"), "model.loss", loss, "ntxent or supcon")
         require(
             optimizer in ("lars", "sgd", "adamw"),
             "model.optimizer",
@@ -95,14 +118,20 @@ class SimCLR(L.LightningModule):
             "one of linear, sqrt, none",
         )
         require(batch_size is None or batch_size >= 2, "model.batch_size", batch_size, ">= 2")
-        self.backbone, self.feature_dim = build_resnet(backbone, cifar_stem, in_channels)
+        self.backbone, self.feature_dim = build_backbone(
+            backbone, cifar_stem, in_channels, zero_init_residual, timm_kwargs
+        )
         self.head = ProjectionHead(
             self.feature_dim,
             hidden_dim=head_hidden_dim or self.feature_dim,
             output_dim=head_output_dim,
             num_layers=head_layers,
+            output_bn=head_output_bn,
         )
-        self.criterion = NTXentLoss(temperature, gather_distributed=gather_distributed)
+        if loss == "supcon":
+            self.criterion = SupConLoss(temperature, gather_distributed=gather_distributed)
+        else:
+            self.criterion = NTXentLoss(temperature, gather_distributed=gather_distributed)
         self._compiled = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -130,7 +159,10 @@ class SimCLR(L.LightningModule):
         # One pass over both views: BatchNorm sees the 2N images together, as in SimCLR.
         features = self(torch.cat([x_a, x_b]))
         z_a, z_b = self.head(features).chunk(2)
-        loss, stats = self.criterion.forward_with_stats(z_a, z_b)
+        if self.hparams.get("loss") == "supcon":
+            loss, stats = self.criterion.forward_with_stats(z_a, z_b, labels)
+        else:
+            loss, stats = self.criterion.forward_with_stats(z_a, z_b)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"train/loss is {loss.item()} at step {self.global_step}: lower model.base_lr, "

@@ -101,3 +101,30 @@ def weighted_knn_scores(query, bank, labels, num_classes, k, temperature):
             scores[labels[j]] += math.exp(sims[j] / temperature)
         out.append(scores)
     return torch.tensor(out, dtype=torch.float64)
+
+
+def supcon_reference(
+    z_a: torch.Tensor, z_b: torch.Tensor, labels: list[int], temperature: float
+) -> torch.Tensor:
+    """Khosla et al. 2020, eq. (2), L^sup_out, averaged over anchors (the paper sums): the
+    multiviewed batch is z_{2k-1}, z_{2k} for image k with label y_k;
+    L_i = -1/|P(i)| sum_{p in P(i)} log exp(sim(z_i, z_p)/t) / sum_{a != i} exp(sim(z_i, z_a)/t),
+    P(i) = {p != i : y_p = y_i}; label -1 is a class of one image. Differentiable (float64)."""
+    n = z_a.shape[0]
+    z, y = [], []
+    for k in range(n):
+        z += [z_a[k].double(), z_b[k].double()]
+        label = labels[k] if labels[k] >= 0 else ("unlabeled", k)
+        y += [label, label]
+
+    def sim(u, v):
+        return F.cosine_similarity(u, v, dim=0, eps=0.0)
+
+    total = 0.0
+    for i in range(2 * n):
+        denominator = sum(torch.exp(sim(z[i], z[a]) / temperature) for a in range(2 * n) if a != i)
+        positives = [p for p in range(2 * n) if p != i and y[p] == y[i]]
+        total = total - sum(
+            torch.log(torch.exp(sim(z[i], z[p]) / temperature) / denominator) for p in positives
+        ) / len(positives)
+    return total / (2 * n)

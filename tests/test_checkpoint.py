@@ -45,7 +45,13 @@ def save_simclr_checkpoint(path: Path, cifar_stem: bool, in_channels: int) -> Si
 def test_export_loads_into_torchvision_and_gives_same_features(tmp_path, cifar_stem, in_channels):
     model = save_simclr_checkpoint(tmp_path / "simclr.ckpt", cifar_stem, in_channels)
     arch = export_backbone(tmp_path / "simclr.ckpt", tmp_path / "out" / "encoder.pt")
-    assert arch == {"backbone": "resnet18", "cifar_stem": cifar_stem, "in_channels": in_channels}
+    built = {k: arch[k] for k in ("backbone", "cifar_stem", "in_channels", "fc")}
+    assert built == {
+        "backbone": "resnet18",
+        "cifar_stem": cifar_stem,
+        "in_channels": in_channels,
+        "fc": None,
+    }
 
     # torchvision's ResNet-18 with the stem written out here, not by the library's apply_stem
     # (its stride and padding are not in the state dict, so a shared mistake would not show)
@@ -105,6 +111,28 @@ def test_command_line_entry(tmp_path, capsys):
 
 def test_not_a_resnet_checkpoint_is_refused(tmp_path):
     torch.save({"state_dict": {"head.weight": torch.zeros(2, 2)}}, tmp_path / "x.ckpt")
-    with pytest.raises(ValueError, match="no ResNet encoder"):
+    with pytest.raises(ValueError, match="holds no encoder"):
         export_backbone(tmp_path / "x.ckpt", tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_export_with_the_first_head_layer_loads_strictly_into_torchvision(tmp_path, capsys):
+    model = save_simclr_checkpoint(tmp_path / "simclr.ckpt", cifar_stem=False, in_channels=3)
+    main([str(tmp_path / "simclr.ckpt"), str(tmp_path / "v2.pt"), "--head-layers", "1"])
+    assert "net.fc = nn.Sequential(nn.Linear(512, 32, bias=False)" in capsys.readouterr().out
+    net = torchvision.models.resnet18()
+    # SimCLR v2's first head layer, written out here: Linear(no bias) -> BN -> ReLU
+    net.fc = nn.Sequential(nn.Linear(512, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU())
+    net.load_state_dict(torch.load(tmp_path / "v2.pt", weights_only=True))  # strict
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        want = model.head.net[2](model.head.net[1](model.head.net[0](model.backbone(x))))
+        torch.testing.assert_close(net.eval()(x), want)
+
+
+def test_export_of_more_head_layers_than_there_are_is_refused(tmp_path):
+    save_simclr_checkpoint(tmp_path / "simclr.ckpt", cifar_stem=True, in_channels=1)
+    with pytest.raises(ValueError, match="head_layers=5 is invalid: must be <= 3"):
+        export_backbone(tmp_path / "simclr.ckpt", tmp_path / "x.pt", head_layers=5)
+    assert not (tmp_path / "x.pt").exists()

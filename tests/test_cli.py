@@ -93,7 +93,13 @@ def test_cli_resumes_a_checkpoint_of_a_model_built_in_python(cifar_tiny, tmp_pat
 
     from simclr_lightning import ImageFolderDataModule
 
-    model = SimCLR(backbone="resnet18", temperature=0.3, head_hidden_dim=64, head_output_dim=32)
+    model = SimCLR(
+        backbone="resnet18",
+        cifar_stem=False,
+        temperature=0.3,
+        head_hidden_dim=64,
+        head_output_dim=32,
+    )
     data = ImageFolderDataModule(str(cifar_tiny), batch_size=32, num_workers=0)
     trainer = quiet_trainer(
         max_epochs=1,
@@ -131,6 +137,9 @@ def test_cli_resumes_a_checkpoint_of_a_model_built_in_python(cifar_tiny, tmp_pat
         ["imagefolder.yaml"],
         ["demo.yaml"],
         ["linear_eval.yaml"],
+        ["cifar10.yaml", "supcon.yaml"],
+        ["linear_eval.yaml", "finetune_semi.yaml"],
+        ["imagefolder.yaml", "timm.yaml"],
     ],
 )
 def test_every_config_parses(configs, cifar_tiny, capsys):

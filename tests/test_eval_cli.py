@@ -180,7 +180,12 @@ def test_linear_eval_from_pretraining_checkpoint(pretrained, linear_eval, cifar_
 def test_exported_backbone_loads_into_torchvision(pretrained, cifar_small, tmp_path):
     out = tmp_path / "encoder.pt"
     arch = export_backbone(pretrained["ckpt"], out)
-    assert arch == {"backbone": "resnet18", "cifar_stem": False, "in_channels": 3}
+    assert {k: arch[k] for k in ("backbone", "cifar_stem", "in_channels", "fc")} == {
+        "backbone": "resnet18",
+        "cifar_stem": False,
+        "in_channels": 3,
+        "fc": None,
+    }
     assert [p.name for p in tmp_path.iterdir()] == ["encoder.pt"]  # no temporary left over
 
     net = torchvision.models.resnet18()

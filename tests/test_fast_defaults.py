@@ -39,7 +39,7 @@ def fit_steps(model: SimCLR, accelerator: str, steps: int = 1) -> L.Trainer:
 
 
 def test_channels_last_is_a_no_op_on_cpu():
-    model = SimCLR(backbone="resnet18", head_hidden_dim=32, channels_last=True)
+    model = SimCLR(backbone="resnet18", cifar_stem=False, head_hidden_dim=32, channels_last=True)
     fit_steps(model, "cpu")
     assert model.backbone.conv1.weight.is_contiguous()  # NCHW kept off CUDA
 
@@ -47,8 +47,8 @@ def test_channels_last_is_a_no_op_on_cpu():
 @pytest.mark.slow
 def test_compiled_encoder_keeps_names_and_features(tmp_path):
     torch.manual_seed(0)
-    eager = SimCLR(backbone="resnet18", head_hidden_dim=32)
-    compiled = SimCLR(backbone="resnet18", head_hidden_dim=32, compile=True)
+    eager = SimCLR(backbone="resnet18", cifar_stem=False, head_hidden_dim=32)
+    compiled = SimCLR(backbone="resnet18", cifar_stem=False, head_hidden_dim=32, compile=True)
     compiled.load_state_dict(eager.state_dict())
     trainer = fit_steps(compiled, "cpu")
     assert compiled._compiled
@@ -66,10 +66,10 @@ def test_compiled_encoder_keeps_names_and_features(tmp_path):
 @pytest.mark.gpu
 @cuda
 def test_channels_last_on_cuda_gives_the_same_features():
-    nhwc = SimCLR(backbone="resnet18", head_hidden_dim=32, channels_last=True)
+    nhwc = SimCLR(backbone="resnet18", cifar_stem=False, head_hidden_dim=32, channels_last=True)
     fit_steps(nhwc, "gpu")  # configure_model converts the encoder before DDP/training
     assert nhwc.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    nchw = SimCLR(backbone="resnet18", head_hidden_dim=32, channels_last=False)
+    nchw = SimCLR(backbone="resnet18", cifar_stem=False, head_hidden_dim=32, channels_last=False)
     nchw.load_state_dict(nhwc.state_dict())
     nchw.cuda().eval()
     nhwc.eval()
@@ -81,7 +81,7 @@ def test_channels_last_on_cuda_gives_the_same_features():
 @pytest.mark.gpu
 @cuda
 def test_bf16_fit_step_on_cuda_is_finite():
-    model = SimCLR(backbone="resnet18", head_hidden_dim=32)
+    model = SimCLR(backbone="resnet18", cifar_stem=False, head_hidden_dim=32)
     trainer = quiet_trainer(
         accelerator="gpu",
         precision="bf16-mixed",

@@ -59,6 +59,10 @@ def test_pretraining_improves_knn_on_real_cifar(cifar_jpg_root, tmp_path):
     )
     model = SimCLR(
         backbone="resnet18",
+        cifar_stem=False,  # the ImageNet stem downsamples 4x: what 2 CPU cores can afford
+        # The official zero-init of residual BatchNorms is for long LARS runs: in these 8
+        # AdamW epochs (seed 0) it learned +3.4 points against +11.8 without it.
+        zero_init_residual=False,
         head_hidden_dim=512,
         temperature=0.2,
         optimizer="adamw",

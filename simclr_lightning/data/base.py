@@ -7,18 +7,20 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from simclr_lightning.data.device_store import DeviceImageStore, IndexDataset
 from simclr_lightning.data.encoded import ImageBatch
 from simclr_lightning.data.gpu import GPUAugment
+from simclr_lightning.data.subsets import class_balanced_subset, dataset_labels, listed_subset
 from simclr_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SimCLRAugmentation,
     TwoViews,
     classify_transform,
+    eval_crop_ratio,
     eval_transform,
     view_transform,
 )
@@ -54,6 +56,11 @@ class SimCLRDataModule(L.LightningDataModule):
             then live on the device and the loader yields only indices.
         val_batch_size: None means ``batch_size``.
         drop_last: drop the incomplete last training batch (the loss wants full batches).
+        label_fraction: with ``task: classify``, train on this fraction of each class's images
+            (0.01 and 0.1: SimCLR's semi-supervised protocol), the same ``label_seed``-ed
+            choice on every rank.
+        label_subset: with ``task: classify`` on an image folder, train only on the images this
+            text file names (google-research/simclr's ``imagenet_subsets/1percent.txt``).
     """
 
     def __init__(
@@ -67,6 +74,9 @@ class SimCLRDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         drop_last: bool = True,
         val_batch_size: int | None = None,
+        label_fraction: float | None = None,
+        label_seed: int = 0,
+        label_subset: str | None = None,
     ) -> None:
         super().__init__()
         require(
@@ -95,6 +105,22 @@ class SimCLRDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.drop_last = drop_last
         self.val_batch_size = val_batch_size or batch_size
+        for name, value in (("label_fraction", label_fraction), ("label_subset", label_subset)):
+            require(
+                value is None or task == "classify",
+                f"data.{name}",
+                value,
+                "unset unless data.task=classify (it picks the labelled training images)",
+            )
+        require(
+            label_fraction is None or 0 < label_fraction <= 1,
+            "data.label_fraction",
+            label_fraction,
+            "in (0, 1]",
+        )
+        self.label_fraction = label_fraction
+        self.label_seed = label_seed
+        self.label_subset = label_subset
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.device_store: DeviceImageStore | None = None
@@ -111,8 +137,6 @@ class SimCLRDataModule(L.LightningDataModule):
         ``transform`` None (what :meth:`device_input_transform` may return) asks for images
         as the device path takes them: uint8 tensors or undecoded file bytes."""
         raise NotImplementedError
-
-    eval_resize_ratio: float | None = None  # <1: resize to size/ratio then centre-crop
 
     def make_device_store(self, dataset: Dataset) -> DeviceImageStore | None:
         """The whole training split as one uint8 tensor, for datasets already in memory."""
@@ -136,6 +160,11 @@ class SimCLRDataModule(L.LightningDataModule):
             return TwoViews(view_transform(aug))
         return classify_transform(aug)
 
+    @property
+    def eval_resize_ratio(self) -> float | None:
+        """Evaluation views are resized to size/ratio then centre-cropped (None: resized)."""
+        return eval_crop_ratio(self.augmentation.image_size)
+
     def eval_transform(self):
         aug = self.augmentation
         return eval_transform(aug.image_size, aug.mean, aug.std, self.eval_resize_ratio)
@@ -145,12 +174,23 @@ class SimCLRDataModule(L.LightningDataModule):
         if stage == "fit" and self.gpu_augment is not None and self.trainer is not None:
             self._seed_gpu_augment()
         if stage == "fit" and self.train_set is None:
-            self.train_set = self.make_dataset("train", self.train_transform())
+            self.train_set = self._labelled(self.make_dataset("train", self.train_transform()))
             self._check_batch_size(len(self.train_set))
             if self.on_device:
                 self.device_store = self.make_device_store(self.train_set)
         if self.val_set is None:
             self.val_set = self.make_dataset("val", self.eval_transform())
+
+    def _labelled(self, dataset: Dataset) -> Dataset:
+        """The training split, or its labelled subset for semi-supervised fine-tuning."""
+        if self.label_subset is not None:
+            return Subset(dataset, listed_subset(dataset, self.label_subset))
+        if self.label_fraction is not None:
+            indices = class_balanced_subset(
+                dataset_labels(dataset), self.label_fraction, self.label_seed
+            )
+            return Subset(dataset, indices)
+        return dataset
 
     def _seed_gpu_augment(self) -> None:
         # seed_everything gives every rank the same default generators, so without a stream

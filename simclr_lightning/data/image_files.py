@@ -9,7 +9,12 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_lightning.data.image_folder import IMAGE_EXTENSIONS, load_rgb
-from simclr_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from simclr_lightning.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_crop_ratio,
+    eval_transform,
+)
 from simclr_lightning.errors import require
 
 
@@ -95,7 +100,7 @@ class ImageFilesDataModule(L.LightningDataModule):
         ratio = (
             self.resize_ratio
             if self.resize_ratio is not None
-            else recorded.get("resize_ratio", 0.875 if size >= 96 else None)
+            else recorded.get("resize_ratio", eval_crop_ratio(size))
         )
         return eval_transform(size, mean, std, ratio)
 

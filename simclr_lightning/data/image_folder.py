@@ -92,11 +92,6 @@ class ImageFolderDataModule(SimCLRDataModule):
             )
         super().__init__(augmentation=augmentation, **kwargs)
 
-    @property
-    def eval_resize_ratio(self) -> float | None:
-        # ImageNet evaluation resizes to 256 then centre-crops 224; small images just resize.
-        return 0.875 if self.augmentation.image_size >= 96 else None
-
     def device_input_transform(self):
         return None  # make_dataset then hands over bytes or decoded uint8 images as they are
 

@@ -29,9 +29,10 @@ class SimCLRAugmentation:
     """Parameters of one SimCLR view; defaults are the paper's CIFAR-10 settings.
 
     Colour jitter uses strength ``s``: brightness, contrast and saturation 0.8*s,
-    hue 0.2*s, applied with ``jitter_prob``. ``blur_kernel_size`` None means 10% of
-    ``image_size`` rounded to an odd number, as in the paper. ``mean``/``std`` None means the
-    dataset's own channel statistics, filled in by the data module.
+    hue 0.2*s, applied with ``jitter_prob``. ``blur_kernel_size`` None means the official
+    code's kernel, ``2 * (image_size // 10 // 2) + 1`` taps (23 at 224 px, 9 at 96, 3 at 32).
+    ``mean``/``std`` None means the dataset's own channel statistics, filled in by the data
+    module.
     """
 
     image_size: int = 32
@@ -89,8 +90,9 @@ class SimCLRAugmentation:
     def kernel_size(self) -> int:
         if self.blur_kernel_size is not None:
             return self.blur_kernel_size
-        k = max(3, int(round(0.1 * self.image_size)))
-        return k if k % 2 == 1 else k + 1
+        # google-research/simclr data_util: random_blur(kernel_size=height // 10), and
+        # gaussian_blur rounds that down to radius = kernel_size // 2, 2 * radius + 1 taps
+        return 2 * (self.image_size // 10 // 2) + 1
 
     @property
     def jitter(self) -> tuple[float, float, float, float]:
@@ -155,20 +157,30 @@ def eval_transform(
 
 
 def classify_transform(cfg: SimCLRAugmentation) -> v2.Compose:
-    """The lightly augmented single view of linear evaluation and fine-tuning: pad-4 random
-    crop + flip for images up to 64 px (CIFAR-style), random resized crop + flip above."""
-    size = cfg.image_size
-    if size <= 64:
-        crop = v2.RandomCrop(size, padding=size // 8, padding_mode="reflect")
-        ops: list = [v2.ToImage(), v2.Resize((size, size), antialias=True), crop]
-    else:
-        ops = [v2.ToImage(), v2.RandomResizedCrop(size, antialias=True)]
-    ops += [
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(cfg.mean, cfg.std),
-    ]
-    return v2.Compose(ops)
+    """The single view of linear evaluation and fine-tuning, as google-research/simclr makes
+    it at every image size (``preprocess_for_train(color_distort=False)``): random resized crop
+    (area 0.08-1, aspect 3/4-4/3) and a horizontal flip, no colour distortion."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(
+                cfg.image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True
+            ),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(cfg.mean, cfg.std),
+        ]
+    )
+
+
+# google-research/simclr data_util.CROP_PROPORTION, applied only above 32 px (data.py: "Disable
+# test cropping for small images (e.g. CIFAR)")
+CROP_PROPORTION = 0.875
+
+
+def eval_crop_ratio(image_size: int) -> float | None:
+    """The centre-crop proportion of evaluation views: 0.875 above 32 px, none for CIFAR."""
+    return CROP_PROPORTION if image_size > 32 else None
 
 
 class TwoViews:

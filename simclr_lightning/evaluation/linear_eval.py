@@ -10,24 +10,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from simclr_lightning.backbones import build_resnet
-from simclr_lightning.checkpoint import load_backbone_state, with_class_path
+from simclr_lightning.backbones import build_backbone
+from simclr_lightning.checkpoint import load_backbone_state, projection_layers, with_class_path
 from simclr_lightning.data.base import dataset_class_names
 from simclr_lightning.distributed import pick_loader, real_rows
 from simclr_lightning.errors import require
+from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.optim import LARS, param_groups, warmup_cosine
 
 
 class LinearEval(L.LightningModule):
-    """A linear classifier on a (frozen) SimCLR encoder.
+    """A linear classifier on a (frozen) SimCLR encoder: linear evaluation, or fine-tuning.
 
     ``checkpoint`` is a SimCLR (or LinearEval, or exported) checkpoint; its architecture
-    (``backbone``, ``cifar_stem``, ``in_channels``) overrides the arguments of the same names,
-    which only matter without one. Frozen (the default): ``requires_grad=False`` and BatchNorm
-    kept in eval mode, so the encoder is exactly the pretrained one. ``finetune`` trains it too,
-    at ``backbone_lr``. The learning rate follows a cosine over the run's optimizer steps
-    (stepped per iteration), whatever ``max_epochs`` is. Use with a data module's
-    ``task: classify`` (random crop + flip, as in the paper's linear evaluation).
+    (``backbone``, ``cifar_stem``, ``in_channels``, ``timm_kwargs``) overrides the arguments of
+    the same names, which only matter without one. ``head_layers`` k > 0 keeps the first k
+    layers of the pretrained projection head under the classifier: SimCLR v2 fine-tunes from
+    the first one (google-research/simclr ``ft_proj_selector``), which beats fine-tuning from
+    the encoder when few labels are used. Frozen (the default): ``requires_grad=False`` and
+    BatchNorm kept in eval mode, so the features are exactly the pretrained ones. ``finetune``
+    trains the encoder and kept head layers too, at ``backbone_lr``. The classifier starts at
+    zero (the official ``zero_init_logits_layer``). The learning rate follows a cosine over the
+    run's optimizer steps (stepped per iteration), whatever ``max_epochs`` is. Use with a data
+    module's ``task: classify`` (random resized crop + flip, as the official code; with
+    ``data.label_fraction`` for the semi-supervised protocol).
 
     Logs ``train/loss``, ``train/top1``, ``val/top1``, ``val/top5``, ``val/loss``,
     ``test/top1``, ``test/top5``. ``predict_step`` returns class probabilities. Class names
@@ -38,7 +44,11 @@ class LinearEval(L.LightningModule):
         optimizer: sgd (Nesterov momentum) or lars (SimCLR's linear evaluation); LARS skips
             biases and BatchNorm, which are never weight-decayed either.
         lr: peak learning rate of the head (no batch-size scaling).
-        backbone_lr: of the encoder when fine-tuning; None means ``lr``.
+        backbone_lr: of the encoder (and kept head layers) when fine-tuning; None means ``lr``.
+        head_layers: pretrained projection-head layers kept under the classifier (0: none).
+        zero_init_classifier: start the classifier at zero, as the official fine-tuning does.
+        head_config: recorded from ``checkpoint`` so this module's own checkpoints rebuild the
+            kept head layers; not set by hand.
     """
 
     def __init__(
@@ -52,9 +62,13 @@ class LinearEval(L.LightningModule):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         nesterov: bool = True,
+        head_layers: int = 0,
+        zero_init_classifier: bool = True,
         backbone: str = "resnet18",
-        cifar_stem: bool = False,
+        cifar_stem: bool = True,
         in_channels: int = 3,
+        timm_kwargs: dict[str, Any] | None = None,
+        head_config: dict[str, Any] | None = None,
         class_names: list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -71,22 +85,44 @@ class LinearEval(L.LightningModule):
             class_names,
             f"a list of model.num_classes={num_classes} names",
         )
+        require(head_layers >= 0, "model.head_layers", head_layers, ">= 0")
         self.save_hyperparameters()
-        state = None
+        state, projection = None, None
         if checkpoint is not None:
             state, arch = load_backbone_state(checkpoint)
-            backbone = arch.get("backbone", backbone)
-            cifar_stem = arch.get("cifar_stem", cifar_stem)
-            in_channels = arch.get("in_channels", in_channels)
+            arch = {"backbone": backbone, "cifar_stem": cifar_stem, "in_channels": in_channels,
+                    "timm_kwargs": timm_kwargs, **arch}  # fmt: skip
+            if head_layers:
+                projection, head_config = projection_layers(checkpoint, head_layers)
             # What was built, so this module's own checkpoints rebuild it without the file.
-            self.hparams.update(backbone=backbone, cifar_stem=cifar_stem, in_channels=in_channels)
-        self.backbone, self.feature_dim = build_resnet(backbone, cifar_stem, in_channels)
+            self.hparams.update(arch, head_config=head_config)
+            backbone, cifar_stem = arch["backbone"], arch["cifar_stem"]
+            in_channels, timm_kwargs = arch["in_channels"], arch["timm_kwargs"]
+        self.backbone, self.feature_dim = build_backbone(
+            backbone, cifar_stem, in_channels, timm_kwargs=timm_kwargs
+        )
         if state is not None:
             self.backbone.load_state_dict(state)
-        self.backbone.requires_grad_(finetune)
-        if not finetune:
-            self.backbone.eval()
+        if projection is None:
+            require(
+                not head_layers or head_config is not None,
+                "model.head_layers",
+                head_layers,
+                "0 without model.checkpoint (the head layers come from it)",
+            )
+            projection = nn.Sequential()
+            if head_layers:
+                projection = ProjectionHead(**head_config).first_layers(head_layers)
+        self.projection = projection
+        if head_layers:
+            self.feature_dim = [m for m in projection if isinstance(m, nn.Linear)][-1].out_features
+        for module in (self.backbone, self.projection):
+            module.requires_grad_(finetune)
+            module.train(finetune)
         self.head = nn.Linear(self.feature_dim, num_classes)
+        if zero_init_classifier:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         self.class_names = list(class_names) if class_names is not None else None
         self.preprocessing: dict[str, Any] | None = None
         top5 = min(5, num_classes)
@@ -99,17 +135,19 @@ class LinearEval(L.LightningModule):
         super().train(mode)
         if not self.hparams.finetune:
             self.backbone.eval()
+            self.projection.eval()
         return self
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Lightning restores the modes it captured around validation by setting ``training``
         # on each submodule directly, bypassing ``train()``: enforce eval mode where it matters.
-        if not self.hparams.finetune and self.backbone.training:
+        if not self.hparams.finetune and (self.backbone.training or self.projection.training):
             self.backbone.eval()
+            self.projection.eval()
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.set_grad_enabled(self.hparams.finetune and torch.is_grad_enabled()):
-            features = self.backbone(x)
+            features = self.projection(self.backbone(x))
         return self.head(features)
 
     # -- steps ----------------------------------------------------------------------------------
@@ -161,9 +199,8 @@ class LinearEval(L.LightningModule):
         groups = [dict(g, lr=hp.lr) for g in param_groups(self.head, hp.weight_decay)]
         if hp.finetune:
             backbone_lr = hp.lr if hp.backbone_lr is None else hp.backbone_lr
-            groups += [
-                dict(g, lr=backbone_lr) for g in param_groups(self.backbone, hp.weight_decay)
-            ]
+            for encoder in (self.backbone, self.projection):
+                groups += [dict(g, lr=backbone_lr) for g in param_groups(encoder, hp.weight_decay)]
         groups = [g for g in groups if g["params"]]
         if hp.optimizer == "lars":
             optimizer = LARS(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)

@@ -139,3 +139,61 @@ def test_two_view_batches_are_refused(simclr_ckpt):
     pairs = [((torch.randn(1, 16, 16), torch.randn(1, 16, 16)), 0) for _ in range(4)]
     with pytest.raises(ValueError, match="task=classify"):
         quiet_trainer(max_steps=1).fit(LinearEval(str(path), num_classes=3), DataLoader(pairs))
+
+
+# -- SimCLR v2: the classifier after layer k of the pretrained projection head --------------------
+
+
+def first_head_layer_by_hand(pretrained, x: torch.Tensor) -> torch.Tensor:
+    """relu(BN(W h)) from the checkpoint's tensors, BN with its running statistics (eval)."""
+    state = pretrained.state_dict()
+    h = pretrained.backbone.eval()(x)
+    z = h @ state["head.net.0.weight"].T
+    z = (z - state["head.net.1.running_mean"]) / torch.sqrt(state["head.net.1.running_var"] + 1e-5)
+    return torch.relu(z * state["head.net.1.weight"] + state["head.net.1.bias"])
+
+
+def test_classifier_on_the_first_head_layer(simclr_ckpt):
+    path, pretrained = simclr_ckpt
+    model = LinearEval(str(path), num_classes=3, head_layers=1).eval()
+    assert model.feature_dim == 32  # the head's hidden width, not the encoder's 512
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        features = model.projection(model.backbone(x))
+        torch.testing.assert_close(features, first_head_layer_by_hand(pretrained, x))
+    assert torch.count_nonzero(model.head.weight) == 0  # zero_init_logits_layer
+    whole = LinearEval(str(path), num_classes=3, head_layers=3)
+    assert whole.feature_dim == 8 and len(whole.projection) == 8  # 3 layers, output BN
+
+
+def test_finetuning_from_a_head_layer_trains_it_and_rebuilds_from_its_own_checkpoint(
+    simclr_ckpt, tmp_path
+):
+    path, pretrained = simclr_ckpt
+    model = LinearEval(str(path), num_classes=3, head_layers=1, finetune=True, backbone_lr=0.05)
+    spy = Spy()
+    trainer = fit(model, epochs=1, spy=spy)
+    assert not torch.equal(model.projection[0].weight, pretrained.head.net[0].weight)
+    assert sorted(set(spy.lrs[0])) == [0.05, 0.1]
+    trainer.save_checkpoint(tmp_path / "ft.ckpt")
+    path.unlink()
+    restored = LinearEval.load_from_checkpoint(tmp_path / "ft.ckpt")
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(restored.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_frozen_head_layers_stay_pretrained(simclr_ckpt):
+    path, pretrained = simclr_ckpt
+    model = LinearEval(str(path), num_classes=3, head_layers=2)
+    fit(model, epochs=1)
+    for name, tensor in model.projection.state_dict().items():
+        assert torch.equal(tensor, pretrained.head.net.state_dict()[name]), name
+
+
+def test_head_layers_need_a_head(simclr_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="model.head_layers=1"):
+        LinearEval(num_classes=3, head_layers=1)
+    path, _ = simclr_ckpt
+    with pytest.raises(ValueError, match="head_layers=4 is invalid: must be <= 3"):
+        LinearEval(str(path), num_classes=3, head_layers=4)
