@@ -55,6 +55,7 @@ def test_offline_wandb_run_holds_metrics_plot_and_model(cifar_tiny, tmp_path, mo
             "fit",
             "--seed_everything=0",
             "--model=simclr_lightning.SimCLR",
+            "--model.cifar_stem=false",
             "--model.head_hidden_dim=64",
             "--model.optimizer=sgd",
             "--model.warmup_epochs=0",
