@@ -1,7 +1,8 @@
 """SimCLR self-supervised pretraining for PyTorch Lightning.
 
-Where things live: ``module.py`` (the ``SimCLR`` LightningModule) with its parts ``loss.py``,
-``heads.py``, ``backbones.py`` and ``optim.py``; ``distributed.py`` (gathers); ``data/`` (data
+Where things live: ``module.py`` (the ``SimCLR`` LightningModule) with its parts ``loss.py``
+(computed in row tiles by ``tiled_loss.py``), ``heads.py``, ``backbones.py`` and ``optim.py``;
+``distributed.py`` (gathers); ``data/`` (data
 modules, CPU transforms, the on-device augmentation in ``data/gpu/``); ``callbacks/``
 (monitors and writers); ``evaluation/`` (linear evaluation, kNN); ``checkpoint.py`` (encoder
 loading and export); ``cli.py`` (the ``simclr-lightning`` command).
@@ -31,6 +32,7 @@ from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.loss import NTXentLoss
 from simclr_lightning.module import SimCLR
 from simclr_lightning.optim import LARS
+from simclr_lightning.tiled_loss import TiledNTXent
 
 __version__ = "0.2.0"
 
@@ -54,6 +56,7 @@ __all__ = [
     "SimCLR",
     "SimCLRAugmentation",
     "SimCLRDataModule",
+    "TiledNTXent",
     "apply_stem",
     "build_resnet",
     "export_backbone",

@@ -20,13 +20,34 @@ def gather_with_grad(tensor: Tensor) -> Tensor:
     """Concatenate ``tensor`` from every rank along dim 0, differentiably.
 
     The backward pass sums, on each rank, the gradients every rank computed for that
-    rank's slice (a reduce-scatter). This is what Lightning's
-    ``all_gather(..., sync_grads=True)`` does; a plain ``dist.all_gather`` would drop the
-    gradient of the negatives that live on other ranks.
+    rank's slice (a reduce-scatter): the negatives that live on other ranks send their
+    gradient home. A plain ``dist.all_gather`` would drop it.
     """
-    import torch.distributed.nn.functional as dist_fn
+    return _GatherWithGrad.apply(tensor)
 
-    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+
+# torch >= 2.13 renames the tensor collectives (the old names warn deprecated at every call).
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather forward, reduce-scatter (sum) backward: one collective each way, on gloo
+    and NCCL alike, without ``torch.distributed.nn`` (deprecated in torch 2.14)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        world = dist.get_world_size()
+        out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+        _all_gather_tensor(out, tensor.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        world = dist.get_world_size()
+        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+        _reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM)
+        return out
 
 
 def sample_positions(dataloader: DataLoader, batch_idx: int, batch_len: int) -> Tensor | None:

@@ -50,6 +50,8 @@ class SimCLR(L.LightningModule):
             format (NHWC), the layout tensor-core convolutions want under bf16/fp16.
         compile: ``torch.compile`` the encoder when fitting (state-dict names unchanged).
             Measure first: for CIFAR ResNet-18 eager was faster in one H100 measurement.
+        loss_block_size: anchors whose similarities NT-Xent holds at once (memory about
+            ``loss_block_size x 2 x global batch`` floats).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class SimCLR(L.LightningModule):
         batch_size: int | None = None,
         channels_last: bool = True,
         compile: bool = False,
+        loss_block_size: int = 1024,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -102,7 +105,7 @@ class SimCLR(L.LightningModule):
             output_dim=head_output_dim,
             num_layers=head_layers,
         )
-        self.criterion = NTXentLoss(temperature, gather_distributed=gather_distributed)
+        self.criterion = NTXentLoss(temperature, gather_distributed, loss_block_size)
         self._compiled = False
 
     def forward(self, x: Tensor) -> Tensor:
