@@ -1,9 +1,9 @@
 """SimCLR self-supervised pretraining for PyTorch Lightning.
 
 Where things live: ``module.py`` (the ``SimCLR`` LightningModule) with its parts ``loss.py``
-(computed in row tiles by ``tiled_loss.py``), ``heads.py``, ``backbones.py`` and ``optim.py``;
-``distributed.py`` (gathers); ``data/`` (data
-modules, CPU transforms, the on-device augmentation in ``data/gpu/``); ``callbacks/``
+(computed in row tiles by ``tiled_loss.py``), ``grad_cache.py``, ``heads.py``, ``backbones.py``
+and ``optim.py``; ``distributed.py`` (gathers); ``data/`` (data modules, CPU transforms, the
+on-device augmentation in ``data/gpu/``); ``callbacks/``
 (monitors and writers); ``evaluation/`` (linear evaluation, kNN); ``checkpoint.py`` (encoder
 loading and export); ``cli.py`` (the ``simclr-lightning`` command).
 """
@@ -28,6 +28,7 @@ from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.transforms import SimCLRAugmentation
 from simclr_lightning.errors import SettingError
 from simclr_lightning.evaluation import LinearEval, knn_predict
+from simclr_lightning.grad_cache import embed_in_chunks
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.loss import NTXentLoss
 from simclr_lightning.module import SimCLR
@@ -59,6 +60,7 @@ __all__ = [
     "TiledNTXent",
     "apply_stem",
     "build_resnet",
+    "embed_in_chunks",
     "export_backbone",
     "knn_predict",
     "load_backbone_state",

@@ -9,6 +9,7 @@ from torch import Tensor
 from simclr_lightning.backbones import build_resnet
 from simclr_lightning.checkpoint import with_class_path
 from simclr_lightning.errors import require
+from simclr_lightning.grad_cache import embed_in_chunks
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.loss import NTXentLoss
 from simclr_lightning.optim import (
@@ -50,6 +51,10 @@ class SimCLR(L.LightningModule):
             format (NHWC), the layout tensor-core convolutions want under bf16/fp16.
         compile: ``torch.compile`` the encoder when fitting (state-dict names unchanged).
             Measure first: for CIFAR ResNet-18 eager was faster in one H100 measurement.
+        grad_cache_chunks: above 1, gradient caching: the encoder's activations are those
+            of one chunk of the per-device batch (of ``batch_size / grad_cache_chunks`` image
+            pairs), while the loss still uses the whole global batch; costs a second encoder
+            forward. BatchNorm normalises each chunk by its own statistics.
         loss_block_size: anchors whose similarities NT-Xent holds at once (memory about
             ``loss_block_size x 2 x global batch`` floats).
     """
@@ -76,6 +81,7 @@ class SimCLR(L.LightningModule):
         batch_size: int | None = None,
         channels_last: bool = True,
         compile: bool = False,
+        grad_cache_chunks: int = 1,
         loss_block_size: int = 1024,
     ) -> None:
         super().__init__()
@@ -98,6 +104,7 @@ class SimCLR(L.LightningModule):
             "one of linear, sqrt, none",
         )
         require(batch_size is None or batch_size >= 2, "model.batch_size", batch_size, ">= 2")
+        require(grad_cache_chunks >= 1, "model.grad_cache_chunks", grad_cache_chunks, ">= 1")
         self.backbone, self.feature_dim = build_resnet(backbone, cifar_stem, in_channels)
         self.head = ProjectionHead(
             self.feature_dim,
@@ -130,9 +137,13 @@ class SimCLR(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
         (x_a, x_b), labels = batch
-        # One pass over both views: BatchNorm sees the 2N images together, as in SimCLR.
-        features = self(torch.cat([x_a, x_b]))
-        z_a, z_b = self.head(features).chunk(2)
+        if self.hparams.grad_cache_chunks > 1:
+            features, z = embed_in_chunks(
+                self._encode, x_a, x_b, self.hparams.grad_cache_chunks, self
+            )
+        else:  # one pass over both views: BatchNorm sees the 2N images together, as in SimCLR
+            features, z = self._encode(torch.cat([x_a, x_b]))
+        z_a, z_b = z.chunk(2)
         loss, stats = self.criterion.forward_with_stats(z_a, z_b)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -143,6 +154,10 @@ class SimCLR(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         return {"loss": loss, "features": features.detach(), "labels": torch.cat([labels, labels])}
+
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self(x)
+        return features, self.head(features)
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         x, labels = batch
