@@ -27,7 +27,7 @@ from simclr_lightning.data import (
 from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.transforms import SimCLRAugmentation
 from simclr_lightning.errors import SettingError
-from simclr_lightning.evaluation import LinearEval, knn_predict
+from simclr_lightning.evaluation import LinearEval, knn_predict, sharded_knn_predict
 from simclr_lightning.grad_cache import embed_in_chunks
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.loss import NTXentLoss
@@ -64,4 +64,5 @@ __all__ = [
     "export_backbone",
     "knn_predict",
     "load_backbone_state",
+    "sharded_knn_predict",
 ]
