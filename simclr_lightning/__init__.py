@@ -1,8 +1,9 @@
 """SimCLR self-supervised pretraining for PyTorch Lightning.
 
-Where things live: ``module.py`` (the ``SimCLR`` LightningModule) with its parts ``loss.py``,
-``heads.py``, ``backbones.py`` and ``optim.py``; ``distributed.py`` (gathers); ``data/`` (data
-modules, CPU transforms, the on-device augmentation in ``data/gpu/``); ``callbacks/``
+Where things live: ``module.py`` (the ``SimCLR`` LightningModule) with its parts ``loss.py``
+(computed in row tiles by ``tiled_loss.py``), ``grad_cache.py``, ``heads.py``, ``backbones.py``
+and ``optim.py``; ``distributed.py`` (gathers); ``data/`` (data modules, CPU transforms, the
+on-device augmentation in ``data/gpu/``); ``callbacks/``
 (monitors and writers); ``evaluation/`` (linear evaluation, kNN); ``checkpoint.py`` (encoder
 loading and export); ``cli.py`` (the ``simclr-lightning`` command).
 """
@@ -26,12 +27,14 @@ from simclr_lightning.data import (
 from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.transforms import SimCLRAugmentation
 from simclr_lightning.errors import SettingError
-from simclr_lightning.evaluation import LinearEval, knn_predict
+from simclr_lightning.evaluation import LinearEval, knn_predict, sharded_knn_predict
+from simclr_lightning.grad_cache import embed_in_chunks
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.loss import NTXentLoss
 from simclr_lightning.module import SimCLR
 from simclr_lightning.optim import LARS
 from simclr_lightning.supcon import SupConLoss
+from simclr_lightning.tiled_loss import TiledNTXent
 
 __version__ = "0.2.0"
 
@@ -56,10 +59,13 @@ __all__ = [
     "SimCLRAugmentation",
     "SimCLRDataModule",
     "SupConLoss",
+    "TiledNTXent",
     "apply_stem",
     "build_backbone",
     "build_resnet",
+    "embed_in_chunks",
     "export_backbone",
     "knn_predict",
     "load_backbone_state",
+    "sharded_knn_predict",
 ]

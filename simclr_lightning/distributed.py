@@ -20,13 +20,34 @@ def gather_with_grad(tensor: Tensor) -> Tensor:
     """Concatenate ``tensor`` from every rank along dim 0, differentiably.
 
     The backward pass sums, on each rank, the gradients every rank computed for that
-    rank's slice (a reduce-scatter). This is what Lightning's
-    ``all_gather(..., sync_grads=True)`` does; a plain ``dist.all_gather`` would drop the
-    gradient of the negatives that live on other ranks.
+    rank's slice (a reduce-scatter): the negatives that live on other ranks send their
+    gradient home. A plain ``dist.all_gather`` would drop it.
     """
-    import torch.distributed.nn.functional as dist_fn
+    return _GatherWithGrad.apply(tensor)
 
-    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+
+# torch >= 2.13 renames the tensor collectives (the old names warn deprecated at every call).
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather forward, reduce-scatter (sum) backward: one collective each way, on gloo
+    and NCCL alike, without ``torch.distributed.nn`` (deprecated in torch 2.14)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        world = dist.get_world_size()
+        out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+        _all_gather_tensor(out, tensor.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        world = dist.get_world_size()
+        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+        _reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM)
+        return out
 
 
 def sample_positions(dataloader: DataLoader, batch_idx: int, batch_len: int) -> Tensor | None:
@@ -75,10 +96,13 @@ def gather_rows(trainer: L.Trainer, *tensors: Tensor) -> list[Tensor]:
 
 
 class RowCollector:
-    """Accumulates ``(features, labels, positions)`` of one pass over a loader and, after
-    :meth:`gather`, holds every rank's rows once each, in dataset order when it is known."""
+    """Accumulates ``(features, labels, positions)`` of one pass over a loader: :meth:`gather`
+    gives every rank's rows once each, in dataset order when it is known; :meth:`shard` this
+    rank's rows and their dataset positions, for data that stays split over ranks. Features
+    are kept in ``dtype``."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
         self.reset()
 
     def reset(self) -> None:
@@ -97,15 +121,14 @@ class RowCollector:
         else:
             self.ordered = False
             positions = torch.full((len(features),), -1)
-        self.features.append(features.detach().float())
+        self.features.append(features.detach().to(self.dtype))
         self.labels.append(labels.detach().long())
         self.positions.append(positions.to(features.device))
 
     def __len__(self) -> int:
         return sum(len(f) for f in self.features)
 
-    def gather(self, trainer: L.Trainer, device: torch.device) -> tuple[Tensor, Tensor]:
-        """All ranks' features and labels; padding duplicates dropped when positions are known."""
+    def _local(self, trainer: L.Trainer, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         dim = self.features[0].shape[1] if self.features else 0
         if trainer.world_size > 1:  # a rank with no rows still joins the collectives
             dim = int(trainer.strategy.all_gather(torch.tensor(dim, device=device)).max())
@@ -114,12 +137,36 @@ class RowCollector:
             labels = torch.cat(self.labels).to(device)
             pos = torch.cat(self.positions).to(device)
         else:
-            feats = torch.zeros(0, dim, device=device)
+            feats = torch.zeros(0, dim, device=device, dtype=self.dtype)
             labels = torch.zeros(0, dtype=torch.long, device=device)
             pos = torch.zeros(0, dtype=torch.long, device=device)
-        ordered = self.ordered
+        return feats, labels, pos
+
+    def _ordered(self, trainer: L.Trainer) -> bool:
         if trainer.world_size > 1:
-            ordered = trainer.strategy.reduce_boolean_decision(ordered, all=True)
+            return trainer.strategy.reduce_boolean_decision(self.ordered, all=True)
+        return self.ordered
+
+    def shard(self, trainer: L.Trainer, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """This rank's features and labels without padding repeats, and their positions in the
+        dataset, increasing (rank-major running numbers when the loader's order is unknown).
+        Ranks must hold disjoint samples, as :func:`shard_loader` gives them."""
+        feats, labels, pos = self._local(trainer, device)
+        if self._ordered(trainer) and self.size is not None:
+            keep = pos < self.size  # DistributedSampler's padding
+            return feats[keep], labels[keep], pos[keep]
+        sizes = [len(feats)]
+        if trainer.world_size > 1:
+            n = torch.tensor([len(feats)], device=device)
+            sizes = trainer.strategy.all_gather(n).flatten().tolist()
+        offset = sum(sizes[: trainer.global_rank])
+        return feats, labels, torch.arange(offset, offset + len(feats), device=device)
+
+    def gather(self, trainer: L.Trainer, device: torch.device) -> tuple[Tensor, Tensor]:
+        """All ranks' features and labels; padding duplicates dropped when positions are known."""
+        feats, labels, pos = self._local(trainer, device)
+        ordered = self._ordered(trainer)
+        if trainer.world_size > 1:
             feats, labels, pos = gather_rows(trainer, feats, labels, pos)
         if ordered and self.size is not None and len(pos):
             keep = pos < self.size  # DistributedSampler's padding

@@ -11,6 +11,7 @@ from torch import Tensor
 from simclr_lightning.backbones import build_backbone
 from simclr_lightning.checkpoint import with_class_path
 from simclr_lightning.errors import require
+from simclr_lightning.grad_cache import embed_in_chunks
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.loss import NTXentLoss
 from simclr_lightning.optim import (
@@ -68,6 +69,12 @@ class SimCLR(L.LightningModule):
             format (NHWC), the layout tensor-core convolutions want under bf16/fp16.
         compile: ``torch.compile`` the encoder when fitting (state-dict names unchanged).
             Measure first: for CIFAR ResNet-18 eager was faster in one H100 measurement.
+        grad_cache_chunks: above 1, gradient caching: the encoder's activations are those
+            of one chunk of the per-device batch (of ``batch_size / grad_cache_chunks`` image
+            pairs), while the loss still uses the whole global batch; costs a second encoder
+            forward. BatchNorm normalises each chunk by its own statistics.
+        loss_block_size: anchors whose similarities NT-Xent holds at once (memory about
+            ``loss_block_size x 2 x global batch`` floats).
     """
 
     def __init__(
@@ -96,6 +103,8 @@ class SimCLR(L.LightningModule):
         batch_size: int | None = None,
         channels_last: bool = True,
         compile: bool = False,
+        grad_cache_chunks: int = 1,
+        loss_block_size: int = 1024,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -118,6 +127,7 @@ class SimCLR(L.LightningModule):
             "one of linear, sqrt, none",
         )
         require(batch_size is None or batch_size >= 2, "model.batch_size", batch_size, ">= 2")
+        require(grad_cache_chunks >= 1, "model.grad_cache_chunks", grad_cache_chunks, ">= 1")
         self.backbone, self.feature_dim = build_backbone(
             backbone, cifar_stem, in_channels, zero_init_residual, timm_kwargs
         )
@@ -128,10 +138,12 @@ class SimCLR(L.LightningModule):
             num_layers=head_layers,
             output_bn=head_output_bn,
         )
-        if loss == "supcon":
+        if (
+            loss == "supcon"
+        ):  # untiled: it holds the [2N, 2NW] similarities (loss_block_size unused)
             self.criterion = SupConLoss(temperature, gather_distributed=gather_distributed)
         else:
-            self.criterion = NTXentLoss(temperature, gather_distributed=gather_distributed)
+            self.criterion = NTXentLoss(temperature, gather_distributed, loss_block_size)
         self._compiled = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -156,9 +168,13 @@ class SimCLR(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
         (x_a, x_b), labels = batch
-        # One pass over both views: BatchNorm sees the 2N images together, as in SimCLR.
-        features = self(torch.cat([x_a, x_b]))
-        z_a, z_b = self.head(features).chunk(2)
+        if self.hparams.grad_cache_chunks > 1:
+            features, z = embed_in_chunks(
+                self._encode, x_a, x_b, self.hparams.grad_cache_chunks, self
+            )
+        else:  # one pass over both views: BatchNorm sees the 2N images together, as in SimCLR
+            features, z = self._encode(torch.cat([x_a, x_b]))
+        z_a, z_b = z.chunk(2)
         if self.hparams.get("loss") == "supcon":
             loss, stats = self.criterion.forward_with_stats(z_a, z_b, labels)
         else:
@@ -172,6 +188,10 @@ class SimCLR(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         return {"loss": loss, "features": features.detach(), "labels": torch.cat([labels, labels])}
+
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self(x)
+        return features, self.head(features)
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         x, labels = batch

@@ -61,10 +61,12 @@ def torch_ddp_worker(rank, world, init_file, out_dir, mode, per_rank, temperatur
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         # One forward over both views, as DDP expects one forward per backward.
         z_a, z_b = model(torch.cat([x_a[mine], x_b[mine]])).chunk(2)
-        loss = NTXentLoss(temperature)(z_a, z_b)
+        # Tiles of 3 of the 2N anchors: tiles straddle the two views.
+        loss, stats = NTXentLoss(temperature, block_size=3).forward_with_stats(z_a, z_b)
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters()]
-        torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/rank{rank}.pt")
+        out = {"loss": loss.detach(), "grads": grads, "stats": stats}
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 

@@ -1,8 +1,10 @@
-"""One SimCLR optimizer step under Lightning, saving the loss and the gradients DDP averaged.
+"""One SimCLR optimizer step under Lightning, saving the loss and the gradients DDP averaged
+(and the initial weights and final BatchNorm buffers, for references to start from).
 
 Run as a script (Lightning's "ddp" strategy relaunches it once per extra device, as it
 does for any user script). With --devices 1 the single batch is the concatenation, in
-rank order, of the per-rank batches the 2-device run sees.
+rank order, of the per-rank batches the 2-device run sees. ``--grad-cache-chunks``,
+``--precision`` and ``--batchnorm train`` (BatchNorm on batch statistics) test gradient caching.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ WORLD, PER_RANK = 2, 4
 
 
 class SaveStep(L.Callback):
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, initial: dict[str, torch.Tensor]) -> None:
         self.out = out
         self.loss = None
+        self.initial = {k: v.clone() for k, v in initial.items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.loss = outputs["loss"].detach()
@@ -37,38 +40,36 @@ class SaveStep(L.Callback):
         self.grads = grads
 
     def on_train_end(self, trainer, pl_module):
+        buffers = {n: b.clone() for n, b in pl_module.named_buffers()}
         torch.save(
-            {"loss": self.loss, "grads": self.grads, "world": trainer.world_size},
+            {
+                "loss": self.loss,
+                "grads": self.grads,
+                "world": trainer.world_size,
+                "initial": self.initial,
+                "buffers": buffers,
+            },
             self.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt",
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--gather", default="correct")
-    args = parser.parse_args()
-    use_gather(args.gather)
-
+def make_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """The two views of the WORLD x PER_RANK images of the global batch."""
     gen = torch.Generator().manual_seed(1)
     n = WORLD * PER_RANK
-    views_a, views_b = (
-        torch.randn(n, 3, 16, 16, generator=gen),
-        torch.randn(n, 3, 16, 16, generator=gen),
-    )
-    labels = torch.arange(n)
-    # DistributedSampler(shuffle=False) gives rank r the samples r, r+W, r+2W, ...
-    order = (
-        list(range(n))
-        if args.devices > 1
-        else [i for r in range(WORLD) for i in range(r, n, WORLD)]
-    )
-    samples = [((views_a[i], views_b[i]), labels[i]) for i in order]
-    batch_size = PER_RANK if args.devices > 1 else n
+    return torch.randn(n, 3, 16, 16, generator=gen), torch.randn(n, 3, 16, 16, generator=gen)
 
+
+def rank_rows(rank: int) -> list[int]:
+    """The samples of rank r: Lightning always shuffles training data under DDP, with
+    DistributedSampler(seed=0) at epoch 0 (a permutation, then every W-th from r)."""
+    perm = torch.randperm(WORLD * PER_RANK, generator=torch.Generator().manual_seed(0))
+    return perm[rank::WORLD].tolist()
+
+
+def make_model(grad_cache_chunks: int = 1) -> SimCLR:
     L.seed_everything(0, verbose=False)
-    model = SimCLR(
+    return SimCLR(
         backbone="resnet18",
         cifar_stem=True,
         head_hidden_dim=64,
@@ -76,9 +77,33 @@ def main() -> None:
         optimizer="sgd",
         base_lr=0.1,
         warmup_epochs=0,
+        grad_cache_chunks=grad_cache_chunks,
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--gather", default="correct")
+    parser.add_argument("--grad-cache-chunks", type=int, default=1)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--batchnorm", choices=["frozen", "train"], default="frozen")
+    args = parser.parse_args()
+    use_gather(args.gather)
+
+    views_a, views_b = make_data()
+    n = WORLD * PER_RANK
+    labels = torch.arange(n)
+    order = list(range(n)) if args.devices > 1 else [i for r in range(WORLD) for i in rank_rows(r)]
+    samples = [((views_a[i], views_b[i]), labels[i]) for i in order]
+    batch_size = PER_RANK if args.devices > 1 else n
+
+    model = make_model(args.grad_cache_chunks)
+    save = SaveStep(args.out, initial=model.state_dict())
+    callbacks = [FreezeBatchNorm(), save] if args.batchnorm == "frozen" else [save]
     trainer = ddp_trainer(
-        args.devices, [FreezeBatchNorm(), SaveStep(args.out)], max_steps=1, limit_val_batches=0
+        args.devices, callbacks, max_steps=1, limit_val_batches=0, precision=args.precision
     )
     trainer.fit(model, DataLoader(samples, batch_size=batch_size, shuffle=False))
 

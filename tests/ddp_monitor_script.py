@@ -72,16 +72,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--bank-dtype", default="float32")
     args = parser.parse_args()
 
     seen = {}
-    plain_knn_predict = knn_monitor.knn_predict
+    plain_knn = knn_monitor.sharded_knn_predict
 
-    def recording_knn_predict(query, bank, bank_labels, *rest):
-        seen.update(query=query.cpu(), bank=bank.cpu(), bank_labels=bank_labels.cpu())
-        return plain_knn_predict(query, bank, bank_labels, *rest)
+    def recording_knn(query, shard, shard_labels, shard_index, *rest):
+        scores = plain_knn(query, shard, shard_labels, shard_index, *rest)
+        seen.update(query=query, shard=shard, shard_labels=shard_labels, shard_index=shard_index)
+        seen["scores"] = scores
+        return scores
 
-    knn_monitor.knn_predict = recording_knn_predict
+    knn_monitor.sharded_knn_predict = recording_knn
+    plain_accuracy = knn_monitor.top_k_accuracy
+
+    def recording_accuracy(scores, labels, k):
+        seen["query_labels"] = labels
+        return plain_accuracy(scores, labels, k)
+
+    knn_monitor.top_k_accuracy = recording_accuracy
 
     L.seed_everything(0, verbose=False)
     model = SimCLR(
@@ -93,7 +103,8 @@ def main() -> None:
         warmup_epochs=0,
     )
     probe = OnlineLinearProbe(num_classes=CLASSES, optimizer="sgd", lr=0.5)
-    callbacks = [FreezeBatchNorm(), probe, KNNMonitor(num_classes=CLASSES, k=10)]
+    knn = KNNMonitor(num_classes=CLASSES, k=10, bank_dtype=args.bank_dtype)
+    callbacks = [FreezeBatchNorm(), probe, knn]
     trainer = ddp_trainer(args.devices, callbacks, max_epochs=1, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=Data(args.devices))
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if "/" in k}
@@ -102,7 +113,7 @@ def main() -> None:
             "metrics": metrics,
             "probe": {k: v.clone() for k, v in probe.classifier.state_dict().items()},
             "probe_steps": probe.steps,
-            "knn_inputs": seen,
+            "knn": {name: value.cpu() for name, value in seen.items()},
             "world": trainer.world_size,
         },
         args.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt",

@@ -32,6 +32,33 @@ def nt_xent_reference(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) 
     return total / (2 * n)
 
 
+def nt_xent_health_reference(
+    z_a: torch.Tensor, z_b: torch.Tensor, anchors: list[int] | None = None
+) -> dict[str, float]:
+    """NT-Xent's collapse signals by brute force (float64 Python floats), over ``anchors``
+    (indices into cat(z_a, z_b); all by default): mean positive cosine, mean negative cosine
+    (every other embedding but the positive), the fraction of anchors whose positive is the
+    most similar other embedding, and the mean per-dimension std of those anchors' unit
+    embeddings."""
+    n = len(z_a)
+    z = F.normalize(torch.cat([z_a, z_b]).double(), dim=1)
+    anchors = list(range(2 * n)) if anchors is None else anchors
+    pos, neg, hits = [], [], 0
+    for i in anchors:
+        p = (i + n) % (2 * n)
+        others = [j for j in range(2 * n) if j != i]
+        pos.append(float(z[i] @ z[p]))
+        neg += [float(z[i] @ z[j]) for j in others if j != p]
+        hits += max(others, key=lambda j: float(z[i] @ z[j])) == p
+    mine = z[anchors]
+    return {
+        "pos_cos": sum(pos) / len(pos),
+        "neg_cos": sum(neg) / len(neg),
+        "contrastive_acc": hits / len(pos),
+        "z_std": float(mine.std(dim=0).mean()),
+    }
+
+
 def cosine_knn_top1(train_x, train_y, test_x, test_y, k: int = 20) -> float:
     """Majority vote of the k most cosine-similar training features (brute force, float64)."""
     train_x, test_x = train_x.double(), test_x.double()

@@ -102,3 +102,67 @@ def test_time_to_accuracy_tiny_runs_both_pipelines(cifar_tiny, augment):
     assert int(epochs) == 1 and int(steps) == 3  # --tiny: one epoch of 3 batches
     assert 0 <= int(setup_s) < 600 and 0 <= int(train_s) < 600
     assert 0 <= float(top1) <= 100 and math.isfinite(float(top1))
+
+
+def run_loss_memory(*args: str) -> str:
+    script = REPO / "benchmarks" / "loss_memory.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--tiny", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+CELL = re.compile(r"(\S+) GiB, (\S+) s")
+
+
+@pytest.mark.slow
+def test_loss_memory_tiny_prints_consistent_figures():
+    out = run_loss_memory()
+    lines = out.splitlines()
+    assert lines[0].startswith("device: CPU (1 thread(s)), torch ")
+    columns = [c.strip() for c in lines[1].split("|")][1:]
+    assert columns == ["tiled + stats", "tiled", "untiled", "untiled + stats", "lightly"]
+    table = {}
+    for line in lines[2:4]:
+        n, *cells = (c.strip() for c in line.split("|"))
+        for name, cell in zip(columns, cells, strict=True):
+            match = CELL.fullmatch(cell)
+            if name == "lightly" and not match:
+                assert cell == "not installed"
+                continue
+            peak, seconds = float(match.group(1)), float(match.group(2))
+            assert peak > 0 and seconds > 0, (n, name)
+            table[int(n.replace(",", "")), name] = peak
+    assert sorted({n for n, _ in table}) == [256, 1024]
+    # each ratio is the quotient of the cells it names (4 significant digits, ratio to 3)
+    ratios = 0
+    for line in lines:
+        if line.startswith("N="):
+            n = int(line[2:].split(":")[0].replace(",", ""))
+            for name, mem in re.findall(r"tiled \+ stats / ([\w +]+?): memory (\S+?)x", line):
+                want = table[n, "tiled + stats"] / table[n, name]
+                assert float(mem) == pytest.approx(want, rel=2e-3, abs=1e-3), (n, name)
+                ratios += 1
+    assert ratios >= 6
+    # the GPU estimates scale the largest tiled row linearly
+    estimate = re.search(r"\n\s+65,536 \|\s+(\S+) GiB", out)
+    assert estimate, out
+    want = table[1024, "tiled + stats"] * 65536 / 1024
+    assert float(estimate.group(1)) == pytest.approx(want, rel=0.01, abs=0.01)
+
+
+@pytest.mark.slow
+def test_grad_cache_step_table_tiny():
+    out = run_loss_memory("--grad-cache")
+    assert out.startswith("device: CPU")
+    rows = re.findall(r"^\s+(\d+) \|\s+(\S+) GiB \|\s+(\S+) s \| memory (\S+)x", out, re.M)
+    assert [int(r[0]) for r in rows] == [1, 2]
+    first = float(rows[0][1])
+    for _, peak, seconds, ratio in rows:
+        assert float(peak) > 0 and float(seconds) > 0
+        assert float(ratio) == pytest.approx(float(peak) / first, rel=2e-3, abs=1e-3)

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 from simclr_lightning import NTXentLoss
 from tests.ddp_helpers import global_batch, mlp, run_ddp_script, torch_ddp_worker
+from tests.reference import nt_xent_health_reference, nt_xent_reference
 
 WORLD, PER_RANK, TEMPERATURE = 2, 5, 0.3
 
@@ -44,6 +45,16 @@ def matches(results: list[dict], loss: torch.Tensor, grads: list[torch.Tensor]) 
     return same_loss and same_grads
 
 
+def float64_reference() -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The paper's loss (tests/reference.py) on the whole batch, model and data in float64."""
+    model = mlp(seed=0).double()
+    x_a, x_b = global_batch(WORLD, PER_RANK, seed=1)
+    z_a, z_b = model(torch.cat([x_a, x_b]).double()).chunk(2)
+    loss = nt_xent_reference(z_a, z_b, TEMPERATURE)
+    loss.backward()
+    return loss.detach(), [p.grad for p in model.parameters()], z_a.detach(), z_b.detach()
+
+
 def test_torch_ddp_equals_single_process(tmp_path):
     loss, grads = single_process_reference()
     results = run_torch_ddp(tmp_path, "correct")
@@ -52,6 +63,18 @@ def test_torch_ddp_equals_single_process(tmp_path):
     for r in results:
         for g, ref in zip(r["grads"], grads, strict=True):
             torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+
+    # ... and the float64 reference to 1e-5, loss, gradients and each rank's statistics
+    loss64, grads64, z_a, z_b = float64_reference()
+    torch.testing.assert_close(mean_loss.double(), loss64, rtol=1e-5, atol=1e-5)
+    for rank, r in enumerate(results):
+        for g, ref in zip(r["grads"], grads64, strict=True):
+            torch.testing.assert_close(g.double(), ref, rtol=1e-5, atol=1e-5)
+        mine = range(rank * PER_RANK, (rank + 1) * PER_RANK)
+        anchors = [*mine, *(i + WORLD * PER_RANK for i in mine)]
+        want = nt_xent_health_reference(z_a, z_b, anchors)
+        for name, value in want.items():
+            assert r["stats"][name].item() == pytest.approx(value, abs=1e-5), (rank, name)
 
 
 @pytest.mark.parametrize("mode", ["nograd", "localgrad"])

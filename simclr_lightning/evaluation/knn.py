@@ -3,6 +3,8 @@ an encoder with no classifier to train."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -25,26 +27,74 @@ def knn_predict(
     bank uses the whole bank. Ties at the k-th similarity are broken towards the lower bank
     index, so the result does not depend on how ``topk`` orders equal values.
     """
+    if len(bank) != len(bank_labels):
+        raise ValueError(f"bank has {len(bank)} rows but bank_labels {len(bank_labels)}")
+    index = torch.arange(len(bank), device=bank.device)
+    unit = F.normalize(bank.float(), dim=1)
+    return sharded_knn_predict(
+        query, unit, bank_labels, index, num_classes, k, temperature, chunk_size
+    )
+
+
+def sharded_knn_predict(
+    query: Tensor,
+    shard: Tensor,
+    shard_labels: Tensor,
+    shard_index: Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk_size: int = 1024,
+    all_gather: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """:func:`knn_predict` against a bank split over processes, each holding one shard.
+
+    ``shard`` holds this process's bank rows, already unit-normalised, in any float dtype
+    (half precision halves the memory); ``shard_index`` their positions in the whole bank,
+    increasing; ``all_gather`` stacks a tensor from every process along a new dim 0 (e.g.
+    Lightning's ``strategy.all_gather``), None in one process. Every process passes the same
+    ``query`` and gets the same scores: it scores the query against its shard, and the
+    per-process top-k (values, bank positions, labels) are merged with one all-gather of k
+    entries per query, keeping the tie rule with bank positions. Memory per process is
+    O(shard + chunk_size x shard); the result is that of one process holding the whole bank.
+    """
     if k < 1 or temperature <= 0 or chunk_size < 1:
         raise ValueError(
             f"knn_predict needs k >= 1, temperature > 0, chunk_size >= 1, got "
             f"k={k}, temperature={temperature}, chunk_size={chunk_size}"
         )
-    if len(bank) != len(bank_labels):
-        raise ValueError(f"bank has {len(bank)} rows but bank_labels {len(bank_labels)}")
-    query = F.normalize(query.float(), dim=1)
-    bank = F.normalize(bank.float(), dim=1)
-    bank_labels = bank_labels.to(query.device, torch.long)
-    scores = query.new_zeros(len(query), num_classes)
-    if len(bank) == 0:
+    gather = all_gather or (lambda t: t[None])
+    query = F.normalize(query.float(), dim=1).to(shard.dtype)
+    shard_labels = shard_labels.to(query.device, torch.long)
+    scores = query.new_zeros(len(query), num_classes, dtype=torch.float32)
+    bank_size = int(gather(torch.tensor([len(shard)], device=query.device)).sum())
+    if bank_size == 0:
         return scores
-    k = min(k, len(bank))
+    k = min(k, bank_size)
     for start in range(0, len(query), chunk_size):
-        sim = query[start : start + chunk_size] @ bank.T
-        top_sim, top_idx = _topk_lowest_index_first(sim, k)
-        weights = (top_sim / temperature).exp()
-        scores[start : start + chunk_size].scatter_add_(1, bank_labels[top_idx], weights)
+        sim = (query[start : start + chunk_size] @ shard.T).float()
+        values, local = _topk_lowest_index_first(sim, min(k, len(shard)))
+        # one tensor of k (value, bank position, label) per query: float64 holds float32
+        # values and integer positions below 2^53 exactly
+        mine = torch.full((len(sim), k, 3), float("inf"), dtype=torch.float64, device=sim.device)
+        mine[..., 0] = float("-inf")  # padding of a shard with fewer than k rows: no vote
+        mine[:, : local.shape[1], 0] = values
+        mine[:, : local.shape[1], 1] = shard_index[local].double()
+        mine[:, : local.shape[1], 2] = shard_labels[local].double()
+        candidates = gather(mine).transpose(0, 1).flatten(1, 2)  # [q, W*k, 3]
+        # nearest first, ties towards the lower bank position: sort by position, then
+        # stably by value
+        candidates = candidates.gather(1, _argsort(candidates[..., 1]).expand(-1, -1, 3))
+        order = _argsort(candidates[..., 0], descending=True)[:, :k]
+        top = candidates.gather(1, order.expand(-1, -1, 3))
+        weights = (top[..., 0].float() / temperature).exp()
+        scores[start : start + chunk_size].scatter_add_(1, top[..., 2].long(), weights)
     return scores
+
+
+def _argsort(keys: Tensor, descending: bool = False) -> Tensor:
+    """Stable argsort of ``keys`` [q, m] along dim 1, shaped [q, m, 1] for gathering triples."""
+    return keys.argsort(dim=1, descending=descending, stable=True).unsqueeze(-1)
 
 
 def _topk_lowest_index_first(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from simclr_lightning import SettingError
 from simclr_lightning.callbacks import KNNMonitor
 from tests.helpers import EpochMetrics, FeatureData, FeatureModule, quiet_trainer
 from tests.reference import weighted_knn_scores
@@ -36,3 +37,8 @@ def test_monitor_logs_brute_force_accuracy_every_n_epochs(tmp_path):
     for epoch in (1, 3):
         assert metrics.epochs[epoch]["knn/val_top1"] == pytest.approx(want_top1, abs=1e-6)
         assert metrics.epochs[epoch]["knn/val_top5"] == 1.0  # 3 classes
+
+
+def test_bad_bank_dtype_is_rejected():
+    with pytest.raises(SettingError, match=r"^KNNMonitor\.bank_dtype='float8' is invalid: must"):
+        KNNMonitor(bank_dtype="float8")

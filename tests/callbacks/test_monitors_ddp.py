@@ -7,11 +7,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from simclr_lightning.evaluation.knn import sharded_knn_predict
 from tests.ddp_helpers import run_ddp_script
+from tests.ddp_monitor_script import CLASSES
 
 
-def run(tmp_path: Path, devices: int) -> list[dict]:
-    return run_ddp_script("ddp_monitor_script.py", devices, tmp_path / f"{devices}dev")
+def run(tmp_path: Path, devices: int, *args: str) -> list[dict]:
+    name = f"{devices}dev" + "".join(args)
+    return run_ddp_script("ddp_monitor_script.py", devices, tmp_path / name, *args)
+
+
+def whole_bank_scores(ranks: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ranks' shards put together, scored by one process holding the whole bank the same
+    way (same stored dtype): the sharded kNN must give exactly this."""
+    shards = [r["knn"] for r in ranks]
+    index = torch.cat([s["shard_index"] for s in shards])
+    order = index.argsort()
+    bank = torch.cat([s["shard"] for s in shards])[order]
+    labels = torch.cat([s["shard_labels"] for s in shards])[order]
+    scores = sharded_knn_predict(shards[0]["query"], bank, labels, index[order], CLASSES, k=10)
+    return scores, index[order]
 
 
 @pytest.mark.slow
@@ -23,15 +38,21 @@ def test_probe_and_knn_under_ddp_equal_single_process(tmp_path):
     names += ["probe/train_loss", "probe/train_top1"]
     assert set(names) <= single["metrics"].keys()
 
-    # kNN: every rank scores exactly the single process's query and bank, in the same order,
-    # without the padding repeats (36 labelled of 37 val images, 40 of 41 bank images).
-    ref = single["knn_inputs"]
-    assert len(ref["query"]) == 36 and len(ref["bank"]) == 40
+    # kNN: every rank scores exactly the single process's queries, in the same order, without
+    # the padding repeats (36 labelled of 37 val images, 40 of 41 bank images) ...
+    ref = single["knn"]
+    assert len(ref["query"]) == 36 and len(ref["shard"]) == 40
     for r in ranks:
-        got = r["knn_inputs"]
-        torch.testing.assert_close(got["query"], ref["query"], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(got["bank"], ref["bank"], rtol=1e-4, atol=1e-5)
-        assert torch.equal(got["bank_labels"], ref["bank_labels"])
+        torch.testing.assert_close(r["knn"]["query"], ref["query"], rtol=1e-4, atol=1e-5)
+    # ... against its own half of the bank (rank 0: the 21 even positions of 41; rank 1 the
+    # odd ones but the unlabelled image 7): together the shards are the single bank
+    assert [len(r["knn"]["shard"]) for r in ranks] == [21, 19]
+    scores, index = whole_bank_scores(ranks)
+    assert torch.equal(index, ref["shard_index"])
+    for r in ranks:
+        # merged per-rank top-k = one process with the whole bank (to float rounding only)
+        torch.testing.assert_close(r["knn"]["scores"], scores, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r["knn"]["scores"], ref["scores"], rtol=1e-4, atol=1e-4)
 
     # Probe: identical on both ranks, equal to the single-process probe.
     assert single["probe_steps"] == 2 and [r["probe_steps"] for r in ranks] == [2, 2]
@@ -42,3 +63,14 @@ def test_probe_and_knn_under_ddp_equal_single_process(tmp_path):
     for name in names:
         for r in ranks:
             assert r["metrics"][name] == pytest.approx(single["metrics"][name], abs=1e-5), name
+
+
+@pytest.mark.slow
+def test_half_precision_knn_bank_under_ddp_equals_whole_bank(tmp_path):
+    ranks = run(tmp_path, 2, "--bank-dtype", "float16")
+    assert [r["knn"]["shard"].dtype for r in ranks] == [torch.float16] * 2
+    scores, _ = whole_bank_scores(ranks)
+    for r in ranks:
+        torch.testing.assert_close(r["knn"]["scores"], scores, rtol=1e-6, atol=1e-6)
+        top1 = (scores.argmax(1) == r["knn"]["query_labels"]).float().mean()
+        assert r["metrics"]["knn/val_top1"] == pytest.approx(top1.item(), abs=1e-6)

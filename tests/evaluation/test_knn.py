@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from simclr_lightning.evaluation.knn import knn_predict
+from simclr_lightning.evaluation.knn import knn_predict, sharded_knn_predict
 from tests.reference import weighted_knn_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,3 +76,67 @@ def test_knn_predict_bank_smaller_than_k_and_classes():
     e = math.e
     want = torch.tensor([[e, 0, 0, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, 0, e, 0]])
     torch.testing.assert_close(scores, want)
+
+
+def sharded_scores(query, unit_bank, labels, shards: list[torch.Tensor], **kwargs) -> list:
+    """sharded_knn_predict run by one thread per shard (bank positions ``shards[r]`` of the
+    unit rows ``unit_bank``), with an all-gather between the threads: the collectives of W
+    processes, in one."""
+    world = len(shards)
+    slots, barrier = [None] * world, threading.Barrier(world)
+
+    def all_gather_of(rank):
+        def all_gather(tensor):
+            slots[rank] = tensor
+            barrier.wait()
+            stacked = torch.stack(slots)
+            barrier.wait()  # nobody overwrites a slot before everyone has read it
+            return stacked
+
+        return all_gather
+
+    def score(rank):
+        rows = shards[rank]
+        return sharded_knn_predict(
+            query, unit_bank[rows], labels[rows], rows, all_gather=all_gather_of(rank), **kwargs
+        )
+
+    with ThreadPoolExecutor(world) as pool:
+        return list(pool.map(score, range(world)))
+
+
+@pytest.mark.parametrize("k", [3, 10, 41])
+@pytest.mark.parametrize("split", ["strided", "contiguous", "one empty"])
+def test_sharded_knn_equals_whole_bank_brute_force_with_ties(k, split):
+    """Merging per-shard top-k keeps the tie rule (lower bank position first) across shards,
+    shards smaller than k and an empty shard included."""
+    query, bank = tie_heavy_features(30, seed=1), tie_heavy_features(40, seed=2)
+    labels = torch.randint(0, 5, (40,), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(40)
+    shards = {
+        "strided": [positions[0::3], positions[1::3], positions[2::3]],
+        "contiguous": [positions[:7], positions[7:33], positions[33:]],
+        "one empty": [positions[:0], positions[:25], positions[25:]],
+    }[split]
+    want = weighted_knn_scores(query, bank, labels, 5, k, 0.5)
+    unit = torch.nn.functional.normalize(bank, dim=1)
+    for chunk in (4, 100):
+        kwargs = dict(num_classes=5, k=k, temperature=0.5, chunk_size=chunk)
+        for got in sharded_scores(query, unit, labels, shards, **kwargs):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_half_precision_bank_equals_whole_half_bank():
+    """A float16 bank: the sharded result is that of one process with the whole float16 bank."""
+    gen = torch.Generator().manual_seed(0)
+    query, bank = torch.randn(50, 16, generator=gen), torch.randn(90, 16, generator=gen)
+    labels = torch.randint(0, 6, (90,), generator=gen)
+    unit = torch.nn.functional.normalize(bank, dim=1).half()
+    whole = sharded_knn_predict(query, unit, labels, torch.arange(90), 6, k=15, chunk_size=16)
+    positions = torch.arange(90)
+    shards = [positions[0::2], positions[1::2]]
+    for got in sharded_scores(query, unit, labels, shards, num_classes=6, k=15, chunk_size=16):
+        torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-6)
+    # and float16 storage is a rounding of the float32 result, not another answer
+    exact = knn_predict(query, bank, labels, 6, k=15)
+    torch.testing.assert_close(whole, exact, rtol=2e-2, atol=1e-3)
