@@ -93,6 +93,13 @@ class ImageFolderDataModule(SimCLRDataModule):
         super().__init__(augmentation=augmentation, **kwargs)
 
     @property
+    def num_classes(self) -> int | None:
+        """The class folders of ``train/`` (None for unlabeled images), as ImageFolder finds
+        them: known before any image is read."""
+        classes = [p for p in (self.root / "train").iterdir() if p.is_dir()]
+        return len(classes) or None
+
+    @property
     def eval_resize_ratio(self) -> float | None:
         # ImageNet evaluation resizes to 256 then centre-crops 224; small images just resize.
         return 0.875 if self.augmentation.image_size >= 96 else None
@@ -107,7 +114,7 @@ class ImageFolderDataModule(SimCLRDataModule):
         if not self.resident:
             return None
         loader = DataLoader(
-            dataset, batch_size=512, num_workers=self.num_workers, collate_fn=collate_encoded
+            dataset, batch_size=512, num_workers=self.workers, collate_fn=collate_encoded
         )
         images, labels, first = [], [], None
         for batch, batch_labels in loader:
