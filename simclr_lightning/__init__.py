@@ -11,7 +11,9 @@ from simclr_lightning import _deprecated
 from simclr_lightning.backbones import apply_stem, build_resnet
 from simclr_lightning.callbacks import (
     EmbeddingPlot,
+    ImagesPerSecond,
     KNNMonitor,
+    KNNReport,
     OnlineLinearProbe,
     PredictionWriter,
 )
@@ -21,7 +23,9 @@ from simclr_lightning.data import (
     ImageFilesDataModule,
     ImageFolderDataModule,
     MNISTDataModule,
+    SampleDataModule,
     SimCLRDataModule,
+    sample_root,
 )
 from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.transforms import SimCLRAugmentation
@@ -41,8 +45,10 @@ __all__ = [
     "EmbeddingPlot",
     "GPUAugment",
     "ImageFilesDataModule",
+    "ImagesPerSecond",
     "ImageFolderDataModule",
     "KNNMonitor",
+    "KNNReport",
     "LARS",
     "LinearEval",
     "MNISTDataModule",
@@ -51,6 +57,7 @@ __all__ = [
     "PredictionWriter",
     "ProjectionHead",
     "SettingError",
+    "SampleDataModule",
     "SimCLR",
     "SimCLRAugmentation",
     "SimCLRDataModule",
@@ -59,4 +66,5 @@ __all__ = [
     "export_backbone",
     "knn_predict",
     "load_backbone_state",
+    "sample_root",
 ]

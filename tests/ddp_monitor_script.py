@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import simclr_lightning.callbacks.knn_monitor as knn_monitor  # noqa: E402
-from simclr_lightning import KNNMonitor, OnlineLinearProbe, SimCLR  # noqa: E402
+from simclr_lightning import KNNMonitor, KNNReport, OnlineLinearProbe, SimCLR  # noqa: E402
 from tests.ddp_helpers import FreezeBatchNorm, ddp_trainer  # noqa: E402
 
 WORLD, PER_RANK, STEPS = 2, 4, 2
@@ -62,6 +62,9 @@ class Data(L.LightningDataModule):
         y[5] = -1
         return DataLoader(list(zip(x, y, strict=True)), batch_size=5)
 
+    def test_dataloader(self):  # KNNReport's held-out split
+        return self.val_dataloader()
+
     def eval_train_dataloader(self):
         x, y = images(N_BANK, seed=4)
         y[7] = -1
@@ -93,7 +96,8 @@ def main() -> None:
         warmup_epochs=0,
     )
     probe = OnlineLinearProbe(num_classes=CLASSES, optimizer="sgd", lr=0.5)
-    callbacks = [FreezeBatchNorm(), probe, KNNMonitor(num_classes=CLASSES, k=10)]
+    report = KNNReport(k=10, num_classes=CLASSES)
+    callbacks = [FreezeBatchNorm(), probe, KNNMonitor(num_classes=CLASSES, k=10), report]
     trainer = ddp_trainer(args.devices, callbacks, max_epochs=1, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=Data(args.devices))
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if "/" in k}
@@ -103,6 +107,7 @@ def main() -> None:
             "probe": {k: v.clone() for k, v in probe.classifier.state_dict().items()},
             "probe_steps": probe.steps,
             "knn_inputs": seen,
+            "report": report.results,
             "world": trainer.world_size,
         },
         args.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt",
