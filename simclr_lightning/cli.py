@@ -46,7 +46,8 @@ def hardware_precision(device: str) -> tuple[str, str]:
         return "bf16-mixed", "a CUDA GPU with bfloat16"
     if device == "cuda":
         return "16-mixed", "a CUDA GPU without bfloat16"
-    return "32-true", f"no CUDA GPU ({device}): mixed precision there is slower than float32"
+    where = "a CPU" if device == "cpu" else device
+    return "32-true", f"no CUDA GPU: on {where} float32 is faster than bf16 or fp16"
 
 
 class SimCLRCLI(LightningCLI):
@@ -64,8 +65,8 @@ class SimCLRCLI(LightningCLI):
         if trainer.get("precision") is None:
             trainer.precision, why = hardware_precision(device)
             rank_zero_info(
-                f"simclr-lightning: trainer.precision={trainer.precision} for {why} "
-                f"(set --trainer.precision to choose)"
+                f"simclr-lightning: trainer.precision={trainer.precision} ({why}); "
+                f"set --trainer.precision to choose"
             )
         if trainer.get("benchmark") is None and device == "cuda":
             trainer.benchmark = True
