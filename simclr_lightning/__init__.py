@@ -12,7 +12,9 @@ from simclr_lightning import _deprecated
 from simclr_lightning.backbones import apply_stem, build_backbone, build_resnet
 from simclr_lightning.callbacks import (
     EmbeddingPlot,
+    ImagesPerSecond,
     KNNMonitor,
+    KNNReport,
     OnlineLinearProbe,
     PredictionWriter,
 )
@@ -22,7 +24,9 @@ from simclr_lightning.data import (
     ImageFilesDataModule,
     ImageFolderDataModule,
     MNISTDataModule,
+    SampleDataModule,
     SimCLRDataModule,
+    sample_root,
 )
 from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.transforms import SimCLRAugmentation
@@ -45,8 +49,10 @@ __all__ = [
     "EmbeddingPlot",
     "GPUAugment",
     "ImageFilesDataModule",
+    "ImagesPerSecond",
     "ImageFolderDataModule",
     "KNNMonitor",
+    "KNNReport",
     "LARS",
     "LinearEval",
     "MNISTDataModule",
@@ -55,6 +61,7 @@ __all__ = [
     "PredictionWriter",
     "ProjectionHead",
     "SettingError",
+    "SampleDataModule",
     "SimCLR",
     "SimCLRAugmentation",
     "SimCLRDataModule",
@@ -67,5 +74,6 @@ __all__ = [
     "export_backbone",
     "knn_predict",
     "load_backbone_state",
+    "sample_root",
     "sharded_knn_predict",
 ]

@@ -1,17 +1,106 @@
-"""The ``simclr-lightning`` command: Lightning's own CLI over this package's modules."""
+"""The ``simclr-lightning`` command: Lightning's own CLI over this package's modules, with the
+settings that depend on the machine chosen for the machine it runs on."""
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningCLI
+import logging
+import warnings
+
+import torch
+import yaml
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 
 import simclr_lightning  # noqa: F401  (imports the classes so short names like SimCLR resolve)
+
+# Warnings a user of this command cannot act on (the library already chose for them).
+QUIET = (
+    r".*does not have many workers.*",  # data.num_workers follows the machine already
+    r".*Found \d+ module\(s\) in eval mode.*",  # LinearEval keeps its frozen encoder in eval
+    r".*isinstance\(treespec, LeafSpec\).*",  # inside Lightning, with torch >= 2.10
+)
+TIPS = "💡 Tip:"  # Lightning's advertisements for its cloud products
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(TIPS)
+
+
+def device_kind(accelerator) -> str:
+    """``cuda``, ``mps`` or ``cpu``: where ``trainer.accelerator`` will run."""
+    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__
+    name = name.lower()
+    if name in ("auto", "gpu", "cuda") or "cuda" in name:
+        if torch.cuda.is_available():
+            return "cuda"
+        if name in ("auto", "gpu") and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    return "mps" if "mps" in name else "cpu"
+
+
+def hardware_precision(device: str) -> tuple[str, str]:
+    """The training precision for ``device``, and why."""
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16-mixed", "a CUDA GPU with bfloat16"
+    if device == "cuda":
+        return "16-mixed", "a CUDA GPU without bfloat16"
+    where = "a CPU" if device == "cpu" else device
+    return "32-true", f"no CUDA GPU: on {where} float32 is faster than bf16 or fp16"
+
+
+class SimCLRCLI(LightningCLI):
+    """LightningCLI that fills in the machine-dependent trainer settings a config leaves unset
+    (null): ``trainer.precision`` (bf16-mixed on a CUDA GPU with bfloat16, 16-mixed on older
+    GPUs, 32-true on CPU) and ``trainer.benchmark`` (cuDNN autotuning, on for CUDA). Each
+    choice is said in the log; a value set in a config or on the command line is kept."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is None:
+            return
+        device = device_kind(trainer.get("accelerator", "auto"))
+        if trainer.get("precision") is None:
+            trainer.precision, why = hardware_precision(device)
+            rank_zero_info(
+                f"simclr-lightning: trainer.precision={trainer.precision} ({why}); "
+                f"set --trainer.precision to choose"
+            )
+        if trainer.get("benchmark") is None and device == "cuda":
+            trainer.benchmark = True
+            rank_zero_info("simclr-lightning: trainer.benchmark=true (cuDNN autotuning on CUDA)")
+
+
+class ConfigToLoggers(SaveConfigCallback):
+    """Saves ``config.yaml`` in the log directory (as LightningCLI does) and sends the whole
+    run configuration (trainer, model, data, callbacks) to every logger's hyperparameters,
+    under ``config``: W&B and TensorBoard then show what produced a run, not only the model's
+    arguments."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config})
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """``fit``/``validate``/``test``/``predict`` with ``--config``; ``--model`` and ``--data``
     take any LightningModule / LightningDataModule class (``SimCLR``, ``CIFARDataModule`` ...).
     Returns the CLI so Python callers (and tests) can reach the trained model."""
-    return LightningCLI(save_config_kwargs={"overwrite": True}, args=args, run=run)
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
+    return SimCLRCLI(
+        save_config_callback=ConfigToLoggers,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import simclr_lightning.callbacks.knn_monitor as knn_monitor  # noqa: E402
-from simclr_lightning import KNNMonitor, OnlineLinearProbe, SimCLR  # noqa: E402
+from simclr_lightning import KNNMonitor, KNNReport, OnlineLinearProbe, SimCLR  # noqa: E402
 from tests.ddp_helpers import FreezeBatchNorm, ddp_trainer  # noqa: E402
 
 WORLD, PER_RANK, STEPS = 2, 4, 2
@@ -61,6 +61,9 @@ class Data(L.LightningDataModule):
         x, y = images(N_VAL, seed=3)
         y[5] = -1
         return DataLoader(list(zip(x, y, strict=True)), batch_size=5)
+
+    def test_dataloader(self):  # KNNReport's held-out split
+        return self.val_dataloader()
 
     def eval_train_dataloader(self):
         x, y = images(N_BANK, seed=4)
@@ -103,8 +106,9 @@ def main() -> None:
         warmup_epochs=0,
     )
     probe = OnlineLinearProbe(num_classes=CLASSES, optimizer="sgd", lr=0.5)
+    report = KNNReport(k=10, num_classes=CLASSES)
     knn = KNNMonitor(num_classes=CLASSES, k=10, bank_dtype=args.bank_dtype)
-    callbacks = [FreezeBatchNorm(), probe, knn]
+    callbacks = [FreezeBatchNorm(), probe, knn, report]
     trainer = ddp_trainer(args.devices, callbacks, max_epochs=1, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=Data(args.devices))
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if "/" in k}
@@ -114,6 +118,7 @@ def main() -> None:
             "probe": {k: v.clone() for k, v in probe.classifier.state_dict().items()},
             "probe_steps": probe.steps,
             "knn": {name: value.cpu() for name, value in seen.items()},
+            "report": report.results,
             "world": trainer.world_size,
         },
         args.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt",

@@ -127,6 +127,9 @@ def test_cli_resumes_a_checkpoint_of_a_model_built_in_python(cifar_tiny, tmp_pat
     assert cli.trainer.global_step == 4
 
 
+MAIN_CONFIGS = ["cifar10.yaml", "imagefolder.yaml", "quickstart.yaml"]
+
+
 @pytest.mark.parametrize(
     "configs",
     [
@@ -135,7 +138,10 @@ def test_cli_resumes_a_checkpoint_of_a_model_built_in_python(cifar_tiny, tmp_pat
         ["cifar10.yaml", "monitors.yaml"],
         ["cifar10.yaml", "wandb.yaml"],
         ["imagefolder.yaml"],
-        ["demo.yaml"],
+        ["imagefolder.yaml", "monitors.yaml"],
+        ["quickstart.yaml"],
+        ["quickstart.yaml", "monitors.yaml"],
+        ["quickstart_eval.yaml"],
         ["linear_eval.yaml"],
         ["cifar10.yaml", "supcon.yaml"],
         ["linear_eval.yaml", "finetune_semi.yaml"],
@@ -147,10 +153,71 @@ def test_every_config_parses(configs, cifar_tiny, capsys):
     for name in configs:
         args += ["--config", str(REPO / "configs" / name)]
     if "root: null" in "".join((REPO / "configs" / n).read_text() for n in configs) or any(
-        n in ("imagefolder.yaml", "demo.yaml") for n in configs
+        n == "imagefolder.yaml" for n in configs
     ):
         args += ["--data.root", str(cifar_tiny)]
     with pytest.raises(SystemExit) as done:
         cli_main(args + ["--print_config"])
     assert done.value.code in (0, None), capsys.readouterr().err[-2000:]
     assert "class_path" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", MAIN_CONFIGS + ["linear_eval.yaml", "quickstart_eval.yaml"])
+def test_configs_leave_machine_settings_to_the_machine(name, cifar_tiny, caplog):
+    """On this CPU every config trains in float32 and says so; a user's choice is kept."""
+    text = (REPO / "configs" / name).read_text()
+    for setting in ("precision:", "benchmark:", "num_workers:"):
+        assert setting not in text, setting
+    args = ["--config", str(REPO / "configs" / name), "--data.root", str(cifar_tiny)]
+    if name not in ("imagefolder.yaml",):
+        args = args[:2]
+    if name == "quickstart_eval.yaml":
+        args += ["--model.checkpoint=null"]
+    with caplog.at_level("INFO"):
+        cli = cli_main(args + ["--trainer.accelerator=cpu"], run=False)
+    assert cli.trainer.precision == "32-true"
+    assert "trainer.precision=32-true" in caplog.text
+    cli = cli_main(
+        args + ["--trainer.accelerator=cpu", "--trainer.precision=bf16-mixed"], run=False
+    )
+    assert cli.trainer.precision == "bf16-mixed"
+
+
+def test_precision_and_benchmark_on_gpus(monkeypatch):
+    from simclr_lightning import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli.device_kind("auto") == "cuda" and cli.device_kind("gpu") == "cuda"
+    assert cli.device_kind("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert cli.hardware_precision("cuda")[0] == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert cli.hardware_precision("cuda")[0] == "16-mixed"
+    assert cli.hardware_precision("cpu")[0] == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.device_kind("auto") in ("cpu", "mps")
+
+
+@pytest.mark.parametrize("name", MAIN_CONFIGS)
+def test_monitors_overlay_extends_every_config(name, cifar_tiny):
+    args = [
+        "--config",
+        str(REPO / "configs" / name),
+        "--config",
+        str(REPO / "configs" / "monitors.yaml"),
+    ]
+    if name == "imagefolder.yaml":
+        args += ["--data.root", str(cifar_tiny)]
+    own = cli_main(
+        ["--config", str(REPO / "configs" / name)] + args[4:] + ["--trainer.accelerator=cpu"],
+        run=False,
+    )
+    cli = cli_main(args + ["--trainer.accelerator=cpu"], run=False)
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    for callback in own.trainer.callbacks:  # the main config's callbacks stay
+        assert type(callback).__name__ in names
+    for monitor in ("OnlineLinearProbe", "KNNMonitor", "EmbeddingPlot"):
+        assert names.count(monitor) == 1
+    assert (
+        "num_classes" not in (REPO / "configs" / "monitors.yaml").read_text().split("trainer:")[1]
+    )

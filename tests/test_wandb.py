@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def test_offline_wandb_run_holds_metrics_plot_and_model(cifar_tiny, tmp_path, mo
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     assert not (tmp_path / "unused").exists()
     (log,) = run_dir.glob("run-*.wandb")
-    history, artifacts, names, kinds = {}, [], set(), set()
+    history, artifacts, names, kinds, config = {}, [], set(), set(), {}
     for record in read_wandb_records(log):
         kind = record.WhichOneof("record_type")
         kinds.add(kind)
@@ -97,6 +98,11 @@ def test_offline_wandb_run_holds_metrics_plot_and_model(cifar_tiny, tmp_path, mo
             artifacts.append(record.artifact.type)
         elif kind == "run":
             names.add(record.run.display_name)
+            for item in record.run.config.update:
+                config[item.key or "/".join(item.nested_key)] = item.value_json
+        elif kind == "config":
+            for item in record.config.update:
+                config[item.key or "/".join(item.nested_key)] = item.value_json
     # the run record can reach the file after the history (seen once in a full CI run)
     assert names <= {"offline-test"}, (names, kinds)
     for metric in ("probe/val_top1", "probe/val_top5", "probe/train_loss", "train/loss_epoch"):
@@ -105,3 +111,8 @@ def test_offline_wandb_run_holds_metrics_plot_and_model(cifar_tiny, tmp_path, mo
     (png,) = (run_dir / "files" / "media" / "images" / "embeddings").glob("*.png")
     assert Image.open(png).size == (512 + 130, 512)
     assert "model" in artifacts  # log_model: true, recorded for `wandb sync`
+    # the whole run configuration, not only the model's arguments
+    full = json.loads(config["config"])
+    full = full.get("value", full)  # W&B may wrap a config value as {"value": ...}
+    assert full["trainer"]["max_epochs"] == 1 and full["data"]["init_args"]["batch_size"] == 20
+    assert full["model"]["class_path"] == "simclr_lightning.SimCLR"

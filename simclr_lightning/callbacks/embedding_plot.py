@@ -4,11 +4,14 @@ visible long before a linear evaluation is worth running."""
 from __future__ import annotations
 
 import colorsys
+import importlib.util
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw
@@ -16,6 +19,9 @@ from torch import Tensor
 
 from simclr_lightning.data.base import dataset_class_names
 from simclr_lightning.distributed import RowCollector, validation_loader
+from simclr_lightning.errors import require
+
+Projection = Literal["pca", "tsne"]
 
 # matplotlib's tab10, then evenly spaced hues for more classes; grey for unlabeled (-1).
 TAB10 = [
@@ -45,6 +51,25 @@ def pca_2d(features: Tensor) -> Tensor:
         torch.manual_seed(0)
         _, _, v = torch.pca_lowrank(x, q=min(32, *x.shape), center=True, niter=6)
     return ((x - x.mean(dim=0)) @ v[:, :2]).float()
+
+
+def tsne_2d(features: Tensor, seed: int = 0) -> Tensor:
+    """scikit-learn's t-SNE (cosine distances, PCA initialisation, a fixed seed): neighbourhoods
+    kept, distances between clusters not."""
+    from sklearn.manifold import TSNE
+
+    x = features.detach().double().cpu().numpy()
+    perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
+    tsne = TSNE(2, perplexity=perplexity, metric="cosine", init="pca", random_state=seed)
+    return torch.from_numpy(tsne.fit_transform(x)).float()
+
+
+def project_2d(features: Tensor, projection: Projection = "pca") -> Tensor:
+    """2-D coordinates of L2-normalised features: SimCLR compares features by cosine, so the
+    direction is what carries the class, not the length (raw post-ReLU features all lie in
+    one orthant, and their PCA is a one-sided fan dominated by feature norms)."""
+    unit = F.normalize(features.detach().double(), dim=1)
+    return tsne_2d(unit) if projection == "tsne" else pca_2d(unit)
 
 
 def render_scatter(
@@ -86,11 +111,16 @@ def render_scatter(
 
 
 class EmbeddingPlot(L.Callback):
-    """Every ``every_n_epochs``, a PCA scatter of up to ``max_points`` validation features
-    (``validation_step``'s ``features``, dataloader 0, gathered over ranks), coloured by class,
-    logged as an image to each active logger: TensorBoard ``add_image``, W&B ``log_image``,
-    any other logger with a ``log_dir`` (CSV) gets ``<log_dir>/embeddings/epoch=NNN.png``.
-    The last picture is kept in ``self.image`` (a PIL image).
+    """Every ``every_n_epochs`` (and at the last epoch), a 2-D scatter of up to ``max_points``
+    validation features (``validation_step``'s ``features``, dataloader 0, gathered over ranks),
+    L2-normalised, coloured by class, logged as an image to each active logger: TensorBoard
+    ``add_image``, W&B ``log_image``, any other logger with a ``log_dir`` (CSV) gets
+    ``<log_dir>/embeddings/epoch=NNN.png``. The last picture is kept in ``self.image`` (a PIL
+    image), its coordinates and labels in ``self.points`` / ``self.labels``.
+
+    Args:
+        projection: ``pca`` (linear, fast, shows global spread) or ``tsne`` (scikit-learn's
+            t-SNE: local neighbourhoods, slower; needs ``pip install scikit-learn``).
     """
 
     def __init__(
@@ -99,9 +129,22 @@ class EmbeddingPlot(L.Callback):
         max_points: int = 2000,
         size: int = 512,
         tag: str = "embeddings/val",
+        projection: Projection = "pca",
     ) -> None:
         if every_n_epochs < 1 or max_points < 3:
             raise ValueError("every_n_epochs must be >= 1 and max_points >= 3")
+        require(
+            projection in ("pca", "tsne"), "EmbeddingPlot.projection", projection, "pca or tsne"
+        )
+        require(
+            projection != "tsne" or importlib.util.find_spec("sklearn") is not None,
+            "EmbeddingPlot.projection",
+            projection,
+            "pca unless scikit-learn is installed (pip install scikit-learn)",
+        )
+        self.projection = projection
+        self.points: Tensor | None = None
+        self.labels: Tensor | None = None
         self.every_n_epochs = every_n_epochs
         self.max_points = max_points
         self.size = size
@@ -112,8 +155,9 @@ class EmbeddingPlot(L.Callback):
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.rows.reset()
+        epoch = trainer.current_epoch + 1
         self.active = not trainer.sanity_checking and (
-            (trainer.current_epoch + 1) % self.every_n_epochs == 0
+            epoch % self.every_n_epochs == 0 or epoch == trainer.max_epochs
         )
 
     def on_validation_batch_end(
@@ -141,10 +185,12 @@ class EmbeddingPlot(L.Callback):
 
     @rank_zero_only
     def _plot(self, trainer: L.Trainer, features: Tensor, labels: Tensor) -> None:
-        points = pca_2d(features)  # rank 0 only: the others would throw it away
+        points = project_2d(features, self.projection)  # rank 0 only: the others would drop it
+        self.points, self.labels = points, labels
         epoch = trainer.current_epoch
         names = dataset_class_names(trainer.datamodule)
-        title = f"{self.tag}  epoch {epoch}  (PCA, {len(points)} points)"
+        method = "t-SNE" if self.projection == "tsne" else "PCA"
+        title = f"{self.tag}  epoch {epoch}  ({method} of unit features, {len(points)} points)"
         self.image = render_scatter(points, labels, names, self.size, title)
         # The step Lightning logs this epoch's validation metrics at: the picture lines up.
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)

@@ -34,7 +34,8 @@ class KNNMonitor(L.Callback):
     process's. Rows labelled -1 are ignored.
 
     Args:
-        num_classes: None reads it as 1 + the largest bank label.
+        num_classes: None reads the data module's ``num_classes``, else 1 + the largest bank
+            label.
         k / temperature: neighbours and the softmax temperature of their votes.
         every_n_epochs: the bank pass costs one inference epoch over the training set.
         chunk_size: query rows scored at once (memory: chunk_size x bank shard floats).
@@ -57,6 +58,7 @@ class KNNMonitor(L.Callback):
         if k < 1 or temperature <= 0:
             raise ValueError(f"k={k!r} and temperature={temperature!r} must be >= 1 and > 0")
         self.num_classes = num_classes
+        self._given_num_classes = num_classes
         self.k = k
         self.temperature = temperature
         self.every_n_epochs = every_n_epochs
@@ -74,13 +76,17 @@ class KNNMonitor(L.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._bank_loader = None  # a new run may bring a new datamodule
+        self.num_classes = self._given_num_classes or getattr(
+            trainer.datamodule, "num_classes", None
+        )
 
     def _due(self, trainer: L.Trainer) -> bool:
         if trainer.sanity_checking:
             return False
         if trainer.state.fn != "fit":
             return True
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        epoch = trainer.current_epoch + 1  # the last epoch too: a short run still gets a figure
+        return epoch % self.every_n_epochs == 0 or epoch == trainer.max_epochs
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.val_rows.reset()

@@ -14,6 +14,7 @@ from torch.nn.utils import skip_init
 from torchmetrics.classification import MulticlassAccuracy
 
 from simclr_lightning.distributed import rank_and_world_size, real_rows, validation_loader
+from simclr_lightning.errors import SettingError
 from simclr_lightning.optim import warmup_cosine
 
 
@@ -34,7 +35,8 @@ class OnlineLinearProbe(L.Callback):
     ``probe/val_top5``. Classifier, optimizer and step count are saved in checkpoints.
 
     Args:
-        num_classes: classes of the labels.
+        num_classes: classes of the labels; None reads the data module's ``num_classes``
+            (every SimCLRDataModule of labelled images has one), so configs need no number.
         optimizer: adam (robust to the scale of unnormalised features) or sgd (momentum).
         lr / weight_decay / momentum: of the probe's optimizer.
         schedule: constant, or cosine decay to 0 over the training batches of the run.
@@ -42,15 +44,15 @@ class OnlineLinearProbe(L.Callback):
 
     def __init__(
         self,
-        num_classes: int,
+        num_classes: int | None = None,
         optimizer: Literal["adam", "sgd"] = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         schedule: Literal["constant", "cosine"] = "constant",
     ) -> None:
-        if num_classes < 2:
-            raise ValueError(f"num_classes={num_classes!r} is invalid: must be >= 2")
+        if num_classes is not None and num_classes < 2:
+            raise ValueError(f"num_classes={num_classes!r} is invalid: must be >= 2 or None")
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer={optimizer!r} is invalid: choose adam or sgd")
         if schedule not in ("constant", "cosine"):
@@ -58,6 +60,7 @@ class OnlineLinearProbe(L.Callback):
         if lr <= 0:
             raise ValueError(f"lr={lr!r} is invalid: must be > 0")
         self.num_classes = num_classes
+        self._given_num_classes = num_classes
         self.optimizer_name = optimizer
         self.lr = lr
         self.weight_decay = weight_decay
@@ -81,7 +84,12 @@ class OnlineLinearProbe(L.Callback):
                 "OnlineLinearProbe needs pl_module.feature_dim, the width of the features "
                 "training_step returns"
             )
-        if self.classifier is not None and self.classifier.in_features == dim:
+        self.num_classes = self._given_num_classes or _datamodule_classes(trainer)
+        classifier = self.classifier
+        if classifier is not None and (classifier.in_features, classifier.out_features) == (
+            dim,
+            self.num_classes,
+        ):
             return
         device = trainer.strategy.root_device
         # Zero init (the loss is convex, so nothing is lost): no random numbers drawn, so the run
@@ -210,3 +218,14 @@ class OnlineLinearProbe(L.Callback):
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.steps = int(state_dict.get("steps", 0))
         self._pending_state = None
+
+
+def _datamodule_classes(trainer: L.Trainer) -> int:
+    num_classes = getattr(trainer.datamodule, "num_classes", None)
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise SettingError(
+            f"OnlineLinearProbe: num_classes is not set and the data module "
+            f"({type(trainer.datamodule).__name__}) does not say how many classes its labels have "
+            f"(num_classes={num_classes!r}): set it, e.g. --trainer.callbacks.num_classes 10"
+        )
+    return num_classes

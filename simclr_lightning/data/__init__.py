@@ -5,11 +5,14 @@ from simclr_lightning.data.cifar import CIFARDataModule
 from simclr_lightning.data.image_files import ImageFilesDataModule
 from simclr_lightning.data.image_folder import ImageFolderDataModule
 from simclr_lightning.data.mnist import MNISTDataModule
+from simclr_lightning.data.sample import SampleDataModule, sample_root
 
 __all__ = [
     "CIFARDataModule",
     "ImageFilesDataModule",
     "ImageFolderDataModule",
     "MNISTDataModule",
+    "SampleDataModule",
     "SimCLRDataModule",
+    "sample_root",
 ]

@@ -7,13 +7,19 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.data import suggested_max_num_workers
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from simclr_lightning.data.device_store import DeviceImageStore, IndexDataset
 from simclr_lightning.data.encoded import ImageBatch
 from simclr_lightning.data.gpu import GPUAugment
-from simclr_lightning.data.subsets import class_balanced_subset, dataset_labels, listed_subset
+from simclr_lightning.data.subsets import (
+    class_balanced_subset,
+    dataset_labels,
+    listed_subset,
+    stratified_order,
+)
 from simclr_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -28,6 +34,7 @@ from simclr_lightning.errors import SettingError, require
 
 Task = Literal["pretrain", "classify"]
 Augment = Literal["cpu", "gpu"]
+MAX_AUTO_WORKERS = 16
 
 
 def dataset_class_names(datamodule) -> list[str] | None:
@@ -54,6 +61,9 @@ class SimCLRDataModule(L.LightningDataModule):
             whole batch on the device in ``on_after_batch_transfer`` (:class:`GPUAugment`,
             per-sample parameters, same settings). Datasets held in memory (CIFAR, MNIST)
             then live on the device and the loader yields only indices.
+        num_workers: loader processes per device; None: Lightning's suggestion for the
+            machine (cores / devices - 1, at most 16), so a 2-core laptop and a GPU server both
+            get a fitting number.
         val_batch_size: None means ``batch_size``.
         drop_last: drop the incomplete last training batch (the loss wants full batches).
         label_fraction: with ``task: classify``, train on this fraction of each class's images
@@ -61,6 +71,11 @@ class SimCLRDataModule(L.LightningDataModule):
             choice on every rank.
         label_subset: with ``task: classify`` on an image folder, train only on the images this
             text file names (google-research/simclr's ``imagenet_subsets/1percent.txt``).
+        val_subset: validate on this many images only (None: the whole split).
+        val_seed: validation images are served in one seeded, class-stratified random order
+            (:func:`stratified_order`), the same every epoch, so whatever part of the split is
+            used (``val_subset``, ``trainer.limit_val_batches``) is a class-balanced random
+            sample of all of it; the monitors (probe, kNN, plot) see that sample.
     """
 
     def __init__(
@@ -69,7 +84,7 @@ class SimCLRDataModule(L.LightningDataModule):
         augmentation: SimCLRAugmentation | None = None,
         task: Task = "pretrain",
         augment: Augment = "cpu",
-        num_workers: int = 8,
+        num_workers: int | None = None,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         drop_last: bool = True,
@@ -77,6 +92,8 @@ class SimCLRDataModule(L.LightningDataModule):
         label_fraction: float | None = None,
         label_seed: int = 0,
         label_subset: str | None = None,
+        val_subset: int | None = None,
+        val_seed: int = 0,
     ) -> None:
         super().__init__()
         require(
@@ -87,7 +104,10 @@ class SimCLRDataModule(L.LightningDataModule):
         )
         require(task in ("pretrain", "classify"), "data.task", task, "pretrain or classify")
         require(augment in ("cpu", "gpu"), "data.augment", augment, "cpu or gpu")
-        require(num_workers >= 0, "data.num_workers", num_workers, ">= 0")
+        require(num_workers is None or num_workers >= 0, "data.num_workers", num_workers, ">= 0")
+        require(
+            val_subset is None or val_subset >= 1, "data.val_subset", val_subset, ">= 1 or null"
+        )
         require(
             val_batch_size is None or val_batch_size >= 1,
             "data.val_batch_size",
@@ -121,12 +141,19 @@ class SimCLRDataModule(L.LightningDataModule):
         self.label_fraction = label_fraction
         self.label_seed = label_seed
         self.label_subset = label_subset
+        self.val_subset = val_subset
+        self.val_seed = val_seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.device_store: DeviceImageStore | None = None
         self.gpu_augment = GPUAugment(self.augmentation) if self.on_device else None
 
     # -- what subclasses provide -------------------------------------------------------------
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of the labels (None: unlabeled or unknown); monitors read it from here."""
+        return None
+
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std used to normalise when the augmentation names none."""
         return IMAGENET_MEAN, IMAGENET_STD
@@ -186,9 +213,7 @@ class SimCLRDataModule(L.LightningDataModule):
         if self.label_subset is not None:
             return Subset(dataset, listed_subset(dataset, self.label_subset))
         if self.label_fraction is not None:
-            indices = class_balanced_subset(
-                dataset_labels(dataset), self.label_fraction, self.label_seed
-            )
+            indices = class_balanced_subset(dataset, self.label_fraction, self.label_seed)
             return Subset(dataset, indices)
         return dataset
 
@@ -222,10 +247,18 @@ class SimCLRDataModule(L.LightningDataModule):
         PyTorch's default stacking)."""
         return None
 
+    @property
+    def workers(self) -> int:
+        """Loader processes per device: ``num_workers``, or what suits this machine."""
+        if self.num_workers is not None:
+            return self.num_workers
+        devices = self.trainer.num_devices if self.trainer is not None else 1
+        return min(MAX_AUTO_WORKERS, suggested_max_num_workers(devices))
+
     def _loader(
         self, dataset: Dataset, batch_size: int, train: bool, collate_fn=None
     ) -> DataLoader:
-        workers = self.num_workers
+        workers = self.workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -265,16 +298,30 @@ class SimCLRDataModule(L.LightningDataModule):
             return self.gpu_augment.two_views_of_list(images.decode(labels.device)), labels
         return self.gpu_augment.two_views(images), labels
 
+    def val_sample(self) -> Dataset:
+        """The validation images in :func:`stratified_order` (the first ``val_subset``)."""
+        labels = dataset_labels(self.val_set)
+        if labels is None:  # no labels to stratify by: a seeded random order
+            order = torch.randperm(
+                len(self.val_set), generator=torch.Generator().manual_seed(self.val_seed)
+            )
+        else:
+            order = stratified_order(labels, self.val_seed)
+        return Subset(self.val_set, order[: self.val_subset].tolist())
+
     def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return self._loader(self.val_sample(), self.val_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The whole validation split in its own order (rows keep their dataset index)."""
         if self.val_set is None:
             return []
         return self._loader(self.val_set, self.val_batch_size, train=False)
 
-    def test_dataloader(self) -> DataLoader | list:
-        return self.val_dataloader()
-
     def predict_dataloader(self) -> DataLoader | list:
-        return self.val_dataloader()
+        return self.test_dataloader()
 
     def eval_train_dataloader(self) -> DataLoader:
         """The labelled training split without augmentation: the memory bank of a kNN monitor."""

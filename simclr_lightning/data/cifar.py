@@ -33,7 +33,8 @@ class CIFARDataModule(SimCLRDataModule):
     Args:
         data_dir: folder holding ``cifar-10-batches-py/`` (or ``cifar-100-python/``).
         dataset: cifar10 or cifar100.
-        download: fetch the archive on rank 0 when it is absent.
+        download: fetch the archive on rank 0 when it is absent (opt-in: nothing downloads
+            unless asked).
         augmentation: the paper's CIFAR views (32 px, jitter strength 0.5, no blur).
         **kwargs: see :class:`SimCLRDataModule`.
     """
@@ -42,7 +43,7 @@ class CIFARDataModule(SimCLRDataModule):
         self,
         data_dir: str = "data",
         dataset: Literal["cifar10", "cifar100"] = "cifar10",
-        download: bool = True,
+        download: bool = False,
         augmentation: SimCLRAugmentation = CIFAR_VIEWS,
         **kwargs,
     ) -> None:
@@ -55,6 +56,10 @@ class CIFARDataModule(SimCLRDataModule):
     def channel_stats(self):
         _, _, mean, std = _DATASETS[self.dataset]
         return mean, std
+
+    @property
+    def num_classes(self) -> int:
+        return 100 if self.dataset == "cifar100" else 10
 
     def prepare_data(self) -> None:
         cls, folder, _, _ = _DATASETS[self.dataset]

@@ -92,6 +92,13 @@ class ImageFolderDataModule(SimCLRDataModule):
             )
         super().__init__(augmentation=augmentation, **kwargs)
 
+    @property
+    def num_classes(self) -> int | None:
+        """The class folders of ``train/`` (None for unlabeled images), as ImageFolder finds
+        them: known before any image is read."""
+        classes = [p for p in (self.root / "train").iterdir() if p.is_dir()]
+        return len(classes) or None
+
     def device_input_transform(self):
         return None  # make_dataset then hands over bytes or decoded uint8 images as they are
 
@@ -102,7 +109,7 @@ class ImageFolderDataModule(SimCLRDataModule):
         if not self.resident:
             return None
         loader = DataLoader(
-            dataset, batch_size=512, num_workers=self.num_workers, collate_fn=collate_encoded
+            dataset, batch_size=512, num_workers=self.workers, collate_fn=collate_encoded
         )
         images, labels, first = [], [], None
         for batch, batch_labels in loader:

@@ -92,6 +92,10 @@ class MNISTDataModule(SimCLRDataModule):
         _, _, mean, std = _INFO[self.dataset]
         return mean, std
 
+    @property
+    def num_classes(self) -> int:
+        return 10
+
     def make_device_store(self, dataset: IdxImages) -> DeviceImageStore:
         return DeviceImageStore(dataset.images, dataset.labels)
 

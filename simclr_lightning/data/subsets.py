@@ -1,44 +1,63 @@
-"""Labelled subsets for semi-supervised fine-tuning (SimCLR's Table 7 protocol: 1% / 10% of the
-ImageNet labels), drawn the same way on every rank."""
+"""Which images a run uses, drawn the same way on every rank: seeded class-balanced orders of a
+validation split, and labelled training subsets for semi-supervised fine-tuning (SimCLR's
+Table 7 protocol: 1% / 10% of the ImageNet labels)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from simclr_lightning.errors import SettingError, require
 
 
-def dataset_labels(dataset: Dataset) -> list[int]:
-    """The class of every image, without decoding any (torchvision's ``targets``, an idx file's
-    ``labels``)."""
+def dataset_labels(dataset: Dataset) -> Tensor | None:
+    """Every label of a dataset without reading its images (``targets`` of torchvision's
+    datasets, ``labels`` of the idx datasets), or None when it keeps none."""
     for attr in ("targets", "labels"):
         labels = getattr(dataset, attr, None)
-        if labels is not None:
-            return [int(y) for y in labels]
-    raise SettingError(
-        f"data.label_fraction needs a labelled dataset; {type(dataset).__name__} has no labels"
-    )
+        if labels is not None and len(labels) == len(dataset):
+            return torch.as_tensor(labels, dtype=torch.long)
+    return None
 
 
-def class_balanced_subset(labels: Sequence[int], fraction: float, seed: int) -> list[int]:
+def stratified_order(labels: Tensor, seed: int) -> Tensor:
+    """A seeded random order of ``range(len(labels))`` that interleaves the classes in
+    proportion to their sizes: every prefix is a class-balanced random sample of the whole
+    split (within one image per class), so a validation pass cut short (``limit_val_batches``)
+    still sees every class, never only the first classes of a sorted folder."""
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(len(labels), generator=generator)
+    labels = labels[shuffled]
+    # Image j of its class (in the shuffled order) is placed at (j + 0.5) / class size: equal
+    # keys, one per class and round, keep the random order among them (stable sort).
+    key = torch.empty(len(labels), dtype=torch.float64)
+    for label in labels.unique():
+        where = (labels == label).nonzero().squeeze(1)
+        key[where] = (torch.arange(len(where), dtype=torch.float64) + 0.5) / len(where)
+    return shuffled[key.argsort(stable=True)]
+
+
+def class_balanced_subset(dataset: Dataset, fraction: float, seed: int) -> list[int]:
     """Indices of ``fraction`` of each class's images (at least one per class), chosen by a
     ``seed``-ed permutation within each class: the same subset on every rank and every run."""
     require(0 < fraction <= 1, "data.label_fraction", fraction, "in (0, 1]")
-    by_class: dict[int, list[int]] = {}
-    for index, label in enumerate(labels):
-        if label >= 0:
-            by_class.setdefault(label, []).append(index)
+    labels = dataset_labels(dataset)
+    if labels is None:
+        raise SettingError(
+            f"data.label_fraction needs labelled data; {type(dataset).__name__} has no labels"
+        )
     generator = torch.Generator().manual_seed(seed)
     keep: list[int] = []
-    for label in sorted(by_class):
-        members = by_class[label]
-        order = torch.randperm(len(members), generator=generator).tolist()
+    for label in labels.unique().tolist():
+        if label < 0:  # unlabeled images are never part of a labelled subset
+            continue
+        members = (labels == label).nonzero().squeeze(1)
+        order = torch.randperm(len(members), generator=generator)
         count = max(1, round(fraction * len(members)))
-        keep += [members[i] for i in order[:count]]
+        keep += members[order[:count]].tolist()
     return sorted(keep)
 
 

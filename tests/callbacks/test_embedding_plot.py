@@ -10,7 +10,13 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 
-from simclr_lightning.callbacks.embedding_plot import TAB10, UNLABELED, EmbeddingPlot, pca_2d
+from simclr_lightning.callbacks.embedding_plot import (
+    TAB10,
+    UNLABELED,
+    EmbeddingPlot,
+    pca_2d,
+    project_2d,
+)
 from tests.helpers import FeatureData, FeatureModule, quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,3 +76,37 @@ def test_embedding_plot_on_tensorboard_and_csv(tmp_path):
     pngs = sorted((Path(loggers[1].log_dir) / "embeddings").glob("*.png"))
     assert [p.name for p in pngs] == ["epoch=001.png", "epoch=003.png"]
     assert np.array_equal(np.asarray(Image.open(pngs[-1]).convert("RGB")), np.asarray(plot.image))
+
+
+def test_projection_uses_directions_not_lengths():
+    """SimCLR features are compared by cosine: scaling a row must not move its point."""
+    x, _ = clusters(90, 2)
+    x = x.abs()  # post-ReLU-like: one orthant
+    scale = torch.rand(len(x), 1, generator=torch.Generator().manual_seed(1)) * 20 + 0.1
+    torch.testing.assert_close(project_2d(x * scale), project_2d(x), rtol=1e-4, atol=1e-4)
+    unit = x.double() / x.double().norm(dim=1, keepdim=True)
+    want = pca_2d(unit)  # PCA of the unit vectors
+    got = project_2d(x * scale)
+    for i in range(2):
+        assert abs(np.corrcoef(got[:, i], want[:, i])[0, 1]) > 0.999
+
+
+def test_tsne_projection_keeps_classes_apart():
+    pytest.importorskip("sklearn")
+    x, y = clusters(90, 3)
+    points = project_2d(x, "tsne")
+    keep = y >= 0
+    points, y = points[keep].double(), y[keep]
+    # nearest neighbour in the picture has the same class (brute force over all pairs)
+    dist = torch.cdist(points, points)
+    dist.fill_diagonal_(float("inf"))
+    assert (y[dist.argmin(dim=1)] == y).float().mean() == 1.0
+
+
+def test_plot_runs_at_the_last_epoch_and_rejects_unknown_projection(tmp_path):
+    plot = EmbeddingPlot(every_n_epochs=10)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[plot])
+    trainer.fit(FeatureModule(10), datamodule=FeatureData(clusters(30, 0), clusters(60, 1)))
+    assert plot.image is not None and len(plot.points) == 60  # shown although 2 < 10 epochs
+    with pytest.raises(ValueError, match="EmbeddingPlot.projection='umap' is invalid"):
+        EmbeddingPlot(projection="umap")

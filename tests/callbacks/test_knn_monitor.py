@@ -42,3 +42,18 @@ def test_monitor_logs_brute_force_accuracy_every_n_epochs(tmp_path):
 def test_bad_bank_dtype_is_rejected():
     with pytest.raises(SettingError, match=r"^KNNMonitor\.bank_dtype='float8' is invalid: must"):
         KNNMonitor(bank_dtype="float8")
+
+
+class SixClassData(FeatureData):
+    num_classes = 6  # what SimCLRDataModule subclasses expose
+
+
+def test_monitor_reads_num_classes_and_reports_at_the_last_epoch():
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 6, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    monitor, metrics = KNNMonitor(k=5, every_n_epochs=5), EpochMetrics()
+    quiet_trainer(max_epochs=2, callbacks=[monitor, metrics]).fit(
+        FeatureModule(6), datamodule=SixClassData((x, y), (x, y))
+    )
+    assert monitor.num_classes == 6  # from the data module, not 1 + the largest label (3)
+    assert "knn/val_top1" not in metrics.epochs[0] and "knn/val_top1" in metrics.epochs[1]

@@ -145,3 +145,30 @@ def test_probe_skips_batches_without_labels():
     )
     assert probe.steps == 0
     assert "probe/val_top1" not in trainer.callback_metrics
+
+
+class CountedData(FeatureData):
+    num_classes = 4  # what SimCLRDataModule subclasses expose
+
+
+def test_probe_reads_num_classes_from_the_data_module():
+    train, val = separable(128, seed=0), separable(64, seed=1)
+    runs = []
+    for probe, data in (
+        (OnlineLinearProbe(num_classes=4, lr=0.05), FeatureData(train, val, batch_size=32)),
+        (OnlineLinearProbe(lr=0.05), CountedData(train, val, batch_size=32)),
+    ):
+        torch.manual_seed(0)
+        quiet_trainer(max_epochs=1, callbacks=[probe]).fit(FeatureModule(16), datamodule=data)
+        runs.append(probe)
+    assert runs[1].num_classes == 4 and runs[1].classifier.out_features == 4
+    for name, weight in runs[0].classifier.state_dict().items():
+        torch.testing.assert_close(runs[1].classifier.state_dict()[name], weight)
+
+
+def test_probe_without_num_classes_anywhere_says_what_to_set():
+    data = FeatureData(separable(64, 0), separable(32, 1))
+    with pytest.raises(ValueError, match="num_classes is not set.*--trainer.callbacks.num_classes"):
+        quiet_trainer(max_epochs=1, callbacks=[OnlineLinearProbe()]).fit(
+            FeatureModule(16), datamodule=data
+        )

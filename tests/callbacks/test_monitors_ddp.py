@@ -64,6 +64,12 @@ def test_probe_and_knn_under_ddp_equal_single_process(tmp_path):
         for r in ranks:
             assert r["metrics"][name] == pytest.approx(single["metrics"][name], abs=1e-5), name
 
+    # KNNReport encodes every held-out and bank image once over both ranks, before and after.
+    assert single["report"]["queries"] == 36 and single["report"]["bank"] == 40
+    for r in ranks:
+        for key, value in single["report"].items():
+            assert r["report"][key] == pytest.approx(value, abs=1e-6), key
+
 
 @pytest.mark.slow
 def test_half_precision_knn_bank_under_ddp_equals_whole_bank(tmp_path):

@@ -8,7 +8,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from simclr_lightning.evaluation import LinearEval
 from tests.helpers import quiet_trainer
@@ -197,3 +197,19 @@ def test_head_layers_need_a_head(simclr_ckpt, tmp_path):
     path, _ = simclr_ckpt
     with pytest.raises(ValueError, match="head_layers=4 is invalid: must be <= 3"):
         LinearEval(str(path), num_classes=3, head_layers=4)
+
+
+def test_predict_gives_float32_probabilities_under_bf16():
+    """The encoder may run in bf16; what a user reads is not rounded to bf16's 8 bits."""
+    torch.manual_seed(0)
+    model = LinearEval(num_classes=10, backbone="resnet18", zero_init_classifier=False).eval()
+    x = torch.randn(6, 3, 32, 32)
+    trainer = quiet_trainer(precision="bf16-mixed")
+    (probs,) = trainer.predict(model, DataLoader(TensorDataset(x), batch_size=6))
+    assert probs.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.backbone(x)  # the same bf16 encoder pass
+    logits = features.double() @ model.head.weight.double().T + model.head.bias.double()
+    torch.testing.assert_close(probs.double(), logits.softmax(dim=1), rtol=0, atol=1e-6)
+    rounded = probs.to(torch.bfloat16).float()
+    assert not torch.equal(probs, rounded)  # more digits than bf16 holds

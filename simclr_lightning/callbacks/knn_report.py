@@ -1,0 +1,130 @@
+"""Did pretraining help? Weighted kNN top-1 on the whole held-out split for the encoder before
+pretraining (randomly initialised) and after, beside chance, printed when ``fit`` ends."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from simclr_lightning.distributed import RowCollector, shard_loader
+from simclr_lightning.errors import require
+from simclr_lightning.evaluation.knn import knn_predict, top_k_accuracy
+
+
+@torch.no_grad()
+def encode(trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader):
+    """Features ``pl_module(x)`` and labels of every image of ``loader``, in eval mode and the
+    run's precision, each rank encoding its shard, gathered so every rank holds all rows once."""
+    loader = shard_loader(loader, trainer)
+    rows = RowCollector()
+    was_training = pl_module.training
+    pl_module.eval()
+    with trainer.precision_plugin.val_step_context():
+        for batch_idx, (x, labels) in enumerate(loader):
+            features = pl_module(x.to(pl_module.device, non_blocking=True))
+            rows.add(loader, batch_idx, features, labels.to(pl_module.device))
+    pl_module.train(was_training)
+    return rows.gather(trainer, pl_module.device)
+
+
+class KNNReport(L.Callback):
+    """Measures weighted kNN (cosine, ``k`` neighbours voting with ``exp(sim / temperature)``,
+    as :class:`KNNMonitor`) of the held-out split against the un-augmented training split, once
+    when ``fit`` starts (the encoder as initialised) and once when it ends, and prints both
+    beside chance. Every held-out image counts, whatever ``limit_val_batches`` or
+    ``data.val_subset`` say. Results are kept in ``self.results`` and sent to the loggers as
+    ``knn_report/init_top1`` and ``knn_report/final_top1``.
+
+    Args:
+        k / temperature: of the weighted vote.
+        num_classes: None reads the data module's ``num_classes`` (else 1 + the largest label).
+    """
+
+    def __init__(self, k: int = 200, temperature: float = 0.1, num_classes: int | None = None):
+        require(k >= 1, "KNNReport.k", k, ">= 1")
+        require(temperature > 0, "KNNReport.temperature", temperature, "> 0")
+        self.k = k
+        self.temperature = temperature
+        self.num_classes = num_classes
+        self.results: dict[str, float] = {}
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """kNN top-1/top-5 of ``pl_module``'s features now, and the split sizes."""
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "eval_train_dataloader"):
+            raise RuntimeError(
+                "KNNReport needs a data module with eval_train_dataloader() (the training images "
+                "without augmentation) and test_dataloader() (all held-out images), as every "
+                "SimCLRDataModule has"
+            )
+        bank, bank_labels = _labelled(
+            *encode(trainer, pl_module, datamodule.eval_train_dataloader())
+        )
+        query, labels = _labelled(*encode(trainer, pl_module, datamodule.test_dataloader()))
+        if not len(bank) or not len(query):
+            raise RuntimeError("KNNReport needs labelled training and held-out images")
+        num_classes = (
+            self.num_classes
+            or getattr(datamodule, "num_classes", None)
+            or int(bank_labels.max()) + 1
+        )
+        scores = knn_predict(query, bank, bank_labels, num_classes, self.k, self.temperature)
+        return {
+            "top1": float(top_k_accuracy(scores, labels, 1)),
+            "top5": float(top_k_accuracy(scores, labels, 5)),
+            "bank": len(bank),
+            "queries": len(query),
+            "num_classes": num_classes,
+        }
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._init = self.measure(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        final = self.measure(trainer, pl_module)
+        chance = 1.0 / final["num_classes"]
+        self.results = {
+            "chance_top1": chance,
+            "init_top1": self._init["top1"],
+            "final_top1": final["top1"],
+            "init_top5": self._init["top5"],
+            "final_top5": final["top5"],
+            "queries": final["queries"],
+            "bank": final["bank"],
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {f"knn_report/{k}": self.results[k] for k in ("init_top1", "final_top1")},
+                step=trainer.global_step,
+            )
+        self._print(trainer)
+
+    @rank_zero_only
+    def _print(self, trainer: L.Trainer) -> None:
+        r = self.results
+        gain = 100 * (r["final_top1"] - r["init_top1"])
+        rows = [
+            (f"chance ({round(1 / r['chance_top1'])} classes)", r["chance_top1"], ""),
+            ("randomly initialised encoder", r["init_top1"], ""),
+            (
+                f"after SimCLR ({trainer.current_epoch} epochs, {trainer.global_step} steps)",
+                r["final_top1"],
+                f"{gain:+.1f} points",
+            ),
+        ]
+        lines = [
+            f"kNN top-1 on all {r['queries']:,} held-out images (weighted, k={self.k}, "
+            f"against {r['bank']:,} training images):"
+        ]
+        lines += [
+            f"  {name:<40} {100 * value:5.1f}%  {note}".rstrip() for name, value, note in rows
+        ]
+        print("\n".join(lines), flush=True)
+
+
+def _labelled(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    keep = labels >= 0
+    return features[keep], labels[keep]

@@ -1,0 +1,67 @@
+"""ImagesPerSecond: images over training time, validation left out, in the progress bar."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+import simclr_lightning.callbacks.images_per_second as ips
+from simclr_lightning import ImagesPerSecond
+from simclr_lightning.callbacks.images_per_second import batch_images
+from tests.helpers import FeatureData, FeatureModule, quiet_trainer
+
+STEP_S, VALIDATION_S, BATCH = 0.25, 100.0, 8
+
+
+class Clock:
+    """A test-driven clock: training steps take STEP_S each, a validation run VALIDATION_S."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rate_is_images_over_training_time(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(ips.time, "perf_counter", clock)
+
+    class Advance(L.Callback):  # runs before ImagesPerSecond (list order)
+        def on_train_batch_end(self, *args):
+            clock.now += STEP_S
+
+        def on_validation_end(self, *args):
+            clock.now += VALIDATION_S
+
+    class Seen(L.Callback):
+        values: list = []
+
+        def on_train_batch_end(self, trainer, *args):
+            if "images/s" in trainer.progress_bar_metrics:
+                self.values.append(trainer.progress_bar_metrics["images/s"])
+
+    meter = ImagesPerSecond(window=4)
+    data = FeatureData(
+        (torch.randn(96, 4), torch.zeros(96, dtype=torch.long)),
+        (torch.randn(16, 4), torch.zeros(16, dtype=torch.long)),
+        batch_size=BATCH,
+    )
+    trainer = quiet_trainer(
+        max_epochs=1,
+        val_check_interval=6,
+        num_sanity_val_steps=0,
+        callbacks=[Advance(), meter, Seen()],
+    )
+    trainer.fit(FeatureModule(4), datamodule=data)
+    # 12 steps with a 100 s validation after step 6: still 8 images per 0.25 s.
+    assert meter.value == pytest.approx(BATCH / STEP_S)
+    assert Seen.values and all(v == pytest.approx(BATCH / STEP_S) for v in Seen.values)
+    assert float(trainer.logged_metrics["train/images_per_sec"]) == pytest.approx(32.0)
+
+
+def test_batch_images_counts_images_not_views():
+    views = (torch.zeros(5, 3, 2, 2), torch.zeros(5, 3, 2, 2))
+    assert batch_images((views, torch.zeros(5))) == 5
+    assert batch_images(torch.zeros(7, 3)) == 7
