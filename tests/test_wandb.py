@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,21 @@ def read_wandb_records(path: Path):
             record.ParseFromString(pending)
             pending = b""
             yield record
+
+
+def finished_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a run file once W&B has written its exit record: its writer process can
+    still be appending after ``wandb.finish()`` returns (seen in full suite runs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(read_wandb_records(path))
+        except Exception:  # a record still being written: read again
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{path} has no exit record after {timeout} s"
+        time.sleep(0.5)
 
 
 @pytest.mark.slow
@@ -87,7 +103,7 @@ def test_offline_wandb_run_holds_metrics_plot_and_model(cifar_tiny, tmp_path, mo
     assert not (tmp_path / "unused").exists()
     (log,) = run_dir.glob("run-*.wandb")
     history, artifacts, names, kinds, config = {}, [], set(), set(), {}
-    for record in read_wandb_records(log):
+    for record in finished_records(log):
         kind = record.WhichOneof("record_type")
         kinds.add(kind)
         if kind == "history":
