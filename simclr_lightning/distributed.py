@@ -219,3 +219,26 @@ def real_rows(
     if positions is not None:
         keep &= positions.to(device) < dataset_size(dataloader)
     return keep
+
+
+@torch.no_grad()
+def encode_rows(
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    loader: DataLoader,
+    rows: RowCollector,
+    normalize: bool = False,
+) -> RowCollector:
+    """Add ``pl_module(x)`` (unit vectors if ``normalize``) and the labels of every batch of
+    ``loader`` (this rank's shard, see :func:`shard_loader`) to ``rows``: in eval mode and the
+    run's precision, the module's mode restored afterwards."""
+    was_training = pl_module.training
+    pl_module.eval()
+    with trainer.precision_plugin.val_step_context():
+        for batch_idx, (x, labels) in enumerate(loader):
+            features = pl_module(x.to(pl_module.device, non_blocking=True))
+            if normalize:
+                features = torch.nn.functional.normalize(features.float(), dim=1)
+            rows.add(loader, batch_idx, features, labels.to(pl_module.device))
+    pl_module.train(was_training)
+    return rows

@@ -7,8 +7,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simclr_lightning.distributed import gather_with_grad, rank_and_world_size
-from simclr_lightning.errors import require
+from simclr_lightning.errors import SettingError, require
 from simclr_lightning.tiled_loss import TiledNTXent
+
+
+def batch_layout(
+    z_a: Tensor, z_b: Tensor, gather_distributed: bool, loss: str
+) -> tuple[int, int, int]:
+    """``(N, rank, world)`` for two ``[N, D]`` view embeddings, after checking that the global
+    batch holds a negative at all."""
+    if z_a.shape != z_b.shape or z_a.ndim != 2:
+        raise ValueError(
+            f"{loss} expects two [N, D] embeddings of equal shape, got "
+            f"{tuple(z_a.shape)} and {tuple(z_b.shape)}"
+        )
+    n = z_a.shape[0]
+    rank, world = rank_and_world_size() if gather_distributed else (0, 1)
+    if n * world < 2:
+        raise SettingError(
+            f"{loss} needs a global batch of at least 2 images (got {n} per process x "
+            f"{world} processes): raise data.batch_size"
+        )
+    return n, rank, world
 
 
 class NTXentLoss(nn.Module):
@@ -48,18 +68,7 @@ class NTXentLoss(nn.Module):
         positive and negative cosine, how often the positive is strictly the nearest
         embedding, and the std of the unit embeddings (healthy is about 1/sqrt(D), collapse
         drives it to 0). Statistics are over this rank's anchors."""
-        if z_a.shape != z_b.shape or z_a.ndim != 2:
-            raise ValueError(
-                f"NTXentLoss expects two [N, D] embeddings of equal shape, got "
-                f"{tuple(z_a.shape)} and {tuple(z_b.shape)}"
-            )
-        n = z_a.shape[0]
-        rank, world = rank_and_world_size() if self.gather_distributed else (0, 1)
-        if n * world < 2:
-            raise ValueError(
-                f"NT-Xent needs a global batch of at least 2 images (got {n} per process x "
-                f"{world} processes): raise data.batch_size"
-            )
+        n, rank, world = batch_layout(z_a, z_b, self.gather_distributed, "NT-Xent")
         dtype = torch.promote_types(z_a.dtype, torch.float32)
         with torch.autocast(device_type=z_a.device.type, enabled=False):
             local = F.normalize(torch.cat([z_a, z_b]).to(dtype), dim=1)  # [2N, D]

@@ -8,8 +8,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from simclr_lightning.distributed import gather_with_grad, rank_and_world_size
-from simclr_lightning.errors import SettingError, require
+from simclr_lightning.distributed import gather_with_grad
+from simclr_lightning.errors import require
+from simclr_lightning.loss import batch_layout
 
 
 class SupConLoss(nn.Module):
@@ -38,18 +39,9 @@ class SupConLoss(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss, and the health signals of NT-Xent generalised to classes (positives:
         same label; ``contrastive_acc``: the nearest other embedding shares the label)."""
-        if z_a.shape != z_b.shape or z_a.ndim != 2 or labels.shape != z_a.shape[:1]:
-            raise ValueError(
-                f"SupConLoss expects two [N, D] embeddings and [N] labels, got "
-                f"{tuple(z_a.shape)}, {tuple(z_b.shape)} and {tuple(labels.shape)}"
-            )
-        n = z_a.shape[0]
-        rank, world = rank_and_world_size() if self.gather_distributed else (0, 1)
-        if n * world < 2:
-            raise SettingError(
-                f"supervised contrastive loss needs a global batch of at least 2 images (got {n} "
-                f"per process x {world} processes): raise data.batch_size"
-            )
+        n, rank, world = batch_layout(z_a, z_b, self.gather_distributed, "SupConLoss")
+        if labels.shape != (n,):
+            raise ValueError(f"SupConLoss expects [N={n}] labels, got {tuple(labels.shape)}")
         # unlabeled images: a class of their own, unique across the world
         ids = torch.arange(n, device=labels.device) + rank * n
         labels = torch.where(labels < 0, -2 - ids, labels.long())

@@ -7,12 +7,16 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from simclr_lightning.distributed import RowCollector, shard_loader, validation_loader
+from simclr_lightning.distributed import (
+    RowCollector,
+    encode_rows,
+    shard_loader,
+    validation_loader,
+)
 from simclr_lightning.errors import require
 from simclr_lightning.evaluation.knn import sharded_knn_predict, top_k_accuracy
 
@@ -155,14 +159,7 @@ class KNNMonitor(L.Callback):
                 )
             self._bank_loader = shard_loader(datamodule.eval_train_dataloader(), trainer)
         rows = RowCollector(self.bank_dtype)
-        was_training = pl_module.training
-        pl_module.eval()
-        with trainer.precision_plugin.val_step_context():
-            for batch_idx, (x, labels) in enumerate(self._bank_loader):
-                features = pl_module(x.to(pl_module.device, non_blocking=True))
-                unit = F.normalize(features.float(), dim=1)
-                rows.add(self._bank_loader, batch_idx, unit, labels.to(pl_module.device))
-        pl_module.train(was_training)
+        encode_rows(trainer, pl_module, self._bank_loader, rows, normalize=True)
         return rows.shard(trainer, pl_module.device)
 
 

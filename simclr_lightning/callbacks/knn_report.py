@@ -4,29 +4,19 @@ pretraining (randomly initialised) and after, beside chance, printed when ``fit`
 from __future__ import annotations
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from simclr_lightning.distributed import RowCollector, shard_loader
+from simclr_lightning.distributed import RowCollector, encode_rows, shard_loader
 from simclr_lightning.errors import require
 from simclr_lightning.evaluation.knn import knn_predict, top_k_accuracy
 
 
-@torch.no_grad()
 def encode(trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader):
-    """Features ``pl_module(x)`` and labels of every image of ``loader``, in eval mode and the
-    run's precision, each rank encoding its shard, gathered so every rank holds all rows once."""
-    loader = shard_loader(loader, trainer)
-    rows = RowCollector()
-    was_training = pl_module.training
-    pl_module.eval()
-    with trainer.precision_plugin.val_step_context():
-        for batch_idx, (x, labels) in enumerate(loader):
-            features = pl_module(x.to(pl_module.device, non_blocking=True))
-            rows.add(loader, batch_idx, features, labels.to(pl_module.device))
-    pl_module.train(was_training)
+    """Features ``pl_module(x)`` and labels of every image of ``loader``, each rank encoding
+    its shard, gathered so every rank holds all rows once."""
+    rows = encode_rows(trainer, pl_module, shard_loader(loader, trainer), RowCollector())
     return rows.gather(trainer, pl_module.device)
 
 
