@@ -30,7 +30,7 @@ from simclr_lightning.data import (
 )
 from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.transforms import SimCLRAugmentation
-from simclr_lightning.errors import SettingError
+from simclr_lightning.errors import CorruptImageError, SettingError
 from simclr_lightning.evaluation import LinearEval, knn_predict, sharded_knn_predict
 from simclr_lightning.grad_cache import embed_in_chunks
 from simclr_lightning.heads import ProjectionHead
@@ -60,6 +60,7 @@ __all__ = [
     "OnlineLinearProbe",
     "PredictionWriter",
     "ProjectionHead",
+    "CorruptImageError",
     "SettingError",
     "SampleDataModule",
     "SimCLR",

@@ -13,3 +13,15 @@ def require(ok: bool, setting: str, value: object, allowed: str) -> None:
     unless ``ok``; ``setting`` is the name a user sets it by (``model.base_lr``)."""
     if not ok:
         raise SettingError(f"{setting}={value!r} is invalid: must be {allowed}")
+
+
+class CorruptImageError(ValueError):
+    """A data file that cannot be decoded. Its message is one line naming the file; a run that
+    stops on it writes a checkpoint first, and ``data.skip_corrupt`` skips such files."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(
+            f"cannot decode image file {path!r} ({reason}): remove or replace it, set "
+            f"data.skip_corrupt=true to skip bad files, or data.verify=true to list them all"
+        )
+        self.path = path
