@@ -158,7 +158,10 @@ def test_skip_gives_up_with_a_clear_error_when_almost_everything_is_bad(tmp_path
             dataset[0]
 
 
-def test_verify_lists_exactly_the_bad_files_before_training(bad_folder, cifar_tiny, tmp_path):
+def test_verify_lists_exactly_the_bad_files_before_training(
+    bad_folder, cifar_tiny, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # without a trainer, the full list is written here
     root, bad = bad_folder
     with pytest.raises(CorruptFilesError) as failure:
         data(root, verify=True, num_workers=2).setup("fit")
@@ -177,6 +180,7 @@ def test_verify_lists_exactly_the_bad_files_before_training(bad_folder, cifar_ti
     with pytest.raises(CorruptFilesError) as failure:
         data(many, verify=True).setup("fit")
     listing = Path(failure.value.listing)
+    assert listing == tmp_path / "corrupt_files.txt"
     assert "and 5 more" in str(failure.value) and str(listing) in str(failure.value)
     assert len(listing.read_text().splitlines()) == 25
 
