@@ -28,6 +28,7 @@ from simclr_lightning.data import (
     SimCLRDataModule,
     sample_root,
 )
+from simclr_lightning.data.corrupt import CorruptFilesError, CorruptImageWarning
 from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.transforms import SimCLRAugmentation
 from simclr_lightning.errors import CorruptImageError, SettingError
@@ -60,7 +61,9 @@ __all__ = [
     "OnlineLinearProbe",
     "PredictionWriter",
     "ProjectionHead",
+    "CorruptFilesError",
     "CorruptImageError",
+    "CorruptImageWarning",
     "SettingError",
     "SampleDataModule",
     "SimCLR",

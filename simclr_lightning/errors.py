@@ -3,6 +3,9 @@ allowed, raised before any work is done."""
 
 from __future__ import annotations
 
+import ast
+import re
+
 
 class SettingError(ValueError):
     """A setting or input that cannot work. Its message is one line, meant for the user."""
@@ -15,13 +18,32 @@ def require(ok: bool, setting: str, value: object, allowed: str) -> None:
         raise SettingError(f"{setting}={value!r} is invalid: must be {allowed}")
 
 
+_CORRUPT = re.compile(r"cannot decode image file ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\") \((.*)\)")
+
+
 class CorruptImageError(ValueError):
     """A data file that cannot be decoded. Its message is one line naming the file; a run that
-    stops on it writes a checkpoint first, and ``data.skip_corrupt`` skips such files."""
+    stops on it writes a checkpoint first, and ``data.skip_corrupt`` skips such files.
 
-    def __init__(self, path: str, reason: str) -> None:
+    Built from its message alone it recovers ``path`` and ``reason``: torch re-raises a
+    DataLoader worker's error as ``type(err)(worker_traceback_text)`` (and pickle rebuilds it
+    from ``args``), which would otherwise turn it into a bare ``RuntimeError``."""
+
+    def __init__(self, path: str, reason: str | None = None) -> None:
+        traceback_text = None
+        if reason is None:  # rebuilt from a message: the last one in it is the error's own
+            found = _CORRUPT.findall(path)
+            traceback_text = path if "\n" in path else None
+            path, reason = (ast.literal_eval(found[-1][0]), found[-1][1]) if found else ("?", path)
+        reason = " ".join(str(reason).split())  # one line, whatever the decoder said
         super().__init__(
             f"cannot decode image file {path!r} ({reason}): remove or replace it, set "
             f"data.skip_corrupt=true to skip bad files, or data.verify=true to list them all"
         )
         self.path = path
+        self.reason = reason
+        if traceback_text is not None:  # where it happened, for SIMCLR_DEBUG tracebacks
+            self.add_note(traceback_text.rstrip())
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)

@@ -9,6 +9,7 @@ views are cropped from each full image, exactly as the CPU pipeline would crop t
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,10 @@ from torch import Tensor
 from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+from simclr_lightning.errors import CorruptImageError
+
 _JPEG_MAGIC = b"\xff\xd8"
+_JPEG_END = b"\xff\xd9"
 
 
 @dataclass
@@ -30,18 +34,33 @@ class EncodedImage:
 
 
 def read_encoded(path: str, decode: bool) -> EncodedImage:
-    """The worker's side: read the bytes, and decode them here only when ``decode``."""
+    """The worker's side: read the bytes, and decode them here only when ``decode``.
+
+    Bytes left for the device are first checked here, where a bad file can still be named
+    and skipped (``data.skip_corrupt``): a file that does not end in JPEG's end marker (a
+    truncated one does not) is decoded on the CPU to tell damage from harmless trailing
+    bytes; an empty or non-JPEG file is decoded here anyway. Either failure raises
+    :class:`CorruptImageError` naming the file."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
+        if not raw:
+            raise ValueError("empty file")
         # a plain tensor: torchvision's read_file maps the file, and such storage cannot be
         # sent from a DataLoader worker
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        if decode or raw[:2] != _JPEG_MAGIC:  # PNG & co. are decoded here, on the CPU
+        intact = raw[:2] == _JPEG_MAGIC and raw.rstrip(b"\0")[-2:] == _JPEG_END
+        if decode or not intact:  # PNG & co. and doubtful JPEGs are decoded here, on the CPU
             return EncodedImage(path, decode_image(data, mode=ImageReadMode.RGB), True)
     except Exception as err:
-        raise RuntimeError(f"cannot read image {path}: {err}") from err
+        raise CorruptImageError(path, _reason(err)) from err
     return EncodedImage(path, data, False)
+
+
+def _reason(err: Exception) -> str:
+    """The decoder's words without torchvision's source location (``decode_jpeg.cpp:171``)."""
+    text = re.sub(r"^.*?\.cpp:\d+,\s*", "", str(err))
+    return text if text == "empty file" else f"{type(err).__name__}: {text}"
 
 
 class ImageBatch:
@@ -105,7 +124,7 @@ class ImageBatch:
         try:  # the CPU decoder reads what nvJPEG does not
             return decode_image(image.data, mode=ImageReadMode.RGB).to(device)
         except Exception as err:
-            raise RuntimeError(f"cannot decode image {image.path}: {err}") from err
+            raise CorruptImageError(image.path, _reason(err)) from err
 
     def __repr__(self) -> str:
         return f"ImageBatch({len(self.images)} images)"

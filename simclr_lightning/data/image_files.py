@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from simclr_lightning.data.image_folder import IMAGE_EXTENSIONS, load_rgb
+from simclr_lightning.data.corrupt import SkippedFiles, load_rgb, verify_files
+from simclr_lightning.data.image_folder import IMAGE_EXTENSIONS
 from simclr_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     eval_crop_ratio,
     eval_transform,
 )
-from simclr_lightning.errors import require
+from simclr_lightning.errors import CorruptImageError, require
 
 
 def list_images(paths: str | Sequence[str]) -> list[str]:
@@ -43,19 +47,43 @@ def list_images(paths: str | Sequence[str]) -> list[str]:
     return files
 
 
-class ImageFiles(Dataset):
-    """``(image, path)`` pairs: the path travels with the batch so predictions can name it."""
+LEFT_OUT = "no prediction for it"
 
-    def __init__(self, files: Sequence[str], transform) -> None:
+
+class ImageFiles(Dataset):
+    """``(image, path)`` pairs: the path travels with the batch so predictions can name it.
+
+    With ``skip_corrupt`` an undecodable file gives None (and one warning), which
+    :func:`collate_present` leaves out: a prediction is for the file it names, so no other
+    image may stand in for it."""
+
+    def __init__(self, files: Sequence[str], transform, skip_corrupt: bool = False) -> None:
         self.files = list(files)
         self.transform = transform
+        self.skipped = SkippedFiles(self.files) if skip_corrupt else None
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
         path = self.files[index]
-        return self.transform(load_rgb(path)), path
+        try:
+            image = load_rgb(path)
+        except CorruptImageError as err:
+            if self.skipped is None:
+                raise
+            self.skipped.mark(index, err, LEFT_OUT)
+            return None
+        return self.transform(image), path
+
+
+def collate_present(samples: list, shape: tuple[int, ...]) -> tuple[Tensor, list[str]]:
+    """The batch of the samples that are not None (an empty ``[0, *shape]`` one if all are)."""
+    present = [s for s in samples if s is not None]
+    if not present:
+        return torch.empty(0, *shape), []
+    images, paths = default_collate(present)
+    return images, list(paths)
 
 
 class ImageFilesDataModule(L.LightningDataModule):
@@ -64,10 +92,14 @@ class ImageFilesDataModule(L.LightningDataModule):
     ``image_size``/``mean``/``std``/``resize_ratio`` left None are taken from the model being
     run when it records its preprocessing (a :class:`~simclr_lightning.evaluation.LinearEval`
     checkpoint does), so predictions see images prepared as in training; otherwise 224 px
-    with ImageNet statistics. An unreadable image raises an error naming the file.
+    with ImageNet statistics. An unreadable image raises
+    :class:`~simclr_lightning.errors.CorruptImageError` naming the file.
 
     Args:
         paths: image files and/or folders (searched recursively).
+        skip_corrupt: leave undecodable files out (one warning each, no prediction row).
+        verify: decode every file once at setup and raise one error listing all
+            undecodable ones before predicting.
     """
 
     def __init__(
@@ -79,6 +111,8 @@ class ImageFilesDataModule(L.LightningDataModule):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         resize_ratio: float | None = None,
+        skip_corrupt: bool = False,
+        verify: bool = False,
     ) -> None:
         super().__init__()
         require(batch_size >= 1, "data.batch_size", batch_size, ">= 1")
@@ -90,8 +124,30 @@ class ImageFilesDataModule(L.LightningDataModule):
         self.mean = mean
         self.std = std
         self.resize_ratio = resize_ratio
+        self.skip_corrupt = skip_corrupt
+        self.verify = verify
+        self._verified = False
 
-    def transform(self):
+    def setup(self, stage: str) -> None:
+        if self.verify and not self._verified:
+            root = Path(self.trainer.default_root_dir) if self.trainer is not None else Path.cwd()
+            verify_files(self.files, self.num_workers, root / "corrupt_files.txt")
+            self._verified = True
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        self.report_skipped()
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        self.report_skipped()
+
+    def report_skipped(self) -> None:
+        """Warn here about files the loader workers left out (their own warnings are lost)."""
+        skipped = getattr(getattr(self, "dataset", None), "skipped", None)
+        if skipped is not None:
+            skipped.report(LEFT_OUT)
+
+    def image_size_and_transform(self):
         model = self.trainer.lightning_module if self.trainer is not None else None
         recorded = getattr(model, "preprocessing", None) or {}
         size = self.image_size or recorded.get("image_size") or 224
@@ -102,14 +158,20 @@ class ImageFilesDataModule(L.LightningDataModule):
             if self.resize_ratio is not None
             else recorded.get("resize_ratio", eval_crop_ratio(size))
         )
-        return eval_transform(size, mean, std, ratio)
+        return size, eval_transform(size, mean, std, ratio)
+
+    def transform(self):
+        return self.image_size_and_transform()[1]
 
     def predict_dataloader(self) -> DataLoader:
         # Built here, not in setup(): the model's checkpoint (and its preprocessing) is only
         # loaded after setup.
+        size, transform = self.image_size_and_transform()
+        self.dataset = ImageFiles(self.files, transform, self.skip_corrupt)
         return DataLoader(
-            ImageFiles(self.files, self.transform()),
+            self.dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             shuffle=False,
+            collate_fn=partial(collate_present, shape=(3, size, size)),
         )

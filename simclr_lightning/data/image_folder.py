@@ -8,11 +8,18 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 
 from simclr_lightning.data.base import SimCLRDataModule
+from simclr_lightning.data.corrupt import (
+    SUBSTITUTED,
+    SkipCorrupt,
+    SkipsCorruptFiles,
+    dataset_files,
+    load_rgb,
+    verify_files,
+)
 from simclr_lightning.data.device_store import DeviceImageStore
 from simclr_lightning.data.encoded import collate_encoded, read_encoded
 from simclr_lightning.data.transforms import IMAGENET_VIEWS, SimCLRAugmentation
@@ -21,18 +28,13 @@ from simclr_lightning.errors import require
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """PIL's loader, with an error that names the file: one corrupt image in a million
-    should say which."""
-    try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            return image.convert("RGB")
-    except Exception as err:
-        raise RuntimeError(f"cannot read image {path}: {err}") from err
+class ImageFolderFiles(SkipsCorruptFiles, datasets.ImageFolder):
+    """torchvision's ImageFolder, able to skip undecodable files (``data.skip_corrupt``)."""
+
+    read_item = datasets.ImageFolder.__getitem__
 
 
-class UnlabeledImages(Dataset):
+class UnlabeledImages(SkipsCorruptFiles, Dataset):
     """Images directly in a folder, without class folders; labels are -1 (unknown)."""
 
     def __init__(self, root: Path, transform=None, loader=load_rgb) -> None:
@@ -45,7 +47,7 @@ class UnlabeledImages(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int):
+    def read_item(self, index: int):
         image = self.loader(self.files[index])
         return (self.transform(image) if self.transform else image), -1
 
@@ -68,6 +70,13 @@ class ImageFolderDataModule(SimCLRDataModule):
         resident: with ``augment: gpu``, decode the whole training split once and keep it on
             the device as uint8 (all images must share one size, e.g. the CIFAR-10 JPEG
             copy: 150 MB); batches are then drawn by index, with no loader workers.
+        skip_corrupt: an image file that cannot be decoded is skipped with a warning (once
+            per file) and a seeded substitute served in its place, so batches stay full and
+            a resumed run draws the same; without it such a file stops the run with a
+            :class:`~simclr_lightning.errors.CorruptImageError` naming it.
+        verify: decode every image of the splits a stage uses once at setup (in
+            ``num_workers`` processes) and raise one error listing all undecodable files
+            before any training.
         **kwargs: see :class:`SimCLRDataModule`.
     """
 
@@ -77,11 +86,16 @@ class ImageFolderDataModule(SimCLRDataModule):
         augmentation: SimCLRAugmentation = IMAGENET_VIEWS,
         decode: Literal["cpu", "gpu"] = "cpu",
         resident: bool = False,
+        skip_corrupt: bool = False,
+        verify: bool = False,
         **kwargs,
     ) -> None:
         require(decode in ("cpu", "gpu"), "data.decode", decode, "cpu or gpu")
         self.decode = decode
         self.resident = resident
+        self.skip_corrupt = skip_corrupt
+        self.verify = verify
+        self._verified: set[str] = set()
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.root={root!r} is not a directory")
@@ -98,6 +112,37 @@ class ImageFolderDataModule(SimCLRDataModule):
         them: known before any image is read."""
         classes = [p for p in (self.root / "train").iterdir() if p.is_dir()]
         return len(classes) or None
+
+    def setup(self, stage: str) -> None:
+        if self.verify:
+            self.verify_splits(["train", "val"] if stage == "fit" else ["val"])
+        super().setup(stage)
+
+    def verify_splits(self, splits: list[str]) -> None:
+        """Decode every image of ``splits`` (those not verified yet) and raise one error
+        listing all undecodable files (with more than 20, all in ``corrupt_files.txt`` in the
+        trainer's root folder)."""
+        splits = [s for s in splits if s not in self._verified and (self.root / s).is_dir()]
+        if not splits:
+            return
+        files = [f for s in splits for f in dataset_files(self.make_dataset(s, None))]
+        root = Path(self.trainer.default_root_dir) if self.trainer is not None else Path.cwd()
+        verify_files(files, self.workers, root / "corrupt_files.txt")
+        self._verified.update(splits)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        self.report_skipped()
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        self.report_skipped()
+
+    def report_skipped(self) -> None:
+        """Warn here about files the loader workers skipped (their own warnings are lost)."""
+        for dataset in (self.train_set, self.val_set):
+            dataset = getattr(dataset, "dataset", dataset)  # a labelled Subset's
+            if getattr(dataset, "skip", None) is not None:
+                dataset.skip.report(SUBSTITUTED)
 
     def device_input_transform(self):
         return None  # make_dataset then hands over bytes or decoded uint8 images as they are
@@ -123,7 +168,12 @@ class ImageFolderDataModule(SimCLRDataModule):
                     )
                 images.append(image.data)
             labels.append(batch_labels)
-        return DeviceImageStore(torch.stack(images), torch.cat(labels))
+        images, labels = torch.stack(images), torch.cat(labels)
+        if dataset.skip is not None:  # a skipped file's row holds its substitute: drop it
+            keep = dataset.skip.flags == 0
+            dataset.skip.report(SUBSTITUTED)
+            images, labels = images[keep], labels[keep]
+        return DeviceImageStore(images, labels)
 
     def make_dataset(self, split, transform) -> Dataset | None:
         folder = self.root / split
@@ -137,7 +187,7 @@ class ImageFolderDataModule(SimCLRDataModule):
             loader = partial(read_encoded, decode=self.decode == "cpu" or self.resident)
         if any(p.is_dir() for p in folder.iterdir()):
             try:
-                dataset = datasets.ImageFolder(
+                dataset = ImageFolderFiles(
                     str(folder), transform=transform, loader=loader, allow_empty=True
                 )
             except FileNotFoundError as err:
@@ -148,4 +198,6 @@ class ImageFolderDataModule(SimCLRDataModule):
             raise FileNotFoundError(
                 f"{folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
             )
+        if self.skip_corrupt:
+            dataset.skip = SkipCorrupt(dataset_files(dataset))
         return dataset

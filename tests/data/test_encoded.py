@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from simclr_lightning import ImageFolderDataModule, SimCLRAugmentation
+from simclr_lightning import CorruptImageError, ImageFolderDataModule, SimCLRAugmentation
 from simclr_lightning.data.encoded import ImageBatch, read_encoded
 from simclr_lightning.data.gpu import GPUAugment, sample_crop_boxes
 from tests.data.test_datamodules import fit_one_step_and_grab_batch
@@ -51,11 +51,11 @@ def test_batch_decode_matches_pil_for_jpeg_and_png(mixed_size_folder):
 
 def test_corrupt_jpeg_is_named(tmp_path):
     bad = tmp_path / "broken.jpg"
-    bad.write_bytes(b"\xff\xd8" + bytes(range(256)) * 4)
+    bad.write_bytes(b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9")
     batch = ImageBatch([read_encoded(str(bad), decode=False)])
-    with pytest.raises(RuntimeError, match="broken.jpg"):
+    with pytest.raises(CorruptImageError, match="broken.jpg"):
         batch.decode("cpu")
-    with pytest.raises(RuntimeError, match="broken.jpg"):
+    with pytest.raises(CorruptImageError, match="broken.jpg"):
         read_encoded(str(bad), decode=True)
 
 
