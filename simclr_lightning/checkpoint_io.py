@@ -80,8 +80,8 @@ def read_checkpoint(
     except UNREADABLE as err:
         if isinstance(err, pickle.UnpicklingError) and "Weights only load" in str(err):
             raise  # a complete file holding objects weights_only refuses: not corruption
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        why = f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__
+        first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
+        why = f"{type(err).__name__}: {first}" if first else type(err).__name__
         problem = _unreadable(f"is truncated or corrupt ({why})")
         raise CheckpointError(setting, path, problem) from err
 
@@ -152,3 +152,30 @@ def _is_checkpoint_io(plugin: Any) -> bool:
     except (ImportError, AttributeError):
         return False
     return isinstance(cls, type) and issubclass(cls, CheckpointIO)
+
+
+def check_ckpt_path(path: str | os.PathLike | None, model_class_path: str | None) -> None:
+    """Before LightningCLI reads ``--ckpt_path`` (it loads the hyperparameters with a bare
+    ``torch.load``): a truncated file, or one of another model class, is a one-line error.
+    Only files are checked; ``last``/``best`` and missing paths are the Trainer's to resolve."""
+    if not path or not Path(path).is_file():
+        return
+    load = {"map_location": "cpu", "weights_only": True, "mmap": True}  # mmap: reads no tensors
+    checkpoint = read_checkpoint(path, "ckpt_path", **load)
+    hparams = (checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
+    saved = hparams.get("_class_path")
+    if not saved or not model_class_path or _short(saved) == _short(model_class_path):
+        return
+    fix = (
+        "give it as --model.checkpoint (the encoder to evaluate); --ckpt_path resumes or "
+        "evaluates a LinearEval run"
+        if _short(model_class_path) == "LinearEval"
+        else f"use --model {saved}, or a checkpoint of {model_class_path}"
+    )
+    raise CheckpointError(
+        "ckpt_path", path, f"is a checkpoint of {saved}, not of --model {model_class_path}: {fix}"
+    )
+
+
+def _short(class_path: str) -> str:
+    return class_path.rpartition(".")[2]

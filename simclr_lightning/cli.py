@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 import simclr_lightning  # noqa: F401  (imports the classes so short names like SimCLR resolve)
-from simclr_lightning.checkpoint_io import add_atomic_checkpoint_io
+from simclr_lightning.checkpoint_io import add_atomic_checkpoint_io, check_ckpt_path
 from simclr_lightning.cli_errors import OneLineErrorParser, report
 
 # Warnings a user of this command cannot act on (the library already chose for them).
@@ -58,6 +58,13 @@ class SimCLRCLI(LightningCLI):
     (null): ``trainer.precision`` (bf16-mixed on a CUDA GPU with bfloat16, 16-mixed on older
     GPUs, 32-true on CPU) and ``trainer.benchmark`` (cuDNN autotuning, on for CUDA). Each
     choice is said in the log; a value set in a config or on the command line is kept."""
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand") or "") or self.config
+        model = config.get("model")
+        class_path = model.get("class_path") if hasattr(model, "get") else None
+        check_ckpt_path(config.get("ckpt_path"), class_path)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

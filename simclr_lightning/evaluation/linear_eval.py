@@ -14,7 +14,7 @@ from simclr_lightning.backbones import build_backbone
 from simclr_lightning.checkpoint import load_backbone_state, projection_layers, with_class_path
 from simclr_lightning.data.base import dataset_class_names
 from simclr_lightning.distributed import pick_loader, real_rows
-from simclr_lightning.errors import SettingError, require
+from simclr_lightning.errors import CheckpointError, SettingError, require
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.optim import LARS, param_groups, warmup_cosine
 
@@ -102,7 +102,16 @@ class LinearEval(L.LightningModule):
             backbone, cifar_stem, in_channels, timm_kwargs=timm_kwargs
         )
         if state is not None:
-            self.backbone.load_state_dict(state)
+            try:
+                self.backbone.load_state_dict(state)
+            except RuntimeError as err:  # a plain state dict of some other network
+                raise CheckpointError(
+                    "model.checkpoint",
+                    checkpoint,
+                    f"does not fit a {backbone} encoder ({str(err).splitlines()[0]}): expected a "
+                    f"SimCLR/LinearEval checkpoint or a state dict written by "
+                    f"simclr-lightning-export",
+                ) from err
         if projection is None:
             require(
                 not head_layers or head_config is not None,
