@@ -19,6 +19,7 @@ from simclr_lightning.callbacks import (
     PredictionWriter,
 )
 from simclr_lightning.checkpoint import export_backbone, load_backbone_state
+from simclr_lightning.checkpoint_io import AtomicCheckpointIO
 from simclr_lightning.data import (
     CIFARDataModule,
     ImageFilesDataModule,
@@ -31,7 +32,7 @@ from simclr_lightning.data import (
 from simclr_lightning.data.corrupt import CorruptFilesError, CorruptImageWarning
 from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.transforms import SimCLRAugmentation
-from simclr_lightning.errors import CorruptImageError, SettingError
+from simclr_lightning.errors import CheckpointError, CorruptImageError, SettingError
 from simclr_lightning.evaluation import LinearEval, knn_predict, sharded_knn_predict
 from simclr_lightning.grad_cache import embed_in_chunks
 from simclr_lightning.heads import ProjectionHead
@@ -46,6 +47,8 @@ __version__ = "0.2.0"
 _deprecated.install()
 
 __all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointError",
     "CIFARDataModule",
     "EmbeddingPlot",
     "GPUAugment",

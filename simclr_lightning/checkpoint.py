@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from torch import Tensor, nn
 
-from simclr_lightning.errors import require
+from simclr_lightning.checkpoint_io import atomic_save, read_checkpoint
+from simclr_lightning.errors import CheckpointError, require
 from simclr_lightning.heads import ProjectionHead
 
 
@@ -36,19 +35,27 @@ def with_class_path(module: L.LightningModule, checkpoint: dict[str, Any]) -> di
 ARCH_KEYS = ("backbone", "cifar_stem", "in_channels", "timm_kwargs")
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+# The setting a user gives the checkpoint by, for error messages (the export tool passes its own).
+SETTING = "model.checkpoint"
+
+
+def _read(
+    path: str | os.PathLike, setting: str = SETTING
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A checkpoint's state dict and hyperparameters (a plain state dict has none)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path, setting, map_location="cpu", weights_only=True)
     if isinstance(ckpt, dict) and "state_dict" in ckpt:
         return dict(ckpt["state_dict"]), dict(ckpt.get("hyper_parameters") or {})
     return dict(ckpt), {}
 
 
-def load_backbone_state(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_backbone_state(
+    path: str | os.PathLike, setting: str = SETTING
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The encoder weights (the backbone's own names) and architecture hparams in ``path``: a
     SimCLR or LinearEval Lightning checkpoint, or a plain state dict written by
     ``export_backbone`` (whose ``fc.*`` projection layers, if any, are left out)."""
-    state, hparams = _read(path)
+    state, hparams = _read(path, setting)
     lightning_checkpoint = bool(hparams) or any(k.startswith("backbone.") for k in state)
     if lightning_checkpoint:
         state = {
@@ -56,9 +63,11 @@ def load_backbone_state(path: str | os.PathLike) -> tuple[dict[str, Tensor], dic
         }
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     if not state or any(k.startswith(("head.", "projection.")) for k in state):
-        raise ValueError(
-            f"{path} holds no encoder: expected a SimCLR/LinearEval checkpoint (keys "
-            f"backbone.*) or a state dict written by simclr-lightning-export"
+        raise CheckpointError(
+            setting,
+            path,
+            "holds no encoder: expected a SimCLR/LinearEval checkpoint (keys backbone.*) or a "
+            "state dict written by simclr-lightning-export",
         )
     arch = {k: hparams[k] for k in ARCH_KEYS if k in hparams}
     return state, arch
@@ -100,7 +109,7 @@ def export_backbone(
     architecture to rebuild (``backbone``, ``cifar_stem``, ``in_channels``, ``head_layers``,
     ``fc``).
     """
-    state, arch = load_backbone_state(checkpoint_path)
+    state, arch = load_backbone_state(checkpoint_path, "checkpoint")
     arch = {"backbone": "resnet18", "cifar_stem": False, "in_channels": 3, **arch}
     arch.update(head_layers=head_layers, fc=None)
     if head_layers:
@@ -108,7 +117,7 @@ def export_backbone(
         state.update({f"fc.{k}": v for k, v in layers.state_dict().items()})
         arch["fc"] = sequential_code(layers)
     state = {k: v.detach().clone().contiguous() for k, v in state.items()}
-    _atomic_save(state, Path(output_path))
+    atomic_save(state, Path(output_path))
     return arch
 
 
@@ -117,13 +126,15 @@ def projection_layers(path: str | os.PathLike, k: int) -> tuple[nn.Sequential, d
     they come from: a SimCLR checkpoint's head, or the layers a LinearEval checkpoint kept."""
     head = load_projection_head(path)
     if head is not None:
-        require(k <= head.num_layers, "head_layers", k, f"<= {head.num_layers}, the head's depth")
+        require(
+            k <= head.num_layers, "model.head_layers", k, f"<= {head.num_layers}, the head's depth"
+        )
         return head.first_layers(k), head.config
     state, hparams = _read(path)
     kept = hparams.get("head_layers", 0)
     require(
         0 < k == kept,
-        "head_layers",
+        "model.head_layers",
         k,
         f"0 for {path}: it holds no projection head" if not kept else f"{kept}, the layers it kept",
     )
@@ -147,20 +158,6 @@ def sequential_code(layers: nn.Sequential) -> str:
         else:
             parts.append(f"nn.{type(m).__name__}()")
     return f"nn.Sequential({', '.join(parts)})"
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@ settings that depend on the machine chosen for the machine it runs on."""
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 import torch
@@ -12,6 +13,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 import simclr_lightning  # noqa: F401  (imports the classes so short names like SimCLR resolve)
+from simclr_lightning.checkpoint_io import add_atomic_checkpoint_io, check_ckpt_path
+from simclr_lightning.cli_errors import OneLineErrorParser, report
 
 # Warnings a user of this command cannot act on (the library already chose for them).
 QUIET = (
@@ -56,6 +59,13 @@ class SimCLRCLI(LightningCLI):
     GPUs, 32-true on CPU) and ``trainer.benchmark`` (cuDNN autotuning, on for CUDA). Each
     choice is said in the log; a value set in a config or on the command line is kept."""
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand") or "") or self.config
+        model = config.get("model")
+        class_path = model.get("class_path") if hasattr(model, "get") else None
+        check_ckpt_path(config.get("ckpt_path"), class_path)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer")
@@ -71,6 +81,7 @@ class SimCLRCLI(LightningCLI):
         if trainer.get("benchmark") is None and device == "cuda":
             trainer.benchmark = True
             rank_zero_info("simclr-lightning: trainer.benchmark=true (cuDNN autotuning on CUDA)")
+        add_atomic_checkpoint_io(trainer)
 
 
 class ConfigToLoggers(SaveConfigCallback):
@@ -98,11 +109,20 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     return SimCLRCLI(
         save_config_callback=ConfigToLoggers,
         save_config_kwargs={"overwrite": True},
+        parser_class=OneLineErrorParser,
         args=args,
         run=run,
     )
 
 
 def main() -> None:
-    """Console entry point (``simclr-lightning``, ``python -m simclr_lightning``)."""
-    cli_main()
+    """Console entry point (``simclr-lightning``, ``python -m simclr_lightning``): an error a
+    user can fix is one line on stderr (exit 2 for a bad setting, 1 otherwise); a bug, or any
+    error under ``SIMCLR_DEBUG=1``, keeps its traceback."""
+    try:
+        cli_main()
+    except Exception as err:
+        code = report(err)
+        if code is None:
+            raise
+        sys.exit(code)

@@ -47,3 +47,12 @@ class CorruptImageError(ValueError):
 
     def __reduce__(self):
         return type(self), (self.path, self.reason)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (missing, empty, truncated, or of the wrong kind).
+    Its message is one line naming the setting that gave the file, the file and what to do."""
+
+    def __init__(self, setting: str, path: object, problem: str) -> None:
+        super().__init__(f"{setting}={str(path)!r} {problem}")
+        self.path = str(path)

@@ -22,6 +22,7 @@ from simclr_lightning.optim import (
     scaled_learning_rate,
     warmup_cosine,
 )
+from simclr_lightning.run_checks import CollapseWatch, check_accumulation, check_warmup
 from simclr_lightning.supcon import SupConLoss
 
 LossName = Literal["ntxent", "supcon"]
@@ -57,11 +58,12 @@ class SimCLR(L.LightningModule):
         optimizer: lars (the paper), sgd (momentum) or adamw.
         base_lr: learning rate before scaling; the peak rate is base_lr * B / 256 (linear)
             or base_lr * sqrt(B) (sqrt), B the global batch (per-device batch x devices x
-            nodes x gradient accumulation).
+            nodes). Gradient accumulation is refused (it adds no negatives): use
+            ``grad_cache_chunks`` for a larger batch in the same memory.
         weight_decay: applied to weights only; BatchNorm and bias parameters are excluded
             (and skip LARS adaptation) when ``exclude_bn_bias``.
         warmup_epochs: linear warm-up length, then cosine decay to ``final_lr_ratio`` x peak,
-            stepped every optimizer step.
+            stepped every optimizer step; a warning says when it outlasts the run.
         gather_distributed: under DDP use every rank's embeddings as negatives.
         batch_size: per-device batch for the learning-rate rule; None reads it from the
             datamodule (or the train DataLoader).
@@ -145,6 +147,7 @@ class SimCLR(L.LightningModule):
         else:
             self.criterion = NTXentLoss(temperature, gather_distributed, loss_block_size)
         self._compiled = False
+        self._collapse = CollapseWatch(head_output_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """Encoder features h = f(x): the representation used downstream."""
@@ -186,6 +189,8 @@ class SimCLR(L.LightningModule):
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
+        if self.global_step % self.trainer.log_every_n_steps == 0:  # a sync only when logging
+            self._collapse.update(float(stats["z_std"]), self.global_step)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         return {"loss": loss, "features": features.detach(), "labels": torch.cat([labels, labels])}
 
@@ -230,10 +235,11 @@ class SimCLR(L.LightningModule):
                 "cannot tell the per-device batch size for the learning-rate rule: "
                 "set model.batch_size"
             )
-        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return per_device * self.trainer.world_size
 
     def configure_optimizers(self):
         hp = self.hparams
+        check_accumulation(self.trainer.accumulate_grad_batches)
         total_steps = int(self.trainer.estimated_stepping_batches)
         lr = scaled_learning_rate(hp.base_lr, self.global_batch_size(), hp.lr_scaling)
         groups = param_groups(self, hp.weight_decay, hp.exclude_bn_bias)
@@ -242,6 +248,7 @@ class SimCLR(L.LightningModule):
         steps_per_epoch = max(
             1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches
         )
+        check_warmup(self.trainer, hp.warmup_epochs, steps_per_epoch, total_steps)
         warmup_steps = min(total_steps, round(hp.warmup_epochs * steps_per_epoch))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,

@@ -11,7 +11,6 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader
 
-import simclr_lightning.checkpoint as checkpoint_module
 from simclr_lightning.checkpoint import export_backbone, main
 from simclr_lightning.evaluation import LinearEval
 from simclr_lightning.module import SimCLR
@@ -94,7 +93,7 @@ def test_failed_export_leaves_no_partial_file(tmp_path, monkeypatch):
         f.write(b"half a state dict")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", crash_midway)
+    monkeypatch.setattr(torch, "save", crash_midway)
     with pytest.raises(OSError, match="disk full"):
         export_backbone(tmp_path / "simclr.ckpt", out)
     assert out.read_bytes() == b"previous export"

@@ -17,7 +17,7 @@ from simclr_lightning.distributed import (
     shard_loader,
     validation_loader,
 )
-from simclr_lightning.errors import require
+from simclr_lightning.errors import SettingError, require
 from simclr_lightning.evaluation.knn import sharded_knn_predict, top_k_accuracy
 
 BankDtype = Literal["float32", "float16", "bfloat16"]
@@ -57,10 +57,9 @@ class KNNMonitor(L.Callback):
         chunk_size: int = 1024,
         bank_dtype: BankDtype = "float32",
     ) -> None:
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs={every_n_epochs!r} is invalid: must be >= 1")
-        if k < 1 or temperature <= 0:
-            raise ValueError(f"k={k!r} and temperature={temperature!r} must be >= 1 and > 0")
+        require(every_n_epochs >= 1, "KNNMonitor.every_n_epochs", every_n_epochs, ">= 1")
+        require(k >= 1, "KNNMonitor.k", k, ">= 1")
+        require(temperature > 0, "KNNMonitor.temperature", temperature, "> 0")
         self.num_classes = num_classes
         self._given_num_classes = num_classes
         self.k = k
@@ -83,6 +82,14 @@ class KNNMonitor(L.Callback):
         self.num_classes = self._given_num_classes or getattr(
             trainer.datamodule, "num_classes", None
         )
+        datamodule = trainer.datamodule
+        if self.num_classes is None and datamodule is not None and _says_unlabeled(datamodule):
+            raise SettingError(
+                f"KNNMonitor needs labelled images, and the data module "
+                f"({type(datamodule).__name__}) has none (num_classes=None, e.g. data.root/train "
+                f"without class folders): remove the KNNMonitor callback, or give class folders "
+                f"(train/<class>/<image>); if the labels exist, set its num_classes"
+            )
 
     def _due(self, trainer: L.Trainer) -> bool:
         if trainer.sanity_checking:
@@ -161,6 +168,11 @@ class KNNMonitor(L.Callback):
         rows = RowCollector(self.bank_dtype)
         encode_rows(trainer, pl_module, self._bank_loader, rows, normalize=True)
         return rows.shard(trainer, pl_module.device)
+
+
+def _says_unlabeled(datamodule: L.LightningDataModule) -> bool:
+    """The data module has a ``num_classes`` and it is None: it holds no class labels."""
+    return hasattr(datamodule, "num_classes") and datamodule.num_classes is None
 
 
 def _stacking_all_gather(trainer: L.Trainer):

@@ -14,7 +14,7 @@ from torch.nn.utils import skip_init
 from torchmetrics.classification import MulticlassAccuracy
 
 from simclr_lightning.distributed import rank_and_world_size, real_rows, validation_loader
-from simclr_lightning.errors import SettingError
+from simclr_lightning.errors import SettingError, require
 from simclr_lightning.optim import warmup_cosine
 
 
@@ -51,14 +51,18 @@ class OnlineLinearProbe(L.Callback):
         momentum: float = 0.9,
         schedule: Literal["constant", "cosine"] = "constant",
     ) -> None:
-        if num_classes is not None and num_classes < 2:
-            raise ValueError(f"num_classes={num_classes!r} is invalid: must be >= 2 or None")
-        if optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer={optimizer!r} is invalid: choose adam or sgd")
-        if schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule={schedule!r} is invalid: choose constant or cosine")
-        if lr <= 0:
-            raise ValueError(f"lr={lr!r} is invalid: must be > 0")
+        name = "OnlineLinearProbe"
+        require(
+            num_classes is None or num_classes >= 2,
+            f"{name}.num_classes",
+            num_classes,
+            ">= 2 or null",
+        )
+        require(optimizer in ("adam", "sgd"), f"{name}.optimizer", optimizer, "adam or sgd")
+        require(
+            schedule in ("constant", "cosine"), f"{name}.schedule", schedule, "constant or cosine"
+        )
+        require(lr > 0, f"{name}.lr", lr, "> 0")
         self.num_classes = num_classes
         self._given_num_classes = num_classes
         self.optimizer_name = optimizer
@@ -221,7 +225,15 @@ class OnlineLinearProbe(L.Callback):
 
 
 def _datamodule_classes(trainer: L.Trainer) -> int:
-    num_classes = getattr(trainer.datamodule, "num_classes", None)
+    datamodule = trainer.datamodule
+    num_classes = getattr(datamodule, "num_classes", None)
+    if hasattr(datamodule, "num_classes") and num_classes is None:
+        raise SettingError(
+            f"OnlineLinearProbe needs labelled images, and the data module "
+            f"({type(datamodule).__name__}) has none (num_classes=None, e.g. data.root/train "
+            f"without class folders): remove the OnlineLinearProbe callback, or give class "
+            f"folders (train/<class>/<image>); if the labels exist, set its num_classes"
+        )
     if not isinstance(num_classes, int) or num_classes < 2:
         raise SettingError(
             f"OnlineLinearProbe: num_classes is not set and the data module "

@@ -14,7 +14,7 @@ from simclr_lightning.backbones import build_backbone
 from simclr_lightning.checkpoint import load_backbone_state, projection_layers, with_class_path
 from simclr_lightning.data.base import dataset_class_names
 from simclr_lightning.distributed import pick_loader, real_rows
-from simclr_lightning.errors import require
+from simclr_lightning.errors import CheckpointError, SettingError, require
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.optim import LARS, param_groups, warmup_cosine
 
@@ -102,7 +102,16 @@ class LinearEval(L.LightningModule):
             backbone, cifar_stem, in_channels, timm_kwargs=timm_kwargs
         )
         if state is not None:
-            self.backbone.load_state_dict(state)
+            try:
+                self.backbone.load_state_dict(state)
+            except RuntimeError as err:  # a plain state dict of some other network
+                raise CheckpointError(
+                    "model.checkpoint",
+                    checkpoint,
+                    f"does not fit a {backbone} encoder ({str(err).splitlines()[0]}): expected a "
+                    f"SimCLR/LinearEval checkpoint or a state dict written by "
+                    f"simclr-lightning-export",
+                ) from err
         if projection is None:
             require(
                 not head_layers or head_config is not None,
@@ -229,14 +238,14 @@ class LinearEval(L.LightningModule):
         if datamodule is None or stage != "fit":
             return
         if getattr(datamodule, "task", "classify") != "classify":
-            raise ValueError(
+            raise SettingError(
                 "LinearEval trains on single labelled views: set data.task=classify "
                 f"(got data.task={datamodule.task!r})"
             )
         names = dataset_class_names(datamodule)
         if names is not None:
             if len(names) != self.hparams.num_classes:
-                raise ValueError(
+                raise SettingError(
                     f"model.num_classes={self.hparams.num_classes} but the data has "
                     f"{len(names)} classes ({', '.join(names[:5])}...)"
                 )
@@ -263,16 +272,33 @@ class LinearEval(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Called before the weights load: a pretraining checkpoint here would resume SimCLR's
+        # epoch and step (training nothing) or fail deep inside Lightning.
+        if "linear_eval" not in checkpoint and _is_pretraining(checkpoint):
+            path = self._trainer.ckpt_path if self._trainer is not None else None
+            raise SettingError(
+                f"ckpt_path={str(path)!r} is a SimCLR pretraining checkpoint, not a LinearEval "
+                f"one: give it as --model.checkpoint (the encoder to evaluate); --ckpt_path "
+                f"resumes or evaluates a LinearEval run"
+            )
         extra = checkpoint.get("linear_eval") or {}
         if extra.get("class_names") is not None:
             self.class_names = list(extra["class_names"])
         self.preprocessing = extra.get("preprocessing") or self.preprocessing
 
 
+def _is_pretraining(checkpoint: dict[str, Any]) -> bool:
+    """A SimCLR (not LinearEval) checkpoint: it has a projection head and no classifier."""
+    state = checkpoint.get("state_dict") or {}
+    class_path = str((checkpoint.get("hyper_parameters") or {}).get("_class_path", ""))
+    has_head = any(k.startswith("head.net.") for k in state)
+    return class_path.endswith(".SimCLR") or (has_head and "head.weight" not in state)
+
+
 def _classify_batch(batch) -> tuple[Tensor, Tensor]:
     x, y = batch
     if isinstance(x, (tuple, list)):
-        raise ValueError(
+        raise SettingError(
             "LinearEval got two views per image: set data.task=classify for linear evaluation"
         )
     return x, y

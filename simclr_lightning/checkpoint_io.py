@@ -1,0 +1,181 @@
+"""Checkpoint files that are never half written, and whose load failures name the file.
+
+Lightning's own ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary file
+lies in ``TMPDIR``: when that is another filesystem the final move is a copy, and a run killed
+during it leaves a truncated ``last.ckpt`` that later resumes into a bare ``EOFError``."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import Namespace
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+
+from simclr_lightning.errors import CheckpointError
+
+# What torch.load raises on a truncated or garbled file (zip reader, legacy pickle format).
+UNREADABLE = (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in ``path``'s own folder, fsync it, rename it over
+    ``path`` and fsync the folder: a reader sees the old file or the new one, never part of
+    one, even if the process is killed or the machine loses power."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() follows the umask
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open folders: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(
+    path: str | os.PathLike, setting: str, load: Callable[..., Any] = torch.load, **kwargs: Any
+) -> Any:
+    """``load(path, **kwargs)`` (``torch.load``), with a :class:`CheckpointError` naming
+    ``setting`` and the file when it is missing, empty, truncated or corrupt."""
+    if not Path(path).is_file():
+        raise CheckpointError(setting, path, "does not exist: give the path of a .ckpt file")
+    if Path(path).stat().st_size == 0:
+        raise CheckpointError(setting, path, _unreadable("is empty (0 bytes)"))
+    try:
+        return load(path, **kwargs)
+    except UNREADABLE as err:
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load" in str(err):
+            raise  # a complete file holding objects weights_only refuses: not corruption
+        first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
+        why = f"{type(err).__name__}: {first}" if first else type(err).__name__
+        problem = _unreadable(f"is truncated or corrupt ({why})")
+        raise CheckpointError(setting, path, problem) from err
+
+
+def _unreadable(problem: str) -> str:
+    return (
+        f"{problem}: a save was cut short or the file was damaged; use another checkpoint "
+        f"(e.g. an earlier epoch's)"
+    )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, saving through :func:`atomic_save` (temporary file
+    in the checkpoint's folder whatever ``TMPDIR`` is, fsynced, then renamed) and loading with
+    a one-line error that names a missing, empty or truncated file. The ``simclr-lightning``
+    command uses it unless ``trainer.plugins`` has a CheckpointIO; in Python pass
+    ``Trainer(plugins=[AtomicCheckpointIO()])``. Remote paths (``s3://`` ...) keep Lightning's
+    fsspec transaction."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_save(checkpoint, path)
+
+    def load_checkpoint(
+        self,
+        path: str | os.PathLike,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if not _is_local_file_protocol(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        return read_checkpoint(
+            path,
+            "ckpt_path",
+            super().load_checkpoint,
+            map_location=map_location,
+            weights_only=weights_only,
+        )
+
+
+def add_atomic_checkpoint_io(trainer_config) -> None:
+    """Append :class:`AtomicCheckpointIO` to a LightningCLI ``trainer`` config's ``plugins``
+    unless it already names a CheckpointIO (the user's own choice wins)."""
+    plugins = trainer_config.get("plugins")
+    if plugins is None:
+        plugins = []
+    elif not isinstance(plugins, list):
+        plugins = [plugins]
+    if any(_is_checkpoint_io(p) for p in plugins):
+        return
+    atomic = Namespace(class_path=f"{__name__}.AtomicCheckpointIO", init_args=Namespace())
+    trainer_config["plugins"] = [*plugins, atomic]
+
+
+def _is_checkpoint_io(plugin: Any) -> bool:
+    if isinstance(plugin, CheckpointIO):
+        return True
+    class_path = plugin.get("class_path") if hasattr(plugin, "get") else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, CheckpointIO)
+
+
+def check_ckpt_path(path: str | os.PathLike | None, model_class_path: str | None) -> None:
+    """Before LightningCLI reads ``--ckpt_path`` (it loads the hyperparameters with a bare
+    ``torch.load``): a truncated file, or one of another model class, is a one-line error.
+    Only files are checked; ``last``/``best`` and missing paths are the Trainer's to resolve."""
+    if not path or not Path(path).is_file():
+        return
+    load = {"map_location": "cpu", "weights_only": True, "mmap": True}  # mmap: reads no tensors
+    checkpoint = read_checkpoint(path, "ckpt_path", **load)
+    hparams = (checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
+    saved = hparams.get("_class_path")
+    if not saved or not model_class_path or _short(saved) == _short(model_class_path):
+        return
+    fix = (
+        "give it as --model.checkpoint (the encoder to evaluate); --ckpt_path resumes or "
+        "evaluates a LinearEval run"
+        if _short(model_class_path) == "LinearEval"
+        else f"use --model {saved}, or a checkpoint of {model_class_path}"
+    )
+    raise CheckpointError(
+        "ckpt_path", path, f"is a checkpoint of {saved}, not of --model {model_class_path}: {fix}"
+    )
+
+
+def _short(class_path: str) -> str:
+    return class_path.rpartition(".")[2]

@@ -1,0 +1,126 @@
+"""One line on stderr for every error a user can fix, instead of the 70-80 lines of chained
+tracebacks jsonargparse and Lightning print around it.
+
+The real message is found by walking the exception chain (``__cause__``/``__context__``):
+jsonargparse wraps an error raised in a class's ``__init__`` in a union-validation
+``ValueError`` whose text ends with the whole parsed ``Namespace``. Exit codes: 2 for usage
+errors (a bad setting or argument), 1 for the others (missing or corrupt data, an unusable
+checkpoint, a NaN loss). ``SIMCLR_DEBUG=1`` keeps the full traceback. Anything else is a bug
+and keeps its traceback too."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterator
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from simclr_lightning.errors import CheckpointError, CorruptImageError, SettingError
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+USAGE_ERRORS: tuple[type[BaseException], ...] = (SettingError, MisconfigurationException)
+RUN_ERRORS: tuple[type[BaseException], ...] = (
+    CorruptImageError,
+    CheckpointError,
+    FloatingPointError,  # SimCLR.training_step's non-finite loss
+    FileNotFoundError,
+)
+PROG = "simclr-lightning"
+
+
+def debug() -> bool:
+    """``SIMCLR_DEBUG=1``: print the full traceback of every error."""
+    return os.environ.get("SIMCLR_DEBUG", "") not in ("", "0")
+
+
+def exception_chain(err: BaseException | None) -> Iterator[BaseException]:
+    """``err`` and the exceptions it was raised from or during, outermost first."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def user_error(err: BaseException) -> tuple[str, int] | None:
+    """The one-line message and exit code for an error a user can fix; None for a bug."""
+    for exc in exception_chain(err):
+        if isinstance(exc, CheckpointError | CorruptImageError):  # ValueErrors, but not usage
+            return one_line(str(exc)), EXIT_FAILURE
+        if isinstance(exc, USAGE_ERRORS):
+            return one_line(str(exc)), EXIT_USAGE
+        if isinstance(exc, RUN_ERRORS):
+            return one_line(str(exc)), EXIT_FAILURE
+    return None
+
+
+def report(err: BaseException) -> int | None:
+    """Print ``err``'s one line on stderr and return the exit code; None (print nothing) for a
+    bug or under ``SIMCLR_DEBUG=1``, where the caller re-raises for the traceback."""
+    found = None if debug() else user_error(err)
+    if found is None:
+        return None
+    message, code = found
+    print_error(message)
+    return code
+
+
+def print_error(message: str) -> None:
+    rank = getattr(rank_zero_only, "rank", 0) or 0
+    where = f"{PROG} [rank {rank}]" if rank else PROG
+    print(f"{where}: error: {message}", file=sys.stderr, flush=True)
+
+
+def one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+# -- jsonargparse's parse errors -----------------------------------------------------------------
+def argument_message(message: str, err: BaseException | None) -> str:
+    """jsonargparse's nested parse-error text as ``<setting>=<value> is invalid: ...``: the
+    setting from the ``Parser key`` of each level, the reason from the innermost error."""
+    chain = list(exception_chain(err))
+    texts = [message] + [str(e) for e in chain]
+    keys: list[str] = []
+    for text in texts:
+        found = re.match(r'\s*Parser key "([^"]+)"', text)
+        if found and (not keys or keys[-1] != found.group(1)):
+            keys.append(found.group(1))
+    key = ".".join(keys)
+    leaf = one_line(str(chain[-1]) if chain else message)
+    class_path = next(
+        (m.group(1) for t in texts if (m := re.search(r"given class_path '([^']+)'", t))), None
+    )
+    if found := re.fullmatch(r"Expected a (.+?)\. Got value: (.*)", leaf):
+        return f"{key or 'value'}={found.group(2)!r} is invalid: must be {_type(found.group(1))}"
+    if found := re.fullmatch(r"Option '(.+)' is not accepted", leaf):
+        owner = f" of {class_path}" if class_path else ""
+        return f"{key}.{found.group(1)} is not a setting{owner}"
+    if found := re.fullmatch(r"Expected a dot import path string: (.*)", leaf):
+        return f"{key}={found.group(1)!r} is invalid: must be a class name or dotted import path"
+    return f"{key}: {leaf}" if key else leaf
+
+
+def _type(text: str) -> str:
+    text = re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", text)
+    if found := re.fullmatch(r"typing\.Literal\[(.*)\]", text):
+        return f"one of {found.group(1)}"
+    return text
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """LightningCLI's parser, printing a parse error as one line (and exit code 2, as before)
+    instead of the usage text and jsonargparse's nested union report."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or debug():
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        command = " ".join([PROG, *parser.prog.replace(" [options]", "").split()[1:]])
+        print_error(f"{argument_message(message, ex)} (settings: {command} --help)")
+        sys.exit(EXIT_USAGE)

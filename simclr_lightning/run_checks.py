@@ -1,0 +1,76 @@
+"""Checks of a SimCLR run that only the Trainer can make (its length, its accumulation) and the
+collapse watch: what used to train silently into a wasted run now stops, or warns, first."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+
+from simclr_lightning.errors import SettingError
+
+
+def run_length(trainer: L.Trainer, steps_per_epoch: int, total_steps: int) -> str:
+    """The trainer settings that fix the run's length, as a user would set them."""
+    epochs = total_steps / steps_per_epoch
+    limit = f"trainer.max_epochs={trainer.max_epochs}"
+    if trainer.max_steps != -1 and trainer.max_steps <= total_steps:
+        limit = f"trainer.max_steps={trainer.max_steps}"
+    return f"{limit} ({total_steps} optimizer steps, {epochs:.3g} epochs)"
+
+
+def check_warmup(
+    trainer: L.Trainer, warmup_epochs: float, steps_per_epoch: int, total_steps: int
+) -> None:
+    """Warn (rank zero, before the first step) when the warm-up outlasts the run: the learning
+    rate would never reach its peak, and the cosine decay would never start.
+
+    A warning, not an error: every short check of a recipe (``fast_dev_run``, ``--trainer.
+    max_epochs 1`` with the paper's 10 warm-up epochs) is such a run, and is wanted."""
+    warmup_steps = round(warmup_epochs * steps_per_epoch)
+    if warmup_steps <= total_steps or trainer.fast_dev_run:
+        return
+    rank_zero_warn(
+        f"model.warmup_epochs={warmup_epochs:g} is longer than the run, "
+        f"{run_length(trainer, steps_per_epoch, total_steps)}: the learning rate never reaches "
+        f"its peak and never decays. For the intended schedule set model.warmup_epochs <= "
+        f"{total_steps / steps_per_epoch:.3g} or lengthen the run",
+        category=UserWarning,
+    )
+
+
+def check_accumulation(accumulate_grad_batches: int) -> None:
+    """Refuse gradient accumulation: the learning rate would scale with the accumulated batch
+    while each loss still sees only one batch's negatives."""
+    if accumulate_grad_batches > 1:
+        k = accumulate_grad_batches
+        raise SettingError(
+            f"trainer.accumulate_grad_batches={k} is invalid: must be 1 for SimCLR: "
+            f"accumulation adds no negatives (each loss still contrasts one batch) while the "
+            f"learning-rate rule would scale for {k}x the batch. For a {k}x larger batch in "
+            f"the same memory multiply data.batch_size by {k} and set "
+            f"model.grad_cache_chunks={k}"
+        )
+
+
+class CollapseWatch:
+    """Warns once (rank zero) when ``train/z_std``, the per-dimension std of the unit
+    embeddings, falls below a tenth of its healthy value 1/sqrt(D): the embeddings have
+    collapsed towards one point and the run is no longer learning."""
+
+    def __init__(self, output_dim: int) -> None:
+        self.healthy = 1 / math.sqrt(output_dim)
+        self.warned = False
+
+    def update(self, z_std: float, step: int) -> None:
+        if self.warned or z_std >= 0.1 * self.healthy:
+            return
+        self.warned = True
+        rank_zero_warn(
+            f"train/z_std={z_std:.3g} at step {step} is below a tenth of its healthy "
+            f"{self.healthy:.3g} (1/sqrt(model.head_output_dim)): the embeddings are "
+            f"collapsing. Raise model.temperature, lower model.base_lr, or lengthen "
+            f"model.warmup_epochs",
+            category=UserWarning,
+        )

@@ -1,0 +1,140 @@
+"""Checkpoints are never half written: a writer killed mid-save leaves the previous file whole
+and no partial file at the destination, the temporary file lies in the destination's folder
+whatever TMPDIR is, and the CLI uses the plugin by default."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from simclr_lightning import AtomicCheckpointIO
+from simclr_lightning.checkpoint_io import add_atomic_checkpoint_io
+from tests.helpers import REPO
+
+# Writes a 40 MB checkpoint through the plugin, slowly (each storage is written in chunks
+# that sleep), so the parent can SIGKILL it mid-write.
+WRITER = """
+import sys, time, torch
+from simclr_lightning import AtomicCheckpointIO
+real_write = torch.serialization._open_zipfile_writer
+class Slow:
+    def __init__(self, opener): self.opener = opener
+    def __getattr__(self, name): return getattr(self.writer, name)
+    def __enter__(self): self.writer = self.opener.__enter__(); return self
+    def __exit__(self, *a): return self.opener.__exit__(*a)
+    def write_record(self, *a, **k):
+        print("writing", flush=True); time.sleep(0.05); return self.writer.write_record(*a, **k)
+torch.serialization._open_zipfile_writer = lambda f: Slow(real_write(f))
+state = {f"w{i}": torch.full((100_000,), float(i)) for i in range(100)}
+AtomicCheckpointIO().save_checkpoint({"state_dict": state}, sys.argv[1])
+"""
+
+
+def test_killed_writer_leaves_the_old_checkpoint_whole(tmp_path):
+    ckpt = tmp_path / "ckpts" / "last.ckpt"
+    other_tmp = tmp_path / "elsewhere"  # TMPDIR on "another filesystem": must not be used
+    other_tmp.mkdir()
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, ckpt)
+    before = ckpt.read_bytes()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(ckpt)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(other_tmp)},
+    )
+    for _ in range(20):  # a fifth of the records written: the save is under way
+        assert writer.stdout.readline() == "writing\n"
+    partial = [p for p in ckpt.parent.iterdir() if p.name != "last.ckpt"]
+    assert len(partial) == 1 and partial[0].stat().st_size > 0  # the temp file, here
+    assert partial[0].name.startswith(".last.ckpt.")
+    assert list(other_tmp.iterdir()) == []
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    assert ckpt.read_bytes() == before
+    assert AtomicCheckpointIO().load_checkpoint(ckpt) == {"step": 1}
+
+
+def test_failed_write_removes_its_temp_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    ckpt = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, ckpt)
+    real_save = torch.save
+
+    def save_half(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")  # bytes reach the file, then the disk fills up
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"step": 2}, ckpt)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert io.load_checkpoint(ckpt) == {"step": 1}
+    io.save_checkpoint({"step": 2, "w": torch.arange(3)}, ckpt)  # and a whole save replaces it
+    loaded = io.load_checkpoint(ckpt)
+    assert loaded["step"] == 2 and loaded["w"].tolist() == [0, 1, 2]
+    assert oct(ckpt.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(1000)}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:500])
+    with pytest.raises(ValueError, match=r"^ckpt_path='.*last\.ckpt' is truncated or corrupt"):
+        AtomicCheckpointIO().load_checkpoint(ckpt)
+
+
+def test_cli_adds_the_plugin_unless_the_user_chose_a_checkpoint_io():
+    from jsonargparse import Namespace
+
+    trainer = Namespace(plugins=None)
+    add_atomic_checkpoint_io(trainer)
+    assert [p.class_path for p in trainer.plugins] == [
+        "simclr_lightning.checkpoint_io.AtomicCheckpointIO"
+    ]
+    own = Namespace(class_path="lightning.fabric.plugins.TorchCheckpointIO", init_args=Namespace())
+    trainer = Namespace(plugins=[own])
+    add_atomic_checkpoint_io(trainer)
+    assert trainer.plugins == [own]
+    trainer = Namespace(plugins="bf16-mixed")  # a plugin that is not a CheckpointIO is kept
+    add_atomic_checkpoint_io(trainer)
+    assert trainer.plugins[0] == "bf16-mixed" and len(trainer.plugins) == 2
+
+
+def test_cli_training_saves_through_the_plugin(tmp_path, monkeypatch):
+    """A real CLI run writes its checkpoint through AtomicCheckpointIO."""
+    from simclr_lightning.cli import cli_main
+
+    saved: list[Path] = []
+    real = AtomicCheckpointIO.save_checkpoint
+
+    def spy(self, checkpoint, path, storage_options=None):
+        saved.append(Path(path))
+        return real(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", spy)
+    cli = cli_main(
+        ["fit", "--model=SimCLR", "--model.backbone=timm:test_resnet", "--model.cifar_stem=false",
+         "--model.head_hidden_dim=8", "--model.head_output_dim=4", "--model.warmup_epochs=0",
+         "--data=SampleDataModule", "--data.batch_size=4", "--data.num_workers=0",
+         "--data.augmentation.image_size=16", "--trainer.accelerator=cpu",
+         "--trainer.devices=1", "--trainer.precision=32-true", "--trainer.max_steps=1",
+         "--trainer.limit_val_batches=0", "--trainer.logger=false",
+         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]
+    )  # fmt: skip
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert len(saved) == 1 and saved[0].is_file() and saved[0].parent.parent == tmp_path
+    assert time.time() - saved[0].stat().st_mtime < 600

@@ -1,0 +1,291 @@
+"""Every user error through ``simclr-lightning``: one line on stderr naming the setting or file,
+the value and what to do, no traceback, exit 2 for usage errors and 1 for the others."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from simclr_lightning.cli import cli_main, main
+from tests.helpers import REPO, make_subset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = [
+    "--seed_everything=0",
+    "--model=SimCLR",
+    "--model.backbone=timm:test_resnet",
+    "--model.cifar_stem=false",
+    "--model.head_hidden_dim=16",
+    "--model.head_output_dim=8",
+    "--model.optimizer=sgd",
+    "--model.base_lr=0.01",
+    "--model.warmup_epochs=0",
+    "--data=ImageFolderDataModule",
+    "--data.batch_size=8",
+    "--data.num_workers=0",
+    "--data.augmentation.image_size=16",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.precision=32-true",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=0",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.logger=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+EVAL = [
+    f"--config={REPO / 'configs' / 'linear_eval.yaml'}",
+    "--data=ImageFolderDataModule",
+    "--data.task=classify",
+    "--data.batch_size=8",
+    "--data.num_workers=0",
+    "--data.augmentation.image_size=16",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.precision=32-true",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=1",
+    "--trainer.limit_val_batches=0",
+    "--trainer.logger=false",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture(scope="module")
+def files(cifar_jpg_root, tmp_path_factory) -> dict[str, Path]:
+    """A tiny labelled image folder, an unlabeled one, a real SimCLR checkpoint (one step),
+    its truncated and empty copies, and a checkpoint of something else."""
+    root = tmp_path_factory.mktemp("cli_errors")
+    data = make_subset(cifar_jpg_root, root / "data", 2, 1)  # 20 train, 10 val images
+    unlabeled = root / "unlabeled" / "train"
+    unlabeled.mkdir(parents=True)
+    for image in sorted((data / "train").rglob("*.jpg"))[:16]:
+        (unlabeled / f"{image.parent.name}_{image.name}").symlink_to(image.resolve())
+    run = root / "run"
+    cli_main(["fit", *TINY, f"--data.root={data}", f"--trainer.default_root_dir={run}"])
+    simclr = next(run.rglob("*.ckpt"))
+    blob = simclr.read_bytes()
+    (root / "truncated.ckpt").write_bytes(blob[: len(blob) // 2])
+    (root / "empty.ckpt").write_bytes(b"")
+    torch.save({"weight": torch.zeros(3)}, root / "other.pt")
+    return {
+        "data": data,
+        "unlabeled": unlabeled.parent,
+        "simclr": simclr,
+        "truncated": root / "truncated.ckpt",
+        "empty": root / "empty.ckpt",
+        "other": root / "other.pt",
+        "missing": root / "missing.ckpt",
+        "root": root,
+    }
+
+
+def fit(*extra: str) -> list[str]:
+    return ["fit", *TINY, "--data.root={data}", "--trainer.default_root_dir={root}/fit", *extra]
+
+
+def evaluate(*extra: str) -> list[str]:
+    return ["fit", *EVAL, "--data.root={data}", "--trainer.default_root_dir={root}/eval", *extra]
+
+
+# (name, arguments, exit code, substrings the line must hold)
+CASES = [
+    # model settings
+    ("unknown model option", fit("--model.bogus=3"), 2, ["model.bogus", "SimCLR"]),
+    ("loss not a choice", fit("--model.loss=foo"), 2, ["model.loss='foo'", "ntxent"]),
+    ("optimizer", fit("--model.optimizer=rmsprop"), 2, ["model.optimizer='rmsprop'", "lars"]),
+    ("backbone", fit("--model.backbone=resnet99"), 2, ["model.backbone='resnet99'", "resnet18"]),
+    ("timm model", fit("--model.backbone=timm:no_such_net"), 2, ["timm:no_such_net"]),
+    ("temperature", fit("--model.temperature=0"), 2, ["model.temperature=0", "> 0"]),
+    ("base_lr", fit("--model.base_lr=-1"), 2, ["model.base_lr=-1", "> 0"]),
+    ("head_layers", fit("--model.head_layers=0"), 2, ["model.head_layers=0", ">= 1"]),
+    ("warmup < 0", fit("--model.warmup_epochs=-1"), 2, ["model.warmup_epochs=-1", ">= 0"]),
+    ("final_lr_ratio", fit("--model.final_lr_ratio=2"), 2, ["model.final_lr_ratio=2", "[0, 1]"]),
+    ("grad cache", fit("--model.grad_cache_chunks=0"), 2, ["model.grad_cache_chunks=0"]),
+    ("cifar stem on timm", fit("--model.cifar_stem=true"), 2, ["model.cifar_stem=True"]),
+    # data settings and data
+    ("batch size", fit("--data.batch_size=1"), 2, ["data.batch_size=1"]),
+    ("task", fit("--data.task=foo"), 2, ["data.task='foo'"]),
+    ("workers", fit("--data.num_workers=-1"), 2, ["data.num_workers=-1", ">= 0"]),
+    ("data class", fit("--data=NoSuchData"), 2, ["data='NoSuchData'", "class name"]),
+    ("missing data dir", fit("--data.root={root}/nowhere"), 1, ["data.root=", "nowhere"]),
+    ("no train folder", fit("--data.root={root}"), 1, ["data.root=", "no train/ folder"]),
+    ("batch > images", fit("--data.batch_size=64"), 2, ["data.batch_size=64", "larger"]),
+    # trainer and command line
+    ("max_epochs type", fit("--trainer.max_epochs=abc"), 2, ["trainer.max_epochs='abc'", "int"]),
+    ("unknown argument", fit("--foo=1"), 2, ["unrecognized arguments: --foo=1"]),
+    ("missing config", fit("--config=nope.yaml"), 2, ["config", "nope.yaml", "does not exist"]),
+    (
+        "accumulation",
+        fit("--trainer.accumulate_grad_batches=4"),
+        2,
+        ["trainer.accumulate_grad_batches=4", "model.grad_cache_chunks=4"],
+    ),
+    # callbacks
+    (
+        "kNN bank dtype",
+        fit("--trainer.callbacks+=KNNMonitor", "--trainer.callbacks.bank_dtype=float8"),
+        2,
+        ["bank_dtype", "float8"],
+    ),
+    (
+        "probe lr",
+        fit("--trainer.callbacks+=OnlineLinearProbe", "--trainer.callbacks.lr=0"),
+        2,
+        ["OnlineLinearProbe.lr=0", "> 0"],
+    ),
+    (
+        "probe on unlabeled data",
+        fit("--trainer.callbacks+=OnlineLinearProbe", "--data.root={unlabeled}"),
+        2,
+        ["OnlineLinearProbe needs labelled images", "num_classes=None"],
+    ),
+    (
+        "kNN on unlabeled data",
+        fit("--trainer.callbacks+=KNNMonitor", "--data.root={unlabeled}"),
+        2,
+        ["KNNMonitor needs labelled images", "num_classes=None"],
+    ),
+    # checkpoints
+    ("resume missing", fit("--ckpt_path={missing}"), 1, ["ckpt_path=", "missing.ckpt", "exist"]),
+    (
+        "resume truncated",
+        fit("--ckpt_path={truncated}"),
+        1,
+        ["ckpt_path=", "truncated.ckpt", "truncated or corrupt"],
+    ),
+    ("resume empty", fit("--ckpt_path={empty}"), 1, ["empty.ckpt", "is empty (0 bytes)"]),
+    (
+        "eval checkpoint missing",
+        evaluate("--model.checkpoint={missing}"),
+        1,
+        ["model.checkpoint=", "missing.ckpt", "does not exist"],
+    ),
+    (
+        "eval checkpoint truncated",
+        evaluate("--model.checkpoint={truncated}"),
+        1,
+        ["model.checkpoint=", "truncated.ckpt", "truncated or corrupt"],
+    ),
+    (
+        "eval checkpoint not SimCLR",
+        evaluate("--model.checkpoint={other}"),
+        1,
+        ["model.checkpoint=", "other.pt", "does not fit a resnet18 encoder"],
+    ),
+    (
+        "eval head_layers too deep",
+        evaluate("--model.checkpoint={simclr}", "--model.head_layers=5"),
+        2,
+        ["model.head_layers=5", "<= 3"],
+    ),
+    (
+        "SimCLR checkpoint as eval --ckpt_path",
+        evaluate("--ckpt_path={simclr}"),
+        1,
+        ["ckpt_path=", ".ckpt", "checkpoint of simclr_lightning.SimCLR", "--model.checkpoint"],
+    ),
+    # a loss that overflows in the first step
+    (
+        "NaN loss",
+        fit("--model.base_lr=1e30", "--trainer.limit_train_batches=3"),
+        1,
+        ["train/loss is nan", "model.base_lr"],
+    ),
+]
+
+
+def run_main(args: list[str], files: dict[str, Path], monkeypatch, capsys) -> tuple[int, str]:
+    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
+    monkeypatch.setattr(sys, "argv", ["simclr-lightning", *args])
+    monkeypatch.delenv("SIMCLR_DEBUG", raising=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "wanted"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_input_prints_one_line(args, code, wanted, files, monkeypatch, capsys):
+    exit_code, err = run_main(args, files, monkeypatch, capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    print(errors)  # the table of inputs and lines in the report comes from -s output
+    assert "Traceback" not in err
+    assert len(errors) == 1, err
+    line = errors[0]
+    assert line.startswith("simclr-lightning: error: "), line
+    assert "Namespace(" not in line and "Given value" not in line
+    for text in wanted:
+        assert text in line, (text, line)
+    assert exit_code == code
+
+
+def test_warmup_longer_than_the_run_warns_before_training(files, monkeypatch):
+    args = fit("--model.warmup_epochs=10", "--trainer.max_epochs=1")
+    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
+    with pytest.warns(UserWarning, match=r"model\.warmup_epochs=10 is longer than the run") as w:
+        cli = cli_main(args)
+    message = next(str(x.message) for x in w if "longer than the run" in str(x.message))
+    assert "trainer.limit_train_batches" not in message
+    assert "trainer.max_epochs=1 (2 optimizer steps, 1 epochs)" in message
+    assert "model.warmup_epochs <= 1" in message
+    assert cli.trainer.global_step == 2  # a warning: the run itself goes on
+
+
+def subprocess_run(args: list[str], files: dict[str, Path], **env: str):
+    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
+    return subprocess.run(
+        [sys.executable, "-m", "simclr_lightning", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        timeout=120,
+    )
+
+
+def test_real_process_prints_one_line_and_exit_code(files):
+    """A parse error prints exactly one line; an __init__ error (after the seed and precision
+    log lines) ends with exactly one error line."""
+    parsed = subprocess_run(fit("--model.loss=foo"), files)
+    assert parsed.returncode == 2
+    assert parsed.stderr.strip().splitlines() == [
+        "simclr-lightning: error: model.loss='foo' is invalid: must be one of 'ntxent', "
+        "'supcon' (settings: simclr-lightning fit --help)"
+    ]
+    built = subprocess_run(fit("--model.backbone=resnet99"), files)
+    assert built.returncode == 2
+    lines = built.stderr.strip().splitlines()
+    assert "Traceback" not in built.stderr
+    assert [line for line in lines if "error" in line.lower()] == lines[-1:]
+    assert lines[-1] == (
+        "simclr-lightning: error: model.backbone='resnet99' is invalid: must be one of "
+        "resnet18, resnet34, resnet50 or timm:<model name>"
+    )
+
+
+def test_simclr_debug_shows_the_traceback(files):
+    run = subprocess_run(fit("--model.backbone=resnet99"), files, SIMCLR_DEBUG="1")
+    assert run.returncode == 1
+    assert "Traceback (most recent call last)" in run.stderr
+    assert "SettingError: model.backbone='resnet99'" in run.stderr
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise KeyError("a bug, not a user error")
+
+    monkeypatch.setattr("simclr_lightning.cli.cli_main", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main()
+    assert "error:" not in capsys.readouterr().err
