@@ -4,9 +4,11 @@ reverts layers without changing the model."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from jsonargparse import Namespace
 from torch import nn
 
 from simclr_lightning import GlobalBatchNorm, SimCLR
@@ -16,10 +18,13 @@ from simclr_lightning.batchnorm import (
     _GlobalNormalize,
     global_batch_stats,
 )
+from simclr_lightning.cli import global_batchnorm
 from simclr_lightning.heads import ScaleBatchNorm1d
 from tests.ddp_batchnorm_script import PER_RANK, WORLD, make_data, make_model
 from tests.ddp_helpers import run_ddp_script
 from tests.reference import nt_xent_reference
+
+GLOBAL = "simclr_lightning.batchnorm.GlobalBatchNorm"
 
 
 def assert_near(got: torch.Tensor, reference: torch.Tensor, tol: float, what: str) -> None:
@@ -129,3 +134,20 @@ def test_two_process_ddp_equals_one_process_on_the_concatenated_batch_in_float64
     for name, param in model.named_parameters():  # DDP-averaged gradients
         for r, rank in enumerate(ranks):
             assert_near(rank["grads"][name], param.grad, 1e-3, f"rank {r} {name}")  # 2e-5
+
+
+@pytest.mark.parametrize(
+    "plugins",
+    [None, Namespace(class_path="lightning.pytorch.plugins.TorchCheckpointIO"), []],
+    ids=["none", "one", "list"],
+)
+def test_cli_turns_sync_batchnorm_into_the_plugin_keeping_other_plugins(plugins):
+    trainer = Namespace(sync_batchnorm=True, plugins=plugins)
+    global_batchnorm(trainer)
+    kept = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
+    assert trainer.sync_batchnorm is False  # Lightning refuses the flag with another LayerSync
+    assert trainer.plugins == [*kept, Namespace(class_path=GLOBAL)]
+
+    untouched = Namespace(sync_batchnorm=False, plugins=plugins)
+    global_batchnorm(untouched)
+    assert untouched == Namespace(sync_batchnorm=False, plugins=plugins)
