@@ -20,11 +20,11 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.view(1, -1, *([1] * (ndim - 2)))
 
 
-def global_batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
+def global_batch_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` over every rank's batch, and the number
-    of values per channel. Each rank sends its count, mean and sum of squared deviations (one
-    all-gather) and the parts are combined with Chan et al.'s formula, which keeps float32
-    accurate where a plain sum of squares would cancel."""
+    of values per channel (a tensor: no device-to-host wait). Each rank sends its count, mean
+    and sum of squared deviations (one all-gather) and the parts are combined with Chan et
+    al.'s formula, which keeps float32 accurate where a plain sum of squares would cancel."""
     dims = [0, *range(2, x.ndim)]
     count = x.numel() // x.size(1)
     local_mean = x.sum(dims) / max(count, 1)
@@ -37,7 +37,7 @@ def global_batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
     total = counts.sum()
     mean = (counts * means).sum(0) / total
     m2 = (m2s + counts * (means - mean).square()).sum(0)
-    return mean, m2 / total, int(round(total.item()))
+    return mean, m2 / total, total
 
 
 class _GlobalNormalize(torch.autograd.Function):
@@ -48,19 +48,18 @@ class _GlobalNormalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean, invstd, count):
         xhat = (x - _channel_view(mean, x.ndim)) * _channel_view(invstd, x.ndim)
-        ctx.save_for_backward(xhat, weight, invstd)
-        ctx.count = count
+        ctx.save_for_backward(xhat, weight, invstd, count)
         y = xhat if weight is None else xhat * _channel_view(weight, x.ndim)
         return y if bias is None else y + _channel_view(bias, x.ndim)
 
     @staticmethod
     def backward(ctx, grad_out):
-        xhat, weight, invstd = ctx.saved_tensors
+        xhat, weight, invstd, count = ctx.saved_tensors
         dims = [0, *range(2, xhat.ndim)]
         sums = torch.cat([grad_out.sum(dims), (grad_out * xhat).sum(dims)])
         grad_bias, grad_weight = sums.clone().chunk(2)  # this rank's share; DDP reduces them
         dist.all_reduce(sums)
-        sum_dy, sum_dy_xhat = (_channel_view(s / ctx.count, xhat.ndim) for s in sums.chunk(2))
+        sum_dy, sum_dy_xhat = (_channel_view(s / count, xhat.ndim) for s in sums.chunk(2))
         scale = invstd if weight is None else invstd * weight
         grad_x = _channel_view(scale, xhat.ndim) * (grad_out - sum_dy - xhat * sum_dy_xhat)
         return (
@@ -92,11 +91,6 @@ class _GlobalBatchNormMixin:
         x = input.to(dtype)
         with torch.no_grad():
             mean, var, count = global_batch_stats(x)
-        if count <= 1:
-            raise ValueError(
-                f"BatchNorm needs more than 1 value per channel over the global batch, got "
-                f"{count} (input {tuple(input.shape)} per rank)"
-            )
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)

@@ -48,7 +48,7 @@ def test_statistics_and_backward_match_float64_formula_in_a_one_process_group(tm
         flat = x.transpose(0, 1).reshape(3, -1)
         torch.testing.assert_close(mean, flat.sum(1) / flat.shape[1])
         torch.testing.assert_close(var, ((flat - flat.mean(1, keepdim=True)) ** 2).mean(1))
-        assert count == 6 * 4 * 5
+        assert count.item() == 6 * 4 * 5
 
         x.requires_grad_(True)
         weight = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from torch.utils.data import DistributedSampler
 
 from tests.helpers import REPO
+from tests.multinode_parts import IMAGES
 
 STEPS, PER_RANK = 3, 4
 ENV = {
@@ -92,20 +94,43 @@ def check(procs: list[subprocess.Popen]) -> None:
         assert proc.returncode == 0, err[-4000:]
 
 
-def fit_in_one_process(tmp_path: Path, ranks: list[dict]) -> list[float]:
-    """The reference: one process whose batch at each step is the concatenation of what the
-    ranks saw at that step, so the global batch (and the learning rate rule's B) is the same."""
-    per_step = [[i for r in ranks for i in r["steps"][k]["ids"]] for k in range(STEPS)]
+def rank_batches(world: int) -> list[list[list[int]]]:
+    """The sample ids of each step on each rank: Lightning shuffles training data under DDP with
+    torch's DistributedSampler (seed 0, reshuffled every epoch)."""
+    per_rank = []
+    for rank in range(world):
+        sampler = DistributedSampler(range(IMAGES), num_replicas=world, rank=rank, seed=0)
+        ids = []
+        for epoch in range(STEPS):
+            sampler.set_epoch(epoch)
+            ids += list(sampler)
+        per_rank.append([ids[k * PER_RANK : (k + 1) * PER_RANK] for k in range(STEPS)])
+    return per_rank
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> list[float]:
+    """The reference's per-step losses: one process whose batch at each step is the
+    concatenation of what the 2 ranks see at that step (so the global batch, and the
+    learning-rate rule's B, are the same)."""
+    tmp_path = tmp_path_factory.mktemp("one_process")
+    per_step = [[i for r in rank_batches(2) for i in r[k]] for k in range(STEPS)]
     order = [i for ids in per_step for i in ids]
     config = write_config(
-        tmp_path, "one", {"devices": 1}, {"batch_size": PER_RANK * len(ranks), "order": order}
+        tmp_path, "one", {"devices": 1}, {"batch_size": 2 * PER_RANK, "order": order}
     )
-    cmd = [sys.executable, "-m", "simclr_lightning", "fit", "--config", str(config)]
-    check([launch(cmd)])
+    check([launch([sys.executable, "-m", "simclr_lightning", "fit", "--config", str(config)])])
     (one,) = records(tmp_path, "one", 1)
     assert one["batchnorm"] == ["BatchNorm1d", "BatchNorm2d", "ScaleBatchNorm1d"]  # plain BN
     assert [s["ids"] for s in one["steps"]] == per_step
     return [s["loss"] for s in one["steps"]]
+
+
+def check_ranks(ranks: list[dict]) -> None:
+    expected = rank_batches(2)
+    for rank, r in enumerate(ranks):
+        assert "GlobalBatchNorm2d" in r["batchnorm"]
+        assert [s["ids"] for s in r["steps"]] == expected[rank]
 
 
 def mean_losses(ranks: list[dict]) -> list[float]:
@@ -113,7 +138,7 @@ def mean_losses(ranks: list[dict]) -> list[float]:
     return [sum(r["steps"][k]["loss"] for r in ranks) / len(ranks) for k in range(STEPS)]
 
 
-def test_two_torchrun_nodes_train_as_one_process_holding_both_batches(tmp_path):
+def test_two_torchrun_nodes_train_as_one_process_holding_both_batches(tmp_path, one_process):
     config = write_config(
         tmp_path, "nodes", {"devices": 1, "num_nodes": 2, "strategy": "ddp"}, {"batch_size": 4}
     )
@@ -127,14 +152,11 @@ def test_two_torchrun_nodes_train_as_one_process_holding_both_batches(tmp_path):
     for rank, r in enumerate(ranks):
         assert (r["world_size"], r["num_nodes"], r["node_rank"]) == (2, 2, rank)
         assert r["environment"] == "TorchElasticEnvironment"
-        assert "GlobalBatchNorm2d" in r["batchnorm"]
-        assert len(r["steps"]) == STEPS
-
-    reference = fit_in_one_process(tmp_path, ranks)
-    assert mean_losses(ranks) == pytest.approx(reference, rel=1e-12)
+    check_ranks(ranks)
+    assert mean_losses(ranks) == pytest.approx(one_process, rel=1e-12)
 
 
-def test_cli_sync_batchnorm_with_two_cpu_processes_launched_by_lightning(tmp_path):
+def test_cli_sync_batchnorm_with_two_cpu_processes_launched_by_lightning(tmp_path, one_process):
     """``--trainer.sync_batchnorm true --trainer.devices 2 --trainer.strategy ddp`` on CPU
     (torch's SyncBatchNorm would stop it: "only work with GPU modules")."""
     config = write_config(tmp_path, "ddp", {}, {"batch_size": 4})
@@ -142,5 +164,5 @@ def test_cli_sync_batchnorm_with_two_cpu_processes_launched_by_lightning(tmp_pat
     cmd += ["--trainer.sync_batchnorm=true", "--trainer.devices=2", "--trainer.strategy=ddp"]
     check([launch(cmd)])
     ranks = records(tmp_path, "ddp", 2)
-    assert all("GlobalBatchNorm2d" in r["batchnorm"] for r in ranks)
-    assert mean_losses(ranks) == pytest.approx(fit_in_one_process(tmp_path, ranks), rel=1e-12)
+    check_ranks(ranks)
+    assert mean_losses(ranks) == pytest.approx(one_process, rel=1e-12)
