@@ -2,7 +2,8 @@
 
 Where things live: ``module.py`` (the ``SimCLR`` LightningModule) with its parts ``loss.py``
 (computed in row tiles by ``tiled_loss.py``), ``grad_cache.py``, ``heads.py``, ``backbones.py``
-and ``optim.py``; ``distributed.py`` (gathers); ``data/`` (data modules, CPU transforms, the
+and ``optim.py``; ``distributed.py`` (gathers); ``batchnorm.py``
+(BatchNorm over the global batch); ``data/`` (data modules, CPU transforms, the
 on-device augmentation in ``data/gpu/``); ``callbacks/``
 (monitors and writers); ``evaluation/`` (linear evaluation, kNN); ``checkpoint.py`` (encoder
 loading and export); ``cli.py`` (the ``simclr-lightning`` command).
@@ -10,6 +11,7 @@ loading and export); ``cli.py`` (the ``simclr-lightning`` command).
 
 from simclr_lightning import _deprecated
 from simclr_lightning.backbones import apply_stem, build_backbone, build_resnet
+from simclr_lightning.batchnorm import GlobalBatchNorm
 from simclr_lightning.callbacks import (
     EmbeddingPlot,
     ImagesPerSecond,
@@ -52,6 +54,7 @@ __all__ = [
     "CIFARDataModule",
     "EmbeddingPlot",
     "GPUAugment",
+    "GlobalBatchNorm",
     "ImageFilesDataModule",
     "ImagesPerSecond",
     "ImageFolderDataModule",

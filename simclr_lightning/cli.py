@@ -9,6 +9,7 @@ import warnings
 
 import torch
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -53,6 +54,26 @@ def hardware_precision(device: str) -> tuple[str, str]:
     return "32-true", f"no CUDA GPU: on {where} float32 is faster than bf16 or fp16"
 
 
+def with_plugin(plugins, class_path: str) -> list:
+    """``trainer.plugins`` as parsed (None, one plugin, or a list) with ``class_path`` added."""
+    if plugins is None:
+        plugins = []
+    elif not isinstance(plugins, list):
+        plugins = [plugins]
+    return [*plugins, Namespace(class_path=class_path)]
+
+
+def global_batchnorm(trainer: Namespace) -> None:
+    """``trainer.sync_batchnorm: true`` becomes the GlobalBatchNorm plugin, which works on every
+    backend; Lightning's own flag means torch's SyncBatchNorm, CUDA only, and Lightning refuses
+    the flag together with another BatchNorm plugin."""
+    if trainer.get("sync_batchnorm"):
+        trainer.sync_batchnorm = False
+        trainer.plugins = with_plugin(
+            trainer.get("plugins"), "simclr_lightning.batchnorm.GlobalBatchNorm"
+        )
+
+
 class SimCLRCLI(LightningCLI):
     """LightningCLI that fills in the machine-dependent trainer settings a config leaves unset
     (null): ``trainer.precision`` (bf16-mixed on a CUDA GPU with bfloat16, 16-mixed on older
@@ -71,6 +92,7 @@ class SimCLRCLI(LightningCLI):
         trainer = config.get("trainer")
         if trainer is None:
             return
+        global_batchnorm(trainer)
         device = device_kind(trainer.get("accelerator", "auto"))
         if trainer.get("precision") is None:
             trainer.precision, why = hardware_precision(device)
