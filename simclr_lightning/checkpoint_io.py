@@ -126,14 +126,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         )
 
 
+def plugin_list(plugins: Any) -> list:
+    """``trainer.plugins`` as LightningCLI parsed it (None, one plugin, or a list) as a list."""
+    if plugins is None:
+        return []
+    return plugins if isinstance(plugins, list) else [plugins]
+
+
 def add_atomic_checkpoint_io(trainer_config) -> None:
     """Append :class:`AtomicCheckpointIO` to a LightningCLI ``trainer`` config's ``plugins``
     unless it already names a CheckpointIO (the user's own choice wins)."""
-    plugins = trainer_config.get("plugins")
-    if plugins is None:
-        plugins = []
-    elif not isinstance(plugins, list):
-        plugins = [plugins]
+    plugins = plugin_list(trainer_config.get("plugins"))
     if any(_is_checkpoint_io(p) for p in plugins):
         return
     atomic = Namespace(class_path=f"{__name__}.AtomicCheckpointIO", init_args=Namespace())

@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 import simclr_lightning  # noqa: F401  (imports the classes so short names like SimCLR resolve)
-from simclr_lightning.checkpoint_io import add_atomic_checkpoint_io, check_ckpt_path
+from simclr_lightning.checkpoint_io import add_atomic_checkpoint_io, check_ckpt_path, plugin_list
 from simclr_lightning.cli_errors import OneLineErrorParser, report
 
 # Warnings a user of this command cannot act on (the library already chose for them).
@@ -56,11 +56,7 @@ def hardware_precision(device: str) -> tuple[str, str]:
 
 def with_plugin(plugins, class_path: str) -> list:
     """``trainer.plugins`` as parsed (None, one plugin, or a list) with ``class_path`` added."""
-    if plugins is None:
-        plugins = []
-    elif not isinstance(plugins, list):
-        plugins = [plugins]
-    return [*plugins, Namespace(class_path=class_path)]
+    return [*plugin_list(plugins), Namespace(class_path=class_path)]
 
 
 def global_batchnorm(trainer: Namespace) -> None:
