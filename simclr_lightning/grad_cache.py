@@ -6,8 +6,10 @@ The batch is embedded chunk by chunk keeping no activations; the loss and its gr
 respect to the embeddings are computed on the whole (global) batch; then each chunk is run
 again with autograd and back-propagates its part of that gradient. This is what torch's
 non-reentrant checkpoint does per chunk inside one ``backward``, so it stays within Lightning's
-automatic optimisation: precision plugins, gradient clipping, ``accumulate_grad_batches``
-and DDP (one gradient all-reduce per step, as usual) keep working unchanged.
+automatic optimisation: precision plugins, gradient clipping and DDP (one gradient all-reduce
+per step, as usual) keep working unchanged. It is SimCLR's way to a larger batch in the same
+memory: ``trainer.accumulate_grad_batches`` is refused (``run_checks.check_accumulation``),
+since accumulating adds no negatives to any loss.
 """
 
 from __future__ import annotations

@@ -92,6 +92,12 @@ def fit(*extra: str) -> list[str]:
     return ["fit", *TINY, "--data.root={data}", "--trainer.default_root_dir={root}/fit", *extra]
 
 
+def fit_on(data: str, *extra: str) -> list[str]:
+    """``fit`` on another data module than the image folder (its own location setting)."""
+    tiny = [a for a in TINY if not a.startswith("--data")]
+    return ["fit", *tiny, f"--data={data}", "--data.batch_size=8", "--data.num_workers=0", *extra]
+
+
 def evaluate(*extra: str) -> list[str]:
     return ["fit", *EVAL, "--data.root={data}", "--trainer.default_root_dir={root}/eval", *extra]
 
@@ -119,6 +125,24 @@ CASES = [
     ("missing data dir", fit("--data.root={root}/nowhere"), 1, ["data.root=", "nowhere"]),
     ("no train folder", fit("--data.root={root}"), 1, ["data.root=", "no train/ folder"]),
     ("batch > images", fit("--data.batch_size=64"), 2, ["data.batch_size=64", "larger"]),
+    (
+        "missing CIFAR-10",
+        fit_on("CIFARDataModule", "--data.data_dir={root}/nowhere"),
+        1,
+        ["data.data_dir=", "nowhere", "cifar-10-batches-py/", "data.download=true"],
+    ),
+    (
+        "missing CIFAR-100",
+        fit_on("CIFARDataModule", "--data.dataset=cifar100", "--data.data_dir={root}"),
+        1,
+        ["data.data_dir=", "cifar100", "cifar-100-python/", "data.download=true"],
+    ),
+    (
+        "missing MNIST",
+        fit_on("MNISTDataModule", "--data.data_dir={root}/nowhere", "--model.in_channels=1"),
+        1,
+        ["data.data_dir=", "nowhere", "train-images-idx3-ubyte", "data.download=true"],
+    ),
     # trainer and command line
     ("max_epochs type", fit("--trainer.max_epochs=abc"), 2, ["trainer.max_epochs='abc'", "int"]),
     ("unknown argument", fit("--foo=1"), 2, ["unrecognized arguments: --foo=1"]),

@@ -1,6 +1,6 @@
 """Gradient caching (SimCLR(grad_cache_chunks=k)) against a float64 reference that runs the
 encoder chunk by chunk with full autograd and the paper's loss on the whole batch, alone and
-under real 2-process DDP; and Lightning's clipping, accumulation and precision around it."""
+under real 2-process DDP; and Lightning's clipping and precision around it."""
 
 from __future__ import annotations
 

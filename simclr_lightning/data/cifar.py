@@ -69,24 +69,29 @@ class CIFARDataModule(SimCLRDataModule):
             cls(self.data_dir, train=True, download=True)
             cls(self.data_dir, train=False, download=True)
         except OSError as err:  # URLError is an OSError: no network
-            raise RuntimeError(self._missing_message(f"download failed ({err})")) from err
+            raise FileNotFoundError(self._missing_message(f"download failed: {err}")) from err
 
     def make_dataset(self, split, transform) -> Dataset:
         cls, _, _, _ = _DATASETS[self.dataset]
         try:
             return cls(self.data_dir, train=split == "train", transform=transform, download=False)
         except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
-            raise RuntimeError(self._missing_message(str(err))) from err
+            _, folder, _, _ = _DATASETS[self.dataset]
+            found = (Path(self.data_dir) / folder).is_dir()
+            why = f"its {folder}/ is incomplete or corrupt" if found else f"no {folder}/ in it"
+            raise FileNotFoundError(self._missing_message(why)) from err
 
     def make_device_store(self, dataset) -> DeviceImageStore:
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
         return DeviceImageStore(images, torch.as_tensor(dataset.targets))
 
     def _missing_message(self, why: str) -> str:
+        """One line for the CLI (a FileNotFoundError: exit 1): the setting, its value, what to
+        do."""
         _, folder, _, _ = _DATASETS[self.dataset]
-        fetch = "" if self.download else " (or set data.download=true, which needs network)"
+        fetch = "" if self.download else ", or set data.download=true (needs network)"
         return (
-            f"{self.dataset} is not in data.data_dir={self.data_dir!r}: {why}. Put the extracted "
-            f"{folder}/ there{fetch}, or train on an image folder instead: "
-            f"simclr-lightning fit --config configs/imagefolder.yaml --data.root DIR"
+            f"data.data_dir={self.data_dir!r} does not hold {self.dataset} ({why}): put the "
+            f"extracted {folder}/ there{fetch}, or train on an image folder instead "
+            f"(--config configs/imagefolder.yaml --data.root DIR)"
         )

@@ -113,17 +113,22 @@ class MNISTDataModule(SimCLRDataModule):
             try:
                 cls(self.data_dir, train=True, download=True)
                 cls(self.data_dir, train=False, download=True)
-            except OSError as err:
-                raise RuntimeError(f"could not download {self.dataset}: {err}") from err
+            except OSError as err:  # URLError is an OSError: no network
+                raise FileNotFoundError(
+                    f"data.data_dir={self.data_dir!r} does not hold {self.dataset} and the "
+                    f"download failed ({err}): put its four idx files there"
+                ) from err
 
     def make_dataset(self, split, transform) -> Dataset:
         paths = [self._find(name) for name in _FILES[split]]
         if None in paths:
             missing = _FILES[split][paths.index(None)]
+            fetch = "" if self.download else ", set data.download=true (needs network)"
             raise FileNotFoundError(
-                f"{self.dataset}: {missing}[.gz] is not in data.data_dir={self.data_dir!r} (nor "
-                f"in its {_INFO[self.dataset][1]}/raw/): put the four idx files there, e.g. "
-                f"apt-get install dataset-fashion-mnist and use /usr/share/datasets/fashion-mnist"
+                f"data.data_dir={self.data_dir!r} does not hold {self.dataset}: no {missing}[.gz] "
+                f"in it nor in its {_INFO[self.dataset][1]}/raw/. Put the four idx files "
+                f"there{fetch}, or for fashion_mnist apt-get install dataset-fashion-mnist and "
+                f"use /usr/share/datasets/fashion-mnist"
             )
         images, labels = (read_idx(p) for p in paths)
         return IdxImages(images, labels, transform)

@@ -172,7 +172,7 @@ def test_cifar_reads_the_torchvision_format_offline(cifar_jpg_root, tmp_path, mo
 
 def test_cifar_offline_errors_say_what_to_do(tmp_path, monkeypatch):
     dm = CIFARDataModule(str(tmp_path), download=False, num_workers=0)
-    with pytest.raises(RuntimeError, match="cifar-10-batches-py.*configs/imagefolder.yaml"):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py.*configs/imagefolder.yaml"):
         dm.setup("fit")
 
     def no_network(self):
@@ -180,7 +180,7 @@ def test_cifar_offline_errors_say_what_to_do(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.CIFAR10, "download", no_network)
     dm = CIFARDataModule(str(tmp_path), download=True, num_workers=0)
-    with pytest.raises(RuntimeError, match="data.data_dir.*download failed.*imagefolder"):
+    with pytest.raises(FileNotFoundError, match="data.data_dir.*download failed.*imagefolder"):
         dm.prepare_data()
 
 

@@ -1,0 +1,124 @@
+"""The collapse watch: ``train/z_std`` against its definition (float64, written out here) and
+the threshold a tenth of 1/sqrt(D); a real SimCLR fit that collapses warns once, naming the
+value and the step, and a healthy one does not warn."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from simclr_lightning import SimCLR
+from simclr_lightning.loss import NTXentLoss
+from simclr_lightning.run_checks import CollapseWatch
+from simclr_lightning.supcon import SupConLoss
+from tests.helpers import quiet_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def z_std_reference(z: np.ndarray) -> float:
+    """The mean over dimensions of the (n-1) std of the L2-normalised rows, in float64."""
+    z = np.asarray(z, dtype=np.float64)
+    unit = z / np.sqrt((z**2).sum(axis=1, keepdims=True))
+    n = len(unit)
+    mean = unit.sum(axis=0) / n
+    return float(np.mean(np.sqrt(((unit - mean) ** 2).sum(axis=0) / (n - 1))))
+
+
+def threshold(dim: int) -> float:
+    return 0.1 / math.sqrt(dim)
+
+
+def collapse_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if "train/z_std" in str(w.message)]
+
+
+def test_z_std_is_the_std_of_the_unit_embeddings():
+    gen = torch.Generator().manual_seed(0)
+    z_a = torch.randn(64, 128, dtype=torch.float64, generator=gen) * 3 + 1
+    z_b = torch.randn(64, 128, dtype=torch.float64, generator=gen)
+    want = z_std_reference(torch.cat([z_a, z_b]).numpy())
+    _, stats = NTXentLoss(0.5, gather_distributed=False).forward_with_stats(z_a, z_b)
+    assert float(stats["z_std"]) == pytest.approx(want, rel=1e-12)
+    labels = torch.arange(64) % 4
+    _, stats = SupConLoss(0.5, gather_distributed=False).forward_with_stats(z_a, z_b, labels)
+    assert float(stats["z_std"]) == pytest.approx(want, rel=1e-6)  # SupCon works in float32
+    # The healthy value the threshold is a tenth of: isotropic unit vectors in D = 128
+    isotropic = torch.randn(4096, 128, dtype=torch.float64, generator=gen).numpy()
+    assert z_std_reference(isotropic) == pytest.approx(1 / math.sqrt(128), rel=0.01)
+
+
+def test_watch_warns_once_below_a_tenth_of_the_healthy_value():
+    watch = CollapseWatch(output_dim=16)  # threshold 0.025
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        watch.update(threshold(16) * 1.001, step=3)
+        assert collapse_warnings(record) == []
+        watch.update(0.0249, step=7)
+        watch.update(0.001, step=8)  # still collapsed: no second warning
+    [message] = collapse_warnings(record)
+    assert message.startswith("train/z_std=0.0249 at step 7 is below a tenth of its healthy 0.25")
+    assert "model.temperature" in message
+
+
+def fit(collapse_from: int | None, steps: int = 4, dim: int = 8) -> tuple[list[str], list[float]]:
+    """A real SimCLR fit; from step ``collapse_from`` on the head's output is forced towards a
+    constant (1e-4 x its own output plus a fixed vector), as a collapsed head would be. Returns
+    the collapse warnings and the reference z_std of each step's embeddings."""
+    torch.manual_seed(0)
+    model = SimCLR(
+        backbone="timm:test_resnet",
+        cifar_stem=False,
+        head_hidden_dim=16,
+        head_output_dim=dim,
+        optimizer="sgd",
+        base_lr=0.01,
+        warmup_epochs=0,
+        batch_size=8,
+    )
+    constant = torch.linspace(1.0, 2.0, dim)
+    seen: list[float] = []
+
+    def hook(module, inputs, output):
+        if not module.training:
+            return None
+        if collapse_from is not None and model.global_step >= collapse_from:
+            output = constant + 1e-4 * output
+        seen.append(z_std_reference(output.detach().numpy()))
+        return output
+
+    model.head.register_forward_hook(hook)
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(32, 3, 16, 16, generator=gen), torch.randn(32, 3, 16, 16, generator=gen)
+    data = DataLoader([((a[i], b[i]), 0) for i in range(32)], batch_size=8)
+    trainer = quiet_trainer(
+        max_steps=steps, precision="32-true", log_every_n_steps=1, limit_val_batches=0
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(model, data)
+    assert len(seen) == steps
+    return collapse_warnings(record), seen
+
+
+def test_healthy_fit_does_not_warn():
+    found, z_std = fit(collapse_from=None)
+    assert min(z_std) > threshold(8)  # the independent value: healthy at every step
+    assert found == []
+
+
+def test_collapsed_fit_warns_once_with_value_and_step():
+    found, z_std = fit(collapse_from=2)
+    assert all(v > threshold(8) for v in z_std[:2])
+    assert all(v < threshold(8) for v in z_std[2:])
+    assert len(found) == 1, found  # steps 2 and 3 collapsed: one warning
+    match = re.match(r"train/z_std=(\S+) at step (\d+) is below a tenth of its healthy", found[0])
+    assert match, found[0]
+    assert int(match.group(2)) == 2
+    assert float(match.group(1)) == pytest.approx(z_std[2], rel=5e-3)  # printed to 3 digits
