@@ -17,6 +17,7 @@ from simclr_lightning.callbacks import (
     KNNReport,
     OnlineLinearProbe,
     PredictionWriter,
+    RNGState,
 )
 from simclr_lightning.checkpoint import export_backbone, load_backbone_state
 from simclr_lightning.data import (
@@ -59,6 +60,7 @@ __all__ = [
     "NTXentLoss",
     "OnlineLinearProbe",
     "PredictionWriter",
+    "RNGState",
     "ProjectionHead",
     "CorruptImageError",
     "SettingError",

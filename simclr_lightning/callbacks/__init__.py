@@ -6,6 +6,7 @@ from simclr_lightning.callbacks.knn_monitor import KNNMonitor
 from simclr_lightning.callbacks.knn_report import KNNReport
 from simclr_lightning.callbacks.linear_probe import OnlineLinearProbe
 from simclr_lightning.callbacks.prediction_writer import PredictionWriter
+from simclr_lightning.callbacks.rng_state import RNGState
 
 __all__ = [
     "EmbeddingPlot",
@@ -14,4 +15,5 @@ __all__ = [
     "KNNReport",
     "OnlineLinearProbe",
     "PredictionWriter",
+    "RNGState",
 ]
