@@ -17,6 +17,7 @@ from simclr_lightning.callbacks import (
     KNNReport,
     OnlineLinearProbe,
     PredictionWriter,
+    Preemption,
     RNGState,
 )
 from simclr_lightning.checkpoint import export_backbone, load_backbone_state
@@ -59,6 +60,7 @@ __all__ = [
     "MNISTDataModule",
     "NTXentLoss",
     "OnlineLinearProbe",
+    "Preemption",
     "PredictionWriter",
     "RNGState",
     "ProjectionHead",

@@ -4,14 +4,18 @@ settings that depend on the machine chosen for the machine it runs on."""
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import simclr_lightning  # noqa: F401  (imports the classes so short names like SimCLR resolve)
+from simclr_lightning.callbacks import Preemption, RNGState
+from simclr_lightning.callbacks.preemption import SIGTERM_EXIT_CODE
 
 # Warnings a user of this command cannot act on (the library already chose for them).
 QUIET = (
@@ -98,6 +102,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     return SimCLRCLI(
         save_config_callback=ConfigToLoggers,
         save_config_kwargs={"overwrite": True},
+        # always on, after the config's callbacks: a stopped run saves its last step, and
+        # checkpoints hold every rank's random state (exact resume)
+        trainer_defaults={"callbacks": [Preemption(), RNGState()]},
         args=args,
         run=run,
     )
@@ -105,4 +112,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 def main() -> None:
     """Console entry point (``simclr-lightning``, ``python -m simclr_lightning``)."""
-    cli_main()
+    try:
+        cli_main()
+    except SIGTERMException:  # stopped, checkpoint saved (Preemption): not a success
+        sys.exit(SIGTERM_EXIT_CODE)
