@@ -11,11 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset
 
-from tests.helpers import make_subset
+from simclr_lightning import CorruptImageError, Preemption, SimCLR
+from tests.helpers import make_subset, quiet_trainer
 
 STEPS = 12  # 20 images in batches of 3, 2 epochs
 SLURM_JOB = "4242"
@@ -153,3 +157,50 @@ def test_slurm_signal_requeues_and_the_requeued_job_resumes_from_the_step(tiny_f
     out, _ = requeued.communicate(timeout=300)
     assert requeued.returncode == 0, out.decode()[-3000:]
     assert steps_logged(tmp_path) == list(range(1, STEPS + 1))
+
+
+class BadFileAt(Dataset):
+    """Two-view samples of random 16 px images; sample ``bad`` is an undecodable file."""
+
+    def __init__(self, n: int, bad: int) -> None:
+        self.images = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        self.bad = bad
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        if i == self.bad:
+            raise CorruptImageError(f"/data/train/{i}.jpg", "truncated JPEG")
+        return (self.images[i], self.images[i].flip(-1)), 0
+
+
+class Weights(L.Callback):
+    """The weights after every step, to compare a checkpoint with."""
+
+    def __init__(self) -> None:
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        state = pl_module.state_dict()
+        self.after[trainer.global_step] = {k: v.clone() for k, v in state.items()}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_corrupt_file_stops_the_run_after_saving_its_last_step(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = SimCLR(cifar_stem=False, head_hidden_dim=32, head_output_dim=16, warmup_epochs=0)
+    weights = Weights()
+    trainer = quiet_trainer(
+        max_epochs=1,
+        precision="32-true",
+        enable_checkpointing=True,
+        callbacks=[weights, Preemption(), ModelCheckpoint(tmp_path)],
+    )
+    loader = DataLoader(BadFileAt(24, bad=13), batch_size=3)  # file 13 is in batch 4
+    with pytest.raises(CorruptImageError, match="13.jpg"):
+        trainer.fit(model, loader)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == max(weights.after) == 4  # batches 0-3 trained
+    for name, value in weights.after[4].items():
+        assert torch.equal(saved["state_dict"][name], value), name
