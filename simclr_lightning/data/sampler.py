@@ -89,6 +89,7 @@ class SeededSamples(Dataset):
             torch.set_rng_state(state)
 
     def __getattr__(self, name: str) -> Any:  # classes, targets ... of the wrapped dataset
-        if name == "dataset":
+        # not its dunders: a batched __getitems__ would take the (index, seed) keys unwrapped
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
