@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from simclr_lightning import ImageFolderDataModule, SimCLR, SimCLRAugmentation
 from simclr_lightning.callbacks import RNGState
+from tests.ddp_helpers import run_ddp_script
 from tests.helpers import make_subset, quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,3 +90,28 @@ def test_resume_continues_the_uninterrupted_run_exactly(tiny_folder, tmp_path, a
         for (step, loss, lr), (_, want_loss, want_lr) in zip(resumed, full[done:], strict=True):
             assert torch.equal(loss, want_loss), f"{name}: loss differs at step {step}"
             assert lr == want_lr, f"{name}: learning rate differs at step {step}"
+
+
+@pytest.mark.slow
+def test_ddp_ranks_each_resume_their_own_state_exactly(tiny_folder, tmp_path):
+    """2 processes, ``augment: gpu``: 20 images, 3 per rank and step, 3 steps an epoch; each
+    rank's random states, augmentation generator and shard position come back from the one
+    checkpoint rank 0 wrote."""
+    args = ("--root", str(tiny_folder), "--augment", "gpu", "--ckpt-dir", str(tmp_path))
+    full = run_ddp_script("ddp_resume_script.py", 2, tmp_path / "full", *args)
+    resumed = run_ddp_script(
+        "ddp_resume_script.py",
+        2,
+        tmp_path / "resumed",
+        *args,
+        "--ckpt",
+        str(tmp_path / "step=2.ckpt"),
+    )
+    assert [s for s, _, _ in full[0]["rows"]] == list(range(1, 7))
+    assert not torch.equal(full[0]["rows"][0][1], full[1]["rows"][0][1])  # ranks differ
+    for rank in range(2):
+        want, got = full[rank]["rows"][2:], resumed[rank]["rows"]
+        assert [s for s, _, _ in got] == [s for s, _, _ in want] == list(range(3, 7))
+        for (step, loss, lr), (_, want_loss, want_lr) in zip(got, want, strict=True):
+            assert torch.equal(loss, want_loss), f"rank {rank}: loss differs at step {step}"
+            assert lr == want_lr
