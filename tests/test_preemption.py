@@ -204,3 +204,25 @@ def test_corrupt_file_stops_the_run_after_saving_its_last_step(tmp_path):
     assert saved["global_step"] == max(weights.after) == 4  # batches 0-3 trained
     for name, value in weights.after[4].items():
         assert torch.equal(saved["state_dict"][name], value), name
+
+
+@pytest.mark.slow
+def test_sigterm_under_ddp_stops_every_rank_after_the_same_step(tiny_folder, tmp_path):
+    """2 processes (Lightning launches rank 1 and forwards the signal to it): both finish the
+    same step, the one checkpoint holds both ranks' random states, the run exits 143."""
+    config = write_config(tiny_folder, tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"] |= {"devices": 2, "strategy": "ddp"}
+    config.write_text(yaml.safe_dump(settings))
+    code, out = signal_after(cli(config), tmp_path, signal.SIGTERM, step=2)
+    assert code == 143, out[-3000:]
+    done = steps_logged(tmp_path)  # each rank logs each step
+    assert done == sorted(2 * list(range(1, done[-1] + 1)))  # both stopped after one step
+    saved = torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == done[-1] < STEPS // 2
+    assert len(saved["callbacks"]["RNGState"]["ranks"]) == 2
+
+    resumed = cli(config, "--ckpt_path", "last")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out.decode()[-3000:]
+    assert steps_logged(tmp_path) == sorted(2 * list(range(1, STEPS // 2 + 1)))
