@@ -19,6 +19,8 @@ from simclr_lightning.callbacks import (
     KNNReport,
     OnlineLinearProbe,
     PredictionWriter,
+    Preemption,
+    RNGState,
 )
 from simclr_lightning.checkpoint import export_backbone, load_backbone_state
 from simclr_lightning.checkpoint_io import AtomicCheckpointIO
@@ -65,7 +67,9 @@ __all__ = [
     "MNISTDataModule",
     "NTXentLoss",
     "OnlineLinearProbe",
+    "Preemption",
     "PredictionWriter",
+    "RNGState",
     "ProjectionHead",
     "CorruptFilesError",
     "CorruptImageError",

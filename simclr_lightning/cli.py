@@ -12,8 +12,11 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import simclr_lightning  # noqa: F401  (imports the classes so short names like SimCLR resolve)
+from simclr_lightning.callbacks import Preemption, RNGState
+from simclr_lightning.callbacks.preemption import SIGTERM_EXIT_CODE
 from simclr_lightning.checkpoint_io import add_atomic_checkpoint_io, check_ckpt_path, plugin_list
 from simclr_lightning.cli_errors import OneLineErrorParser, report
 
@@ -128,6 +131,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         save_config_callback=ConfigToLoggers,
         save_config_kwargs={"overwrite": True},
         parser_class=OneLineErrorParser,
+        # always on, after the config's callbacks: a stopped run saves its last step, and
+        # checkpoints hold every rank's random state (exact resume)
+        trainer_defaults={"callbacks": [Preemption(), RNGState()]},
         args=args,
         run=run,
     )
@@ -136,9 +142,12 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 def main() -> None:
     """Console entry point (``simclr-lightning``, ``python -m simclr_lightning``): an error a
     user can fix is one line on stderr (exit 2 for a bad setting, 1 otherwise); a bug, or any
-    error under ``SIMCLR_DEBUG=1``, keeps its traceback."""
+    error under ``SIMCLR_DEBUG=1``, keeps its traceback. A run stopped by SIGTERM (preemption)
+    has saved its last step and exits 143: not a success, so schedulers requeue it."""
     try:
         cli_main()
+    except SIGTERMException:  # stopped, checkpoint saved (Preemption)
+        sys.exit(SIGTERM_EXIT_CODE)
     except Exception as err:
         code = report(err)
         if code is None:

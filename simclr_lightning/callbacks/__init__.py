@@ -6,6 +6,8 @@ from simclr_lightning.callbacks.knn_monitor import KNNMonitor
 from simclr_lightning.callbacks.knn_report import KNNReport
 from simclr_lightning.callbacks.linear_probe import OnlineLinearProbe
 from simclr_lightning.callbacks.prediction_writer import PredictionWriter
+from simclr_lightning.callbacks.preemption import Preemption
+from simclr_lightning.callbacks.rng_state import RNGState
 
 __all__ = [
     "EmbeddingPlot",
@@ -13,5 +15,7 @@ __all__ = [
     "KNNMonitor",
     "KNNReport",
     "OnlineLinearProbe",
+    "Preemption",
     "PredictionWriter",
+    "RNGState",
 ]

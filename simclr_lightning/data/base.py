@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 from simclr_lightning.data.device_store import DeviceImageStore, IndexDataset
 from simclr_lightning.data.encoded import ImageBatch
 from simclr_lightning.data.gpu import GPUAugment
+from simclr_lightning.data.loaders import TrainOrder
 from simclr_lightning.data.subsets import (
     class_balanced_subset,
     dataset_labels,
@@ -31,6 +32,7 @@ from simclr_lightning.data.transforms import (
     view_transform,
 )
 from simclr_lightning.errors import SettingError, require
+from simclr_lightning.resume import gather_per_rank, own_rank
 
 Task = Literal["pretrain", "classify"]
 Augment = Literal["cpu", "gpu"]
@@ -147,6 +149,7 @@ class SimCLRDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.device_store: DeviceImageStore | None = None
         self.gpu_augment = GPUAugment(self.augmentation) if self.on_device else None
+        self.train_order = TrainOrder()
 
     # -- what subclasses provide -------------------------------------------------------------
     @property
@@ -255,29 +258,55 @@ class SimCLRDataModule(L.LightningDataModule):
         devices = self.trainer.num_devices if self.trainer is not None else 1
         return min(MAX_AUTO_WORKERS, suggested_max_num_workers(devices))
 
-    def _loader(
-        self, dataset: Dataset, batch_size: int, train: bool, collate_fn=None
-    ) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        """An evaluation loader: in order, every image."""
         workers = self.workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
-            drop_last=train and self.drop_last,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
-            collate_fn=collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled by (seed, epoch) with per-sample view seeds: a checkpoint resumes it
+        mid-epoch (:class:`TrainOrder`)."""
         if self.train_set is None:
             self.setup("fit")
         if self.device_store is not None:  # images live on the device: serve indices only
             indices = IndexDataset(len(self.device_store))
-            return DataLoader(indices, self.batch_size, shuffle=True, drop_last=self.drop_last)
-        collate = self.device_collate_fn() if self.on_device else None
-        return self._loader(self.train_set, self.batch_size, train=True, collate_fn=collate)
+            return self.train_order.loader(
+                indices, self.trainer, self.batch_size, seeded=False, drop_last=self.drop_last
+            )
+        workers = self.workers
+        return self.train_order.loader(
+            self.train_set,
+            self.trainer,
+            self.batch_size,
+            seeded=not self.on_device,
+            drop_last=self.drop_last,
+            num_workers=workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and workers > 0,
+            collate_fn=self.device_collate_fn() if self.on_device else None,
+        )
+
+    def state_dict(self) -> dict:
+        """The training order's seed and position, and every rank's on-device augmentation
+        generator: what a checkpoint needs to continue the data exactly."""
+        state = {"train_order": self.train_order.state_dict()}
+        generator = self.gpu_augment.generator if self.gpu_augment is not None else None
+        if generator is not None and self.trainer is not None:
+            state["gpu_augment_generator"] = gather_per_rank(self.trainer, generator.get_state())
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train_order.load_state_dict(state_dict.get("train_order", {}))
+        states = state_dict.get("gpu_augment_generator")
+        generator = self.gpu_augment.generator if self.gpu_augment is not None else None
+        if states and generator is not None and self.trainer is not None:
+            generator.set_state(own_rank(states, self.trainer))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Make both SimCLR views of the whole batch on its device (``augment: gpu``)."""
@@ -312,13 +341,13 @@ class SimCLRDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
-        return self._loader(self.val_sample(), self.val_batch_size, train=False)
+        return self._loader(self.val_sample(), self.val_batch_size)
 
     def test_dataloader(self) -> DataLoader | list:
         """The whole validation split in its own order (rows keep their dataset index)."""
         if self.val_set is None:
             return []
-        return self._loader(self.val_set, self.val_batch_size, train=False)
+        return self._loader(self.val_set, self.val_batch_size)
 
     def predict_dataloader(self) -> DataLoader | list:
         return self.test_dataloader()
@@ -326,4 +355,4 @@ class SimCLRDataModule(L.LightningDataModule):
     def eval_train_dataloader(self) -> DataLoader:
         """The labelled training split without augmentation: the memory bank of a kNN monitor."""
         dataset = self.make_dataset("train", self.eval_transform())
-        return self._loader(dataset, self.val_batch_size, train=False)
+        return self._loader(dataset, self.val_batch_size)

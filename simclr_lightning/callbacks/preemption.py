@@ -1,0 +1,102 @@
+"""A checkpoint of the last finished step when a run is stopped: by SIGTERM (a scheduler's
+preemption, SLURM's requeue or time limit) or by an undecodable data file."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from simclr_lightning.errors import CorruptImageError
+
+# What a process killed by SIGTERM reports (128 + 15): the code schedulers and shells expect
+# from a run that was stopped, not finished.
+SIGTERM_EXIT_CODE = 143
+
+
+class Preemption(Callback):
+    """On SIGTERM, Lightning lets the current step finish, then raises ``SIGTERMException``
+    (every rank at the same step: rank 0's flag is broadcast before each step). This callback
+    then saves a checkpoint of that step, so no step is lost:
+
+    - normally as ``last.ckpt`` in the ``ModelCheckpoint``'s folder, which
+      ``--ckpt_path last`` picks (Lightning takes the newest ``last*.ckpt`` there);
+    - under SLURM with ``SLURMEnvironment(auto_requeue=True)`` (Lightning's default there) as
+      the next ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir``, which the requeued job resumes
+      from without any ``--ckpt_path`` (Lightning's own HPC resume takes the highest n).
+
+    On :class:`~simclr_lightning.errors.CorruptImageError` (a file that cannot be decoded,
+    without ``data.skip_corrupt``) it saves the same checkpoint in one process; under DDP the
+    other ranks are waiting for the failed one in a collective, so nothing can be saved and
+    it says so. The ``simclr-lightning`` command adds this callback to every run and exits
+    with :data:`SIGTERM_EXIT_CODE` after a SIGTERM.
+    """
+
+    def __init__(self) -> None:
+        self.saved_path: str | None = None
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if isinstance(exception, CorruptImageError) and trainer.world_size > 1:
+            rank_zero_warn(
+                "no checkpoint written: a corrupt image stopped one process of a distributed "
+                "run; the last checkpoint is the one ModelCheckpoint wrote"
+            )
+            return
+        if not isinstance(exception, (SIGTERMException, CorruptImageError)):
+            return
+        self.saved_path = self.checkpoint_path(trainer)
+        trainer.save_checkpoint(self.saved_path)
+        rank_zero_info(
+            f"simclr-lightning: stopped after step {trainer.global_step}; saved "
+            f"{self.saved_path} ({self.resume_hint(trainer)})"
+        )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resumed_from = trainer.ckpt_path
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed from our last.ckpt that then finishes leaves it stale: a later
+        # ``--ckpt_path last`` would go back to the preemption point. Remove it unless
+        # ModelCheckpoint keeps last.ckpt itself (then it holds the final step).
+        resumed = getattr(self, "_resumed_from", None)
+        if not resumed or trainer.interrupted:
+            return
+        checkpoint = trainer.checkpoint_callback
+        keeps_last = isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last
+        if not keeps_last and os.path.abspath(resumed) == os.path.abspath(
+            self.checkpoint_path(trainer)
+        ):
+            trainer.strategy.remove_checkpoint(resumed)
+
+    @staticmethod
+    def requeues(trainer: L.Trainer) -> bool:
+        env = trainer._accelerator_connector.cluster_environment
+        return isinstance(env, SLURMEnvironment) and env.auto_requeue
+
+    def checkpoint_path(self, trainer: L.Trainer) -> str:
+        if self.requeues(trainer):
+            return trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        checkpoint = trainer.checkpoint_callback
+        folder = None
+        if isinstance(checkpoint, ModelCheckpoint):
+            folder = checkpoint.dirpath
+            name = checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION
+        else:
+            name = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
+        return os.path.join(folder or trainer.default_root_dir, name)
+
+    def resume_hint(self, trainer: L.Trainer) -> str:
+        if self.requeues(trainer):
+            return "a requeued SLURM job resumes from it"
+        if isinstance(trainer.checkpoint_callback, ModelCheckpoint):
+            return "resume with --ckpt_path last"
+        return f"resume with --ckpt_path {self.saved_path}"

@@ -1,0 +1,107 @@
+"""The training loader that a checkpoint can resume in the middle of an epoch."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from simclr_lightning.data.sampler import ResumableSampler, SeededSamples
+
+
+def order_seed(trainer: L.Trainer | None) -> int:
+    """The seed of the training order and views: ``seed_everything``'s seed (Lightning's own
+    ``DistributedSampler`` takes the same), else a random one from rank 0, shared by all ranks
+    (their shards must come from one shuffle). Checkpoints keep it."""
+    if "PL_GLOBAL_SEED" in os.environ:
+        return int(os.environ["PL_GLOBAL_SEED"])
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    return trainer.strategy.broadcast(seed) if trainer is not None else seed
+
+
+def training_position(trainer: L.Trainer) -> tuple[int, int]:
+    """(epoch, batches of it trained on) at this moment of a fit; at an epoch's end the next
+    epoch's start. Read from Lightning's loop counters, not counted in the loader, whose
+    fetcher runs a batch ahead of training."""
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    if batches >= trainer.num_training_batches:
+        return trainer.current_epoch + 1, 0
+    return trainer.current_epoch, batches
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`ResumableSampler`. It has ``state_dict`` and
+    ``load_state_dict``, so Lightning counts it as a resumable ("stateful") train loader and
+    saves its position; :class:`TrainOrder` applies that position when it builds the loader."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.order: TrainOrder | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return self.order.state_dict() if self.order is not None else {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if self.order is not None and state:
+            self.order.load_state_dict(state)
+            self.order.apply(self)
+
+
+class TrainOrder:
+    """The seed and the resume point of the training order, which a data module keeps in its
+    checkpointed state. Lightning loads a data module's state before it first builds the train
+    loader (which ``estimated_stepping_batches`` does before the loops are restored and the
+    loader's own state is loaded), so the loader starts at the right place however early it
+    is built."""
+
+    def __init__(self) -> None:
+        self.trainer: L.Trainer | None = None
+        self.seed: int | None = None
+        self.resume: tuple[int, int] | None = None  # (epoch, batches trained on)
+
+    def state_dict(self) -> dict[str, int]:
+        if self.trainer is None or self.seed is None:
+            return {}
+        epoch, batches = training_position(self.trainer)
+        return {"seed": self.seed, "epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state:
+            self.seed, self.resume = state["seed"], (state["epoch"], state["batches"])
+
+    def apply(self, loader: ResumableLoader) -> None:
+        sampler = loader.sampler
+        assert isinstance(sampler, ResumableSampler) and loader.batch_size is not None
+        sampler.seed = self.seed if self.seed is not None else sampler.seed
+        if self.resume is not None:
+            sampler.resume_at(*self.resume, loader.batch_size)
+
+    def loader(
+        self,
+        dataset: Dataset,
+        trainer: L.Trainer | None,
+        batch_size: int,
+        seeded: bool,
+        **kwargs: Any,
+    ) -> ResumableLoader:
+        """The shuffled training loader: ``seeded`` gives each sample's transform its own seed
+        (views made in the loader); each rank of ``trainer`` reads its own shard."""
+        self.trainer = trainer
+        if self.seed is None:
+            self.seed = order_seed(trainer)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = ResumableSampler(len(dataset), num_replicas=world, rank=rank, seed=self.seed)
+        loader = ResumableLoader(
+            SeededSamples(dataset, seeded=seeded),
+            batch_size=batch_size,
+            sampler=sampler,
+            # the workers' base seed comes from here, not from the global generator
+            generator=torch.Generator().manual_seed(self.seed),
+            **kwargs,
+        )
+        loader.order = self
+        self.apply(loader)
+        return loader

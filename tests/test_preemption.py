@@ -1,0 +1,228 @@
+"""Preemption: a real ``simclr-lightning fit`` process sent SIGTERM (or SLURM's requeue signal)
+finishes its step, saves it, exits 143, and resuming reaches the end of the run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset
+
+from simclr_lightning import CorruptImageError, Preemption, SimCLR
+from tests.helpers import make_subset, quiet_trainer
+
+STEPS = 12  # 20 images in batches of 3, 2 epochs
+SLURM_JOB = "4242"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(cifar_jpg_root, tmp_path_factory):
+    return make_subset(cifar_jpg_root, tmp_path_factory.mktemp("preempt"), 2, 1)
+
+
+def write_config(root: Path, work: Path) -> Path:
+    config = {
+        "seed_everything": 3,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "precision": "32-true",
+            "max_epochs": 2,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "limit_val_batches": 0,
+            "default_root_dir": str(work),
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(work / "ckpts"), "save_top_k": 1},
+                },
+                {
+                    "class_path": "tests.preemption_callbacks.StepLog",
+                    "init_args": {"path": str(work / "steps.txt")},
+                },
+            ],
+        },
+        "model": {
+            "class_path": "simclr_lightning.SimCLR",
+            "init_args": {
+                "cifar_stem": False,
+                "head_hidden_dim": 32,
+                "head_output_dim": 16,
+                "warmup_epochs": 0,
+            },
+        },
+        "data": {
+            "class_path": "simclr_lightning.ImageFolderDataModule",
+            "init_args": {
+                "root": str(root),
+                "batch_size": 3,
+                "num_workers": 0,
+                "augmentation": {"image_size": 16},
+            },
+        },
+    }
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def steps_logged(work: Path) -> list[int]:
+    path = work / "steps.txt"
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def cli(config: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "simclr_lightning", "fit", "--config", str(config), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+
+def signal_after(proc: subprocess.Popen, work: Path, signum: int, step: int) -> tuple[int, str]:
+    """Send ``signum`` once ``step`` steps are done; the exit code and output once it ended."""
+    deadline = time.monotonic() + 120
+    while len(steps_logged(work)) < step:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "training never reached the step"
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out.decode()
+
+
+def global_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def test_sigterm_saves_the_last_step_exits_143_and_last_resumes(tiny_folder, tmp_path):
+    config = write_config(tiny_folder, tmp_path)
+    code, out = signal_after(cli(config), tmp_path, signal.SIGTERM, step=4)
+    assert code == 143, out[-3000:]
+    done = steps_logged(tmp_path)
+    assert 4 <= done[-1] < STEPS and done == list(range(1, done[-1] + 1))
+    last = tmp_path / "ckpts" / "last.ckpt"
+    assert global_step(last) == done[-1]  # the step in progress finished and was saved
+
+    resumed = cli(config, "--ckpt_path", "last")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out.decode()[-3000:]
+    assert steps_logged(tmp_path) == list(range(1, STEPS + 1))  # no step lost or repeated
+    assert global_step(tmp_path / "ckpts" / f"epoch=1-step={STEPS}.ckpt") == STEPS
+    assert not last.exists()  # done: --ckpt_path last must not go back to the stop
+
+
+def fake_slurm(tmp_path: Path) -> dict[str, str]:
+    """A one-task SLURM job, with an ``scontrol`` that records its arguments and, as SLURM
+    does on ``requeue``, sends the job SIGTERM."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.txt\nkill -TERM $PPID\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    return {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_ID": SLURM_JOB,
+        "SLURM_JOB_NAME": "simclr",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
+
+
+def test_slurm_signal_requeues_and_the_requeued_job_resumes_from_the_step(tiny_folder, tmp_path):
+    config = write_config(tiny_folder, tmp_path)
+    env = fake_slurm(tmp_path)
+    code, out = signal_after(cli(config, env=env), tmp_path, signal.SIGUSR1, step=4)
+    assert code == 143, out[-3000:]
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", SLURM_JOB]
+    done = steps_logged(tmp_path)
+    # Lightning's own handler saved hpc_ckpt_1 inside the signal handler, mid-step; ours,
+    # the newest, holds the step that was finishing when the requeue's SIGTERM came
+    assert global_step(tmp_path / "hpc_ckpt_2.ckpt") == done[-1] < STEPS
+
+    requeued = cli(config, env=env)  # the same command, as SLURM reruns it
+    out, _ = requeued.communicate(timeout=300)
+    assert requeued.returncode == 0, out.decode()[-3000:]
+    assert steps_logged(tmp_path) == list(range(1, STEPS + 1))
+
+
+class BadFileAt(Dataset):
+    """Two-view samples of random 16 px images; sample ``bad`` is an undecodable file."""
+
+    def __init__(self, n: int, bad: int) -> None:
+        self.images = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        self.bad = bad
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        if i == self.bad:
+            raise CorruptImageError(f"/data/train/{i}.jpg", "truncated JPEG")
+        return (self.images[i], self.images[i].flip(-1)), 0
+
+
+class Weights(L.Callback):
+    """The weights after every step, to compare a checkpoint with."""
+
+    def __init__(self) -> None:
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        state = pl_module.state_dict()
+        self.after[trainer.global_step] = {k: v.clone() for k, v in state.items()}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_corrupt_file_stops_the_run_after_saving_its_last_step(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = SimCLR(cifar_stem=False, head_hidden_dim=32, head_output_dim=16, warmup_epochs=0)
+    weights = Weights()
+    trainer = quiet_trainer(
+        max_epochs=1,
+        precision="32-true",
+        enable_checkpointing=True,
+        callbacks=[weights, Preemption(), ModelCheckpoint(tmp_path)],
+    )
+    loader = DataLoader(BadFileAt(24, bad=13), batch_size=3)  # file 13 is in batch 4
+    with pytest.raises(CorruptImageError, match="13.jpg"):
+        trainer.fit(model, loader)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == max(weights.after) == 4  # batches 0-3 trained
+    for name, value in weights.after[4].items():
+        assert torch.equal(saved["state_dict"][name], value), name
+
+
+@pytest.mark.slow
+def test_sigterm_under_ddp_stops_every_rank_after_the_same_step(tiny_folder, tmp_path):
+    """2 processes (Lightning launches rank 1 and forwards the signal to it): both finish the
+    same step, the one checkpoint holds both ranks' random states, the run exits 143."""
+    config = write_config(tiny_folder, tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"] |= {"devices": 2, "strategy": "ddp"}
+    config.write_text(yaml.safe_dump(settings))
+    code, out = signal_after(cli(config), tmp_path, signal.SIGTERM, step=2)
+    assert code == 143, out[-3000:]
+    done = steps_logged(tmp_path)  # each rank logs each step
+    assert done == sorted(2 * list(range(1, done[-1] + 1)))  # both stopped after one step
+    saved = torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == done[-1] < STEPS // 2
+    assert len(saved["callbacks"]["RNGState"]["ranks"]) == 2
+
+    resumed = cli(config, "--ckpt_path", "last")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out.decode()[-3000:]
+    assert steps_logged(tmp_path) == sorted(2 * list(range(1, STEPS // 2 + 1)))

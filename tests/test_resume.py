@@ -1,0 +1,117 @@
+"""Exact resume: a run resumed from a mid-epoch or an end-of-epoch checkpoint continues with the
+same per-step loss and learning rate as the run that was never interrupted, bit for bit."""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from simclr_lightning import ImageFolderDataModule, SimCLR, SimCLRAugmentation
+from simclr_lightning.callbacks import RNGState
+from tests.ddp_helpers import run_ddp_script
+from tests.helpers import make_subset, quiet_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS_PER_EPOCH, EPOCHS, EVERY = 6, 3, 4  # 20 images, batches of 3 (drop_last)
+
+
+class NoisySimCLR(SimCLR):
+    """SimCLR whose features go through dropout, and whose loss draws from python's and
+    numpy's generators: every global generator then shapes the loss, as a user's model may."""
+
+    def forward(self, x):
+        noise = random.random() + float(np.random.rand())
+        return F.dropout(super().forward(x), 0.2, self.training) * (1 + 1e-3 * noise)
+
+
+class Trace(L.Callback):
+    """(global step, loss, learning rate) of every training step."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, torch.Tensor, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.rows.append((trainer.global_step, outputs["loss"].detach().clone(), lr))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(cifar_jpg_root, tmp_path_factory):
+    return make_subset(cifar_jpg_root, tmp_path_factory.mktemp("resume"), 2, 1)
+
+
+def fit(root, ckpt_dir, augment: str, workers: int, ckpt_path=None) -> Trace:
+    L.seed_everything(7, verbose=False)
+    data = ImageFolderDataModule(
+        str(root),
+        augmentation=SimCLRAugmentation(image_size=16),
+        batch_size=3,
+        augment=augment,
+        num_workers=workers,
+    )
+    model = NoisySimCLR(
+        cifar_stem=False, warmup_epochs=1, base_lr=0.3, head_hidden_dim=32, head_output_dim=16
+    )
+    trace = Trace()
+    trainer = quiet_trainer(
+        max_epochs=EPOCHS,
+        precision="32-true",
+        limit_val_batches=0,
+        enable_checkpointing=True,
+        callbacks=[
+            trace,
+            RNGState(),
+            ModelCheckpoint(ckpt_dir, "{step}", every_n_train_steps=EVERY, save_top_k=-1),
+            ModelCheckpoint(ckpt_dir, "end-{epoch}", save_top_k=-1, save_on_train_epoch_end=True),
+        ],
+    )
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    assert trainer.global_step == STEPS_PER_EPOCH * EPOCHS
+    return trace
+
+
+@pytest.mark.parametrize(("augment", "workers"), [("cpu", 0), ("cpu", 2), ("gpu", 0)])
+def test_resume_continues_the_uninterrupted_run_exactly(tiny_folder, tmp_path, augment, workers):
+    full = fit(tiny_folder, tmp_path, augment, workers).rows
+    assert [step for step, _, _ in full] == list(range(1, STEPS_PER_EPOCH * EPOCHS + 1))
+    # the views differ between epochs (a plain run is not replaying its first epoch)
+    assert not torch.equal(full[0][1], full[STEPS_PER_EPOCH][1])
+    starts = {"step=8.ckpt": 8, "end-epoch=0.ckpt": STEPS_PER_EPOCH}  # mid-epoch 1, end of 0
+    for name, done in starts.items():
+        resumed = fit(tiny_folder, tmp_path / "again", augment, workers, tmp_path / name).rows
+        assert [s for s, _, _ in resumed] == [s for s, _, _ in full[done:]], name
+        for (step, loss, lr), (_, want_loss, want_lr) in zip(resumed, full[done:], strict=True):
+            assert torch.equal(loss, want_loss), f"{name}: loss differs at step {step}"
+            assert lr == want_lr, f"{name}: learning rate differs at step {step}"
+
+
+@pytest.mark.slow
+def test_ddp_ranks_each_resume_their_own_state_exactly(tiny_folder, tmp_path):
+    """2 processes, ``augment: gpu``: 20 images, 3 per rank and step, 3 steps an epoch; each
+    rank's random states, augmentation generator and shard position come back from the one
+    checkpoint rank 0 wrote."""
+    args = ("--root", str(tiny_folder), "--augment", "gpu", "--ckpt-dir", str(tmp_path))
+    full = run_ddp_script("ddp_resume_script.py", 2, tmp_path / "full", *args)
+    resumed = run_ddp_script(
+        "ddp_resume_script.py",
+        2,
+        tmp_path / "resumed",
+        *args,
+        "--ckpt",
+        str(tmp_path / "step=2.ckpt"),
+    )
+    assert [s for s, _, _ in full[0]["rows"]] == list(range(1, 7))
+    assert not torch.equal(full[0]["rows"][0][1], full[1]["rows"][0][1])  # ranks differ
+    for rank in range(2):
+        want, got = full[rank]["rows"][2:], resumed[rank]["rows"]
+        assert [s for s, _, _ in got] == [s for s, _, _ in want] == list(range(3, 7))
+        for (step, loss, lr), (_, want_loss, want_lr) in zip(got, want, strict=True):
+            assert torch.equal(loss, want_loss), f"rank {rank}: loss differs at step {step}"
+            assert lr == want_lr
