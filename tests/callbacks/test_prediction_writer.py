@@ -15,6 +15,7 @@ from PIL import Image
 from simclr_lightning.cli import cli_main
 from simclr_lightning.data.image_folder import ImageFolderDataModule
 from simclr_lightning.data.transforms import SimCLRAugmentation
+from simclr_lightning.errors import CorruptImageError
 from simclr_lightning.evaluation import LinearEval
 from tests.helpers import REPO, quiet_trainer
 
@@ -132,7 +133,7 @@ def test_unreadable_image_is_named(classifier, images, tmp_path):
     folder, _ = images
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
     out = tmp_path / "predictions.csv"
-    with pytest.raises(RuntimeError, match="broken.jpg"):
+    with pytest.raises(CorruptImageError, match="broken.jpg"):
         predict(classifier, [folder], out)
     assert not out.exists() and list(tmp_path.glob(".predictions.csv*")) == []
 

@@ -17,6 +17,7 @@ from simclr_lightning import (
     SimCLRAugmentation,
 )
 from simclr_lightning.data.encoded import ImageBatch
+from simclr_lightning.errors import CorruptImageError
 from tests.helpers import quiet_trainer
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -73,7 +74,7 @@ def test_corrupt_image_error_names_the_file(tmp_path):
     dm = ImageFolderDataModule(str(tmp_path), **small())
     dm.setup("validate")
     dm.train_set = dm.make_dataset("train", dm.eval_transform())
-    with pytest.raises(RuntimeError, match="broken.jpg"):
+    with pytest.raises(CorruptImageError, match="broken.jpg"):
         dm.train_set[0]
 
 
