@@ -1,8 +1,9 @@
 """A few SimCLR epochs on an image folder of one image per class, saving the labels (so the image
 ids) each rank trained on, step by step.
 
-Run as a script: Lightning's "ddp" strategy relaunches it once per extra device and swaps its
-DistributedSampler into the library's own training loader, as it does for any user.
+Run as a script: Lightning's "ddp" strategy relaunches it once per extra device; the library's
+training loader shards by its own ResumableSampler (a DistributedSampler, which Lightning keeps
+instead of injecting one).
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import lightning as L
@@ -14,7 +13,7 @@ from torchvision.transforms import v2
 from simclr_lightning.data.device_store import DeviceImageStore, IndexDataset
 from simclr_lightning.data.encoded import ImageBatch
 from simclr_lightning.data.gpu import GPUAugment
-from simclr_lightning.data.loaders import TrainOrder
+from simclr_lightning.data.loaders import TrainOrder, check_batch_size
 from simclr_lightning.data.subsets import (
     class_balanced_subset,
     dataset_labels,
@@ -31,7 +30,7 @@ from simclr_lightning.data.transforms import (
     eval_transform,
     view_transform,
 )
-from simclr_lightning.errors import SettingError, require
+from simclr_lightning.errors import require
 from simclr_lightning.resume import gather_per_rank, own_rank
 
 Task = Literal["pretrain", "classify"]
@@ -205,7 +204,8 @@ class SimCLRDataModule(L.LightningDataModule):
             self._seed_gpu_augment()
         if stage == "fit" and self.train_set is None:
             self.train_set = self._labelled(self.make_dataset("train", self.train_transform()))
-            self._check_batch_size(len(self.train_set))
+            world = self.trainer.world_size if self.trainer is not None else 1
+            check_batch_size(len(self.train_set), self.batch_size, world, self.drop_last, self.task)
             if self.on_device:
                 self.device_store = self.make_device_store(self.train_set)
         if self.val_set is None:
@@ -228,22 +228,6 @@ class SimCLRDataModule(L.LightningDataModule):
         generator = torch.Generator(device=device)
         generator.manual_seed(torch.initial_seed() + self.trainer.global_rank)
         self.gpu_augment.generator = generator
-
-    def _check_batch_size(self, n_images: int) -> None:
-        world = self.trainer.world_size if self.trainer is not None else 1
-        per_rank = math.ceil(n_images / world)  # DistributedSampler pads to equal shards
-        if self.drop_last and per_rank < self.batch_size:
-            raise SettingError(
-                f"data.batch_size={self.batch_size} is larger than the {per_rank} training "
-                f"images each of the {world} process(es) gets ({n_images} in all): lower "
-                f"data.batch_size or use more data"
-            )
-        if not self.drop_last and self.task == "pretrain" and per_rank % self.batch_size == 1:
-            raise SettingError(
-                f"data.batch_size={self.batch_size} leaves a last batch of 1 image per process "
-                f"({per_rank} images each), which NT-Xent and BatchNorm cannot use: set "
-                f"data.drop_last=true or change data.batch_size"
-            )
 
     def device_collate_fn(self):
         """How workers' samples form a batch when views are made on the device (None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -10,6 +11,27 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_lightning.data.sampler import ResumableSampler, SeededSamples
+from simclr_lightning.errors import SettingError
+
+
+def check_batch_size(
+    n_images: int, batch_size: int, world: int, drop_last: bool, task: str
+) -> None:
+    """Refuse, before training, a per-device batch the shards cannot fill, or a last batch of
+    one image (NT-Xent and BatchNorm need at least two)."""
+    per_rank = math.ceil(n_images / world)  # DistributedSampler pads to equal shards
+    if drop_last and per_rank < batch_size:
+        raise SettingError(
+            f"data.batch_size={batch_size} is larger than the {per_rank} training "
+            f"images each of the {world} process(es) gets ({n_images} in all): lower "
+            f"data.batch_size or use more data"
+        )
+    if not drop_last and task == "pretrain" and per_rank % batch_size == 1:
+        raise SettingError(
+            f"data.batch_size={batch_size} leaves a last batch of 1 image per process "
+            f"({per_rank} images each), which NT-Xent and BatchNorm cannot use: set "
+            f"data.drop_last=true or change data.batch_size"
+        )
 
 
 def order_seed(trainer: L.Trainer | None) -> int:

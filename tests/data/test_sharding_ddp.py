@@ -1,6 +1,7 @@
-"""The library's own training loaders under real 2-process DDP (gloo), sharded by the sampler
-Lightning injects: each epoch the ranks' shards are disjoint and together hold every image once,
-and they are reshuffled every epoch, on every data path."""
+"""The library's own training loaders under real 2-process DDP (gloo), sharded by its
+ResumableSampler (a DistributedSampler, which Lightning keeps): each epoch the ranks' shards are
+disjoint and together hold every image once, and they are reshuffled every epoch, on every data
+path."""
 
 from __future__ import annotations
 
