@@ -6,7 +6,6 @@ during it leaves a truncated ``last.ckpt`` that later resumes into a bare ``EOFE
 
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 import tempfile
@@ -16,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import Namespace
-from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
@@ -124,37 +121,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             map_location=map_location,
             weights_only=weights_only,
         )
-
-
-def plugin_list(plugins: Any) -> list:
-    """``trainer.plugins`` as LightningCLI parsed it (None, one plugin, or a list) as a list."""
-    if plugins is None:
-        return []
-    return plugins if isinstance(plugins, list) else [plugins]
-
-
-def add_atomic_checkpoint_io(trainer_config) -> None:
-    """Append :class:`AtomicCheckpointIO` to a LightningCLI ``trainer`` config's ``plugins``
-    unless it already names a CheckpointIO (the user's own choice wins)."""
-    plugins = plugin_list(trainer_config.get("plugins"))
-    if any(_is_checkpoint_io(p) for p in plugins):
-        return
-    atomic = Namespace(class_path=f"{__name__}.AtomicCheckpointIO", init_args=Namespace())
-    trainer_config["plugins"] = [*plugins, atomic]
-
-
-def _is_checkpoint_io(plugin: Any) -> bool:
-    if isinstance(plugin, CheckpointIO):
-        return True
-    class_path = plugin.get("class_path") if hasattr(plugin, "get") else None
-    if not isinstance(class_path, str) or "." not in class_path:
-        return False
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return False
-    return isinstance(cls, type) and issubclass(cls, CheckpointIO)
 
 
 def check_ckpt_path(path: str | os.PathLike | None, model_class_path: str | None) -> None:

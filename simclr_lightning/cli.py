@@ -3,13 +3,16 @@ settings that depend on the machine chosen for the machine it runs on."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import warnings
+from typing import Any
 
 import torch
 import yaml
 from jsonargparse import Namespace
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -17,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import simclr_lightning  # noqa: F401  (imports the classes so short names like SimCLR resolve)
 from simclr_lightning.callbacks import Preemption, RNGState
 from simclr_lightning.callbacks.preemption import SIGTERM_EXIT_CODE
-from simclr_lightning.checkpoint_io import add_atomic_checkpoint_io, check_ckpt_path, plugin_list
+from simclr_lightning.checkpoint_io import check_ckpt_path
 from simclr_lightning.cli_errors import OneLineErrorParser, report
 
 # Warnings a user of this command cannot act on (the library already chose for them).
@@ -55,6 +58,39 @@ def hardware_precision(device: str) -> tuple[str, str]:
         return "16-mixed", "a CUDA GPU without bfloat16"
     where = "a CPU" if device == "cpu" else device
     return "32-true", f"no CUDA GPU: on {where} float32 is faster than bf16 or fp16"
+
+
+def plugin_list(plugins: Any) -> list:
+    """``trainer.plugins`` as LightningCLI parsed it (None, one plugin, or a list) as a list."""
+    if plugins is None:
+        return []
+    return plugins if isinstance(plugins, list) else [plugins]
+
+
+def add_atomic_checkpoint_io(trainer_config) -> None:
+    """Append :class:`AtomicCheckpointIO` to a LightningCLI ``trainer`` config's ``plugins``
+    unless it already names a CheckpointIO (the user's own choice wins)."""
+    plugins = plugin_list(trainer_config.get("plugins"))
+    if any(_is_checkpoint_io(p) for p in plugins):
+        return
+    atomic = Namespace(
+        class_path="simclr_lightning.checkpoint_io.AtomicCheckpointIO", init_args=Namespace()
+    )
+    trainer_config["plugins"] = [*plugins, atomic]
+
+
+def _is_checkpoint_io(plugin: Any) -> bool:
+    if isinstance(plugin, CheckpointIO):
+        return True
+    class_path = plugin.get("class_path") if hasattr(plugin, "get") else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, CheckpointIO)
 
 
 def with_plugin(plugins, class_path: str) -> list:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from simclr_lightning import AtomicCheckpointIO
-from simclr_lightning.checkpoint_io import add_atomic_checkpoint_io
+from simclr_lightning.cli import add_atomic_checkpoint_io
 from tests.helpers import REPO
 
 # Writes a 40 MB checkpoint through the plugin, slowly (each storage is written in chunks
