@@ -50,8 +50,6 @@ def exception_chain(err: BaseException | None) -> Iterator[BaseException]:
 def user_error(err: BaseException) -> tuple[str, int] | None:
     """The one-line message and exit code for an error a user can fix; None for a bug."""
     for exc in exception_chain(err):
-        if isinstance(exc, CheckpointError | CorruptImageError):  # ValueErrors, but not usage
-            return one_line(str(exc)), EXIT_FAILURE
         if isinstance(exc, USAGE_ERRORS):
             return one_line(str(exc)), EXIT_USAGE
         if isinstance(exc, RUN_ERRORS):

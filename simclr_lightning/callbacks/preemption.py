@@ -39,6 +39,7 @@ class Preemption(Callback):
 
     def __init__(self) -> None:
         self.saved_path: str | None = None
+        self._resumed_from: str | None = None
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -67,7 +68,7 @@ class Preemption(Callback):
         # A run resumed from our last.ckpt that then finishes leaves it stale: a later
         # ``--ckpt_path last`` would go back to the preemption point. Remove it unless
         # ModelCheckpoint keeps last.ckpt itself (then it holds the final step).
-        resumed = getattr(self, "_resumed_from", None)
+        resumed = self._resumed_from
         if not resumed or trainer.interrupted:
             return
         checkpoint = trainer.checkpoint_callback

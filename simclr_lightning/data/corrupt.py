@@ -198,10 +198,13 @@ class CorruptFilesError(CorruptImageError):
         return type(self), (self.bad, self.total, self.listing)
 
 
-def verify_files(files: Sequence[str], workers: int, listing: Path | None = None) -> None:
+def verify_files(files: Sequence[str], workers: int, trainer=None) -> None:
     """Decode every file once (``workers`` loader processes) and raise one
-    :class:`CorruptFilesError` naming all that fail; ``listing`` gets the full list when more
-    than :data:`LISTED` do (if it can be written)."""
+    :class:`CorruptFilesError` naming all that fail; when more than :data:`LISTED` do, the full
+    list goes to ``corrupt_files.txt`` in the trainer's root folder (or the current one), if it
+    can be written."""
+    root = Path(trainer.default_root_dir) if trainer is not None else Path.cwd()
+    listing: Path | None = root / "corrupt_files.txt"
     loader = DataLoader(_Decodes(files), batch_size=64, num_workers=workers, collate_fn=_as_list)
     bad = [(path, reason) for rows in loader for path, reason in rows if reason is not None]
     if not bad:

@@ -130,8 +130,7 @@ class ImageFilesDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if self.verify and not self._verified:
-            root = Path(self.trainer.default_root_dir) if self.trainer is not None else Path.cwd()
-            verify_files(self.files, self.num_workers, root / "corrupt_files.txt")
+            verify_files(self.files, self.num_workers, self.trainer)
             self._verified = True
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):

@@ -126,8 +126,7 @@ class ImageFolderDataModule(SimCLRDataModule):
         if not splits:
             return
         files = [f for s in splits for f in dataset_files(self.make_dataset(s, None))]
-        root = Path(self.trainer.default_root_dir) if self.trainer is not None else Path.cwd()
-        verify_files(files, self.workers, root / "corrupt_files.txt")
+        verify_files(files, self.workers, self.trainer)
         self._verified.update(splits)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):

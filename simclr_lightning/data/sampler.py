@@ -55,7 +55,8 @@ class ResumableSampler(DistributedSampler):
         if self._skip is not None and self._skip[0] == self.epoch:
             indices = indices[self._skip[1] :]
             self._skip = None
-        return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in indices])
+        seed, epoch = self.seed, self.epoch
+        return ((i, sample_seed(seed, epoch, i)) for i in indices)  # hashed as consumed
 
     def __len__(self) -> int:
         return self.num_samples
