@@ -22,10 +22,12 @@ from simclr_lightning.optim import (
     scaled_learning_rate,
     warmup_cosine,
 )
-from simclr_lightning.run_checks import CollapseWatch, check_accumulation, check_warmup
+from simclr_lightning.run_checks import StepWatch, check_accumulation, check_warmup
 from simclr_lightning.supcon import SupConLoss
 
 LossName = Literal["ntxent", "supcon"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class SimCLR(L.LightningModule):
@@ -71,6 +73,8 @@ class SimCLR(L.LightningModule):
             format (NHWC), the layout tensor-core convolutions want under bf16/fp16.
         compile: ``torch.compile`` the encoder when fitting (state-dict names unchanged).
             Measure first: for CIFAR ResNet-18 eager was faster in one H100 measurement.
+        compile_mode: ``torch.compile``'s mode: reduce-overhead replays the encoder's
+            kernels as CUDA graphs (fewer launches), max-autotune also searches kernels.
         grad_cache_chunks: above 1, gradient caching: the encoder's activations are those
             of one chunk of the per-device batch (of ``batch_size / grad_cache_chunks`` image
             pairs), while the loss still uses the whole global batch; costs a second encoder
@@ -105,6 +109,7 @@ class SimCLR(L.LightningModule):
         batch_size: int | None = None,
         channels_last: bool = True,
         compile: bool = False,
+        compile_mode: CompileMode = "default",
         grad_cache_chunks: int = 1,
         loss_block_size: int = 1024,
     ) -> None:
@@ -129,6 +134,12 @@ class SimCLR(L.LightningModule):
             "one of linear, sqrt, none",
         )
         require(batch_size is None or batch_size >= 2, "model.batch_size", batch_size, ">= 2")
+        require(
+            compile_mode in COMPILE_MODES,
+            "model.compile_mode",
+            compile_mode,
+            "one of " + ", ".join(COMPILE_MODES),
+        )
         require(grad_cache_chunks >= 1, "model.grad_cache_chunks", grad_cache_chunks, ">= 1")
         self.backbone, self.feature_dim = build_backbone(
             backbone, cifar_stem, in_channels, zero_init_residual, timm_kwargs
@@ -147,7 +158,7 @@ class SimCLR(L.LightningModule):
         else:
             self.criterion = NTXentLoss(temperature, gather_distributed, loss_block_size)
         self._compiled = False
-        self._collapse = CollapseWatch(head_output_dim)
+        self._watch = StepWatch(head_output_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """Encoder features h = f(x): the representation used downstream."""
@@ -166,7 +177,8 @@ class SimCLR(L.LightningModule):
         if self.hparams.get("channels_last") and self.trainer.strategy.root_device.type == "cuda":
             self.backbone.to(memory_format=torch.channels_last)
         if self.hparams.get("compile") and self.trainer.state.fn == "fit" and not self._compiled:
-            self.backbone.compile()  # in place: parameters and state-dict keys stay the same
+            # in place: parameters and state-dict keys stay the same
+            self.backbone.compile(mode=self.hparams.get("compile_mode", "default"))
             self._compiled = True
 
     def training_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
@@ -182,15 +194,11 @@ class SimCLR(L.LightningModule):
             loss, stats = self.criterion.forward_with_stats(z_a, z_b, labels)
         else:
             loss, stats = self.criterion.forward_with_stats(z_a, z_b)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"train/loss is {loss.item()} at step {self.global_step}: lower model.base_lr, "
-                f"raise model.temperature or warm up longer (model.warmup_epochs)"
-            )
+        # No host read here: the watch checks the loss (and z_std) a step or two late on a GPU.
+        logging_step = self.global_step % self.trainer.log_every_n_steps == 0
+        self._watch.push(self.global_step, loss, stats["z_std"], watch_collapse=logging_step)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
-        if self.global_step % self.trainer.log_every_n_steps == 0:  # a sync only when logging
-            self._collapse.update(float(stats["z_std"]), self.global_step)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         return {"loss": loss, "features": features.detach(), "labels": torch.cat([labels, labels])}
 
@@ -212,7 +220,14 @@ class SimCLR(L.LightningModule):
         # statistics. Every part of SimCLR trains, so make that explicit.
         self.train()
 
+    def on_train_epoch_end(self) -> None:
+        self._watch.flush()
+
+    def on_train_end(self) -> None:
+        self._watch.flush()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._watch.flush()  # never write the weights of a non-finite step
         if checkpoint.get("hyper_parameters"):
             checkpoint["hyper_parameters"] = with_class_path(self, checkpoint)
 

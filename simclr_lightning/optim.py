@@ -23,6 +23,10 @@ class LARS(Optimizer):
     norm is 0); ``v = momentum * v + lr_local * g``; ``w -= v``. Groups with
     ``lars_adaptation=False`` (BatchNorm and biases in SimCLR) skip the trust ratio and are
     plain SGD with momentum.
+
+    ``foreach`` (default: when every parameter is on a GPU, as torch's optimizers choose)
+    updates all parameters of a group with multi-tensor kernels, the per-parameter trust
+    ratios staying on the device; otherwise one loop over the parameters.
     """
 
     def __init__(
@@ -34,6 +38,7 @@ class LARS(Optimizer):
         eta: float = 0.001,
         nesterov: bool = False,
         lars_adaptation: bool = True,
+        foreach: bool | None = None,
     ) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0 or eta <= 0:
             raise ValueError("LARS needs lr >= 0, momentum >= 0, weight_decay >= 0, eta > 0")
@@ -44,6 +49,7 @@ class LARS(Optimizer):
             eta=eta,
             nesterov=nesterov,
             lars_adaptation=lars_adaptation,
+            foreach=foreach,
         )
         super().__init__(params, defaults)
 
@@ -54,32 +60,69 @@ class LARS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if group["weight_decay"] != 0:
-                    grad = grad.add(p, alpha=group["weight_decay"])
-                if group["lars_adaptation"]:
-                    w_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(grad)
-                    trust = torch.where(
-                        (w_norm > 0) & (g_norm > 0),
-                        group["eta"] * w_norm / g_norm,
-                        torch.ones_like(w_norm),
-                    )
-                    scaled = grad * (trust * lr)
-                else:
-                    scaled = grad * lr
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(momentum).add_(scaled)
-                update = buf * momentum + scaled if group["nesterov"] else buf
-                p.sub_(update)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            foreach = group.get("foreach")
+            if foreach is None:  # as torch's optimizers choose: the loop on the CPU
+                foreach = all(p.is_cuda for p in params)
+            (self._step_foreach if foreach else self._step_loop)(group, params)
         return loss
+
+    def _buffers(self, params: list[Tensor]) -> list[Tensor]:
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return [self.state[p]["momentum_buffer"] for p in params]
+
+    def _step_loop(self, group: dict, params: list[Tensor]) -> None:
+        lr, momentum = group["lr"], group["momentum"]
+        for p, buf in zip(params, self._buffers(params), strict=True):
+            grad = p.grad
+            if group["weight_decay"] != 0:
+                grad = grad.add(p, alpha=group["weight_decay"])
+            if group["lars_adaptation"]:
+                w_norm = torch.linalg.vector_norm(p)
+                g_norm = torch.linalg.vector_norm(grad)
+                trust = torch.where(
+                    (w_norm > 0) & (g_norm > 0),
+                    group["eta"] * w_norm / g_norm,
+                    torch.ones_like(w_norm),
+                )
+                scaled = grad * (trust * lr)
+            else:
+                scaled = grad * lr
+            buf.mul_(momentum).add_(scaled)
+            update = buf * momentum + scaled if group["nesterov"] else buf
+            p.sub_(update)
+
+    def _step_foreach(self, group: dict, params: list[Tensor]) -> None:
+        """The same update in a handful of multi-tensor kernels instead of about ten
+        kernels per parameter (ResNet-50: 161 parameters), with the trust ratios kept on
+        the device: no host sync."""
+        lr, momentum = group["lr"], group["momentum"]
+        bufs = self._buffers(params)
+        grads = [p.grad for p in params]
+        if group["weight_decay"] != 0:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        torch._foreach_mul_(bufs, momentum)
+        if group["lars_adaptation"]:
+            w_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            ok = (w_norm > 0) & (g_norm > 0)
+            trust = torch.where(ok, group["eta"] * w_norm / g_norm.where(ok, 1.0), 1.0)
+            rates = list((trust * lr).unbind())
+            torch._foreach_addcmul_(bufs, rates, grads)  # buf += rate * grad
+        else:
+            torch._foreach_add_(bufs, grads, alpha=lr)
+        update = bufs
+        if group["nesterov"]:
+            update = torch._foreach_mul(bufs, momentum)
+            if group["lars_adaptation"]:
+                torch._foreach_addcmul_(update, rates, grads)
+            else:
+                torch._foreach_add_(update, grads, alpha=lr)
+        torch._foreach_sub_(params, update)
 
 
 def param_groups(model: nn.Module, weight_decay: float, exclude_bn_bias: bool = True) -> list[dict]:

@@ -1,5 +1,6 @@
 """Checks of a SimCLR run that only the Trainer can make (its length, its accumulation) and the
-collapse watch: what used to train silently into a wasted run now stops, or warns, first."""
+watches of every step (a non-finite loss, a collapse): what used to train silently into a
+wasted run now stops, or warns, first."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import math
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 
 from simclr_lightning.errors import SettingError
+from simclr_lightning.lagged_reads import LaggedReads
 
 
 def run_length(trainer: L.Trainer, steps_per_epoch: int, total_steps: int) -> str:
@@ -74,3 +77,40 @@ class CollapseWatch:
             f"model.warmup_epochs",
             category=UserWarning,
         )
+
+
+class StepWatch:
+    """Checks every training step's loss (finite) and, at logging steps, its ``z_std``
+    (:class:`CollapseWatch`), reading both back a step or two late so the GPU never waits.
+
+    On a GPU the error for a non-finite loss therefore comes a few steps after the step that
+    made it (the message names that step); :meth:`flush` makes the check complete, and runs
+    before any checkpoint is written, so no checkpoint ever holds the weights a non-finite
+    step produced. Once seen, the error is raised again at every later check.
+    """
+
+    def __init__(self, output_dim: int, reads: LaggedReads | None = None) -> None:
+        self.collapse = CollapseWatch(output_dim)
+        self.reads = reads if reads is not None else LaggedReads()
+        self.failure: str | None = None
+
+    def push(self, step: int, loss: Tensor, z_std: Tensor, watch_collapse: bool) -> None:
+        """Queue this step's values and check those the device has finished."""
+        self.reads.push((step, watch_collapse), loss, z_std)
+        self._check(self.reads.ready())
+
+    def flush(self) -> None:
+        """Check every queued step, waiting for the device."""
+        self._check(self.reads.drain())
+
+    def _check(self, finished) -> None:
+        for (step, watch_collapse), (loss, z_std) in finished:
+            if self.failure is None and not math.isfinite(loss):
+                self.failure = (
+                    f"train/loss is {loss} at step {step}: lower model.base_lr, raise "
+                    f"model.temperature or warm up longer (model.warmup_epochs)"
+                )
+            if watch_collapse and self.failure is None:
+                self.collapse.update(z_std, step)
+        if self.failure is not None:
+            raise FloatingPointError(self.failure)

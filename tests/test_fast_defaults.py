@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from simclr_lightning import SimCLR
+from simclr_lightning.errors import SettingError
 from tests.helpers import quiet_trainer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -90,3 +91,29 @@ def test_bf16_fit_step_on_cuda_is_finite():
     )
     trainer.fit(model, train_dataloaders=two_view_loader())
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_unknown_compile_mode_is_refused_up_front():
+    with pytest.raises(SettingError, match=r"^model.compile_mode='fast' is invalid: must be one"):
+        SimCLR(compile_mode="fast")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_compile_modes_train_on_cuda_and_keep_the_features(mode):
+    torch.manual_seed(0)
+    eager = SimCLR(backbone="resnet18", cifar_stem=False, head_hidden_dim=32)
+    compiled = SimCLR(
+        backbone="resnet18", cifar_stem=False, head_hidden_dim=32, compile=True, compile_mode=mode
+    )
+    compiled.load_state_dict(eager.state_dict())
+    trainer = fit_steps(compiled, "gpu", steps=3)
+    assert compiled._compiled
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    eager.load_state_dict(compiled.state_dict())
+    eager.cuda().eval()
+    compiled.eval()
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-3, atol=1e-3)

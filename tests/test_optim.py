@@ -75,3 +75,37 @@ def test_warmup_cosine_schedule(warmup, total, final):
         mid = warmup + (total - warmup) // 2
         assert values[mid] == pytest.approx(final + (1 - final) / 2)
     assert not math.isnan(sum(values))
+
+
+def lars_groups(foreach: bool, nesterov: bool) -> tuple[list[nn.Parameter], LARS]:
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(6, 4), (5,), (3, 2, 2), (4,)]
+    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    params[2].data.zero_()  # a zero weight: trust ratio 1
+    groups = [
+        {"params": params[:3], "weight_decay": 1e-2, "lars_adaptation": True},
+        {"params": params[3:], "weight_decay": 0.0, "lars_adaptation": False},
+    ]
+    return params, LARS(groups, lr=0.3, momentum=0.9, eta=0.02, nesterov=nesterov, foreach=foreach)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lars_multi_tensor_step_equals_the_loop_and_the_reference(nesterov):
+    runs = {}
+    for foreach in (False, True):
+        params, opt = lars_groups(foreach, nesterov)
+        start = [p.detach().clone() for p in params]
+        gen = torch.Generator().manual_seed(4)
+        grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(3)]
+        grads[1][0].zero_()  # a zero gradient: trust ratio 1
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        runs[foreach] = [p.detach().clone() for p in params]
+    for a, b in zip(runs[False], runs[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    if not nesterov:  # the float64 formula, parameter by parameter
+        for i, (adapt, wd) in enumerate([(True, 1e-2)] * 3 + [(False, 0.0)]):
+            ref = lars_reference(start[i], [g[i] for g in grads], 0.3, 0.9, wd, 0.02, adapt)
+            torch.testing.assert_close(runs[True][i].double(), ref, rtol=1e-5, atol=1e-6)

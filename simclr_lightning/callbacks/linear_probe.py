@@ -29,7 +29,13 @@ class OnlineLinearProbe(L.Callback):
     (and its sample counts), so every rank applies the gradient of the mean loss over the
     global batch and the probes stay identical. Validation accuracy (top-1, top-5) is a
     torchmetrics ``MulticlassAccuracy`` reduced across ranks, with DistributedSampler's padding
-    repeats left out. Rows labelled -1 (unlabeled images) are skipped.
+    repeats left out. Rows labelled -1 (unlabeled images) are skipped; a global batch with no
+    labelled row at all makes a zero-gradient step (momentum and weight decay act as on any
+    step), so the step count and the cosine schedule follow the training batches.
+
+    Nothing in a training step reads a value back on the host (that would make the host wait
+    for the GPU every step): the training loss and accuracy are summed on the device and
+    logged at the epoch's end.
 
     Logs ``probe/train_loss``, ``probe/train_top1`` (epoch means), ``probe/val_top1`` and
     ``probe/val_top5``. Classifier, optimizer and step count are saved in checkpoints.
@@ -112,6 +118,7 @@ class OnlineLinearProbe(L.Callback):
         top5 = min(5, self.num_classes)
         self.val_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro").to(device)
         self.val_top5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro").to(device)
+        self._train_sums = torch.zeros(3, device=device)
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
 
@@ -125,25 +132,24 @@ class OnlineLinearProbe(L.Callback):
         device = classifier.weight.device
         features = outputs["features"].detach().to(device, torch.float32)
         labels = outputs["labels"].to(device)
+        # Unlabelled rows (label < 0) get weight 0 rather than being indexed out: a boolean
+        # index would make the host wait for the GPU at every step.
         keep = labels >= 0
-        features, labels = features[keep], labels[keep]
         classifier.train()
         optimizer.zero_grad(set_to_none=False)
         with torch.enable_grad():
             logits = classifier(features)
+            losses = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
             # A sum, not a mean: divided below by the labelled rows over all ranks.
-            loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+            loss_sum = torch.where(keep, losses, 0.0).sum()
             loss_sum.backward()
-        correct = (logits.detach().argmax(dim=1) == labels).sum()
+        correct = ((logits.detach().argmax(dim=1) == labels) & keep).sum()
         params = list(classifier.parameters())
-        stats = torch.stack([loss_sum.detach(), correct.float()]).to(device)
-        count = torch.tensor([float(len(labels))], device=device)
-        packed = torch.cat([p.grad.flatten() for p in params] + [stats, count])
+        stats = torch.stack([loss_sum.detach(), correct.float(), keep.sum().float()])
+        packed = torch.cat([p.grad.flatten() for p in params] + [stats])
         if rank_and_world_size()[1] > 1:
             dist.all_reduce(packed)  # every rank calls this once per batch
-        total_loss, total_correct, count = packed[-3:].tolist()
-        if count == 0:
-            return
+        count = packed[-1].clamp(min=1)  # no labels anywhere: a zero gradient
         offset = 0
         for p in params:
             p.grad.copy_(packed[offset : offset + p.numel()].view_as(p)).div_(count)
@@ -151,9 +157,18 @@ class OnlineLinearProbe(L.Callback):
         self._set_lr(trainer)
         optimizer.step()
         self.steps += 1
-        log = dict(on_step=False, on_epoch=True, sync_dist=True, batch_size=int(count))
-        pl_module.log("probe/train_loss", total_loss / count, **log)
-        pl_module.log("probe/train_top1", total_correct / count, **log)
+        self._train_sums += packed[-3:]  # loss, correct, rows: read once, at the epoch's end
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._train_sums.zero_()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        total_loss, total_correct, count = self._train_sums.tolist()
+        if count == 0:
+            return
+        # Already summed over ranks, so the same on every rank: nothing left to reduce.
+        pl_module.log("probe/train_loss", total_loss / count, on_epoch=True)
+        pl_module.log("probe/train_top1", total_correct / count, on_epoch=True)
 
     def _set_lr(self, trainer: L.Trainer) -> None:
         if self.schedule == "constant":

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from simclr_lightning.backbones import build_backbone
@@ -138,6 +139,11 @@ class LinearEval(L.LightningModule):
         for stage in ("val", "test"):  # micro: the fraction of images, as papers report
             setattr(self, f"{stage}_top1", MulticlassAccuracy(num_classes, 1, average="micro"))
             setattr(self, f"{stage}_top5", MulticlassAccuracy(num_classes, top5, average="micro"))
+        # Training hits and labelled rows, summed on the device. "disable": the NaN check
+        # reads on the host; a weighted MeanMetric would drop its weights with it
+        # (torchmetrics 1.9, Lightning-AI/torchmetrics#3434).
+        self.train_hits = SumMetric(nan_strategy="disable")
+        self.train_rows = SumMetric(nan_strategy="disable")
 
     def train(self, mode: bool = True) -> LinearEval:
         """Keep a frozen encoder's BatchNorm on its pretrained statistics."""
@@ -163,15 +169,23 @@ class LinearEval(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = _classify_batch(batch)
         logits = self(x)
-        keep = y >= 0  # unlabeled images (-1) carry no loss
-        n = int(keep.sum())
-        loss = F.cross_entropy(logits[keep], y[keep], reduction="sum") / max(n, 1)
-        top1 = (logits[keep].argmax(1) == y[keep]).float().mean() if n else loss.new_zeros(())
+        # Unlabeled images (-1) carry no loss. Weights, not a boolean index, and no count read
+        # on the host: either would make the host wait for the GPU at every step.
+        keep = y >= 0
+        n = keep.sum().clamp(min=1)
+        losses = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
+        loss = torch.where(keep, losses, 0.0).sum() / n
+        self.train_hits.update(((logits.argmax(1) == y) & keep).sum())
+        self.train_rows.update(keep.sum())
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
-        self.log(
-            "train/top1", top1, on_step=False, on_epoch=True, sync_dist=True, batch_size=max(n, 1)
-        )
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # compute() sums over ranks: the fraction of all labelled training rows.
+        rows = self.train_rows.compute()
+        self.log("train/top1", self.train_hits.compute() / rows.clamp(min=1))
+        self.train_hits.reset()
+        self.train_rows.reset()
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("val", batch, batch_idx, dataloader_idx)

@@ -133,7 +133,7 @@ def test_probe_state_is_saved_and_restored(tmp_path):
     assert restored.steps == 8
 
 
-def test_probe_skips_batches_without_labels():
+def test_probe_without_any_label_stays_at_zero_and_logs_nothing():
     x, _ = separable(32, seed=4)
     unlabeled = torch.full((32,), -1)
     probe = OnlineLinearProbe(num_classes=4)
@@ -143,8 +143,53 @@ def test_probe_skips_batches_without_labels():
         DataLoader(TensorDataset(x, unlabeled), batch_size=8),
         DataLoader(TensorDataset(x, unlabeled), batch_size=8),
     )
-    assert probe.steps == 0
-    assert "probe/val_top1" not in trainer.callback_metrics
+    assert probe.steps == 4  # the schedule follows the training batches
+    assert not probe.classifier.weight.any() and not probe.classifier.bias.any()
+    for name in ("probe/val_top1", "probe/train_loss", "probe/train_top1"):
+        assert name not in trainer.callback_metrics
+
+
+def test_probe_steps_equal_a_plain_loop_over_labelled_rows():
+    """Against a loop written out here (float64): each batch's loss is the cross entropy
+    summed over its labelled rows over their count; a batch with none takes a zero-gradient
+    step; the logged epoch figures are totals over labelled rows."""
+    x, y = separable(48, seed=5)
+    y[0] = -1
+    y[8:24] = -1  # batches 1 and 2 of 8 rows hold no label at all
+    probe = OnlineLinearProbe(num_classes=4, optimizer="sgd", lr=0.2, weight_decay=1e-2)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[probe])
+    trainer.fit(FeatureModule(16), DataLoader(TensorDataset(x, y), batch_size=8))
+
+    weight = torch.zeros(4, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    sgd = torch.optim.SGD([weight, bias], lr=0.2, momentum=0.9, weight_decay=1e-2)
+    loss_total, correct_total, rows_total = 0.0, 0, 0
+    for start in range(0, 48, 8):
+        xb, yb = x[start : start + 8].double(), y[start : start + 8]
+        sgd.zero_grad()
+        loss, correct = torch.zeros((), dtype=torch.float64), 0
+        for row, label in zip(xb, yb.tolist(), strict=True):
+            if label < 0:
+                continue
+            logit = row @ weight.T + bias
+            loss = loss + torch.logsumexp(logit, 0) - logit[label]
+            correct += int(logit.argmax()) == label
+        rows = int((yb >= 0).sum())
+        loss_total += loss.item()
+        correct_total += correct
+        rows_total += rows
+        if rows:
+            (loss / rows).backward()
+        else:  # a zero-gradient step: momentum and weight decay still act
+            weight.grad, bias.grad = torch.zeros_like(weight), torch.zeros_like(bias)
+        sgd.step()
+
+    assert probe.steps == 6
+    torch.testing.assert_close(probe.classifier.weight.double(), weight.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(probe.classifier.bias.double(), bias.detach(), atol=1e-5, rtol=0)
+    logged = trainer.callback_metrics
+    assert float(logged["probe/train_loss"]) == pytest.approx(loss_total / rows_total, rel=1e-5)
+    assert float(logged["probe/train_top1"]) == pytest.approx(correct_total / rows_total, abs=1e-6)
 
 
 class CountedData(FeatureData):

@@ -213,3 +213,41 @@ def test_predict_gives_float32_probabilities_under_bf16():
     torch.testing.assert_close(probs.double(), logits.softmax(dim=1), rtol=0, atol=1e-6)
     rounded = probs.to(torch.bfloat16).float()
     assert not torch.equal(probs, rounded)  # more digits than bf16 holds
+
+
+class Scores(L.Callback):
+    """Each training batch's loss and hits over its labelled rows, from the logits the step
+    is about to compute (frozen encoder: the forward has no side effect)."""
+
+    def __init__(self) -> None:
+        self.loss_sum = self.hits = self.rows = self.images = 0.0
+        self.losses: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        x, y = batch
+        with torch.no_grad():
+            logits = pl_module(x).double()
+        batch_loss, hits, rows = 0.0, 0, 0
+        for row, label in zip(logits, y.tolist(), strict=True):
+            if label < 0:
+                continue
+            batch_loss += float(torch.logsumexp(row, 0) - row[label])
+            hits += int(row.argmax()) == label
+            rows += 1
+        self.losses.append(batch_loss / max(rows, 1))
+        self.loss_sum += batch_loss / max(rows, 1) * len(y)
+        self.hits, self.rows, self.images = self.hits + hits, self.rows + rows, self.images + len(y)
+
+
+def test_training_loss_and_top1_count_only_labelled_rows(simclr_ckpt):
+    path, _ = simclr_ckpt
+    model = LinearEval(str(path), num_classes=3, lr=0.5)
+    scores = Scores()
+    trainer = quiet_trainer(max_epochs=1, callbacks=[scores], limit_val_batches=0)
+    trainer.fit(model, DataLoader(labelled(24, seed=1), batch_size=8, shuffle=True))
+    logged = trainer.callback_metrics
+    assert len(scores.losses) == 3 and scores.rows < scores.images  # some rows unlabelled
+    assert float(logged["train/top1"]) == pytest.approx(scores.hits / scores.rows, abs=1e-6)
+    assert float(logged["train/loss_epoch"]) == pytest.approx(
+        scores.loss_sum / scores.images, rel=1e-5
+    )

@@ -1,0 +1,233 @@
+"""Per-step checks without host syncs: the lagged reads, the step watch that uses them, and
+a training step (with the online probe) that reads nothing back on the host.
+
+The CPU has no asynchronous queue, so a slow GPU is played by markers that stay "not done"
+until waited for; the GPU-marked test at the end checks the same on a real device with
+CUDA's own sync detector."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.overrides import TorchFunctionMode
+from torch.utils.data import DataLoader
+
+from simclr_lightning import SimCLR
+from simclr_lightning.callbacks import OnlineLinearProbe
+from simclr_lightning.evaluation import LinearEval
+from simclr_lightning.lagged_reads import LaggedReads
+from simclr_lightning.run_checks import StepWatch
+from tests.helpers import quiet_trainer
+from tests.test_checkpoint import save_simclr_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class SlowMarker:
+    """A point in a queue that a GPU has not reached yet: done when waited for, or when the
+    test says so."""
+
+    def __init__(self, log: list) -> None:
+        self.done = False
+        self.log = log
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.log.append("wait")
+        self.done = True
+
+
+def slow_reads(depth: int = 4) -> tuple[LaggedReads, list[SlowMarker], list]:
+    markers: list[SlowMarker] = []
+    log: list = []
+
+    def marker(device):
+        markers.append(SlowMarker(log))
+        return markers[-1]
+
+    return LaggedReads(depth, marker=marker), markers, log
+
+
+def test_values_come_back_in_order_once_the_device_has_made_them():
+    reads, markers, log = slow_reads(depth=3)
+    for step in range(3):
+        reads.push(step, torch.tensor(float(step)), torch.tensor(10.0 * step))
+    assert list(reads.ready()) == []  # nothing finished: nothing read, nobody waits
+    markers[1].done = True
+    assert list(reads.ready()) == []  # the oldest is not done: order is kept
+    markers[0].done = True
+    assert list(reads.ready()) == [(0, [0.0, 0.0]), (1, [1.0, 10.0])]
+    assert log == [] and len(reads) == 1
+
+
+def test_beyond_depth_the_oldest_is_waited_for():
+    reads, markers, log = slow_reads(depth=2)
+    for step in range(3):
+        reads.push(step, torch.tensor(1.0))
+    assert [key for key, _ in reads.ready()] == [0]  # the host may run 2 steps ahead, no more
+    assert log == ["wait"]
+    assert [key for key, _ in reads.drain()] == [1, 2]
+    assert len(reads) == 0
+
+
+def test_watch_reports_a_nan_step_late_and_at_every_flush_after():
+    reads, markers, _ = slow_reads(depth=4)
+    watch = StepWatch(output_dim=16, reads=reads)
+    watch.push(0, torch.tensor(1.0), torch.tensor(0.25), watch_collapse=True)
+    watch.push(1, torch.tensor(float("nan")), torch.tensor(0.25), watch_collapse=True)
+    watch.push(2, torch.tensor(float("nan")), torch.tensor(0.25), watch_collapse=True)
+    with pytest.raises(FloatingPointError, match=r"^train/loss is nan at step 1: lower"):
+        watch.flush()
+    with pytest.raises(FloatingPointError, match="at step 1"):
+        watch.flush()  # sticky: a later checkpoint must not be written either
+
+
+def test_watch_warns_of_collapse_only_at_watched_steps():
+    watch = StepWatch(output_dim=16)  # CPU: read at once
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        watch.push(3, torch.tensor(1.0), torch.tensor(0.001), watch_collapse=False)
+        assert not [w for w in record if "z_std" in str(w.message)]
+        watch.push(4, torch.tensor(1.0), torch.tensor(0.001), watch_collapse=True)
+    [message] = [str(w.message) for w in record if "z_std" in str(w.message)]
+    assert message.startswith("train/z_std=0.001 at step 4")
+
+
+def pairs(n: int, nan_from: int | None = None, batch: int = 4) -> list:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        a, b = torch.randn(3, 16, 16, generator=gen), torch.randn(3, 16, 16, generator=gen)
+        if nan_from is not None and i >= nan_from * batch:
+            a = torch.full_like(a, float("nan"))
+        rows.append(((a, b), i % 3))
+    return rows
+
+
+def small_model() -> SimCLR:
+    return SimCLR(
+        backbone="timm:test_resnet",
+        cifar_stem=False,
+        head_hidden_dim=16,
+        head_output_dim=8,
+        optimizer="sgd",
+        base_lr=0.01,
+        warmup_epochs=0,
+        batch_size=4,
+    )
+
+
+def test_no_checkpoint_holds_the_weights_of_a_nan_step(tmp_path):
+    """The device lags (no step is read back before a flush); step 1 is NaN; a checkpoint is
+    due after step 2. The flush in on_save_checkpoint stops the run before that file is
+    written; the only checkpoint, after step 0, holds finite weights."""
+    torch.manual_seed(0)
+    model = small_model()
+    model._watch.reads = slow_reads(depth=8)[0]
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    trainer = quiet_trainer(
+        max_steps=4, callbacks=[saver], enable_checkpointing=True, limit_val_batches=0
+    )
+    with pytest.raises(FloatingPointError, match="train/loss is nan at step 1"):
+        trainer.fit(model, DataLoader(pairs(16, nan_from=1), batch_size=4))
+    files = sorted(p.name for p in tmp_path.glob("*.ckpt"))
+    assert files == ["epoch=0-step=1.ckpt"], files
+    state = torch.load(tmp_path / files[0], weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+class HostReads(TorchFunctionMode):
+    """Records every call that reads a tensor's value back on the host (on a GPU each of
+    these waits for the device)."""
+
+    NAMES = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES:
+            self.calls.append(name)
+        if name == "__getitem__" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (args[1] if isinstance(args[1], tuple) else (args[1],))
+        ):
+            self.calls.append("boolean index")
+        return func(*args, **(kwargs or {}))
+
+
+def watched(hook, mode: HostReads):
+    def run(*args, **kwargs):
+        with mode:
+            return hook(*args, **kwargs)
+
+    return run
+
+
+def test_training_step_and_probe_read_nothing_back_on_the_host():
+    torch.manual_seed(0)
+    model = small_model()
+    model._watch.reads = slow_reads(depth=8)[0]  # a GPU that lags: the watch reads nothing
+    # SGD: Adam reads its step count, but that lives on the host even on a GPU.
+    probe = OnlineLinearProbe(num_classes=3, optimizer="sgd")
+    mode = HostReads()
+    model.training_step = watched(model.training_step, mode)
+    probe.on_train_batch_end = watched(probe.on_train_batch_end, mode)
+    trainer = quiet_trainer(max_steps=3, callbacks=[probe], limit_val_batches=0)
+    data = pairs(12)
+    data[1] = (data[1][0], -1)  # an unlabelled row for the probe to leave out
+    trainer.fit(model, DataLoader(data, batch_size=4))
+    assert probe.steps == 3
+    assert mode.calls == []
+    # The mode does see host reads: the old NaN check was one.
+    with mode:
+        bool(torch.isfinite(torch.tensor(1.0)))
+    assert mode.calls == ["__bool__"]
+
+
+def test_linear_eval_training_step_reads_nothing_back_on_the_host(tmp_path):
+    save_simclr_checkpoint(tmp_path / "s.ckpt", cifar_stem=True, in_channels=3)
+    model = LinearEval(str(tmp_path / "s.ckpt"), num_classes=3, optimizer="sgd", lr=0.1)
+    mode = HostReads()
+    model.training_step = watched(model.training_step, mode)
+    gen = torch.Generator().manual_seed(0)
+    rows = [(torch.randn(3, 16, 16, generator=gen), i % 3 if i % 4 else -1) for i in range(12)]
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, DataLoader(rows, batch_size=4))
+    assert trainer.global_step == 3
+    assert mode.calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_step_and_probe_never_sync_on_a_gpu():
+    torch.manual_seed(0)
+    model = small_model()
+    probe = OnlineLinearProbe(num_classes=3)
+
+    def strict(hook):
+        def run(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return run
+
+    model.training_step = strict(model.training_step)
+    probe.on_train_batch_end = strict(probe.on_train_batch_end)
+    trainer = quiet_trainer(
+        accelerator="gpu", devices=1, max_steps=5, callbacks=[probe], limit_val_batches=0
+    )
+    trainer.fit(model, DataLoader(pairs(20), batch_size=4))
+    assert probe.steps == 5
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
