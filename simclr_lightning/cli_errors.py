@@ -19,7 +19,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from simclr_lightning.errors import CheckpointError, CorruptImageError, SettingError
+from simclr_lightning.errors import CheckpointError, CorruptImageError, DataFileError, SettingError
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -27,6 +27,7 @@ USAGE_ERRORS: tuple[type[BaseException], ...] = (SettingError, MisconfigurationE
 RUN_ERRORS: tuple[type[BaseException], ...] = (
     CorruptImageError,
     CheckpointError,
+    DataFileError,
     FloatingPointError,  # SimCLR.training_step's non-finite loss
     FileNotFoundError,
 )

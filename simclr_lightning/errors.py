@@ -56,3 +56,12 @@ class CheckpointError(ValueError):
     def __init__(self, setting: str, path: object, problem: str) -> None:
         super().__init__(f"{setting}={str(path)!r} {problem}")
         self.path = str(path)
+
+
+class DataFileError(ValueError):
+    """A dataset file that is there but cannot be read (truncated, damaged, another format).
+    Its message is one line naming the setting that points at it, the file and what to do."""
+
+    def __init__(self, setting: str, value: object, path: object, problem: str, fix: str):
+        super().__init__(f"{setting}={str(value)!r}: {path} {problem}: {fix}")
+        self.path = str(path)

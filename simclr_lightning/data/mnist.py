@@ -14,7 +14,7 @@ from torchvision import datasets
 from simclr_lightning.data.base import SimCLRDataModule
 from simclr_lightning.data.device_store import DeviceImageStore
 from simclr_lightning.data.transforms import MNIST_VIEWS, SimCLRAugmentation
-from simclr_lightning.errors import require
+from simclr_lightning.errors import DataFileError, require
 
 _INFO = {
     # name: (torchvision class, its folder, mean, std)
@@ -27,18 +27,27 @@ _FILES = {
 }
 
 
+class IdxError(ValueError):
+    """Why an idx file cannot be read (the data module names the setting and the fix)."""
+
+
 def read_idx(path: Path) -> np.ndarray:
     """An idx array (LeCun's format): 2 zero bytes, a type code, the rank, big-endian sizes."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError; a cut .gz, EOFError
+        raise IdxError(f"cannot be read ({type(err).__name__}: {err})") from err
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an idx file of unsigned bytes")
+        raise IdxError("is not an idx file of unsigned bytes")
     rank = data[3]
+    if len(data) < 4 + 4 * rank:
+        raise IdxError(f"is truncated: {len(data)} bytes, shorter than its header")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(rank))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank)
     if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: header says {shape}, found {body.size} bytes")
+        raise IdxError(f"is truncated: its header says {shape}, found {body.size} bytes")
     return body.reshape(shape)
 
 
@@ -130,5 +139,24 @@ class MNISTDataModule(SimCLRDataModule):
                 f"there{fetch}, or for fashion_mnist apt-get install dataset-fashion-mnist and "
                 f"use /usr/share/datasets/fashion-mnist"
             )
-        images, labels = (read_idx(p) for p in paths)
+        arrays = []
+        for path in paths:
+            try:
+                arrays.append(read_idx(path))
+            except IdxError as err:
+                refetch = "delete it and set data.download=true (needs network)"
+                if self.dataset == "fashion_mnist":
+                    refetch += ", or apt-get install --reinstall dataset-fashion-mnist"
+                raise DataFileError(
+                    "data.data_dir", self.data_dir, path, str(err), f"replace it: {refetch}"
+                ) from err
+        images, labels = arrays
+        if len(images) != len(labels):
+            raise DataFileError(
+                "data.data_dir",
+                self.data_dir,
+                paths[0],
+                f"holds {len(images)} images but {paths[1].name} {len(labels)} labels",
+                "the two files are of different sets; replace them",
+            )
         return IdxImages(images, labels, transform)
