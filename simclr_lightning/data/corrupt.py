@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from simclr_lightning.distributed import rank_and_world_size
 from simclr_lightning.errors import CorruptImageError
 
 T = TypeVar("T")
@@ -202,20 +204,38 @@ def verify_files(files: Sequence[str], workers: int, trainer=None) -> None:
     """Decode every file once (``workers`` loader processes) and raise one
     :class:`CorruptFilesError` naming all that fail; when more than :data:`LISTED` do, the full
     list goes to ``corrupt_files.txt`` in the trainer's root folder (or the current one), if it
-    can be written."""
-    root = Path(trainer.default_root_dir) if trainer is not None else Path.cwd()
-    listing: Path | None = root / "corrupt_files.txt"
-    loader = DataLoader(_Decodes(files), batch_size=64, num_workers=workers, collate_fn=_as_list)
-    bad = [(path, reason) for rows in loader for path, reason in rows if reason is not None]
+    can be written.
+
+    Under DDP each process decodes its own share (every world-th file) and the finds are
+    gathered, so W processes check the data W times faster instead of W times over, and
+    every one raises the same error."""
+    rank, world = rank_and_world_size()
+    mine = range(rank, len(files), world)
+    loader = DataLoader(
+        _Decodes([files[i] for i in mine]), batch_size=64, num_workers=workers, collate_fn=_as_list
+    )
+    reasons = [reason for rows in loader for _, reason in rows]
+    found = [(i, files[i], r) for i, r in zip(mine, reasons, strict=True) if r is not None]
+    if world > 1:
+        shares: list = [None] * world
+        dist.all_gather_object(shares, found)
+        found = sorted(row for share in shares for row in share)
+    bad = [(path, reason) for _, path, reason in found]
     if not bad:
         return
-    if len(bad) <= LISTED:
-        listing = None
-    if listing is not None:
-        try:
-            listing.write_text("".join(f"{path}\t{reason}\n" for path, reason in bad))
-        except OSError:
-            listing = None
+    listing: Path | None = None
+    if len(bad) > LISTED:
+        root = Path(trainer.default_root_dir) if trainer is not None else Path.cwd()
+        listing = root / "corrupt_files.txt"
+        if rank == 0:
+            try:
+                listing.write_text("".join(f"{path}\t{reason}\n" for path, reason in bad))
+            except OSError:
+                listing = None
+        if world > 1:  # every process names the list only if it was written
+            written = [listing is not None]
+            dist.broadcast_object_list(written, src=0)
+            listing = listing if written[0] else None
     raise CorruptFilesError(bad, len(files), listing)
 
 

@@ -25,6 +25,7 @@ from simclr_lightning import (
 )
 from simclr_lightning.cli import cli_main
 from simclr_lightning.data.encoded import ImageBatch, read_encoded
+from tests.ddp_helpers import run_ddp_script
 from tests.helpers import quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -263,3 +264,21 @@ def test_cli_fit_with_skip_corrupt_runs_to_the_end(bad_folder, tmp_path):
     with pytest.warns(CorruptImageWarning):
         cli = cli_main(args)
     assert cli.trainer.global_step == 6 and not cli.trainer.interrupted
+
+
+def test_verify_under_ddp_shares_the_files_and_every_rank_names_all(bad_folder, tmp_path):
+    """Two processes of Lightning's DDP: each decodes its own half of the files, and both
+    raise the one error listing all three bad files."""
+    root, bad = bad_folder
+    ranks = run_ddp_script("ddp_verify_script.py", 2, tmp_path / "out", "--root", str(root))
+    assert [r["world"] for r in ranks] == [2, 2]
+    shares = [set(r["decoded"]) for r in ranks]
+    assert not shares[0] & shares[1]  # nothing decoded twice
+    everything = {str(p) for p in root.rglob("*.jpg")}
+    assert shares[0] | shares[1] == everything and len(everything) == 19
+    assert sum(len(r["decoded"]) for r in ranks) == 19
+    for r in ranks:
+        assert r["error"] is not None
+        assert sorted(path for path, _ in r["error"]["bad"]) == sorted(map(str, bad))
+        assert "found 3 of 19 image files undecodable" in r["error"]["message"]
+    assert ranks[0]["error"]["message"] == ranks[1]["error"]["message"]
