@@ -4,8 +4,12 @@ NaN loss, a collapse) never make the host wait for the GPU.
 A ``.item()``, ``bool(tensor)`` or ``.tolist()`` on a CUDA tensor blocks the host until the GPU
 has finished everything queued before it. Once a step, that empties the queue: while the host
 then runs Lightning's loop and launches the next step's first kernels, the GPU idles. Here each
-value is instead copied into pinned host memory behind a CUDA event, and read only once the
-event has passed, typically a step or two later.
+value is instead copied into pinned host memory behind a CUDA event and read a fixed number of
+steps later, by when the GPU has long produced it.
+
+The lag is a count of steps, not "whenever the event has passed": under DDP every process
+must reach the same verdict at the same step (a process that stops alone leaves the others
+waiting in a collective), and a count is the same everywhere while timing is not.
 """
 
 from __future__ import annotations
@@ -45,16 +49,15 @@ def device_marker(device: torch.device) -> Marker:
 
 
 class LaggedReads:
-    """A queue of ``(key, values)`` pairs whose values are read on the host when the device
-    has produced them, in the order they were pushed.
+    """A queue of ``(key, values)`` pairs read on the host ``depth`` pushes after their own
+    (waiting for the device only if it is that far behind), in the order they were pushed;
+    on the CPU, where a read costs no wait, at once.
 
-    At most ``depth`` pairs wait: pushing one more first waits for the oldest, so the host
-    can run at most ``depth`` steps ahead of what it has checked. :meth:`drain` waits for
-    all of them, for the points where a check must be complete (before a checkpoint is
-    written, at the end of an epoch).
+    :meth:`drain` reads all of them, for the points where a check must be complete (before
+    a checkpoint is written, at the end of an epoch).
     """
 
-    def __init__(self, depth: int = 4, marker: Callable[[torch.device], Marker] = device_marker):
+    def __init__(self, depth: int = 2, marker: Callable[[torch.device], Marker] = device_marker):
         if depth < 1:
             raise ValueError(f"depth={depth} is invalid: must be >= 1")
         self.depth = depth
@@ -76,14 +79,12 @@ class LaggedReads:
         self._pending.append((key, host, self._marker(flat.device)))
 
     def ready(self) -> Iterator[tuple[Hashable, list[float]]]:
-        """The pairs the device has finished, oldest first; waits only for those beyond
-        ``depth``."""
+        """The pairs now ``depth`` pushes old (every pair, on the CPU), oldest first."""
         while self._pending:
             key, host, marker = self._pending[0]
-            if len(self._pending) > self.depth:
-                marker.synchronize()
-            elif not marker.query():
+            if len(self._pending) <= self.depth and not isinstance(marker, _Done):
                 return
+            marker.synchronize()
             self._pending.popleft()
             yield key, host.tolist()
 

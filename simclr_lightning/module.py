@@ -194,7 +194,7 @@ class SimCLR(L.LightningModule):
             loss, stats = self.criterion.forward_with_stats(z_a, z_b, labels)
         else:
             loss, stats = self.criterion.forward_with_stats(z_a, z_b)
-        # No host read here: the watch checks the loss (and z_std) a step or two late on a GPU.
+        # No host read here: the watch checks the loss (and z_std) two steps late on a GPU.
         logging_step = self.global_step % self.trainer.log_every_n_steps == 0
         self._watch.push(self.global_step, loss, stats["z_std"], watch_collapse=logging_step)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)

@@ -81,10 +81,10 @@ class CollapseWatch:
 
 class StepWatch:
     """Checks every training step's loss (finite) and, at logging steps, its ``z_std``
-    (:class:`CollapseWatch`), reading both back a step or two late so the GPU never waits.
+    (:class:`CollapseWatch`), reading both back two steps late on a GPU so it never waits.
 
-    On a GPU the error for a non-finite loss therefore comes a few steps after the step that
-    made it (the message names that step); :meth:`flush` makes the check complete, and runs
+    On a GPU the error for a non-finite loss therefore comes two steps after the step that
+    made it (the message names that step; under DDP every process stops at the same step); :meth:`flush` makes the check complete, and runs
     before any checkpoint is written, so no checkpoint ever holds the weights a non-finite
     step produced. Once seen, the error is raised again at every later check.
     """
