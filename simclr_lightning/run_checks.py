@@ -84,9 +84,10 @@ class StepWatch:
     (:class:`CollapseWatch`), reading both back two steps late on a GPU so it never waits.
 
     On a GPU the error for a non-finite loss therefore comes two steps after the step that
-    made it (the message names that step; under DDP every process stops at the same step); :meth:`flush` makes the check complete, and runs
-    before any checkpoint is written, so no checkpoint ever holds the weights a non-finite
-    step produced. Once seen, the error is raised again at every later check.
+    made it (the message names that step; under DDP every process stops at the same step).
+    :meth:`flush` makes the check complete, and runs before any checkpoint is written, so no
+    checkpoint ever holds the weights a non-finite step produced. Once seen, the error is
+    raised again at every later check.
     """
 
     def __init__(self, output_dim: int, reads: LaggedReads | None = None) -> None:
