@@ -3,6 +3,7 @@ machines, batch sizes and ``data.augment`` settings."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import lightning as L
@@ -25,18 +26,22 @@ def batch_images(batch) -> int:
 
 class ImagesPerSecond(L.Callback):
     """Logs ``train/images_per_sec`` (shown as ``images/s`` in the progress bar): training
-    images of all processes per second of training, a rolling mean over the last ``window``
-    steps, built on Lightning's :class:`~lightning.fabric.utilities.throughput.Throughput`.
-    Time spent in validation (and its monitors) is left out; each epoch starts a new window.
-    On CUDA the clock is read after the device finished the step.
+    images of all processes per second of training, a rolling mean over about the last
+    ``window`` steps, built on Lightning's
+    :class:`~lightning.fabric.utilities.throughput.Throughput`. Time spent in validation (and
+    its monitors) is left out; each epoch starts a new window.
+
+    The clock is read only every ``log_every_n_steps`` steps, after the device has finished
+    the step: on a GPU that wait is a host sync, which every step would stall the queue the
+    host keeps ahead of the GPU (and slow the run it measures).
 
     Args:
-        window: steps in the rolling mean (>= 2); nothing is shown before the first
-            ``window`` steps of an epoch.
-        log_every_n_steps: how often the value is updated.
+        window: steps in the rolling mean (>= 2), in whole multiples of
+            ``log_every_n_steps``; nothing is shown before the first of them in an epoch.
+        log_every_n_steps: how often the clock is read and the value updated.
     """
 
-    def __init__(self, window: int = 10, log_every_n_steps: int = 1) -> None:
+    def __init__(self, window: int = 20, log_every_n_steps: int = 10) -> None:
         require(window >= 2, "ImagesPerSecond.window", window, ">= 2")
         require(
             log_every_n_steps >= 1, "ImagesPerSecond.log_every_n_steps", log_every_n_steps, ">= 1"
@@ -51,11 +56,13 @@ class ImagesPerSecond(L.Callback):
         return time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._throughput = Throughput(world_size=trainer.world_size, window_size=self.window)
+        readings = max(2, math.ceil(self.window / self.log_every_n_steps) + 1)
+        self._throughput = Throughput(world_size=trainer.world_size, window_size=readings)
         self._images = 0
         self._batches = 0
         self._paused = 0.0
         self._start = self._now(pl_module)
+        self._throughput.update(time=0.0, batches=0, samples=0)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._pause_start = self._now(pl_module)
@@ -67,10 +74,10 @@ class ImagesPerSecond(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._images += batch_images(batch)
         self._batches += 1
-        elapsed = self._now(pl_module) - self._start - self._paused
-        self._throughput.update(time=elapsed, batches=self._batches, samples=self._images)
         if self._batches % self.log_every_n_steps:
             return
+        elapsed = self._now(pl_module) - self._start - self._paused
+        self._throughput.update(time=elapsed, batches=self._batches, samples=self._images)
         rates = self._throughput.compute()  # rates once the window is full
         key = "samples_per_sec" if trainer.world_size > 1 else "device/samples_per_sec"
         if key not in rates:

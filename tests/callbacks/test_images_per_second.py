@@ -42,7 +42,10 @@ def test_rate_is_images_over_training_time(monkeypatch):
             if "images/s" in trainer.progress_bar_metrics:
                 self.values.append(trainer.progress_bar_metrics["images/s"])
 
-    meter = ImagesPerSecond(window=4)
+    meter = ImagesPerSecond(window=4, log_every_n_steps=2)
+    reads = []
+    now = meter._now
+    meter._now = lambda module: reads.append(1) or now(module)
     data = FeatureData(
         (torch.randn(96, 4), torch.zeros(96, dtype=torch.long)),
         (torch.randn(16, 4), torch.zeros(16, dtype=torch.long)),
@@ -59,6 +62,9 @@ def test_rate_is_images_over_training_time(monkeypatch):
     assert meter.value == pytest.approx(BATCH / STEP_S)
     assert Seen.values and all(v == pytest.approx(BATCH / STEP_S) for v in Seen.values)
     assert float(trainer.logged_metrics["train/images_per_sec"]) == pytest.approx(32.0)
+    # The clock (on a GPU: a host sync) is read at the epoch's start, every 2nd of the 12
+    # steps and around the two validation runs (steps 6 and 12): 1 + 6 + 4 times, not 12+.
+    assert len(reads) == 11
 
 
 def test_batch_images_counts_images_not_views():
