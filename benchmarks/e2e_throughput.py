@@ -60,9 +60,9 @@ ROWS = (
     "e2e-bar",
     "e2e-sync",
     "e2e-sgd",
+    "cpu-pipeline",
     "compile-default",
     "compile-reduce-overhead",
-    "cpu-pipeline",
 )
 TINY_SKIPS = ("compile-default", "compile-reduce-overhead")  # minutes of compiling on a CPU
 
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--root", default=None, help="CIFAR-10 ImageFolder (tiny: the package sample)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     p.add_argument("--batch-size", type=int, default=None, help="default 512 (tiny 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps, default 30 (tiny 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps, default 30 (tiny 0)")
     p.add_argument("--steps", type=int, default=None, help="timed steps, default 200 (tiny 1)")
     p.add_argument("--workers", type=int, default=None, help="CPU pipeline, default 16 (tiny 0)")
     p.add_argument("--json", default=None, help="write the figures here")
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(a.rows) - set(ROWS))
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    for name, (small, full) in dict(batch_size=(2, 512), warmup=(1, 30), steps=(1, 200)).items():
+    for name, (small, full) in dict(batch_size=(2, 512), warmup=(0, 30), steps=(1, 200)).items():
         if getattr(a, name) is None:
             setattr(a, name, small if a.tiny else full)
     if a.workers is None:
@@ -114,6 +114,10 @@ class StepWindow(L.Callback):
             self.events = (self.events or ()) + (event,)
             torch.cuda.synchronize(device)
         self.wall.append(time.perf_counter())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.warmup == 0 and not self.wall:  # no warm-up: from the first step's start
+            self.mark(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.seen += 1
@@ -262,6 +266,8 @@ def hand_step_row(a, row: Row) -> None:
 
 
 def run_rows(a: argparse.Namespace) -> list[Row]:
+    """Every row of ``a.rows``; the figures file is rewritten after each, so a run stopped by
+    a time guard keeps the rows it finished."""
     rows: list[Row] = []
     gpu_data = cpu_data = None
     for key in a.rows:
@@ -303,12 +309,12 @@ def run_rows(a: argparse.Namespace) -> list[Row]:
         except Exception as err:  # one failing row must not lose the others' figures
             row.error = f"{type(err).__name__}: {err}"[:2000]
         rows.append(row)
+        alone = next((r.images_per_s for r in rows if r.key == "model-alone"), None)
+        for done in rows:
+            done.ratio = done.images_per_s / alone if alone and done.images_per_s else None
+        write_json(a, rows)
         if a.cuda:
             torch.cuda.empty_cache()
-    alone = next((r.images_per_s for r in rows if r.key == "model-alone"), None)
-    for row in rows:
-        if alone and row.images_per_s:
-            row.ratio = row.images_per_s / alone
     return rows
 
 
@@ -351,6 +357,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
             warnings.filterwarnings("ignore", message=".*(num_workers|warmup_epochs|bottleneck)")
             rows = run_rows(a)
     print_table(a, rows)
+    return rows
+
+
+def write_json(a: argparse.Namespace, rows: list[Row]) -> None:
     if a.json:
         figures = dict(
             part="e2e",
@@ -364,7 +374,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
             rows=[asdict(r) for r in rows],
         )
         Path(a.json).write_text(json.dumps(figures, indent=1))
-    return rows
 
 
 if __name__ == "__main__":

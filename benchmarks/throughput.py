@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cifar-batch", type=int, default=None)
     p.add_argument("--imagenet-batch", type=int, default=None)
     p.add_argument("--jpegs", type=int, default=None, help="synthetic ImageNet-size JPEGs")
+    p.add_argument("--imagenet-size", type=int, default=None, help="view size, default 224 (64)")
     p.add_argument("--cifar-root", default=None, help="CIFAR ImageFolder (e.g. cifar10-jpg)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--skip-imagenet", action="store_true")
@@ -68,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, (small, full) in defaults.items():
         if getattr(a, name) is None:
             setattr(a, name, small if tiny else full)
-    a.imagenet_size = 64 if tiny else 224
+    a.imagenet_size = a.imagenet_size or (64 if tiny else 224)
     a.cifar_images = 64 if tiny else 50_000
     return a
 
