@@ -21,6 +21,7 @@ functions on the same parameters. Every pipeline uses the library's data modules
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -49,9 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cifar-batch", type=int, default=None)
     p.add_argument("--imagenet-batch", type=int, default=None)
     p.add_argument("--jpegs", type=int, default=None, help="synthetic ImageNet-size JPEGs")
+    p.add_argument("--imagenet-size", type=int, default=None, help="view size, default 224 (64)")
     p.add_argument("--cifar-root", default=None, help="CIFAR ImageFolder (e.g. cifar10-jpg)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--skip-imagenet", action="store_true")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
     a = p.parse_args(argv)
     a.device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tiny = a.tiny
@@ -66,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, (small, full) in defaults.items():
         if getattr(a, name) is None:
             setattr(a, name, small if tiny else full)
-    a.imagenet_size = 64 if tiny else 224
+    a.imagenet_size = a.imagenet_size or (64 if tiny else 224)
     a.cifar_images = 64 if tiny else 50_000
     return a
 
@@ -360,6 +363,8 @@ def kornia_row(a: argparse.Namespace) -> list:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     torch.backends.cudnn.benchmark = True
+    if a.tiny:  # on a shared small CPU, OpenMP threads spin-waiting for each other cost 10x
+        torch.set_num_threads(1)
     device_name = torch.cuda.get_device_name(a.device) if a.device.type == "cuda" else "CPU"
     print(
         f"device: {device_name}; torch {torch.__version__}; {os.cpu_count()} CPU cores; "
@@ -379,14 +384,32 @@ def main(argv: list[str] | None = None) -> None:
         return name.split(":")[0], name[name.rfind("(") :] if name.endswith(")") else ""
 
     alone = {variant(r[0]): r[1] for r in rows if "model alone" in r[0]}
+    ratios = {}
     print()
     for name, rate, _ in rows:
         key = variant(name)
         if key in alone and "pipeline" in name:
-            print(f"{name:<{width}}  {rate / alone[key]:6.2f} x model alone")
+            ratios[name] = rate / alone[key]
+            print(f"{name:<{width}}  {ratios[name]:6.2f} x model alone")
+    fidelity = fidelity_rows(a)
     print("\nfidelity against torchvision")
-    for name, value in fidelity_rows(a):
+    for name, value in fidelity:
         print(f"  {name}: {value}")
+    if a.json:
+        figures = dict(
+            part="throughput",
+            device=device_name,
+            torch=torch.__version__,
+            cpu_cores=os.cpu_count(),
+            workers=a.workers,
+            steps=a.steps,
+            warmup=a.warmup,
+            rows=[
+                dict(name=n, images_per_s=r, peak_gib=p, ratio=ratios.get(n)) for n, r, p in rows
+            ],
+            fidelity=dict(fidelity),
+        )
+        Path(a.json).write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

@@ -106,9 +106,7 @@ class ImageBatch:
                     out[i] = im.data
         if encoded:
             try:
-                decoded = decode_jpeg(
-                    [images[i].data for i in encoded], mode=ImageReadMode.RGB, device=device
-                )
+                decoded = decode_jpegs([images[i].data for i in encoded], device)
             except Exception:  # find the culprit; nvJPEG lacks some formats (e.g. CMYK)
                 decoded = [self._decode_one(images[i], device) for i in encoded]
             for i, image in zip(encoded, decoded, strict=True):
@@ -118,7 +116,7 @@ class ImageBatch:
     @staticmethod
     def _decode_one(image: EncodedImage, device: torch.device) -> Tensor:
         try:
-            return decode_jpeg(image.data, mode=ImageReadMode.RGB, device=device)
+            return decode_jpegs([image.data], device)[0]
         except Exception:
             pass
         try:  # the CPU decoder reads what nvJPEG does not
@@ -128,6 +126,34 @@ class ImageBatch:
 
     def __repr__(self) -> str:
         return f"ImageBatch({len(self.images)} images)"
+
+
+_DECODE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def decode_jpegs(data: list[Tensor], device: torch.device) -> list[Tensor]:
+    """JPEG bytes decoded to uint8 RGB on ``device``; on CUDA (nvJPEG) from a stream of its own.
+
+    torchvision's CUDA decoder allocates its outputs on the current stream but writes them from
+    a private stream that does not wait for the current one (pytorch/vision#9606). A block the
+    caching allocator has just recycled may still be read by kernels queued on the current
+    stream (the previous training step's, when the host runs ahead), and nvJPEG would overwrite
+    it under them. Allocated while a side stream is current, the outputs come only from blocks
+    of that stream: earlier outputs, marked as used by the consumer (``record_stream``), which
+    the allocator does not reuse before the consumer's work on them is done."""
+    if device.type != "cuda":
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    consumer = torch.cuda.current_stream(index)
+    if index not in _DECODE_STREAMS:
+        _DECODE_STREAMS[index] = torch.cuda.Stream(index)
+    side = _DECODE_STREAMS[index]
+    with torch.cuda.stream(side):
+        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    consumer.wait_stream(side)  # torchvision makes the current (side) stream wait for nvJPEG
+    for image in decoded:
+        image.record_stream(consumer)
+    return decoded
 
 
 def collate_encoded(samples: Sequence[tuple[EncodedImage, int]]) -> tuple[ImageBatch, Tensor]:

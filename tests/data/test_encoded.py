@@ -174,3 +174,28 @@ def test_undecoded_batches_cross_from_loader_workers(mixed_size_folder):
     assert len(batches) == 3 and all(isinstance(b, ImageBatch) for b, _ in batches)
     images = [im for b, _ in batches for im in b.decode("cpu")]
     assert sorted(tuple(im.shape[1:]) for im in images) == sorted(SIZES * 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_decode_spares_memory_that_queued_kernels_still_read():
+    """nvJPEG writes from a stream of its own (pytorch/vision#9606): the decode must not be
+    handed blocks that kernels still queued on the current stream are going to read."""
+    from simclr_lightning import sample_root
+
+    files = sorted((sample_root() / "train" / "cat").iterdir())[:64]
+    batch = ImageBatch([read_encoded(str(f), decode=False) for f in files])
+    reference = [image.cpu() for image in batch.decode("cuda")]  # also the decoder's warm-up
+    wrong = 0
+    for _ in range(20):
+        # blocks the size of the decoded images, freed while their readers are still queued
+        tensors = [torch.full((3, 32, 32), i, dtype=torch.uint8, device="cuda") for i in range(64)]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(50_000_000)  # tens of milliseconds of queued work before the sums
+        sums = [t.sum() for t in tensors]
+        del tensors
+        decoded = batch.decode("cuda")
+        torch.cuda.synchronize()
+        wrong += sum(int(total) != i * 3 * 32 * 32 for i, total in enumerate(sums))
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(decoded, reference, strict=True))
+    assert wrong == 0
