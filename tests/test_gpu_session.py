@@ -58,8 +58,10 @@ def test_dry_run_writes_sane_figures_for_every_part(tmp_path):
         "model-alone",
         "e2e",
         "e2e-bar",
+        "e2e-bar1",
         "e2e-sync",
         "e2e-sgd",
+        "e2e-lars-loop",
         "cpu-pipeline",
     }
     for row in e2e["rows"]:
