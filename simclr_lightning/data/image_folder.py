@@ -96,6 +96,9 @@ class ImageFolderDataModule(SimCLRDataModule):
         self.skip_corrupt = skip_corrupt
         self.verify = verify
         self._verified: set[str] = set()
+        # one per split, shared by every dataset made of it (the training split and the kNN
+        # bank read the same files): a file found bad by any of them is named once, here
+        self._skips: dict[str, SkipCorrupt] = {}
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.root={root!r} is not a directory")
@@ -138,10 +141,8 @@ class ImageFolderDataModule(SimCLRDataModule):
 
     def report_skipped(self) -> None:
         """Warn here about files the loader workers skipped (their own warnings are lost)."""
-        for dataset in (self.train_set, self.val_set):
-            dataset = getattr(dataset, "dataset", dataset)  # a labelled Subset's
-            if getattr(dataset, "skip", None) is not None:
-                dataset.skip.report(SUBSTITUTED)
+        for skip in self._skips.values():
+            skip.report(SUBSTITUTED)
 
     def device_input_transform(self):
         return None  # make_dataset then hands over bytes or decoded uint8 images as they are
@@ -198,5 +199,9 @@ class ImageFolderDataModule(SimCLRDataModule):
                 f"{folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
             )
         if self.skip_corrupt:
-            dataset.skip = SkipCorrupt(dataset_files(dataset))
+            files = dataset_files(dataset)
+            skip = self._skips.get(split)
+            if skip is None or skip.files != files:
+                skip = self._skips[split] = SkipCorrupt(files)
+            dataset.skip = skip
         return dataset

@@ -282,3 +282,22 @@ def test_verify_under_ddp_shares_the_files_and_every_rank_names_all(bad_folder, 
         assert sorted(path for path, _ in r["error"]["bad"]) == sorted(map(str, bad))
         assert "found 3 of 19 image files undecodable" in r["error"]["message"]
     assert ranks[0]["error"]["message"] == ranks[1]["error"]["message"]
+
+
+def test_files_the_knn_bank_skips_in_workers_are_named_once(bad_folder):
+    """The kNN bank reads the training files through its own loader (workers' warnings are
+    lost): its finds are named in the training process, once, also when training meets them."""
+    root, bad = bad_folder
+    dm = data(root, skip_corrupt=True, num_workers=2, persistent_workers=False)
+    dm.setup("fit")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = sum(len(labels) for _, labels in dm.eval_train_dataloader())
+        dm.report_skipped()  # what the next training batch (or teardown) does
+        after_bank = [str(w.message) for w in caught if w.category is CorruptImageWarning]
+        drain(dm.train_dataloader())
+        dm.teardown("fit")
+    assert rows == 15
+    assert sorted(m.split("'")[1] for m in after_bank) == sorted(map(str, bad))
+    skipped = [str(w.message) for w in caught if w.category is CorruptImageWarning]
+    assert len(skipped) == 3  # training met the same files: no second warning
