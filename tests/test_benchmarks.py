@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers import REPO
 
@@ -53,17 +54,21 @@ def model_alone_row(table: dict, pipeline: str) -> str:
     return row
 
 
+def load_script(name: str):
+    """A benchmark script as a module: its ``main(argv)`` runs here, without the seconds a
+    fresh process spends importing torch and Lightning."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
-def test_throughput_tiny_prints_consistent_figures():
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--tiny"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+def test_throughput_tiny_prints_consistent_figures(capsys, monkeypatch):
+    # main() turns cuDNN autotuning on for the process: back as it was after this test
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    load_script("throughput").main(["--tiny"])
+    out = capsys.readouterr().out
     assert out.startswith("device: CPU")
     table, ratios = parse_throughput(out)
     for row in ROWS:
@@ -82,15 +87,6 @@ def test_throughput_tiny_prints_consistent_figures():
     assert "crop+resize max |diff|" in out
     diff = float(re.search(r"crop\+resize max \|diff\| vs TF.resized_crop: (\S+)", out).group(1))
     assert diff < 1e-5
-
-
-def load_script(name: str):
-    """A benchmark script as a module: its ``main(argv)`` runs here, without the seconds a
-    fresh process spends importing torch and Lightning."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
