@@ -12,8 +12,9 @@ Embeddings are [N, 128] per view (2N in all), one process. Rows:
   as simclr-lightning 0.2's training path did;
 * ``lightly``: lightly's ``NTXentLoss``, when lightly is installed.
 
-Each configuration runs in a fresh subprocess. Memory is the process's peak resident set
-above its resident set just before the loss (Linux ``VmHWM`` after resetting it through
+Each configuration runs in a fresh subprocess (``--tiny``, a smoke run of the code paths: all
+in this one process). Memory is the process's peak resident set above its resident set just
+before the loss (Linux ``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``, minus ``VmRSS``): torch's CPU allocations are not visible to
 tracemalloc. A configuration whose estimated peak is above ``--max-gib`` is not run.
 Then the loss memory of a global batch of 4k to 64k on one GPU is estimated from these
@@ -46,6 +47,7 @@ ROWS = ("tiled + stats", "tiled", "untiled", "untiled + stats", "lightly")
 # float32 copies of the [2N, 2N] matrix each untiled row holds at its peak (measured here,
 # rounded up): only used to skip what would not fit under --max-gib.
 UNTILED_COPIES = {"untiled": 3.2, "untiled + stats": 9.5, "lightly": 4.5}
+ISOLATION = {False: "fresh process", True: "one process (--tiny)"}
 
 
 def untiled_loss(z_a: torch.Tensor, z_b: torch.Tensor, with_stats: bool):
@@ -152,22 +154,34 @@ def grad_cache_table(args: argparse.Namespace) -> None:
     print(
         f"device: CPU ({args.threads} thread(s)), torch {torch.__version__}; one SimCLR "
         f"training step, CIFAR ResNet-18 at {size} px, {args.step_batch} image pairs per "
-        f"device; peak RSS above the baseline (VmHWM - VmRSS), fresh process per row"
+        f"device; peak RSS above the baseline (VmHWM - VmRSS), {ISOLATION[args.tiny]} per row"
     )
     print(f"{'grad_cache_chunks':>17} | {'peak memory':>12} | {'step time':>9} | vs 1 chunk")
     first = None
     for chunks in args.chunks:
-        cmd = [sys.executable, __file__, "--step-worker", str(chunks), str(args.step_batch)]
-        cmd += [str(size), str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"{chunks:>17} | failed: {proc.stderr.strip().splitlines()[-1][:60]}")
-            continue
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        if args.tiny:
+            r = step_worker(chunks, args.step_batch, size, args.threads)
+        else:
+            cmd = [sys.executable, __file__, "--step-worker", str(chunks), str(args.step_batch)]
+            cmd += [str(size), str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{chunks:>17} | failed: {proc.stderr.strip().splitlines()[-1][:60]}")
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
         first = first or r
         ratio = f"memory {r['peak_gib'] / first['peak_gib']:.3f}x, "
         ratio += f"time {r['seconds'] / first['seconds']:.2f}x"
         print(f"{chunks:>17} | {r['peak_gib']:>8.4g} GiB | {r['seconds']:>7.3g} s | {ratio}")
+
+
+def one_process_measurements() -> None:
+    """``--tiny`` measures every cell in this process: a fixed glibc mmap threshold (64 KiB)
+    hands blocks above it back to the system when freed, so a cell's peak is its own page
+    faults rather than heap an earlier cell left behind."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
 
 
 def measure(row: str, n: int, args: argparse.Namespace) -> dict | str:
@@ -180,6 +194,8 @@ def measure(row: str, n: int, args: argparse.Namespace) -> dict | str:
         estimate = UNTILED_COPIES[row] * (2 * n) ** 2 * 4 / GIB
         if estimate > args.max_gib:
             return f"skipped: ~{estimate:.0f} GiB > --max-gib"
+    if args.tiny:
+        return worker(row, n, args.dim, args.threads, args.block_size)
     cmd = [sys.executable, __file__, "--worker", row, str(n), str(args.dim), str(args.threads)]
     cmd += ["--block-size", str(args.block_size)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -247,13 +263,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.step_worker:
         print(json.dumps(step_worker(*args.step_worker)))
         return
+    if args.tiny:
+        one_process_measurements()
     if args.grad_cache:
         grad_cache_table(args)
         return
     print(
         f"device: CPU ({args.threads} thread(s)), torch {torch.__version__}; embeddings [N, "
         f"{args.dim}] per view; forward + backward of the loss; peak RSS above the baseline "
-        f"(VmHWM - VmRSS), fresh process per cell; block_size={args.block_size}"
+        f"(VmHWM - VmRSS), {ISOLATION[args.tiny]} per cell; block_size={args.block_size}"
     )
     table = {row: [] for row in args.rows}
     header = f"{'N':>7} | " + " | ".join(f"{row:>26}" for row in args.rows)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -41,8 +43,13 @@ def cifar_jpg_root(tmp_path_factory) -> Path:
     if not archive.is_file():
         _missing(str(archive))
     dest = tmp_path_factory.mktemp("cifar10_jpg")
-    with tarfile.open(archive) as tar:
-        tar.extractall(dest, filter="data")
+    tar = shutil.which("tar")
+    if tar:  # 60,000 files: GNU tar takes 5 s where Python's tarfile takes 20-30 s
+        cmd = [tar, "-xzf", str(archive), "-C", str(dest), "--no-same-owner"]
+        subprocess.run([*cmd, "--no-same-permissions"], check=True)
+    else:
+        with tarfile.open(archive) as archive_file:
+            archive_file.extractall(dest, filter="data")
     return dest / "cifar10-jpg"
 
 

@@ -18,7 +18,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from simclr_lightning import ImageFolderDataModule, SimCLR, SimCLRAugmentation  # noqa: E402
-from tests.ddp_helpers import ddp_trainer  # noqa: E402
+from tests.ddp_helpers import ddp_trainer, script_runs  # noqa: E402
 
 
 class RecordIds(L.Callback):
@@ -47,8 +47,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    for args in script_runs(parser):
+        run(args)
 
+
+def run(args: argparse.Namespace) -> None:
     L.seed_everything(0, verbose=False)
     data = ImageFolderDataModule(
         args.root,

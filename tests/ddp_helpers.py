@@ -3,6 +3,8 @@ the one Trainer setup of the scripts that Lightning's "ddp" strategy relaunches 
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import subprocess
 import sys
@@ -33,11 +35,12 @@ def gather_local_grad_only(tensor: torch.Tensor) -> torch.Tensor:
 
 
 BROKEN_GATHERS = {"nograd": gather_without_grad, "localgrad": gather_local_grad_only}
+CORRECT_GATHER = loss_module.gather_with_grad
 
 
 def use_gather(mode: str) -> None:
-    if mode != "correct":
-        loss_module.gather_with_grad = BROKEN_GATHERS[mode]
+    """The library's gather, or a broken one (also back again: runs share a process)."""
+    loss_module.gather_with_grad = CORRECT_GATHER if mode == "correct" else BROKEN_GATHERS[mode]
 
 
 def mlp(seed: int) -> nn.Module:
@@ -52,36 +55,80 @@ def global_batch(world: int, per_rank: int, seed: int) -> tuple[torch.Tensor, to
     )
 
 
-def torch_ddp_worker(rank, world, init_file, out_dir, mode, per_rank, temperature):
+def torch_ddp_worker(rank, world, init_file, out_dir, modes, per_rank, temperature):
+    """One step per gather mode in ``modes`` (one spawn for all), saved to rank<r>_<mode>.pt."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        use_gather(mode)
-        model = nn.parallel.DistributedDataParallel(mlp(seed=0))
-        x_a, x_b = global_batch(world, per_rank, seed=1)
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        # One forward over both views, as DDP expects one forward per backward.
-        z_a, z_b = model(torch.cat([x_a[mine], x_b[mine]])).chunk(2)
-        # Tiles of 3 of the 2N anchors: tiles straddle the two views.
-        loss, stats = NTXentLoss(temperature, block_size=3).forward_with_stats(z_a, z_b)
-        loss.backward()
-        grads = [p.grad.clone() for p in model.parameters()]
-        out = {"loss": loss.detach(), "grads": grads, "stats": stats}
-        torch.save(out, f"{out_dir}/rank{rank}.pt")
+        for mode in modes:
+            _torch_ddp_step(rank, world, out_dir, mode, per_rank, temperature)
     finally:
         dist.destroy_process_group()
+
+
+def _torch_ddp_step(rank, world, out_dir, mode, per_rank, temperature):
+    use_gather(mode)
+    model = nn.parallel.DistributedDataParallel(mlp(seed=0))
+    x_a, x_b = global_batch(world, per_rank, seed=1)
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    # One forward over both views, as DDP expects one forward per backward.
+    z_a, z_b = model(torch.cat([x_a[mine], x_b[mine]])).chunk(2)
+    # Tiles of 3 of the 2N anchors: tiles straddle the two views.
+    loss, stats = NTXentLoss(temperature, block_size=3).forward_with_stats(z_a, z_b)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    out = {"loss": loss.detach(), "grads": grads, "stats": stats}
+    torch.save(out, f"{out_dir}/rank{rank}_{mode}.pt")
 
 
 def run_ddp_script(script: str, devices: int, out: Path, *args: str) -> list[dict]:
     """Run ``tests/<script> --devices N --out OUT ARGS`` as a user runs a training script, and
     load what each rank saved (``rank<r>_of<N>.pt``)."""
     out.mkdir(parents=True)
+    _launch(script, devices, out, list(args))
+    return [torch.load(out / f"rank{r}_of{devices}.pt") for r in range(devices)]
+
+
+def run_ddp_script_runs(
+    script: str, devices: int, out: Path, runs: dict[str, list[str]], *args: str
+) -> dict[str, list[dict]]:
+    """Several runs of ``script`` one after the other in one launch of its ``devices``
+    processes (each process start imports torch and Lightning: seconds on 2 cores): run
+    ``name`` gets ``ARGS`` and its own ``runs[name]`` and saves under ``OUT/name``; what each
+    rank saved, by run."""
+    out.mkdir(parents=True)
+    _launch(script, devices, out, [*args, "--runs", json.dumps(runs)])
+    return {
+        name: [torch.load(out / name / f"rank{r}_of{devices}.pt") for r in range(devices)]
+        for name in runs
+    }
+
+
+def _launch(script: str, devices: int, out: Path, args: list[str]) -> None:
     cmd = [sys.executable, str(Path(__file__).with_name(script)), "--devices", str(devices)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 shared cores: no spinning thread pairs
     proc = subprocess.run(
         cmd + ["--out", str(out), *args], capture_output=True, text=True, timeout=300, env=env
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [torch.load(out / f"rank{r}_of{devices}.pt") for r in range(devices)]
+
+
+def script_runs(parser: argparse.ArgumentParser) -> list[argparse.Namespace]:
+    """The runs a DDP script was asked for: its command line, or with ``--runs JSON`` (from
+    ``run_ddp_script_runs``) one namespace per run, the other arguments shared and ``--out``
+    the run's own folder. Lightning launches the other ranks once, at the first fit; later
+    fits in the same processes reuse its process group."""
+    argv = sys.argv[1:]
+    if "--runs" not in argv:
+        return [parser.parse_args(argv)]
+    at = argv.index("--runs")
+    common = argv[:at] + argv[at + 2 :]
+    namespaces = []
+    for name, run_args in json.loads(argv[at + 1]).items():
+        namespace = parser.parse_args(common + run_args)
+        namespace.out = namespace.out / name
+        namespace.out.mkdir(parents=True, exist_ok=True)
+        namespaces.append(namespace)
+    return namespaces
 
 
 class FreezeBatchNorm(L.Callback):

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from simclr_lightning import SimCLR  # noqa: E402
-from tests.ddp_helpers import FreezeBatchNorm, ddp_trainer, use_gather  # noqa: E402
+from tests.ddp_helpers import FreezeBatchNorm, ddp_trainer, script_runs, use_gather  # noqa: E402
 
 WORLD, PER_RANK = 2, 4
 
@@ -89,7 +89,11 @@ def main() -> None:
     parser.add_argument("--grad-cache-chunks", type=int, default=1)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--batchnorm", choices=["frozen", "train"], default="frozen")
-    args = parser.parse_args()
+    for args in script_runs(parser):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     use_gather(args.gather)
 
     views_a, views_b = make_data()

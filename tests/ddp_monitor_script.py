@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import simclr_lightning.callbacks.knn_monitor as knn_monitor  # noqa: E402
 from simclr_lightning import KNNMonitor, KNNReport, OnlineLinearProbe, SimCLR  # noqa: E402
-from tests.ddp_helpers import FreezeBatchNorm, ddp_trainer  # noqa: E402
+from tests.ddp_helpers import FreezeBatchNorm, ddp_trainer, script_runs  # noqa: E402
 
 WORLD, PER_RANK, STEPS = 2, 4, 2
 N_VAL, N_BANK, CLASSES = 37, 41, 4
@@ -76,10 +76,13 @@ def main() -> None:
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--bank-dtype", default="float32")
-    args = parser.parse_args()
+    plain = knn_monitor.sharded_knn_predict, knn_monitor.top_k_accuracy
+    for args in script_runs(parser):
+        run(args, *plain)
 
+
+def run(args: argparse.Namespace, plain_knn, plain_accuracy) -> None:
     seen = {}
-    plain_knn = knn_monitor.sharded_knn_predict
 
     def recording_knn(query, shard, shard_labels, shard_index, *rest):
         scores = plain_knn(query, shard, shard_labels, shard_index, *rest)
@@ -88,7 +91,6 @@ def main() -> None:
         return scores
 
     knn_monitor.sharded_knn_predict = recording_knn
-    plain_accuracy = knn_monitor.top_k_accuracy
 
     def recording_accuracy(scores, labels, k):
         seen["query_labels"] = labels

@@ -2,12 +2,14 @@
 (they are measured on a GPU), but what they print must be well formed: every figure positive
 and finite, and every ratio the quotient of the rows it names."""
 
+import importlib.util
 import math
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers import REPO
 
@@ -52,17 +54,21 @@ def model_alone_row(table: dict, pipeline: str) -> str:
     return row
 
 
+def load_script(name: str):
+    """A benchmark script as a module: its ``main(argv)`` runs here, without the seconds a
+    fresh process spends importing torch and Lightning."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
-def test_throughput_tiny_prints_consistent_figures():
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--tiny"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+def test_throughput_tiny_prints_consistent_figures(capsys, monkeypatch):
+    # main() turns cuDNN autotuning on for the process: back as it was after this test
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    load_script("throughput").main(["--tiny"])
+    out = capsys.readouterr().out
     assert out.startswith("device: CPU")
     table, ratios = parse_throughput(out)
     for row in ROWS:
@@ -85,12 +91,10 @@ def test_throughput_tiny_prints_consistent_figures():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("augment", ["cpu", "gpu"])
-def test_time_to_accuracy_tiny_runs_both_pipelines(cifar_tiny, augment):
-    script = REPO / "benchmarks" / "time_to_accuracy.py"
-    cmd = [sys.executable, str(script), "--root", str(cifar_tiny), "--tiny", "--augment", augment]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = proc.stdout.strip().splitlines()[-1]
+def test_time_to_accuracy_tiny_runs_both_pipelines(cifar_tiny, augment, capsys):
+    main = load_script("time_to_accuracy").main
+    main(["--root", str(cifar_tiny), "--tiny", "--augment", augment])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
     match = re.fullmatch(
         r"device (.+) \| augment (\w+) \| epochs (\d+) of (\d+) \| setup (\d+) s "
         r"\| train (\d+) s \| (\d+) steps \| kNN top-1 (\S+)%",

@@ -2,27 +2,38 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from simclr_lightning import NTXentLoss
-from tests.ddp_helpers import global_batch, mlp, run_ddp_script, torch_ddp_worker
+from tests.ddp_helpers import (
+    global_batch,
+    mlp,
+    run_ddp_script,
+    run_ddp_script_runs,
+    torch_ddp_worker,
+)
 from tests.reference import nt_xent_health_reference, nt_xent_reference
 
 WORLD, PER_RANK, TEMPERATURE = 2, 5, 0.3
 
 
-def run_torch_ddp(tmp_path: Path, mode: str) -> list[dict]:
+MODES = ["correct", "nograd", "localgrad"]
+
+
+@pytest.fixture(scope="module")
+def torch_ddp(tmp_path_factory) -> dict[str, list[dict]]:
+    """Each rank's step with the library's gather and with each broken one: one spawn of the
+    2 processes (each start imports torch) for the three."""
+    out = tmp_path_factory.mktemp("torch_ddp")
     mp.spawn(
         torch_ddp_worker,
-        args=(WORLD, str(tmp_path / "init"), str(tmp_path), mode, PER_RANK, TEMPERATURE),
+        args=(WORLD, str(out / "init"), str(out), MODES, PER_RANK, TEMPERATURE),
         nprocs=WORLD,
         join=True,
     )
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    return {m: [torch.load(out / f"rank{r}_{m}.pt") for r in range(WORLD)] for m in MODES}
 
 
 def single_process_reference() -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -55,9 +66,9 @@ def float64_reference() -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor,
     return loss.detach(), [p.grad for p in model.parameters()], z_a.detach(), z_b.detach()
 
 
-def test_torch_ddp_equals_single_process(tmp_path):
+def test_torch_ddp_equals_single_process(torch_ddp):
     loss, grads = single_process_reference()
-    results = run_torch_ddp(tmp_path, "correct")
+    results = torch_ddp["correct"]
     mean_loss = torch.stack([r["loss"] for r in results]).mean()
     torch.testing.assert_close(mean_loss, loss, rtol=1e-5, atol=1e-6)
     for r in results:
@@ -78,23 +89,21 @@ def test_torch_ddp_equals_single_process(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["nograd", "localgrad"])
-def test_torch_ddp_check_catches_a_gather_that_drops_gradients(tmp_path, mode):
+def test_torch_ddp_check_catches_a_gather_that_drops_gradients(torch_ddp, mode):
     loss, grads = single_process_reference()
-    results = run_torch_ddp(tmp_path, mode)
+    results = torch_ddp[mode]
     # The forward is the same, so the loss still agrees: only gradients reveal the bug.
     torch.testing.assert_close(torch.stack([r["loss"] for r in results]).mean(), loss)
     assert not matches(results, loss, grads)
 
 
-def run_lightning(tmp_path: Path, devices: int, gather: str = "correct") -> list[dict]:
-    out = tmp_path / f"{devices}dev_{gather}"
-    return run_ddp_script("ddp_lightning_script.py", devices, out, "--gather", gather)
-
-
 @pytest.mark.slow
 def test_lightning_ddp_equals_single_process(tmp_path):
-    (single,) = run_lightning(tmp_path, devices=1)
-    ranks = run_lightning(tmp_path, devices=2)
+    (single,) = run_ddp_script("ddp_lightning_script.py", 1, tmp_path / "1dev")
+    # the library's gather and one that drops gradients, one after the other in one launch
+    runs = {"correct": ["--gather", "correct"], "nograd": ["--gather", "nograd"]}
+    two = run_ddp_script_runs("ddp_lightning_script.py", 2, tmp_path / "2dev", runs)
+    ranks = two["correct"]
     assert [r["world"] for r in ranks] == [2, 2]
     mean_loss = torch.stack([r["loss"] for r in ranks]).mean()
     torch.testing.assert_close(mean_loss, single["loss"], rtol=1e-5, atol=1e-6)
@@ -103,7 +112,7 @@ def test_lightning_ddp_equals_single_process(tmp_path):
         for r in ranks:
             torch.testing.assert_close(r["grads"][name], ref, rtol=1e-3, atol=1e-5, msg=name)
 
-    broken = run_lightning(tmp_path, devices=2, gather="nograd")
+    broken = two["nograd"]
     differs = [
         name
         for name, ref in single["grads"].items()

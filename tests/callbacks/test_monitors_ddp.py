@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from simclr_lightning.evaluation.knn import sharded_knn_predict
-from tests.ddp_helpers import run_ddp_script
+from tests.ddp_helpers import run_ddp_script, run_ddp_script_runs
 from tests.ddp_monitor_script import CLASSES
 
 
-def run(tmp_path: Path, devices: int, *args: str) -> list[dict]:
-    name = f"{devices}dev" + "".join(args)
-    return run_ddp_script("ddp_monitor_script.py", devices, tmp_path / name, *args)
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> dict[str, list[dict]]:
+    """The 2-process runs with a float32 and a float16 bank, in one launch."""
+    runs = {"float32": [], "float16": ["--bank-dtype", "float16"]}
+    out = tmp_path_factory.mktemp("monitors") / "2dev"
+    return run_ddp_script_runs("ddp_monitor_script.py", 2, out, runs)
 
 
 def whole_bank_scores(ranks: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,9 +31,10 @@ def whole_bank_scores(ranks: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_probe_and_knn_under_ddp_equal_single_process(tmp_path):
-    (single,) = run(tmp_path, devices=1)
-    ranks = run(tmp_path, devices=2)
+def test_probe_and_knn_under_ddp_equal_single_process(tmp_path, two_processes):
+    (single,) = run_ddp_script("ddp_monitor_script.py", 1, tmp_path / "1dev")
+    ranks = two_processes["float32"]
+    assert [r["knn"]["shard"].dtype for r in ranks] == [torch.float32] * 2
     assert [r["world"] for r in ranks] == [2, 2]
     names = ["probe/val_top1", "probe/val_top5", "knn/val_top1", "knn/val_top5"]
     names += ["probe/train_loss", "probe/train_top1"]
@@ -72,8 +74,8 @@ def test_probe_and_knn_under_ddp_equal_single_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_half_precision_knn_bank_under_ddp_equals_whole_bank(tmp_path):
-    ranks = run(tmp_path, 2, "--bank-dtype", "float16")
+def test_half_precision_knn_bank_under_ddp_equals_whole_bank(two_processes):
+    ranks = two_processes["float16"]
     assert [r["knn"]["shard"].dtype for r in ranks] == [torch.float16] * 2
     scores, _ = whole_bank_scores(ranks)
     for r in ranks:

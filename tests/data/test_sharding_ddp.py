@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.ddp_helpers import run_ddp_script
+from tests.ddp_helpers import run_ddp_script_runs
 
 N_IMAGES, WORLD, BATCH, EPOCHS = 48, 2, 4, 3
 
@@ -29,21 +29,29 @@ def one_image_per_class(tmp_path_factory) -> Path:
     return root
 
 
-def run(root: Path, tmp_path: Path, *flags: str) -> list[list[dict]]:
-    args = ["--root", str(root), "--epochs", str(EPOCHS), "--batch-size", str(BATCH), *flags]
-    results = run_ddp_script("ddp_data_script.py", WORLD, tmp_path / "out", *args)
-    assert [r["world"] for r in results] == [WORLD] * WORLD
-    return [r["steps"] for r in results]
+PATHS = {
+    "gpu-resident": ["--augment", "gpu", "--resident"],
+    "gpu-decoded-batches": ["--augment", "gpu"],
+    "cpu": ["--augment", "cpu"],
+}
+
+
+@pytest.fixture(scope="module")
+def steps_by_path(one_image_per_class, tmp_path_factory) -> dict[str, list[list[dict]]]:
+    """Every data path's run, one after the other in one launch of the 2 processes."""
+    args = ["--root", str(one_image_per_class), "--epochs", str(EPOCHS)]
+    args += ["--batch-size", str(BATCH)]
+    out = tmp_path_factory.mktemp("sharding") / "out"
+    runs = run_ddp_script_runs("ddp_data_script.py", WORLD, out, PATHS, *args)
+    for results in runs.values():
+        assert [r["world"] for r in results] == [WORLD] * WORLD
+    return {name: [r["steps"] for r in results] for name, results in runs.items()}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "flags",
-    [("--augment", "gpu", "--resident"), ("--augment", "gpu"), ("--augment", "cpu")],
-    ids=["gpu-resident", "gpu-decoded-batches", "cpu"],
-)
-def test_shards_are_disjoint_complete_and_reshuffled(one_image_per_class, tmp_path, flags):
-    per_rank = run(one_image_per_class, tmp_path, *flags)
+@pytest.mark.parametrize("path", PATHS)
+def test_shards_are_disjoint_complete_and_reshuffled(steps_by_path, path):
+    per_rank = steps_by_path[path]
     for steps in per_rank:
         assert len(steps) == EPOCHS * N_IMAGES // (WORLD * BATCH)
         for step in steps:  # both views were made, at the configured size
