@@ -23,18 +23,14 @@ from torch import Tensor
 
 
 class Marker(Protocol):
-    """A point in the device's work queue: done once everything queued before it is."""
-
-    def query(self) -> bool: ...
+    """A point in the device's work queue: ``synchronize`` returns once everything queued
+    before it is done."""
 
     def synchronize(self) -> None: ...
 
 
 class _Done:
     """Host tensors are ready at once."""
-
-    def query(self) -> bool:
-        return True
 
     def synchronize(self) -> None:
         return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -27,7 +27,7 @@ from simclr_lightning.supcon import SupConLoss
 
 LossName = Literal["ntxent", "supcon"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = get_args(CompileMode)
 
 
 class SimCLR(L.LightningModule):

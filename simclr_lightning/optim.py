@@ -105,23 +105,26 @@ class LARS(Optimizer):
         grads = [p.grad for p in params]
         if group["weight_decay"] != 0:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-        torch._foreach_mul_(bufs, momentum)
+        rates = None
         if group["lars_adaptation"]:
             w_norm = torch.stack(torch._foreach_norm(params))
             g_norm = torch.stack(torch._foreach_norm(grads))
             ok = (w_norm > 0) & (g_norm > 0)
             trust = torch.where(ok, group["eta"] * w_norm / g_norm.where(ok, 1.0), 1.0)
             rates = list((trust * lr).unbind())
-            torch._foreach_addcmul_(bufs, rates, grads)  # buf += rate * grad
-        else:
-            torch._foreach_add_(bufs, grads, alpha=lr)
+
+        def add_scaled(target: list[Tensor]) -> None:  # target += rate * grad
+            if rates is None:
+                torch._foreach_add_(target, grads, alpha=lr)
+            else:
+                torch._foreach_addcmul_(target, rates, grads)
+
+        torch._foreach_mul_(bufs, momentum)
+        add_scaled(bufs)
         update = bufs
         if group["nesterov"]:
             update = torch._foreach_mul(bufs, momentum)
-            if group["lars_adaptation"]:
-                torch._foreach_addcmul_(update, rates, grads)
-            else:
-                torch._foreach_add_(update, grads, alpha=lr)
+            add_scaled(update)
         torch._foreach_sub_(params, update)
 
 

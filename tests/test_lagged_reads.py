@@ -35,9 +35,6 @@ class SlowMarker:
         self.done = False
         self.log = log
 
-    def query(self) -> bool:
-        return self.done
-
     def synchronize(self) -> None:
         self.log.append("wait")
         self.done = True

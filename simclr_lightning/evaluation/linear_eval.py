@@ -172,11 +172,11 @@ class LinearEval(L.LightningModule):
         # Unlabeled images (-1) carry no loss. Weights, not a boolean index, and no count read
         # on the host: either would make the host wait for the GPU at every step.
         keep = y >= 0
-        n = keep.sum().clamp(min=1)
+        rows = keep.sum()
         losses = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
-        loss = torch.where(keep, losses, 0.0).sum() / n
+        loss = torch.where(keep, losses, 0.0).sum() / rows.clamp(min=1)
         self.train_hits.update(((logits.argmax(1) == y) & keep).sum())
-        self.train_rows.update(keep.sum())
+        self.train_rows.update(rows)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         return loss
 

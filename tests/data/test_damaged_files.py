@@ -78,3 +78,15 @@ def test_cli_prints_one_line_and_exits_1(fashion_mnist_dir, tmp_path, capsys, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("simclr-lightning: error: data.data_dir="), err
     assert f"{root / name} cannot be read (EOFError" in err[0]
+
+
+def test_images_and_labels_of_different_sets_are_named(fashion_mnist_dir, tmp_path):
+    test_labels = (fashion_mnist_dir / FILES[3]).read_bytes()  # 10,000 labels for 60,000 images
+    root = damaged_copy(fashion_mnist_dir, tmp_path / "fm", FILES[1], test_labels)
+    dm = MNISTDataModule(str(root), dataset="fashion_mnist", batch_size=8, num_workers=0)
+    with pytest.raises(DataFileError) as info:
+        dm.setup("fit")
+    assert str(info.value) == (
+        f"data.data_dir={str(root)!r}: {root / FILES[0]} holds 60000 images but {FILES[1]} "
+        f"10000 labels: the two files are of different sets; replace them"
+    )
