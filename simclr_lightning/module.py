@@ -199,7 +199,10 @@ class SimCLR(L.LightningModule):
         self._watch.push(self.global_step, loss, stats["z_std"], watch_collapse=logging_step)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+        # A host tensor: Lightning turns a float into a tensor on the module's device, a
+        # blocking copy that would make the host wait for the GPU at every step.
+        lr = torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/lr", lr, on_step=True)
         return {"loss": loss, "features": features.detach(), "labels": torch.cat([labels, labels])}
 
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -123,8 +123,8 @@ def small_model() -> SimCLR:
 
 def test_no_checkpoint_holds_the_weights_of_a_nan_step(tmp_path):
     """The device lags (no step is read back before a flush); step 1 is NaN; a checkpoint is
-    due after step 2. The flush in on_save_checkpoint stops the run before that file is
-    written; the only checkpoint, after step 0, holds finite weights."""
+    due after every step. The flush in on_save_checkpoint stops the run before the one after
+    step 1 is written; the only checkpoint, after step 0, holds finite weights."""
     torch.manual_seed(0)
     model = small_model()
     model._watch.reads = slow_reads(depth=8)[0]
