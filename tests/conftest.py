@@ -18,6 +18,47 @@ FASHION_MNIST = Path(os.environ.get("SIMCLR_FASHION_MNIST", "/usr/share/datasets
 # CI sets SIMCLR_REQUIRE_DATA=1: missing data is then a failure, not a skip.
 REQUIRE_DATA = os.environ.get("SIMCLR_REQUIRE_DATA") == "1"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under xdist every core already runs a test process. A second OpenMP thread per process
+    # spin-waits for a descheduled sibling: the notebook's kernel took 205 s instead of 50.
+    # One thread here, and in every process a test starts (CLI runs, the notebook's kernel,
+    # DDP ranks), which inherit OMP_NUM_THREADS.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+# The longest files, longest first (seconds each took under `-n 2 --dist loadfile` on the
+# 2-core machine). xdist hands whole files to whichever process is free; begun last, one of
+# these would leave the other core idle for a minute at the end of the run.
+LONG_FILES = [
+    "tests/test_learning.py",  # 82
+    "tests/test_notebook.py",  # 69
+    "tests/test_cli.py",  # 65
+    "tests/test_preemption.py",  # 61
+    "tests/test_resume.py",  # 54
+    "tests/test_cli_errors.py",  # 42
+    "tests/test_benchmarks.py",  # 37
+    "tests/test_multinode.py",  # 34
+    "tests/test_eval_cli.py",  # 34
+    "tests/test_quickstart.py",  # 30
+    "tests/test_fast_defaults.py",  # 30
+    "tests/test_distributed.py",  # 29
+    "tests/callbacks/test_monitors_ddp.py",  # 29
+    "tests/data/test_corrupt.py",  # 28
+    "tests/test_grad_cache.py",  # 28
+    "tests/data/test_sharding_ddp.py",  # 24
+]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # keep the order below: xdist's default puts the files with the most tests first
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONG_FILES)))
+
 
 @pytest.fixture
 def one_thread():
