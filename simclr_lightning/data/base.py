@@ -7,6 +7,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.fabric.utilities.data import suggested_max_num_workers
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
@@ -308,8 +309,14 @@ class SimCLRDataModule(L.LightningDataModule):
             images, labels = batch
         self.gpu_augment.to(labels.device)
         if isinstance(images, ImageBatch):  # undecoded or of different sizes
-            return self.gpu_augment.two_views_of_list(images.decode(labels.device)), labels
+            return self.gpu_augment.two_views_of_list(
+                self.decode_batch(images, labels.device)
+            ), labels
         return self.gpu_augment.two_views(images), labels
+
+    def decode_batch(self, images: ImageBatch, device: torch.device) -> list[Tensor]:
+        """The batch's images as uint8 tensors on ``device`` (decoded there if still JPEG)."""
+        return images.decode(device)
 
     def val_sample(self) -> Dataset:
         """The validation images in :func:`stratified_order` (the first ``val_subset``)."""

@@ -116,6 +116,27 @@ def _warn(path: str, reason: str, what: str) -> None:
 
 
 SUBSTITUTED = "another image is served in its place"
+IN_BATCH = "no decoder reads it on the device; the next image of its batch takes its slot"
+
+
+class DeviceSkips:
+    """Files that passed the workers' JPEG check but that no decoder reads where the batch is
+    decoded (``decode: gpu``), each named once per training process.
+
+    They are not flagged for the workers' seeded substitutes: every time, the batch serves
+    the same stand-in (its next image), so what a step sees does not depend on whether this
+    process met the file before: a resumed run, or another DDP rank, serves the same."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.reasons
+
+    def add(self, err: CorruptImageError) -> None:
+        if err.path not in self.reasons:
+            self.reasons[err.path] = err.reason
+            _warn(err.path, err.reason, IN_BATCH)
 
 
 class SkipCorrupt(SkippedFiles):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -94,13 +94,45 @@ class ImageBatch:
             start += size
         return out
 
-    def decode(self, device: torch.device | str) -> list[Tensor]:
-        """uint8 RGB ``[3, H, W]`` tensors on ``device``, in batch order."""
-        device = torch.device(device)
+    def decode(
+        self,
+        device: torch.device | str,
+        on_corrupt: Callable[[CorruptImageError], None] | None = None,
+        known_bad: Container[str] = (),
+    ) -> list[Tensor]:
+        """uint8 RGB ``[3, H, W]`` tensors on ``device``, in batch order.
+
+        A file that neither nvJPEG nor the CPU decoder reads (one that passed the workers'
+        JPEG marker check) raises :class:`CorruptImageError`, or, with ``on_corrupt``, is
+        handed to it and its slot gets the next image of the batch that decoded: the batch
+        keeps its size, which DDP's gathers need equal on every rank. Files in ``known_bad``
+        (found so before) get that slot without being decoded again."""
+        decoded = self._decode(torch.device(device), on_corrupt, known_bad)
+        bad = [i for i, image in enumerate(decoded) if isinstance(image, CorruptImageError)]
+        if len(bad) == len(decoded) and bad:
+            raise decoded[bad[0]]  # type: ignore[misc]
+        for i in bad:
+            j = next(
+                k % len(decoded)
+                for k in range(i + 1, i + len(decoded))
+                if not isinstance(decoded[k % len(decoded)], CorruptImageError)
+            )
+            decoded[i] = decoded[j]
+        return decoded  # type: ignore[return-value]
+
+    def _decode(
+        self,
+        device: torch.device,
+        on_corrupt: Callable[[CorruptImageError], None] | None,
+        known_bad: Container[str],
+    ) -> list[Tensor | CorruptImageError]:
         images = self.images
-        out: list[Tensor | None] = [None] * len(images)
-        encoded = [i for i, im in enumerate(images) if not im.decoded]
-        if len(encoded) < len(images):  # decoded pixels: one copy of the packed buffer
+        out: list[Tensor | CorruptImageError | None] = [None] * len(images)
+        for i, im in enumerate(images):
+            if not im.decoded and im.path in known_bad:
+                out[i] = CorruptImageError(im.path, "found undecodable before")
+        encoded = [i for i, im in enumerate(images) if not im.decoded and out[i] is None]
+        if any(im.decoded for im in images):  # decoded pixels: one copy of the packed buffer
             for i, im in enumerate(self._unpack(self.buffer.to(device))):
                 if im.decoded:
                     out[i] = im.data
@@ -108,13 +140,17 @@ class ImageBatch:
             try:
                 decoded = decode_jpegs([images[i].data for i in encoded], device)
             except Exception:  # find the culprit; nvJPEG lacks some formats (e.g. CMYK)
-                decoded = [self._decode_one(images[i], device) for i in encoded]
+                decoded = [self._decode_one(images[i], device, on_corrupt) for i in encoded]
             for i, image in zip(encoded, decoded, strict=True):
                 out[i] = image
         return out  # type: ignore[return-value]
 
     @staticmethod
-    def _decode_one(image: EncodedImage, device: torch.device) -> Tensor:
+    def _decode_one(
+        image: EncodedImage,
+        device: torch.device,
+        on_corrupt: Callable[[CorruptImageError], None] | None,
+    ) -> Tensor | CorruptImageError:
         try:
             return decode_jpegs([image.data], device)[0]
         except Exception:
@@ -122,7 +158,11 @@ class ImageBatch:
         try:  # the CPU decoder reads what nvJPEG does not
             return decode_image(image.data, mode=ImageReadMode.RGB).to(device)
         except Exception as err:
-            raise CorruptImageError(image.path, _reason(err)) from err
+            error = CorruptImageError(image.path, _reason(err))
+            if on_corrupt is None:
+                raise error from err
+            on_corrupt(error)
+            return error
 
     def __repr__(self) -> str:
         return f"ImageBatch({len(self.images)} images)"

@@ -199,3 +199,77 @@ def test_cuda_decode_spares_memory_that_queued_kernels_still_read():
         wrong += sum(int(total) != i * 3 * 32 * 32 for i, total in enumerate(sums))
         assert all(torch.equal(a.cpu(), b) for a, b in zip(decoded, reference, strict=True))
     assert wrong == 0
+
+
+BROKEN = b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9"  # JPEG's markers, no JPEG inside
+
+
+def test_an_undecodable_slot_gets_the_next_image_that_decoded(mixed_size_folder, tmp_path):
+    """Files that pass the workers' marker check and fail every decoder: with ``on_corrupt``
+    each is reported once and its slot holds the next good image of the batch (wrapping)."""
+    good = sorted((mixed_size_folder / "train" / "cat").glob("*.jpg"))[:2]
+    bad = [tmp_path / "bad_a.jpg", tmp_path / "bad_b.jpg"]
+    for path in bad:
+        path.write_bytes(BROKEN)
+    files = [good[0], bad[0], good[1], bad[1]]
+    batch = ImageBatch([read_encoded(str(f), decode=False) for f in files])
+    assert not any(im.decoded for im in batch.images)  # all four passed the marker check
+
+    found: list[CorruptImageError] = []
+    images = batch.decode("cpu", on_corrupt=found.append)
+    assert [e.path for e in found] == [str(p) for p in bad]
+    assert (images[0].int() - pil_pixels(good[0]).int()).abs().max() <= 2
+    assert images[1] is images[2] and images[3] is images[0]  # the next one that decoded
+
+    again = batch.decode("cpu", on_corrupt=found.append, known_bad={str(bad[1])})
+    assert [e.path for e in found[2:]] == [str(bad[0])]  # a known one is not decoded again
+    assert all(torch.equal(x, y) for x, y in zip(again, images, strict=True))
+
+    with pytest.raises(CorruptImageError, match="bad_a.jpg"):  # nothing to serve instead
+        ImageBatch([read_encoded(str(p), decode=False) for p in bad]).decode("cpu", found.append)
+
+
+def test_skip_corrupt_covers_files_only_the_device_decoder_finds(mixed_size_folder, tmp_path):
+    """``decode: gpu`` (the device is the CPU here): a file the workers pass on undecoded and
+    no decoder reads is named once in a run that meets it every epoch, and every batch keeps
+    its size. Without ``skip_corrupt`` the run stops naming it."""
+    import shutil
+    import warnings
+
+    import lightning as L
+
+    from simclr_lightning import CorruptImageWarning, SimCLR
+    from tests.helpers import quiet_trainer
+
+    root = tmp_path / "data"
+    shutil.copytree(mixed_size_folder, root)
+    (root / "train" / "cat" / "zz_broken.jpg").write_bytes(BROKEN)
+    n_files = len(list((root / "train").rglob("*.*")))
+    sizes: list[int] = []
+
+    class Sizes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            sizes.append(len(batch[1]))
+
+    def fit(skip: bool) -> list[str]:
+        data = ImageFolderDataModule(
+            str(root),
+            augment="gpu",
+            decode="gpu",
+            batch_size=n_files,  # every file in every step
+            num_workers=0,
+            skip_corrupt=skip,
+            augmentation=SimCLRAugmentation(image_size=16),
+        )
+        trainer = quiet_trainer(max_epochs=3, limit_val_batches=0, callbacks=[Sizes()])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CorruptImageWarning)
+            trainer.fit(SimCLR(head_hidden_dim=16, head_output_dim=8), data)
+        assert trainer.global_step == 3
+        return [str(w.message) for w in caught if w.category is CorruptImageWarning]
+
+    named = fit(skip=True)
+    assert len(named) == 1 and "zz_broken.jpg" in named[0] and "on the device" in named[0]
+    assert sizes == [n_files] * 3
+    with pytest.raises(CorruptImageError, match="zz_broken.jpg"):
+        fit(skip=False)
