@@ -36,7 +36,13 @@ from simclr_lightning.data import (
 from simclr_lightning.data.corrupt import CorruptFilesError, CorruptImageWarning
 from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.transforms import SimCLRAugmentation
-from simclr_lightning.errors import CheckpointError, CorruptImageError, DataFileError, SettingError
+from simclr_lightning.errors import (
+    CheckpointError,
+    CorruptImageError,
+    CorruptImageStop,
+    DataFileError,
+    SettingError,
+)
 from simclr_lightning.evaluation import LinearEval, knn_predict, sharded_knn_predict
 from simclr_lightning.grad_cache import embed_in_chunks
 from simclr_lightning.heads import ProjectionHead
@@ -74,6 +80,7 @@ __all__ = [
     "ProjectionHead",
     "CorruptFilesError",
     "CorruptImageError",
+    "CorruptImageStop",
     "CorruptImageWarning",
     "SettingError",
     "SampleDataModule",

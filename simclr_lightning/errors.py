@@ -49,6 +49,12 @@ class CorruptImageError(ValueError):
         return type(self), (self.path, self.reason)
 
 
+class CorruptImageStop(CorruptImageError):
+    """A :class:`CorruptImageError` that every process of a distributed run raises at the same
+    step, before training it, so a checkpoint of the last finished step can still be saved
+    (:mod:`simclr_lightning.data.failed_batches`)."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used (missing, empty, truncated, or of the wrong kind).
     Its message is one line naming the setting that gave the file, the file and what to do."""

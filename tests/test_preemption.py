@@ -4,6 +4,7 @@ finishes its step, saves it, exits 143, and resuming reaches the end of the run.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -226,3 +227,47 @@ def test_sigterm_under_ddp_stops_every_rank_after_the_same_step(tiny_folder, tmp
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out.decode()[-3000:]
     assert steps_logged(tmp_path) == sorted(2 * list(range(1, STEPS // 2 + 1)))
+
+
+@pytest.mark.slow
+def test_corrupt_file_under_ddp_stops_every_rank_at_one_step_and_saves_it(tiny_folder, tmp_path):
+    """2 processes; rank 1's third batch holds a damaged file. Both ranks finish steps 1-2,
+    stop together before step 3 with one line naming the file, and last.ckpt holds step 2;
+    with the file mended, resuming trains steps 3-6 once each."""
+    from torchvision.datasets import ImageFolder
+
+    from simclr_lightning.data.sampler import ResumableSampler
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_folder, root, symlinks=True)
+    files = [Path(path) for path, _ in ImageFolder(str(root / "train")).samples]
+    sampler = ResumableSampler(len(files), num_replicas=2, rank=1, seed=3)  # the config's seed
+    sampler.set_epoch(0)
+    bad = files[[i for i, _ in sampler][6]]  # rank 1, batch 3 (batches of 3)
+    original = bad.readlink()
+    bad.unlink()
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not the rest of a JPEG")
+
+    work = tmp_path / "run"
+    work.mkdir()
+    config = write_config(root, work)
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"] |= {"devices": 2, "strategy": "ddp"}
+    config.write_text(yaml.safe_dump(settings))
+    proc = cli(config)
+    out, _ = proc.communicate(timeout=300)
+    out = out.decode()
+    assert proc.returncode == 1, out[-3000:]
+    assert steps_logged(work) == [1, 1, 2, 2], out[-3000:]  # both ranks, steps 1 and 2
+    errors = [line for line in out.splitlines() if "cannot decode image file" in line]
+    assert errors and all(bad.name in line for line in errors), out[-3000:]
+    assert any("read by process 1 of 2" in line for line in errors), out[-3000:]
+    assert "no checkpoint written" not in out
+    assert global_step(work / "ckpts" / "last.ckpt") == 2
+
+    bad.unlink()
+    bad.symlink_to(original)
+    resumed = cli(config, "--ckpt_path", "last")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out.decode()[-3000:]
+    assert steps_logged(work) == sorted(2 * list(range(1, STEPS // 2 + 1)))

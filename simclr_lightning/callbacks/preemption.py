@@ -12,7 +12,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from simclr_lightning.errors import CorruptImageError
+from simclr_lightning.errors import CorruptImageError, CorruptImageStop
 
 # What a process killed by SIGTERM reports (128 + 15): the code schedulers and shells expect
 # from a run that was stopped, not finished.
@@ -31,7 +31,9 @@ class Preemption(Callback):
       from without any ``--ckpt_path`` (Lightning's own HPC resume takes the highest n).
 
     On :class:`~simclr_lightning.errors.CorruptImageError` (a file that cannot be decoded,
-    without ``data.skip_corrupt``) it saves the same checkpoint in one process; under DDP the
+    without ``data.skip_corrupt``) it saves the same checkpoint. Under DDP it can do so when
+    the training loader met the file: then every process stops at the same step
+    (:class:`~simclr_lightning.errors.CorruptImageStop`). Elsewhere (a validation loader) the
     other ranks are waiting for the failed one in a collective, so nothing can be saved and
     it says so. The ``simclr-lightning`` command adds this callback to every run and exits
     with :data:`SIGTERM_EXIT_CODE` after a SIGTERM.
@@ -46,7 +48,8 @@ class Preemption(Callback):
     ) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        if isinstance(exception, CorruptImageError) and trainer.world_size > 1:
+        alone = not isinstance(exception, CorruptImageStop)
+        if isinstance(exception, CorruptImageError) and alone and trainer.world_size > 1:
             rank_zero_warn(
                 "no checkpoint written: a corrupt image stopped one process of a distributed "
                 "run; the last checkpoint is the one ModelCheckpoint wrote"

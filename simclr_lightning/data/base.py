@@ -13,6 +13,7 @@ from torchvision.transforms import v2
 
 from simclr_lightning.data.device_store import DeviceImageStore, IndexDataset
 from simclr_lightning.data.encoded import ImageBatch
+from simclr_lightning.data.failed_batches import StopTogether
 from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.loaders import TrainOrder, check_batch_size
 from simclr_lightning.data.subsets import (
@@ -51,6 +52,10 @@ def dataset_class_names(datamodule) -> list[str] | None:
 class SimCLRDataModule(L.LightningDataModule):
     """Base class: subclasses say where images come from, this class how they are served.
 
+    Subclasses whose training batches read image files that may fail to decode set
+    ``reads_image_files``: under DDP every process then checks each batch together
+    (:mod:`~simclr_lightning.data.failed_batches`), so a bad file stops all at one step.
+
     Args:
         batch_size: images per device and step; the global batch is
             batch_size x devices x nodes.
@@ -79,6 +84,8 @@ class SimCLRDataModule(L.LightningDataModule):
             used (``val_subset``, ``trainer.limit_val_batches``) is a class-balanced random
             sample of all of it; the monitors (probe, kNN, plot) see that sample.
     """
+
+    reads_image_files = False
 
     def __init__(
         self,
@@ -150,6 +157,8 @@ class SimCLRDataModule(L.LightningDataModule):
         self.device_store: DeviceImageStore | None = None
         self.gpu_augment = GPUAugment(self.augmentation) if self.on_device else None
         self.train_order = TrainOrder()
+        self._catch_failed = False
+        self._stop_together = StopTogether()
 
     # -- what subclasses provide -------------------------------------------------------------
     @property
@@ -265,17 +274,26 @@ class SimCLRDataModule(L.LightningDataModule):
                 indices, self.trainer, self.batch_size, seeded=False, drop_last=self.drop_last
             )
         workers = self.workers
+        world = self.trainer.world_size if self.trainer is not None else 1
+        self._catch_failed = self.reads_image_files and world > 1
         return self.train_order.loader(
             self.train_set,
             self.trainer,
             self.batch_size,
             seeded=not self.on_device,
+            catch_failed=self._catch_failed,
             drop_last=self.drop_last,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
             collate_fn=self.device_collate_fn() if self.on_device else None,
         )
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Under DDP, stop every process together at a batch one of them could not read."""
+        if self._catch_failed and self.trainer is not None and self.trainer.training:
+            self._stop_together.check(batch, self.trainer)
+        return batch
 
     def state_dict(self) -> dict:
         """The training order's seed and position, and every rank's on-device augmentation

@@ -82,6 +82,8 @@ class ImageFolderDataModule(SimCLRDataModule):
         **kwargs: see :class:`SimCLRDataModule`.
     """
 
+    reads_image_files = True  # under DDP, a bad file stops every process at one step
+
     def __init__(
         self,
         root: str,
@@ -137,7 +139,7 @@ class ImageFolderDataModule(SimCLRDataModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         self.report_skipped()
-        return batch
+        return super().on_before_batch_transfer(batch, dataloader_idx)
 
     def teardown(self, stage: str) -> None:
         self.report_skipped()

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from simclr_lightning.data.failed_batches import CatchFailedBatches
 from simclr_lightning.data.sampler import ResumableSampler, SeededSamples
 from simclr_lightning.errors import SettingError
 
@@ -62,6 +63,12 @@ class ResumableLoader(DataLoader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.order: TrainOrder | None = None
+        # under DDP: a batch that fails to load becomes a FailedBatch (see failed_batches)
+        self.catch_failed = False
+
+    def __iter__(self) -> Any:
+        iterator = super().__iter__()
+        return CatchFailedBatches(iterator) if self.catch_failed else iterator
 
     def state_dict(self) -> dict[str, int]:
         return self.order.state_dict() if self.order is not None else {}
@@ -107,10 +114,12 @@ class TrainOrder:
         trainer: L.Trainer | None,
         batch_size: int,
         seeded: bool,
+        catch_failed: bool = False,
         **kwargs: Any,
     ) -> ResumableLoader:
         """The shuffled training loader: ``seeded`` gives each sample's transform its own seed
-        (views made in the loader); each rank of ``trainer`` reads its own shard."""
+        (views made in the loader); each rank of ``trainer`` reads its own shard;
+        ``catch_failed`` yields a :class:`FailedBatch` for a batch that fails to load."""
         self.trainer = trainer
         if self.seed is None:
             self.seed = order_seed(trainer)
@@ -125,5 +134,6 @@ class TrainOrder:
             **kwargs,
         )
         loader.order = self
+        loader.catch_failed = catch_failed
         self.apply(loader)
         return loader

@@ -1,0 +1,49 @@
+"""A training batch that fails to load under DDP becomes a FailedBatch, from loader workers
+too, and the loader goes on; in one process the check raises the file's own error. The
+2-process stop itself is tested through the command in tests/test_preemption.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from simclr_lightning import CorruptImageError
+from simclr_lightning.data.failed_batches import CatchFailedBatches, FailedBatch, StopTogether
+
+
+class BadAt(Dataset):
+    def __init__(self, size: int, bad: int) -> None:
+        self.size, self.bad = size, bad
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index == self.bad:
+            raise CorruptImageError(f"/data/{index}.jpg", "empty file")
+        return torch.tensor([index])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_batch_that_fails_becomes_a_failed_batch_and_loading_goes_on(workers):
+    loader = DataLoader(BadAt(12, bad=7), batch_size=3, num_workers=workers)
+    batches = list(CatchFailedBatches(iter(loader)))
+    assert len(batches) == 4
+    failed = batches[2]
+    assert isinstance(failed, FailedBatch) and failed.error.path == "/data/7.jpg"
+    assert failed.error.reason == "empty file"
+    kept = [b.flatten().tolist() for i, b in enumerate(batches) if i != 2]
+    assert kept == [[0, 1, 2], [3, 4, 5], [9, 10, 11]]
+
+
+def test_in_one_process_the_check_raises_the_files_own_error():
+    class OneProcess:
+        world_size, global_rank = 1, 0
+
+    stop = StopTogether()
+    stop.check(torch.zeros(3), OneProcess())  # a good batch passes
+    error = CorruptImageError("/data/7.jpg", "empty file")
+    with pytest.raises(CorruptImageError) as caught:
+        stop.check(FailedBatch(error), OneProcess())
+    assert caught.value is error
