@@ -7,12 +7,11 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.fabric.utilities.data import suggested_max_num_workers
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from simclr_lightning.data.device_store import DeviceImageStore, IndexDataset
-from simclr_lightning.data.encoded import ImageBatch
+from simclr_lightning.data.device_views import DeviceViews
 from simclr_lightning.data.failed_batches import StopTogether
 from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.loaders import TrainOrder, check_batch_size
@@ -49,7 +48,7 @@ def dataset_class_names(datamodule) -> list[str] | None:
     return None
 
 
-class SimCLRDataModule(L.LightningDataModule):
+class SimCLRDataModule(DeviceViews, L.LightningDataModule):
     """Base class: subclasses say where images come from, this class how they are served.
 
     Subclasses whose training batches read image files that may fail to decode set
@@ -157,7 +156,6 @@ class SimCLRDataModule(L.LightningDataModule):
         self.device_store: DeviceImageStore | None = None
         self.gpu_augment = GPUAugment(self.augmentation) if self.on_device else None
         self.train_order = TrainOrder()
-        self._catch_failed = False
         self._stop_together = StopTogether()
 
     # -- what subclasses provide -------------------------------------------------------------
@@ -230,15 +228,6 @@ class SimCLRDataModule(L.LightningDataModule):
             return Subset(dataset, indices)
         return dataset
 
-    def _seed_gpu_augment(self) -> None:
-        # seed_everything gives every rank the same default generators, so without a stream
-        # of its own per rank each rank would draw the same crops and jitter for batch
-        # position i. (Loader workers get the rank mixed into their seeds by Lightning.)
-        device = self.trainer.strategy.root_device
-        generator = torch.Generator(device=device)
-        generator.manual_seed(torch.initial_seed() + self.trainer.global_rank)
-        self.gpu_augment.generator = generator
-
     def device_collate_fn(self):
         """How workers' samples form a batch when views are made on the device (None:
         PyTorch's default stacking)."""
@@ -274,14 +263,12 @@ class SimCLRDataModule(L.LightningDataModule):
                 indices, self.trainer, self.batch_size, seeded=False, drop_last=self.drop_last
             )
         workers = self.workers
-        world = self.trainer.world_size if self.trainer is not None else 1
-        self._catch_failed = self.reads_image_files and world > 1
         return self.train_order.loader(
             self.train_set,
             self.trainer,
             self.batch_size,
             seeded=not self.on_device,
-            catch_failed=self._catch_failed,
+            catch_failed=self.stops_together,
             drop_last=self.drop_last,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -289,9 +276,16 @@ class SimCLRDataModule(L.LightningDataModule):
             collate_fn=self.device_collate_fn() if self.on_device else None,
         )
 
+    @property
+    def stops_together(self) -> bool:
+        """Whether training batches read files under DDP: the loader then hands on a batch it
+        could not read, and every process checks each batch together."""
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        return self.reads_image_files and self.device_store is None and distributed
+
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Under DDP, stop every process together at a batch one of them could not read."""
-        if self._catch_failed and self.trainer is not None and self.trainer.training:
+        if self.stops_together and self.trainer.training:
             self._stop_together.check(batch, self.trainer)
         return batch
 
@@ -310,31 +304,6 @@ class SimCLRDataModule(L.LightningDataModule):
         generator = self.gpu_augment.generator if self.gpu_augment is not None else None
         if states and generator is not None and self.trainer is not None:
             generator.set_state(own_rank(states, self.trainer))
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Make both SimCLR views of the whole batch on its device (``augment: gpu``)."""
-        if not self.on_device or self.trainer is None or not self.trainer.training:
-            return batch
-        return self.device_views(batch)
-
-    def device_views(self, batch):
-        """``((view_a, view_b), labels)`` from what the training loader yields when views are
-        made on the device: indices into the resident store, an :class:`ImageBatch`, or a
-        uint8 image tensor, all already on the training device."""
-        if self.device_store is not None:
-            images, labels = self.device_store.to(batch.device).gather(batch)
-        else:
-            images, labels = batch
-        self.gpu_augment.to(labels.device)
-        if isinstance(images, ImageBatch):  # undecoded or of different sizes
-            return self.gpu_augment.two_views_of_list(
-                self.decode_batch(images, labels.device)
-            ), labels
-        return self.gpu_augment.two_views(images), labels
-
-    def decode_batch(self, images: ImageBatch, device: torch.device) -> list[Tensor]:
-        """The batch's images as uint8 tensors on ``device`` (decoded there if still JPEG)."""
-        return images.decode(device)
 
     def val_sample(self) -> Dataset:
         """The validation images in :func:`stratified_order` (the first ``val_subset``)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+from simclr_lightning.data.corrupt import DeviceSkips
 from simclr_lightning.errors import CorruptImageError
 
 _JPEG_MAGIC = b"\xff\xd8"
@@ -94,20 +95,15 @@ class ImageBatch:
             start += size
         return out
 
-    def decode(
-        self,
-        device: torch.device | str,
-        on_corrupt: Callable[[CorruptImageError], None] | None = None,
-        known_bad: Container[str] = (),
-    ) -> list[Tensor]:
+    def decode(self, device: torch.device | str, skips: DeviceSkips | None = None) -> list[Tensor]:
         """uint8 RGB ``[3, H, W]`` tensors on ``device``, in batch order.
 
         A file that neither nvJPEG nor the CPU decoder reads (one that passed the workers'
-        JPEG marker check) raises :class:`CorruptImageError`, or, with ``on_corrupt``, is
-        handed to it and its slot gets the next image of the batch that decoded: the batch
-        keeps its size, which DDP's gathers need equal on every rank. Files in ``known_bad``
-        (found so before) get that slot without being decoded again."""
-        decoded = self._decode(torch.device(device), on_corrupt, known_bad)
+        JPEG marker check) raises :class:`CorruptImageError`, or, with ``skips``, is added to
+        it and its slot gets the next image of the batch that decoded: the batch keeps its
+        size, which DDP's gathers need equal on every rank. Files ``skips`` holds already get
+        that slot without being decoded again."""
+        decoded = self._decode(torch.device(device), skips)
         bad = [i for i, image in enumerate(decoded) if isinstance(image, CorruptImageError)]
         if len(bad) == len(decoded) and bad:
             raise decoded[bad[0]]  # type: ignore[misc]
@@ -121,16 +117,13 @@ class ImageBatch:
         return decoded  # type: ignore[return-value]
 
     def _decode(
-        self,
-        device: torch.device,
-        on_corrupt: Callable[[CorruptImageError], None] | None,
-        known_bad: Container[str],
+        self, device: torch.device, skips: DeviceSkips | None
     ) -> list[Tensor | CorruptImageError]:
         images = self.images
         out: list[Tensor | CorruptImageError | None] = [None] * len(images)
         for i, im in enumerate(images):
-            if not im.decoded and im.path in known_bad:
-                out[i] = CorruptImageError(im.path, "found undecodable before")
+            if skips is not None and not im.decoded and im.path in skips:
+                out[i] = CorruptImageError(im.path, skips.reasons[im.path])
         encoded = [i for i, im in enumerate(images) if not im.decoded and out[i] is None]
         if any(im.decoded for im in images):  # decoded pixels: one copy of the packed buffer
             for i, im in enumerate(self._unpack(self.buffer.to(device))):
@@ -140,16 +133,14 @@ class ImageBatch:
             try:
                 decoded = decode_jpegs([images[i].data for i in encoded], device)
             except Exception:  # find the culprit; nvJPEG lacks some formats (e.g. CMYK)
-                decoded = [self._decode_one(images[i], device, on_corrupt) for i in encoded]
+                decoded = [self._decode_one(images[i], device, skips) for i in encoded]
             for i, image in zip(encoded, decoded, strict=True):
                 out[i] = image
         return out  # type: ignore[return-value]
 
     @staticmethod
     def _decode_one(
-        image: EncodedImage,
-        device: torch.device,
-        on_corrupt: Callable[[CorruptImageError], None] | None,
+        image: EncodedImage, device: torch.device, skips: DeviceSkips | None
     ) -> Tensor | CorruptImageError:
         try:
             return decode_jpegs([image.data], device)[0]
@@ -159,9 +150,9 @@ class ImageBatch:
             return decode_image(image.data, mode=ImageReadMode.RGB).to(device)
         except Exception as err:
             error = CorruptImageError(image.path, _reason(err))
-            if on_corrupt is None:
+            if skips is None:
                 raise error from err
-            on_corrupt(error)
+            skips.add(error)
             return error
 
     def __repr__(self) -> str:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 
@@ -23,7 +22,7 @@ from simclr_lightning.data.corrupt import (
     verify_files,
 )
 from simclr_lightning.data.device_store import DeviceImageStore
-from simclr_lightning.data.encoded import ImageBatch, collate_encoded, read_encoded
+from simclr_lightning.data.encoded import collate_encoded, read_encoded
 from simclr_lightning.data.transforms import IMAGENET_VIEWS, SimCLRAugmentation
 from simclr_lightning.errors import require
 
@@ -103,7 +102,8 @@ class ImageFolderDataModule(SimCLRDataModule):
         # one per split, shared by every dataset made of it (the training split and the kNN
         # bank read the same files): a file found bad by any of them is named once, here
         self._skips: dict[str, SkipCorrupt] = {}
-        self._device_skips = DeviceSkips()
+        # files only the device's decoder finds bad (decode: gpu), skipped with skip_corrupt
+        self.device_skips = DeviceSkips() if skip_corrupt else None
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.root={root!r} is not a directory")
@@ -148,14 +148,6 @@ class ImageFolderDataModule(SimCLRDataModule):
         """Warn here about files the loader workers skipped (their own warnings are lost)."""
         for skip in self._skips.values():
             skip.report(SUBSTITUTED)
-
-    def decode_batch(self, images: ImageBatch, device: torch.device) -> list[Tensor]:
-        """With ``skip_corrupt``, a file that only fails on the device (it passed the workers'
-        JPEG marker check) is skipped too: named once, the next image of its batch served in
-        its place (:class:`~simclr_lightning.data.corrupt.DeviceSkips`)."""
-        if not self.skip_corrupt:
-            return images.decode(device)
-        return images.decode(device, self._device_skips.add, known_bad=self._device_skips)
 
     def device_input_transform(self):
         return None  # make_dataset then hands over bytes or decoded uint8 images as they are

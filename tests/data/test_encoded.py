@@ -12,7 +12,12 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from simclr_lightning import CorruptImageError, ImageFolderDataModule, SimCLRAugmentation
+from simclr_lightning import (
+    CorruptImageError,
+    CorruptImageWarning,
+    ImageFolderDataModule,
+    SimCLRAugmentation,
+)
 from simclr_lightning.data.encoded import ImageBatch, read_encoded
 from simclr_lightning.data.gpu import GPUAugment, sample_crop_boxes
 from tests.data.test_datamodules import fit_one_step_and_grab_batch
@@ -205,8 +210,19 @@ BROKEN = b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9"  # JPEG's markers, no
 
 
 def test_an_undecodable_slot_gets_the_next_image_that_decoded(mixed_size_folder, tmp_path):
-    """Files that pass the workers' marker check and fail every decoder: with ``on_corrupt``
-    each is reported once and its slot holds the next good image of the batch (wrapping)."""
+    """Files that pass the workers' marker check and fail every decoder: with ``skips`` each
+    is added to it once and its slot holds the next good image of the batch (wrapping)."""
+    from simclr_lightning.data.corrupt import DeviceSkips
+
+    class Recorded(DeviceSkips):
+        def __init__(self) -> None:
+            super().__init__()
+            self.added: list[str] = []
+
+        def add(self, err: CorruptImageError) -> None:  # every file found bad by decoding
+            self.added.append(err.path)
+            super().add(err)
+
     good = sorted((mixed_size_folder / "train" / "cat").glob("*.jpg"))[:2]
     bad = [tmp_path / "bad_a.jpg", tmp_path / "bad_b.jpg"]
     for path in bad:
@@ -215,18 +231,23 @@ def test_an_undecodable_slot_gets_the_next_image_that_decoded(mixed_size_folder,
     batch = ImageBatch([read_encoded(str(f), decode=False) for f in files])
     assert not any(im.decoded for im in batch.images)  # all four passed the marker check
 
-    found: list[CorruptImageError] = []
-    images = batch.decode("cpu", on_corrupt=found.append)
-    assert [e.path for e in found] == [str(p) for p in bad]
+    skips = Recorded()
+    with pytest.warns(CorruptImageWarning) as caught:
+        images = batch.decode("cpu", skips)
+    assert skips.added == [str(p) for p in bad]
+    assert [str(p) in str(w.message) for w in caught for p in bad].count(True) == 2
     assert (images[0].int() - pil_pixels(good[0]).int()).abs().max() <= 2
     assert images[1] is images[2] and images[3] is images[0]  # the next one that decoded
 
-    again = batch.decode("cpu", on_corrupt=found.append, known_bad={str(bad[1])})
-    assert [e.path for e in found[2:]] == [str(bad[0])]  # a known one is not decoded again
+    known = Recorded()
+    known.reasons[str(bad[1])] = "found before"
+    with pytest.warns(CorruptImageWarning):
+        again = batch.decode("cpu", known)
+    assert known.added == [str(bad[0])]  # a known one is not decoded again
     assert all(torch.equal(x, y) for x, y in zip(again, images, strict=True))
 
     with pytest.raises(CorruptImageError, match="bad_a.jpg"):  # nothing to serve instead
-        ImageBatch([read_encoded(str(p), decode=False) for p in bad]).decode("cpu", found.append)
+        ImageBatch([read_encoded(str(p), decode=False) for p in bad]).decode("cpu", Recorded())
 
 
 def test_skip_corrupt_covers_files_only_the_device_decoder_finds(mixed_size_folder, tmp_path):
