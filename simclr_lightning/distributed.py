@@ -231,11 +231,17 @@ def encode_rows(
 ) -> RowCollector:
     """Add ``pl_module(x)`` (unit vectors if ``normalize``) and the labels of every batch of
     ``loader`` (this rank's shard, see :func:`shard_loader`) to ``rows``: in eval mode and the
-    run's precision, the module's mode restored afterwards."""
+    run's precision, the module's mode restored afterwards. Each batch first passes the data
+    module's ``check_batch``, if it has one: under DDP a file one rank cannot read then stops
+    every rank, as in Lightning's own loops."""
     was_training = pl_module.training
     pl_module.eval()
+    check = getattr(trainer.datamodule, "check_batch", None)
     with trainer.precision_plugin.val_step_context():
-        for batch_idx, (x, labels) in enumerate(loader):
+        for batch_idx, batch in enumerate(loader):
+            if check is not None:
+                check(batch)
+            x, labels = batch
             features = pl_module(x.to(pl_module.device, non_blocking=True))
             if normalize:
                 features = torch.nn.functional.normalize(features.float(), dim=1)

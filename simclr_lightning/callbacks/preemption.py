@@ -32,11 +32,12 @@ class Preemption(Callback):
 
     On :class:`~simclr_lightning.errors.CorruptImageError` (a file that cannot be decoded,
     without ``data.skip_corrupt``) it saves the same checkpoint. Under DDP it can do so when
-    the training loader met the file: then every process stops at the same step
-    (:class:`~simclr_lightning.errors.CorruptImageStop`). Elsewhere (a validation loader) the
-    other ranks are waiting for the failed one in a collective, so nothing can be saved and
-    it says so. The ``simclr-lightning`` command adds this callback to every run and exits
-    with :data:`SIGTERM_EXIT_CODE` after a SIGTERM.
+    every process stops at the same batch
+    (:class:`~simclr_lightning.errors.CorruptImageStop`), which this library's data modules
+    arrange for their training, validation and kNN-bank loaders. Elsewhere (a data module of
+    the user's own) the other ranks are waiting for the failed one in a collective, so
+    nothing can be saved and it says so. The ``simclr-lightning`` command adds this callback
+    to every run and exits with :data:`SIGTERM_EXIT_CODE` after a SIGTERM.
     """
 
     def __init__(self) -> None:

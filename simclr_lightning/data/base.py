@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 
 from simclr_lightning.data.device_store import DeviceImageStore, IndexDataset
 from simclr_lightning.data.device_views import DeviceViews
-from simclr_lightning.data.failed_batches import StopTogether
+from simclr_lightning.data.failed_batches import CatchFailedSamples, CollateOrFail, StopTogether
 from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.loaders import TrainOrder, check_batch_size
 from simclr_lightning.data.subsets import (
@@ -51,9 +51,10 @@ def dataset_class_names(datamodule) -> list[str] | None:
 class SimCLRDataModule(DeviceViews, L.LightningDataModule):
     """Base class: subclasses say where images come from, this class how they are served.
 
-    Subclasses whose training batches read image files that may fail to decode set
-    ``reads_image_files``: under DDP every process then checks each batch together
-    (:mod:`~simclr_lightning.data.failed_batches`), so a bad file stops all at one step.
+    Subclasses whose batches read image files that may fail to decode set
+    ``reads_image_files``: under DDP every process then checks each batch together, training
+    and evaluation (validation, test, the kNN bank) alike
+    (:mod:`~simclr_lightning.data.failed_batches`), so a bad file stops all at one batch.
 
     Args:
         batch_size: images per device and step; the global batch is
@@ -242,11 +243,16 @@ class SimCLRDataModule(DeviceViews, L.LightningDataModule):
         return min(MAX_AUTO_WORKERS, suggested_max_num_workers(devices))
 
     def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
-        """An evaluation loader: in order, every image."""
+        """An evaluation loader: in order, every image. Under DDP, a batch with a file that
+        cannot be read arrives as a :class:`FailedBatch` (see :meth:`check_batch`)."""
         workers = self.workers
+        collate_fn = None
+        if self.evaluation_stops_together:
+            dataset, collate_fn = CatchFailedSamples(dataset), CollateOrFail()
         return DataLoader(
             dataset,
             batch_size=batch_size,
+            collate_fn=collate_fn,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
@@ -283,11 +289,22 @@ class SimCLRDataModule(DeviceViews, L.LightningDataModule):
         distributed = self.trainer is not None and self.trainer.world_size > 1
         return self.reads_image_files and self.device_store is None and distributed
 
+    @property
+    def evaluation_stops_together(self) -> bool:
+        """Whether evaluation batches read files under DDP (they never live on the device)."""
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        return self.reads_image_files and distributed
+
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Under DDP, stop every process together at a batch one of them could not read."""
-        if self.stops_together and self.trainer.training:
-            self._stop_together.check(batch, self.trainer)
+        self.check_batch(batch, training=self.trainer.training)
         return batch
+
+    def check_batch(self, batch, training: bool = False) -> None:
+        """Under DDP, stop every process together at a batch one of them could not read.
+        Every process calls it for every batch of one of this module's loaders: Lightning's
+        loops through :meth:`on_before_batch_transfer`, the kNN callbacks for the bank."""
+        if self.stops_together if training else self.evaluation_stops_together:
+            self._stop_together.check(batch, self.trainer)
 
     def state_dict(self) -> dict:
         """The training order's seed and position, and every rank's on-device augmentation

@@ -1,30 +1,38 @@
-"""A training batch that one process of a distributed run could not load, and the agreement
-that stops every process at the same step because of it.
+"""A batch that one process of a distributed run could not load, and the agreement that stops
+every process at the same batch because of it.
 
 A process that raises alone leaves the others waiting in the next collective: nothing can be
-saved, and the run hangs until the backend's timeout. Instead, the training loader hands on a
+saved, and the run hangs until the backend's timeout. Instead, the loader hands on a
 :class:`FailedBatch`, and before a batch is used every process learns, through one all-reduce
 of a host integer (a gloo group: hosts wait for each other, never for the GPU), whether some
 process holds one. Then all of them raise
-:class:`~simclr_lightning.errors.CorruptImageStop` before training that step, and
+:class:`~simclr_lightning.errors.CorruptImageStop` before using that batch, and
 :class:`~simclr_lightning.callbacks.Preemption` saves the last finished step, as it does in
-one process. The failed batch is not trained on: a resumed run reads it again.
+one process. A failed training batch is not trained on: a resumed run reads it again.
+
+The training loader catches the error its iterator raises (:class:`CatchFailedBatches`).
+Evaluation loaders (validation, test, the kNN bank) cannot carry such an iterator, since
+Lightning rebuilds them from their arguments to add its ``DistributedSampler``, and the kNN
+callbacks rebuild them again; so their dataset hands on a :class:`FailedSample`
+(:class:`CatchFailedSamples`) and their ``collate_fn`` makes the batch a
+:class:`FailedBatch` (:class:`CollateOrFail`), both of which survive a rebuild.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset, default_collate
 
 from simclr_lightning.errors import CorruptImageError, CorruptImageStop
 
 
 class FailedBatch:
-    """Stands in a training loader's output for a batch whose loading raised ``error``."""
+    """Stands in a loader's output for a batch whose loading raised ``error``."""
 
     def __init__(self, error: CorruptImageError) -> None:
         self.error = error
@@ -50,6 +58,48 @@ class CatchFailedBatches:
             return FailedBatch(err)
 
 
+class FailedSample(FailedBatch):
+    """Stands in a dataset's output for a sample whose loading raised ``error``."""
+
+
+class CatchFailedSamples(Dataset):
+    """``dataset`` with a :class:`FailedSample` where reading a sample raised
+    :class:`CorruptImageError`; other attributes are the dataset's own."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except CorruptImageError as err:
+            return FailedSample(err)
+
+    def __getattr__(self, name: str) -> Any:
+        # Not the dataset's dunders: the loader would fetch through a Subset's __getitems__
+        # around this catch; nor "dataset" itself before it is set (unpickling).
+        if name.startswith("__") or name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class CollateOrFail:
+    """A ``collate_fn``: the batch of the first :class:`FailedSample` among ``samples`` as a
+    :class:`FailedBatch`, else ``collate(samples)``."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any] | None = None) -> None:
+        self.collate = collate or default_collate
+
+    def __call__(self, samples: list[Any]) -> Any:
+        for sample in samples:
+            if isinstance(sample, FailedSample):
+                return FailedBatch(sample.error)
+        return self.collate(samples)
+
+
 class StopTogether:
     """The per-step agreement of :mod:`this module <simclr_lightning.data.failed_batches>`."""
 
@@ -58,7 +108,9 @@ class StopTogether:
 
     def check(self, batch: Any, trainer: L.Trainer) -> None:
         """Raise :class:`CorruptImageStop` in every process when any process holds a
-        :class:`FailedBatch`; call it in every process for every training batch."""
+        :class:`FailedBatch`; call it in every process for every batch of a loader (each
+        process's loader has as many batches: Lightning's and this library's samplers pad
+        the shards to one length)."""
         failed = isinstance(batch, FailedBatch)
         if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
             if failed:

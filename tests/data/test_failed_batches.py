@@ -47,3 +47,30 @@ def test_in_one_process_the_check_raises_the_files_own_error():
     with pytest.raises(CorruptImageError) as caught:
         stop.check(FailedBatch(error), OneProcess())
     assert caught.value is error
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_evaluation_loader_hands_on_a_failed_batch_after_a_rebuild(workers):
+    """Evaluation loaders carry the catch in their dataset and collate_fn, so it survives
+    Lightning's rebuild of the loader around a DistributedSampler (done here the same way:
+    a new DataLoader from the old one's dataset and collate_fn). The dataset is a Subset, as
+    the validation sample is: its batched __getitems__ must not go around the catch."""
+    from torch.utils.data import DistributedSampler, Subset
+
+    from simclr_lightning.data.failed_batches import CatchFailedSamples, CollateOrFail
+
+    dataset = CatchFailedSamples(Subset(BadAt(14, bad=9), range(12)))
+    assert dataset.indices == range(12) and len(dataset) == 12  # still the dataset's own
+    first = DataLoader(dataset, batch_size=2, collate_fn=CollateOrFail())
+    sampler = DistributedSampler(first.dataset, num_replicas=2, rank=1, shuffle=False)
+    rebuilt = DataLoader(
+        first.dataset,
+        batch_size=2,
+        sampler=sampler,
+        collate_fn=first.collate_fn,
+        num_workers=workers,
+    )
+    batches = list(rebuilt)  # rank 1 reads 1, 3, 5, 7, 9, 11
+    assert [b.flatten().tolist() for b in batches[:2]] == [[1, 3], [5, 7]]
+    assert isinstance(batches[2], FailedBatch) and batches[2].error.path == "/data/9.jpg"
+    assert batches[2].error.reason == "empty file"
