@@ -266,7 +266,13 @@ class SimCLRDataModule(DeviceViews, L.LightningDataModule):
         if self.device_store is not None:  # images live on the device: serve indices only
             indices = IndexDataset(len(self.device_store))
             return self.train_order.loader(
-                indices, self.trainer, self.batch_size, seeded=False, drop_last=self.drop_last
+                indices,
+                self.trainer,
+                self.batch_size,
+                seeded=False,
+                drop_last=self.drop_last,
+                # pinned, Lightning's copy of each index batch does not make the host wait
+                pin_memory=self.pin_memory and torch.cuda.is_available(),
             )
         workers = self.workers
         return self.train_order.loader(
@@ -296,13 +302,18 @@ class SimCLRDataModule(DeviceViews, L.LightningDataModule):
         return self.reads_image_files and distributed
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        self.check_batch(batch, training=self.trainer.training)
+        training = self.trainer.training
+        # views made on the device: checked after the transfer, once decoded there
+        if not (training and self.on_device):
+            self.check_batch(batch, training=training)
         return batch
 
     def check_batch(self, batch, training: bool = False) -> None:
         """Under DDP, stop every process together at a batch one of them could not read.
         Every process calls it for every batch of one of this module's loaders: Lightning's
-        loops through :meth:`on_before_batch_transfer`, the kNN callbacks for the bank."""
+        loops through :meth:`on_before_batch_transfer` (training batches whose views are made
+        on the device through ``on_after_batch_transfer``, once decoded), the kNN callbacks
+        for the bank."""
         if self.stops_together if training else self.evaluation_stops_together:
             self._stop_together.check(batch, self.trainer)
 

@@ -43,10 +43,16 @@ def reason_of(err: BaseException) -> str:
 
 def load_rgb(path: str) -> Image.Image:
     """The file decoded to RGB by PIL, or :class:`CorruptImageError` naming it."""
+    return load_image(path, "RGB")
+
+
+def load_image(path: str, mode: str) -> Image.Image:
+    """The file decoded by PIL and converted to ``mode`` (``RGB``, or ``L`` for a grayscale
+    model), or :class:`CorruptImageError` naming it."""
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
-            return image.convert("RGB")
+            return image.convert(mode)
     except Exception as err:
         reason = "empty file" if _is_empty(path) else reason_of(err)
         raise CorruptImageError(path, reason) from err

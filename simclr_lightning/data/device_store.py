@@ -6,12 +6,12 @@ skipped: the DataLoader only yields index batches, without workers, and the trai
 step gathers the images on the device and augments them there with
 :class:`~simclr_lightning.data.gpu.GPUAugment`.
 
-Sharding stays Lightning's business: :class:`IndexDataset` is an ordinary map-style
-dataset, so under DDP Lightning swaps in a ``DistributedSampler`` that gives each rank
-a disjoint shard and reshuffles every epoch through ``set_epoch``. With
-``drop_last=False`` (the default) and a dataset size not divisible by the world size,
-the sampler pads the shuffled list with its first indices, so a few images are seen
-twice per epoch; with ``drop_last=True`` it truncates instead and a few are skipped.
+Sharding is the training loader's: it draws :class:`IndexDataset`'s indices through the
+library's :class:`~simclr_lightning.data.sampler.ResumableSampler`, a ``DistributedSampler``
+that Lightning keeps instead of injecting its own, so each rank gets a disjoint shard of one
+``seed + epoch`` shuffle. When the dataset size is not divisible by the world size, the
+sampler always pads the shuffled list with its first indices (a few images are seen twice
+per epoch); the data module's ``drop_last`` only drops each rank's incomplete last batch.
 """
 
 from __future__ import annotations

@@ -3,12 +3,16 @@ once Lightning has moved it there."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from simclr_lightning.data.corrupt import DeviceSkips
 from simclr_lightning.data.encoded import ImageBatch
+from simclr_lightning.data.failed_batches import FailedBatch
+from simclr_lightning.errors import CorruptImageError
 
 if TYPE_CHECKING:
     import lightning as L
@@ -28,6 +32,7 @@ class DeviceViews:
     # files that only the device's decoder finds bad, skipped (with skip_corrupt) by serving
     # the next image of their batch; None: such a file stops the run
     device_skips: DeviceSkips | None = None
+    check_batch: Callable[..., None]  # the data module's per-step check of a batch
 
     def _seed_gpu_augment(self) -> None:
         # seed_everything gives every rank the same default generators, so without a stream
@@ -39,21 +44,56 @@ class DeviceViews:
         self.gpu_augment.generator = generator
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Make both SimCLR views of the whole batch on its device (``augment: gpu``)."""
+        """Make both SimCLR views of the whole batch on its device (``augment: gpu``).
+
+        Here, not before the transfer, each training batch gets the data module's per-step
+        check (:meth:`check_batch`: under DDP every process learns whether one of them could
+        not read its batch): with ``decode: gpu`` a file may turn out bad only now, when it is
+        decoded, and a process raising alone would leave the others waiting."""
         if not self.on_device or self.trainer is None or not self.trainer.training:
             return batch
-        return self.device_views(batch)
+        try:
+            images = batch if isinstance(batch, FailedBatch) else self.device_images(batch)
+        except CorruptImageError as err:
+            images = FailedBatch(err)
+        self.check_batch(images, training=True)
+        if isinstance(images, FailedBatch):  # no other process to tell: the file's own error
+            raise images.error
+        return self.views_of(*images)
 
     def device_views(self, batch):
         """``((view_a, view_b), labels)`` from what the training loader yields when views are
         made on the device: indices into the resident store, an :class:`ImageBatch`, or a
         uint8 image tensor, all already on the training device."""
+        return self.views_of(*self.device_images(batch))
+
+    def device_images(self, batch) -> tuple[Tensor | list[Tensor], Tensor]:
+        """``(uint8 images, labels)`` of a training batch on its device: gathered from the
+        resident store, or decoded, where a file no decoder reads (skipped with
+        ``skip_corrupt``) gets its substitute's image and label."""
         if self.device_store is not None:
-            images, labels = self.device_store.to(batch.device).gather(batch)
-        else:
-            images, labels = batch
-        self.gpu_augment.to(labels.device)
+            return self.device_store.to(batch.device).gather(batch)
+        images, labels = batch
         if isinstance(images, ImageBatch):  # undecoded or of different sizes
-            decoded = images.decode(labels.device, self.device_skips)
-            return self.gpu_augment.two_views_of_list(decoded), labels
+            decoded, sources = images.decode_with_sources(labels.device, self.device_skips)
+            return decoded, take_slots(labels, sources)
+        return images, labels
+
+    def views_of(self, images: Tensor | list[Tensor], labels: Tensor):
+        """``((view_a, view_b), labels)``: both views of uint8 images on the labels' device."""
+        self.gpu_augment.to(labels.device)
+        if isinstance(images, list):  # decoded from an ImageBatch: maybe of different sizes
+            return self.gpu_augment.two_views_of_list(images), labels
         return self.gpu_augment.two_views(images), labels
+
+
+def take_slots(labels: Tensor, sources: Sequence[int]) -> Tensor:
+    """``labels`` with slot ``i`` holding ``labels[sources[i]]``: one copy on their device per
+    substituted slot (Python indices, so nothing crosses between host and device)."""
+    moved = [(i, j) for i, j in enumerate(sources) if i != j]
+    if not moved:
+        return labels
+    out = labels.clone()
+    for i, j in moved:
+        out[i] = labels[j]
+    return out

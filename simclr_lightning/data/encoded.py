@@ -8,6 +8,7 @@ views are cropped from each full image, exactly as the CPU pipeline would crop t
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms.v2.functional import to_dtype
 
 from simclr_lightning.data.corrupt import DeviceSkips
 from simclr_lightning.errors import CorruptImageError
@@ -52,10 +54,23 @@ def read_encoded(path: str, decode: bool) -> EncodedImage:
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         intact = raw[:2] == _JPEG_MAGIC and raw.rstrip(b"\0")[-2:] == _JPEG_END
         if decode or not intact:  # PNG & co. and doubtful JPEGs are decoded here, on the CPU
-            return EncodedImage(path, decode_image(data, mode=ImageReadMode.RGB), True)
+            return EncodedImage(path, decode_rgb8(data), True)
     except Exception as err:
         raise CorruptImageError(path, _reason(err)) from err
     return EncodedImage(path, data, False)
+
+
+def decode_rgb8(data: Tensor) -> Tensor:
+    """A file's bytes decoded on the CPU to uint8 RGB ``[3, H, W]``.
+
+    torchvision decodes a 16-bit PNG to uint16; it is scaled to 8 bits (its high byte, as PIL
+    reads it on the CPU path), since a batch packs, and the views read, uint8 pixels only."""
+    return to_uint8(decode_image(data, mode=ImageReadMode.RGB))
+
+
+def to_uint8(image: Tensor) -> Tensor:
+    """``image`` as uint8, scaled from its dtype's range (the same tensor when uint8)."""
+    return to_dtype(image, torch.uint8, scale=True)
 
 
 def _reason(err: Exception) -> str:
@@ -70,7 +85,8 @@ class ImageBatch:
     The pixels or bytes of all images are packed into one flat tensor, so a worker hands a
     batch over in one shared-memory block rather than one per image. It has no ``to`` method
     on purpose: Lightning's batch transfer leaves it on the host, and :meth:`decode` moves or
-    decodes the images onto the device in one batched call.
+    decodes the images onto the device in one batched call. It has a ``pin_memory`` method,
+    which a DataLoader with ``pin_memory=True`` calls, so that copy does not block the host.
     """
 
     def __init__(self, images: Sequence[EncodedImage]) -> None:
@@ -95,6 +111,14 @@ class ImageBatch:
             start += size
         return out
 
+    def pin_memory(self) -> ImageBatch:
+        """This batch with its packed buffer in page-locked memory (what the DataLoader's
+        ``pin_memory`` step calls on a batch type of its own), so :meth:`decode` copies
+        decoded pixels to a GPU without making the host wait."""
+        pinned = copy.copy(self)
+        pinned.buffer = self.buffer.pin_memory() if self.buffer is not None else None
+        return pinned
+
     def decode(self, device: torch.device | str, skips: DeviceSkips | None = None) -> list[Tensor]:
         """uint8 RGB ``[3, H, W]`` tensors on ``device``, in batch order.
 
@@ -103,18 +127,22 @@ class ImageBatch:
         it and its slot gets the next image of the batch that decoded: the batch keeps its
         size, which DDP's gathers need equal on every rank. Files ``skips`` holds already get
         that slot without being decoded again."""
+        return self.decode_with_sources(device, skips)[0]
+
+    def decode_with_sources(
+        self, device: torch.device | str, skips: DeviceSkips | None = None
+    ) -> tuple[list[Tensor], list[int]]:
+        """:meth:`decode`'s images, and for each slot the batch position whose image it holds
+        (its own, or the substitute's for a skipped file), for the labels to follow the pixels."""
         decoded = self._decode(torch.device(device), skips)
-        bad = [i for i, image in enumerate(decoded) if isinstance(image, CorruptImageError)]
-        if len(bad) == len(decoded) and bad:
-            raise decoded[bad[0]]  # type: ignore[misc]
-        for i in bad:
-            j = next(
-                k % len(decoded)
-                for k in range(i + 1, i + len(decoded))
-                if not isinstance(decoded[k % len(decoded)], CorruptImageError)
-            )
-            decoded[i] = decoded[j]
-        return decoded  # type: ignore[return-value]
+        n = len(decoded)
+        good = [not isinstance(image, CorruptImageError) for image in decoded]
+        if n and not any(good):
+            raise decoded[0]  # type: ignore[misc]
+        sources = [
+            next(k % n for k in range(i, i + n) if good[k % n]) for i in range(n)
+        ]  # each slot's own image, else the next one of the batch that decoded
+        return [decoded[j] for j in sources], sources  # type: ignore[misc]
 
     def _decode(
         self, device: torch.device, skips: DeviceSkips | None
@@ -126,7 +154,8 @@ class ImageBatch:
                 out[i] = CorruptImageError(im.path, skips.reasons[im.path])
         encoded = [i for i, im in enumerate(images) if not im.decoded and out[i] is None]
         if any(im.decoded for im in images):  # decoded pixels: one copy of the packed buffer
-            for i, im in enumerate(self._unpack(self.buffer.to(device))):
+            pinned = device.type == "cuda" and self.buffer.is_pinned()
+            for i, im in enumerate(self._unpack(self.buffer.to(device, non_blocking=pinned))):
                 if im.decoded:
                     out[i] = im.data
         if encoded:
@@ -147,7 +176,7 @@ class ImageBatch:
         except Exception:
             pass
         try:  # the CPU decoder reads what nvJPEG does not
-            return decode_image(image.data, mode=ImageReadMode.RGB).to(device)
+            return decode_rgb8(image.data).to(device)
         except Exception as err:
             error = CorruptImageError(image.path, _reason(err))
             if skips is None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from simclr_lightning.data.corrupt import SkippedFiles, load_rgb, verify_files
+from simclr_lightning.data.corrupt import SkippedFiles, load_image, verify_files
 from simclr_lightning.data.image_folder import IMAGE_EXTENSIONS
 from simclr_lightning.data.transforms import (
     IMAGENET_MEAN,
@@ -53,13 +53,17 @@ LEFT_OUT = "no prediction for it"
 class ImageFiles(Dataset):
     """``(image, path)`` pairs: the path travels with the batch so predictions can name it.
 
+    Images are read as ``mode``: ``RGB``, or ``L`` for a model trained on grayscale images.
     With ``skip_corrupt`` an undecodable file gives None (and one warning), which
     :func:`collate_present` leaves out: a prediction is for the file it names, so no other
     image may stand in for it."""
 
-    def __init__(self, files: Sequence[str], transform, skip_corrupt: bool = False) -> None:
+    def __init__(
+        self, files: Sequence[str], transform, skip_corrupt: bool = False, mode: str = "RGB"
+    ) -> None:
         self.files = list(files)
         self.transform = transform
+        self.mode = mode
         self.skipped = SkippedFiles(self.files) if skip_corrupt else None
 
     def __len__(self) -> int:
@@ -68,7 +72,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         path = self.files[index]
         try:
-            image = load_rgb(path)
+            image = load_image(path, self.mode)
         except CorruptImageError as err:
             if self.skipped is None:
                 raise
@@ -92,7 +96,8 @@ class ImageFilesDataModule(L.LightningDataModule):
     ``image_size``/``mean``/``std``/``resize_ratio`` left None are taken from the model being
     run when it records its preprocessing (a :class:`~simclr_lightning.evaluation.LinearEval`
     checkpoint does), so predictions see images prepared as in training; otherwise 224 px
-    with ImageNet statistics. An unreadable image raises
+    with ImageNet statistics. One ``mean`` value (an MNIST model's) reads the images as
+    grayscale, three as RGB. An unreadable image raises
     :class:`~simclr_lightning.errors.CorruptImageError` naming the file.
 
     Args:
@@ -146,31 +151,36 @@ class ImageFilesDataModule(L.LightningDataModule):
         if skipped is not None:
             skipped.report(LEFT_OUT)
 
-    def image_size_and_transform(self):
+    def size_channels_and_transform(self):
+        """``(image_size, channels, transform)``: the model's recorded preprocessing, with this
+        module's settings first; ``channels`` (1 or 3) is the number of ``mean`` values."""
         model = self.trainer.lightning_module if self.trainer is not None else None
         recorded = getattr(model, "preprocessing", None) or {}
         size = self.image_size or recorded.get("image_size") or 224
         mean = self.mean or recorded.get("mean") or IMAGENET_MEAN
         std = self.std or recorded.get("std") or IMAGENET_STD
+        require(len(mean) in (1, 3), "data.mean", mean, "1 (grayscale) or 3 (RGB) values")
+        require(len(std) == len(mean), "data.std", std, f"{len(mean)} value(s), as data.mean")
         ratio = (
             self.resize_ratio
             if self.resize_ratio is not None
             else recorded.get("resize_ratio", eval_crop_ratio(size))
         )
-        return size, eval_transform(size, mean, std, ratio)
+        return size, len(mean), eval_transform(size, mean, std, ratio)
 
     def transform(self):
-        return self.image_size_and_transform()[1]
+        return self.size_channels_and_transform()[2]
 
     def predict_dataloader(self) -> DataLoader:
         # Built here, not in setup(): the model's checkpoint (and its preprocessing) is only
         # loaded after setup.
-        size, transform = self.image_size_and_transform()
-        self.dataset = ImageFiles(self.files, transform, self.skip_corrupt)
+        size, channels, transform = self.size_channels_and_transform()
+        mode = "L" if channels == 1 else "RGB"
+        self.dataset = ImageFiles(self.files, transform, self.skip_corrupt, mode)
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             shuffle=False,
-            collate_fn=partial(collate_present, shape=(3, size, size)),
+            collate_fn=partial(collate_present, shape=(channels, size, size)),
         )

@@ -301,3 +301,48 @@ def test_files_the_knn_bank_skips_in_workers_are_named_once(bad_folder):
     assert sorted(m.split("'")[1] for m in after_bank) == sorted(map(str, bad))
     skipped = [str(w.message) for w in caught if w.category is CorruptImageWarning]
     assert len(skipped) == 3  # training met the same files: no second warning
+
+
+@pytest.mark.slow
+def test_a_file_only_the_device_decoder_finds_bad_stops_every_ddp_rank_at_one_step(
+    cifar_jpg_root, tmp_path
+):
+    """``decode: gpu`` under 2-process DDP (the device is the CPU here): rank 1's third batch
+    holds a file whose JPEG markers pass the workers' check and that no decoder reads, so it
+    turns out bad only when the batch is decoded, after the transfer. Both ranks still stop
+    before step 3 with one line naming it, and last.ckpt holds step 2, as on the CPU path
+    (tests/test_preemption.py), instead of rank 1 raising alone."""
+    import yaml
+    from torchvision.datasets import ImageFolder
+
+    from simclr_lightning.data.sampler import ResumableSampler
+    from tests.helpers import make_subset
+    from tests.test_preemption import (
+        assert_stopped_on,
+        cli,
+        global_step,
+        steps_logged,
+        write_config,
+    )
+
+    root = make_subset(cifar_jpg_root, tmp_path / "data", 2, 1)
+    files = [Path(path) for path, _ in ImageFolder(str(root / "train")).samples]
+    sampler = ResumableSampler(len(files), num_replicas=2, rank=1, seed=3)  # the config's seed
+    sampler.set_epoch(0)
+    bad = files[[i for i, _ in sampler][6]]  # rank 1, batch 3 (batches of 3)
+    bad.unlink()  # a symlink to the real file
+    bad.write_bytes(b"\xff\xd8" + b"\x00garbage" * 50 + b"\xff\xd9")  # markers intact
+    assert not read_encoded(str(bad), decode=False).decoded  # left to the device's decoder
+
+    work = tmp_path / "run"
+    work.mkdir()
+    config = write_config(root, work)
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"] |= {"devices": 2, "strategy": "ddp"}
+    settings["data"]["init_args"] |= {"augment": "gpu", "decode": "gpu"}
+    config.write_text(yaml.safe_dump(settings))
+    proc = cli(config)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert_stopped_on(bad, proc.returncode, out)
+    assert steps_logged(work) == [1, 1, 2, 2], out[-3000:]  # both ranks, steps 1 and 2
+    assert global_step(work / "ckpts" / "last.ckpt") == 2

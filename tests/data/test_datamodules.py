@@ -281,3 +281,36 @@ def test_loader_workers_follow_the_machine(cifar_tiny, monkeypatch):
     auto.trainer = trainer
     assert auto.workers == 2  # 6 cores / 2 devices - 1
     assert ImageFolderDataModule(str(cifar_tiny), batch_size=8, num_workers=3).workers == 3
+
+
+def test_predicting_with_a_grayscale_models_preprocessing_serves_one_channel(
+    fashion_mnist_dir, tmp_path
+):
+    """A Fashion-MNIST model records one mean and std: the files to predict on are read as
+    grayscale, so the batch has the one channel the model takes (three channels broadcast
+    against the one mean silently, then fail in the model's first conv)."""
+    from types import SimpleNamespace
+
+    from simclr_lightning import ImageFilesDataModule
+
+    raw = gzip.decompress((fashion_mnist_dir / "t10k-images-idx3-ubyte.gz").read_bytes())
+    (tmp_path / "t10k").write_bytes(raw)
+    digits = read_image_file(str(tmp_path / "t10k"))[:3]  # torchvision's own idx parser
+    for i, digit in enumerate(digits):
+        Image.fromarray(digit.numpy()).save(tmp_path / f"{i}.png")
+    expected = (digits[:, None].float() / 255 - 0.2860) / 0.3530
+    recorded = {"image_size": 28, "mean": [0.2860], "std": [0.3530], "resize_ratio": 1.0}
+
+    dm = ImageFilesDataModule(str(tmp_path), batch_size=3)
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(preprocessing=recorded))
+    images, paths = next(iter(dm.predict_dataloader()))
+    assert [Path(p).name for p in paths] == ["0.png", "1.png", "2.png"]
+    assert images.shape == (3, 1, 28, 28)
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+
+    rgb = ImageFilesDataModule(str(tmp_path), batch_size=3, image_size=28, resize_ratio=1.0)
+    images, _ = next(iter(rgb.predict_dataloader()))  # an RGB model (ImageNet statistics)
+    assert images.shape == (3, 3, 28, 28)
+    one_value = r"data.std=\(0.5, 0.5\) is invalid: must be 1 value\(s\), as data.mean"
+    with pytest.raises(ValueError, match=one_value):
+        ImageFilesDataModule(str(tmp_path), mean=(0.5,), std=(0.5, 0.5)).predict_dataloader()

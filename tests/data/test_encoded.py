@@ -4,6 +4,8 @@ and each view is torchvision's resized crop of the full image."""
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -294,3 +296,139 @@ def test_skip_corrupt_covers_files_only_the_device_decoder_finds(mixed_size_fold
     assert sizes == [n_files] * 3
     with pytest.raises(CorruptImageError, match="zz_broken.jpg"):
         fit(skip=False)
+
+
+def test_a_skipped_slot_gets_its_substitutes_label_with_its_pixels(cifar_jpg_root, tmp_path):
+    """``decode: gpu`` + ``skip_corrupt``: the slot of a file only the device's decoder finds
+    bad holds the next image of the batch, and that image's label (the file's own class is
+    not what the pixels show), as the CPU path serves its substitute with its own label."""
+    from types import SimpleNamespace
+
+    from simclr_lightning.data.encoded import collate_encoded
+
+    for name in ("airplane", "automobile"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for src in sorted((cifar_jpg_root / "train" / name).iterdir())[:2]:
+            (tmp_path / "train" / name / src.name).write_bytes(src.read_bytes())
+    bad = sorted((tmp_path / "train" / "airplane").iterdir())[1]  # label 0, in slot 1
+    bad.write_bytes(BROKEN)
+    data = ImageFolderDataModule(
+        str(tmp_path),
+        augment="gpu",
+        decode="gpu",
+        skip_corrupt=True,
+        batch_size=4,
+        num_workers=0,
+        augmentation=SimCLRAugmentation(image_size=16),
+    )
+    dataset = data.make_dataset("train", None)
+    files = [Path(path) for path, _ in dataset.samples]
+    classes = [0, 0, 1, 1]  # the class folders, sorted: airplane, automobile
+    assert files[1] == bad and [label for _, label in dataset.samples] == classes
+    batch = collate_encoded([dataset[i] for i in range(4)])
+    assert not any(image.decoded for image in batch[0].images)  # bad passed the marker check
+
+    with pytest.warns(CorruptImageWarning, match=bad.name):
+        images = batch[0].decode("cpu", data.device_skips)
+    good = [f for f in files if f != bad]
+    holds = []  # the file whose pixels each slot holds
+    for image in images:
+        diffs = [(image.int() - pil_pixels(f).int()).abs().max() for f in good]
+        holds.append(good[int(np.argmin(diffs))])
+        assert min(diffs) <= 2
+    assert holds == [files[0], files[2], files[2], files[3]]  # slot 1: the next that decoded
+
+    # what the training hook serves with the views: each slot's label is its pixels' file's
+    cpu = SimpleNamespace(root_device=torch.device("cpu"))
+    data.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0, strategy=cpu)
+    data.setup("fit")
+    (view_a, _), labels = data.on_after_batch_transfer(batch, 0)
+    assert view_a.shape == (4, 3, 16, 16)
+    assert labels.tolist() == [classes[files.index(f)] for f in holds] == [0, 1, 1, 1]
+
+
+def write_png16(path: Path, values: np.ndarray) -> Path:
+    """A 16-bit RGB PNG, written by hand (PIL writes none): each row is filter byte 0 and its
+    big-endian samples, zlib-compressed."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    height, width, _ = values.shape
+    rows = b"".join(b"\0" + values[y].astype(">u2").tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bits, RGB
+    png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
+    return path
+
+
+def deep_png(path: Path, height: int, width: int, seed: int) -> tuple[Path, torch.Tensor]:
+    """A 16-bit PNG of random values, and the 8-bit pixels PIL reads from it (the high byte
+    of each value)."""
+    values = np.random.default_rng(seed).integers(0, 2**16, (height, width, 3), dtype=np.uint16)
+    write_png16(path, values)
+    high_bytes = torch.from_numpy((values >> 8).astype(np.uint8)).permute(2, 0, 1)
+    assert Image.open(path).mode == "RGB" and torch.equal(pil_pixels(path), high_bytes)
+    return path, high_bytes
+
+
+def test_a_16_bit_png_is_read_as_pil_reads_it(mixed_size_folder, tmp_path):
+    """torchvision decodes a 16-bit PNG to uint16: packed with 8-bit images the batch failed
+    to form, alone its views were taken for floats in [0, 1] (all white). It is read as 8-bit
+    pixels, as PIL reads it for the CPU path."""
+    path, expected = deep_png(tmp_path / "deep.png", 20, 30, seed=0)
+    image = read_encoded(str(path), decode=False)  # not a JPEG: decoded in the worker
+    assert image.decoded and image.data.dtype == torch.uint8
+    assert torch.equal(image.data, expected)
+
+    jpeg = sorted((mixed_size_folder / "train" / "cat").glob("*.jpg"))[0]
+    batch = ImageBatch([read_encoded(str(jpeg), decode=False), image])  # bytes and pixels
+    decoded = batch.decode("cpu")
+    assert (decoded[0].int() - pil_pixels(jpeg).int()).abs().max() <= 2
+    assert torch.equal(decoded[1], expected)
+    cfg = SimCLRAugmentation(image_size=16, mean=(0.0,) * 3, std=(1.0,) * 3, jitter_prob=0)
+    view_a, _ = GPUAugment(cfg, torch.Generator().manual_seed(0)).two_views_of_list(decoded)
+    assert view_a[1].std() > 0.1  # a random image's crop, not a white one
+
+
+def test_resident_store_holds_16_bit_pngs_as_8_bit(tmp_path):
+    """``resident: true`` decodes the training split once into one uint8 tensor: 16-bit
+    PNGs among 8-bit ones are stored as PIL reads them."""
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    expected = dict(deep_png(folder / f"{i}.png", 8, 8, seed=i) for i in range(2))
+    eight_bit = np.random.default_rng(2).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(eight_bit).save(folder / "2.png")
+    expected[folder / "2.png"] = torch.from_numpy(eight_bit).permute(2, 0, 1)
+    data = ImageFolderDataModule(
+        str(tmp_path), augment="gpu", resident=True, batch_size=2, num_workers=0
+    )
+    data.setup("fit")
+    store = data.device_store
+    assert store.images.dtype == torch.uint8 and store.images.shape == (3, 3, 8, 8)
+    for row, (path, _) in zip(store.images, data.train_set.samples, strict=True):
+        assert torch.equal(row, expected[Path(path)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decoded_batches_reach_the_gpu_from_pinned_memory_without_a_host_wait(
+    mixed_size_folder,
+):
+    """``decode: cpu`` + ``augment: gpu``: the loader pins each batch's packed pixels (its
+    ``pin_memory`` step calls the batch's own), so copying them to the GPU queues the copy
+    instead of waiting for it (CUDA's sync detector raises on a wait)."""
+    data = ImageFolderDataModule(str(mixed_size_folder), augment="gpu", batch_size=4, num_workers=0)
+    data.setup("fit")
+    batch, labels = next(iter(data.train_dataloader()))
+    assert isinstance(batch, ImageBatch) and batch.buffer.is_pinned() and labels.is_pinned()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        decoded = batch.decode("cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for image, path in zip(decoded, batch.paths, strict=True):
+        assert image.is_cuda
+        assert (image.cpu().int() - pil_pixels(Path(path)).int()).abs().max() <= 2

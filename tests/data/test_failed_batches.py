@@ -4,6 +4,8 @@ too, and the loader goes on; in one process the check raises the file's own erro
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -74,3 +76,57 @@ def test_an_evaluation_loader_hands_on_a_failed_batch_after_a_rebuild(workers):
     assert [b.flatten().tolist() for b in batches[:2]] == [[1, 3], [5, 7]]
     assert isinstance(batches[2], FailedBatch) and batches[2].error.path == "/data/9.jpg"
     assert batches[2].error.reason == "empty file"
+
+
+def test_device_decoded_training_batches_are_checked_once_each_after_decoding(
+    cifar_jpg_root, tmp_path, monkeypatch
+):
+    """``decode: gpu`` under DDP: the per-step check (one all-reduce) is made after the
+    transfer, where the device's decoder has read the batch, not before it: once per batch,
+    with the decoded batch, or with a :class:`FailedBatch` for a file the workers or that
+    decoder could not read. (The 2-process stop: tests/data/test_corrupt.py.)"""
+    from types import SimpleNamespace
+
+    from simclr_lightning import ImageFolderDataModule, SimCLRAugmentation
+    from simclr_lightning.data.encoded import collate_encoded
+
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    for src in sorted((cifar_jpg_root / "train" / "cat").iterdir())[:8]:  # 4 per process
+        (tmp_path / "train" / "cat" / src.name).write_bytes(src.read_bytes())
+    data = ImageFolderDataModule(
+        str(tmp_path),
+        augment="gpu",
+        decode="gpu",
+        batch_size=4,
+        num_workers=0,
+        augmentation=SimCLRAugmentation(image_size=16),
+    )
+    cpu = SimpleNamespace(root_device=torch.device("cpu"))
+    data.trainer = SimpleNamespace(training=True, world_size=2, global_rank=0, strategy=cpu)
+    data.setup("fit")
+    checked: list = []
+    monkeypatch.setattr(data._stop_together, "check", lambda batch, _: checked.append(batch))
+
+    batch = collate_encoded([data.train_set[i] for i in range(4)])
+    assert data.on_before_batch_transfer(batch, 0) is batch and checked == []
+    (view_a, _), labels = data.on_after_batch_transfer(batch, 0)
+    assert len(checked) == 1 and not isinstance(checked[0], FailedBatch)
+    assert view_a.shape == (4, 3, 16, 16) and labels.tolist() == [0] * 4
+
+    failed = FailedBatch(CorruptImageError("/data/7.jpg", "empty file"))  # from the workers
+    data.on_before_batch_transfer(failed, 0)
+    with pytest.raises(CorruptImageError, match="7.jpg"):  # the check here lets it through
+        data.on_after_batch_transfer(failed, 0)
+    assert checked[1:] == [failed]
+
+    bad = Path(data.train_set.samples[2][0])
+    bad.write_bytes(b"\xff\xd8" + b"\x00garbage" * 50 + b"\xff\xd9")  # passes the workers
+    batch = collate_encoded([data.train_set[i] for i in range(4)])
+    with pytest.raises(CorruptImageError, match=bad.name):
+        data.on_after_batch_transfer(batch, 0)
+    assert len(checked) == 3 and isinstance(checked[2], FailedBatch)
+    assert checked[2].error.path == str(bad)
+
+    data.trainer.training = False  # evaluation batches are checked before the transfer
+    data.on_before_batch_transfer(torch.zeros(2), 0)
+    assert len(checked) == 4

@@ -74,6 +74,7 @@ class GPUAugment(nn.Module):
         cfg = self.cfg
         if images.ndim != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(images.shape)}")
+        _check_dtype(images.dtype)
         if self.mean.shape[1] not in (1, images.shape[1]):
             raise ValueError(
                 f"cfg.mean/std have {self.mean.shape[1]} values, "
@@ -173,12 +174,15 @@ class GPUAugment(nn.Module):
         """Two views of every image in a list of ``[C, H, W]`` images of different sizes
         (a batch of decoded JPEGs), cropping from each full image as torchvision would.
 
-        Boxes are drawn on the host for each image's own size; each crop is resized with
-        the antialiased bilinear ``interpolate`` torchvision uses (a loop of 2 small kernels
-        per image), and everything after the crop runs on the whole batch.
+        Boxes are drawn for each image's own size and read on the host to slice the crops
+        (with the generator on the GPU, one wait for the device per batch); each crop is
+        resized with the antialiased bilinear ``interpolate`` torchvision uses (a loop of 2
+        small kernels per image), and everything after the crop runs on the whole batch.
         """
         if len({tuple(im.shape) for im in images}) == 1:
             return self.two_views(torch.stack(list(images)))
+        for image in images:
+            _check_dtype(image.dtype)
         n, size = len(images), self.cfg.image_size
         device = images[0].device
         heights = torch.tensor([im.shape[-2] for im in images]).repeat(2)
@@ -204,3 +208,10 @@ class GPUAugment(nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self.cfg)
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    """Only uint8 and float images have a known range: uint16 pixels (a 16-bit PNG's) taken
+    for floats in [0, 1] would make white views without a word."""
+    if dtype != torch.uint8 and not dtype.is_floating_point:
+        raise ValueError(f"images must be uint8 or float in [0, 1], got {dtype}")

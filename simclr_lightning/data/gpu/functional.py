@@ -31,9 +31,17 @@ __all__ = [
 
 def per_sample(factor: Tensor | float, images: Tensor) -> Tensor:
     """Factors or masks ``[B]`` (or a scalar) shaped to broadcast over ``[B, C, H, W]``."""
-    dtype = torch.bool if isinstance(factor, Tensor) and factor.dtype == torch.bool else None
-    f = torch.as_tensor(factor, dtype=dtype or images.dtype, device=images.device)
+    f = _on_device(factor, images)
     return f.reshape(-1, *([1] * (images.ndim - 1))) if f.ndim else f
+
+
+def _on_device(factor: Tensor | float, images: Tensor) -> Tensor:
+    """``factor`` on the images' device (in their dtype unless a mask). A Python number is
+    filled in there: ``as_tensor`` would copy it from the host, which blocks the host."""
+    if not isinstance(factor, Tensor):
+        return torch.full((), factor, dtype=images.dtype, device=images.device)
+    dtype = torch.bool if factor.dtype == torch.bool else images.dtype
+    return factor.to(device=images.device, dtype=dtype)
 
 
 def blend(image1: Tensor, image2: Tensor, ratio: Tensor) -> Tensor:
@@ -119,7 +127,7 @@ def adjust_hue(images: Tensor, factor: Tensor | float) -> Tensor:
         return images
     hsv = _rgb_to_hsv(images)
     h, s, v = hsv.unbind(dim=-3)
-    f = torch.as_tensor(factor, dtype=images.dtype, device=images.device)
+    f = _on_device(factor, images)
     h = h.add(f.reshape(-1, *([1] * (h.ndim - 1))) if f.ndim else f).remainder_(1.0)
     return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
 

@@ -33,8 +33,7 @@ def sample_crop_boxes(
     ``round``; computed in float64 like torchvision's scalars.
     """
     f64 = torch.float64
-    height = torch.as_tensor(height, dtype=torch.long, device=device).expand(n)
-    width = torch.as_tensor(width, dtype=torch.long, device=device).expand(n)
+    height, width = _sizes(height, n, device), _sizes(width, n, device)
     area = (height * width).to(f64)[:, None]
     u = torch.rand(n, 10, 2, generator=generator, device=device, dtype=f64)
     target_area = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
@@ -59,6 +58,14 @@ def sample_crop_boxes(
     top = torch.where(found, top, (height - fh) // 2)
     left = torch.where(found, left, (width - fw) // 2)
     return top, left, h, w
+
+
+def _sizes(size: int | Tensor, n: int, device: torch.device | str | None) -> Tensor:
+    """``[n]`` int64 sizes on ``device``. One size is filled in there: ``as_tensor`` of a
+    Python int would copy it from the host, which blocks the host every step."""
+    if isinstance(size, Tensor):
+        return size.to(device=device, dtype=torch.long).expand(n)
+    return torch.full((n,), int(size), dtype=torch.long, device=device)
 
 
 def jitter_ranges(cfg: SimCLRAugmentation) -> list[tuple[float, float] | None]:

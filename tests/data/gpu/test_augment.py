@@ -55,6 +55,16 @@ def test_mean_std_required_and_channel_mismatch_rejected() -> None:
         GPUAugment(config(3))(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
 
 
+def test_integer_images_other_than_uint8_are_refused() -> None:
+    """A uint16 image (a 16-bit PNG's) was taken for floats in [0, 1]: white views."""
+    aug = GPUAugment(config(3))
+    deep = torch.full((2, 3, 32, 32), 40_000, dtype=torch.uint16)
+    with pytest.raises(ValueError, match=r"uint8 or float in \[0, 1\], got torch.uint16"):
+        aug.two_views(deep)
+    with pytest.raises(ValueError, match="torch.uint16"):
+        aug.two_views_of_list([deep[0], deep[1, :, :20]])
+
+
 def test_identical_images_get_independent_views() -> None:
     image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     batch = image.expand(32, -1, -1, -1).contiguous()
@@ -144,3 +154,23 @@ def test_cuda_matches_cpu_for_the_same_parameters() -> None:
     # TF32 matmuls/convs (if enabled) bound the difference, not the algorithm.
     torch.testing.assert_close(out.cpu(), expected, atol=2e-2, rtol=0)
     assert GPUAugment(cfg).cuda()(images.cuda()).shape == (64, 3, 32, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_views_of_a_gpu_batch_never_wait_for_the_gpu() -> None:
+    """A resident dataset's step (CIFAR, MNIST, ``resident: true``): drawing the parameters
+    on the GPU and making both views only queues work; a copy of a Python int to the GPU (as
+    ``torch.as_tensor(size, device=...)`` makes) would wait, and CUDA's sync detector raise."""
+    device = torch.device("cuda")
+    cfg = config(image_size=32, blur_prob=0.5, solarize_prob=0.2)
+    aug = GPUAugment(cfg, torch.Generator(device=device).manual_seed(0)).to(device)
+    images = torch.randint(0, 256, (64, 3, 40, 36), dtype=torch.uint8, device=device)
+    aug.two_views(images)  # warm-up: CUDA libraries initialise on first use
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        view_a, view_b = aug.two_views(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert view_a.shape == view_b.shape == (64, 3, 32, 32) and view_a.is_cuda
