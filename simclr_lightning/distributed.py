@@ -3,9 +3,13 @@ bookkeeping that lets evaluation callbacks see every validation image exactly on
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
@@ -14,6 +18,32 @@ def rank_and_world_size() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def mean_over_processes(value: Tensor) -> Tensor:
+    """``value`` (detached) averaged over every process, the same on all of them: one
+    all-reduce, queued on the device. Lightning's ``sync_dist`` on a per-step value does the
+    same after a barrier, and under NCCL a barrier makes the host wait for the GPU at every
+    step. Log the result without ``sync_dist`` (see :func:`already_synced`)."""
+    value = value.detach()
+    world = rank_and_world_size()[1]
+    if world == 1:
+        return value
+    total = value.clone()
+    dist.all_reduce(total)
+    return total / world
+
+
+def already_synced(*names: str) -> None:
+    """Silence Lightning's advice to log ``names`` with ``sync_dist=True``: their values come
+    from :func:`mean_over_processes`, so every process already logs the same number."""
+    for name in names:
+        warnings.filterwarnings(
+            "ignore",
+            message=rf"It is recommended to use `self\.log\({re.escape(repr(name))}, \.\.\., "
+            r"sync_dist=True\)`",
+            category=PossibleUserWarning,
+        )
 
 
 def gather_with_grad(tensor: Tensor) -> Tensor:

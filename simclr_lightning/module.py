@@ -10,6 +10,7 @@ from torch import Tensor
 
 from simclr_lightning.backbones import build_backbone
 from simclr_lightning.checkpoint import with_class_path
+from simclr_lightning.distributed import already_synced, mean_over_processes
 from simclr_lightning.errors import require
 from simclr_lightning.grad_cache import embed_in_chunks
 from simclr_lightning.heads import ProjectionHead
@@ -20,6 +21,7 @@ from simclr_lightning.optim import (
     build_optimizer,
     param_groups,
     scaled_learning_rate,
+    schedule_steps,
     warmup_cosine,
 )
 from simclr_lightning.run_checks import StepWatch, check_accumulation, check_warmup
@@ -36,7 +38,9 @@ class SimCLR(L.LightningModule):
     Training batches are ``((view_a, view_b), labels)``. With ``loss: ntxent`` (SimCLR) labels
     are only passed on to callbacks (online probe, kNN); ``loss: supcon`` (Khosla et al. 2020)
     uses them to define the positives. ``training_step`` and ``validation_step`` return the
-    backbone features so callbacks need no second forward.
+    backbone features so callbacks need no second forward. The progress bar's ``loss`` is the
+    value the NaN check has read, two steps late on a GPU; ``train/loss`` goes to the loggers.
+    Under DDP both are the mean over processes.
 
     The defaults are one recipe: google-research/simclr's CIFAR-10 pretraining command
     (ResNet-18 with the CIFAR stem its code uses for images of 32 px, the code's 3-layer head
@@ -196,8 +200,16 @@ class SimCLR(L.LightningModule):
             loss, stats = self.criterion.forward_with_stats(z_a, z_b)
         # No host read here: the watch checks the loss (and z_std) two steps late on a GPU.
         logging_step = self.global_step % self.trainer.log_every_n_steps == 0
-        self._watch.push(self.global_step, loss, stats["z_std"], watch_collapse=logging_step)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        # The mean over processes (non-finite on every process as soon as on one, so all of
+        # them stop at the same step), from one all-reduce queued on the device: not
+        # sync_dist, whose barrier would make the host wait for the GPU at every step.
+        mean_loss = mean_over_processes(loss)
+        self._watch.push(self.global_step, mean_loss, stats["z_std"], watch_collapse=logging_step)
+        # Not in the progress bar: Lightning reads every progress-bar value on the host after
+        # every batch (whatever log_every_n_steps, even with the bar off), a GPU wait per step.
+        self.log("train/loss", mean_loss, on_step=True, on_epoch=True)
+        if self._watch.loss is not None:  # the bar shows the loss the watch has read instead
+            self.log("loss", self._watch.loss, prog_bar=True, logger=False, on_step=True)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
         # A host tensor: Lightning turns a float into a tensor on the module's device, a
         # blocking copy that would make the host wait for the GPU at every step.
@@ -222,6 +234,7 @@ class SimCLR(L.LightningModule):
         # eval mode (e.g. by a kNN check before training) would pretrain with frozen BatchNorm
         # statistics. Every part of SimCLR trains, so make that explicit.
         self.train()
+        already_synced("train/loss")
 
     def on_train_epoch_end(self) -> None:
         self._watch.flush()
@@ -258,7 +271,7 @@ class SimCLR(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         check_accumulation(self.trainer.accumulate_grad_batches)
-        total_steps = int(self.trainer.estimated_stepping_batches)
+        total_steps = schedule_steps(self.trainer, "SimCLR")
         lr = scaled_learning_rate(hp.base_lr, self.global_batch_size(), hp.lr_scaling)
         groups = param_groups(self, hp.weight_decay, hp.exclude_bn_bias)
         optimizer = build_optimizer(hp.optimizer, groups, lr, hp.momentum, hp.lars_eta)

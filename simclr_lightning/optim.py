@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from simclr_lightning.errors import require
+from simclr_lightning.errors import SettingError, require
 
 LRScaling = Literal["linear", "sqrt", "none"]
 OptimizerName = Literal["lars", "sgd", "adamw"]
@@ -183,3 +183,17 @@ def warmup_cosine(
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def schedule_steps(trainer, who: str) -> int:
+    """The optimizer steps a cosine schedule spans: Lightning's estimate of the whole run,
+    refused when the run has no end (``max_epochs=-1`` and ``max_steps=-1``, or a loader
+    without a length and no ``max_steps``) instead of failing on ``int(inf)``."""
+    total = trainer.estimated_stepping_batches
+    if math.isinf(total):
+        raise SettingError(
+            f"{who}'s cosine schedule needs a run of known length, but trainer.max_epochs="
+            f"{trainer.max_epochs} and trainer.max_steps={trainer.max_steps} give none: set "
+            "trainer.max_steps, or trainer.max_epochs with a training loader that has a length"
+        )
+    return max(1, int(total))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -84,16 +85,22 @@ class StepWatch:
     (:class:`CollapseWatch`), reading both back two steps late on a GPU so it never waits.
 
     On a GPU the error for a non-finite loss therefore comes two steps after the step that
-    made it (the message names that step; under DDP every process stops at the same step).
-    :meth:`flush` makes the check complete, and runs before any checkpoint is written, so no
-    checkpoint ever holds the weights a non-finite step produced. Once seen, the error is
-    raised again at every later check.
+    made it (the message names that step). Under DDP every process stops at the same step if
+    the losses pushed agree on being finite (the lag is a count of steps): the caller pushes
+    a loss that is non-finite on every process as soon as on one. :meth:`flush` makes the
+    check complete, and runs before any checkpoint is written, so no checkpoint ever holds the
+    weights a non-finite step produced. Once seen, the error is raised again at every later
+    check.
+
+    ``loss`` is the last loss checked, a host tensor: what the progress bar can show without
+    a read from the GPU (Lightning reads every progress-bar value after every batch).
     """
 
     def __init__(self, output_dim: int, reads: LaggedReads | None = None) -> None:
         self.collapse = CollapseWatch(output_dim)
         self.reads = reads if reads is not None else LaggedReads()
         self.failure: str | None = None
+        self.loss: Tensor | None = None
 
     def push(self, step: int, loss: Tensor, z_std: Tensor, watch_collapse: bool) -> None:
         """Queue this step's values and check those the device has finished."""
@@ -106,6 +113,7 @@ class StepWatch:
 
     def _check(self, finished) -> None:
         for (step, watch_collapse), (loss, z_std) in finished:
+            self.loss = torch.tensor(loss)
             if self.failure is None and not math.isfinite(loss):
                 self.failure = (
                     f"train/loss is {loss} at step {step}: lower model.base_lr, raise "

@@ -69,9 +69,12 @@ class SupConLoss(nn.Module):
             cos, local = cos.detach(), local.detach()
             negative = ~positive & not_self
             nearest = cos.masked_fill(~not_self, float("-inf")).argmax(dim=1)
+            # Masked sums, not cos[mask] or `if negative.any()`: both would make the host wait
+            # for the GPU every step. Every anchor has a positive (its other view); a batch of
+            # one class has no negative, and its neg_cos is 0.
             stats = {
-                "pos_cos": cos[positive].mean(),
-                "neg_cos": cos[negative].mean() if negative.any() else cos.new_zeros(()),
+                "pos_cos": torch.where(positive, cos, 0.0).sum() / positive.sum(),
+                "neg_cos": torch.where(negative, cos, 0.0).sum() / negative.sum().clamp_min(1),
                 "contrastive_acc": (col_labels[nearest] == row_labels).float().mean(),
                 "z_std": local.std(dim=0).mean(),
             }

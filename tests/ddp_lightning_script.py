@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,13 +27,32 @@ WORLD, PER_RANK = 2, 4
 
 
 class SaveStep(L.Callback):
+    """Also the logged ``train/loss``, the barriers run inside the training step (where a
+    barrier, e.g. Lightning's ``sync_dist``, is a host wait for the GPU under NCCL) and
+    Lightning's warnings about ``sync_dist``."""
+
     def __init__(self, out: Path, initial: dict[str, torch.Tensor]) -> None:
         self.out = out
         self.loss = None
         self.initial = {k: v.clone() for k, v in initial.items()}
+        self.caught: list = []  # the warnings of the fit, set by run()
+        self.in_step = False
+        self.step_barriers = 0
+        barrier = torch.distributed.barrier
+
+        def counted(*args, **kwargs):
+            self.step_barriers += self.in_step
+            return barrier(*args, **kwargs)
+
+        torch.distributed.barrier = counted
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.in_step = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.in_step = False
         self.loss = outputs["loss"].detach()
+        self.logged = trainer.callback_metrics["train/loss"].clone()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         # Runs after backward, i.e. after DDP's all-reduce averaged the gradients.
@@ -44,6 +64,11 @@ class SaveStep(L.Callback):
         torch.save(
             {
                 "loss": self.loss,
+                "logged": self.logged,
+                "step_barriers": self.step_barriers,
+                "sync_warnings": [
+                    str(w.message) for w in self.caught if "sync_dist" in str(w.message)
+                ],
                 "grads": self.grads,
                 "world": trainer.world_size,
                 "initial": self.initial,
@@ -109,7 +134,9 @@ def run(args: argparse.Namespace) -> None:
     trainer = ddp_trainer(
         args.devices, callbacks, max_steps=1, limit_val_batches=0, precision=args.precision
     )
-    trainer.fit(model, DataLoader(samples, batch_size=batch_size, shuffle=False))
+    with warnings.catch_warnings(record=True) as save.caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, DataLoader(samples, batch_size=batch_size, shuffle=False))
 
 
 if __name__ == "__main__":

@@ -107,6 +107,9 @@ def test_lightning_ddp_equals_single_process(tmp_path):
     assert [r["world"] for r in ranks] == [2, 2]
     mean_loss = torch.stack([r["loss"] for r in ranks]).mean()
     torch.testing.assert_close(mean_loss, single["loss"], rtol=1e-5, atol=1e-6)
+    for r in ranks:  # every rank logs the global batch's loss, with no barrier in the step
+        torch.testing.assert_close(r["logged"], single["loss"], rtol=1e-5, atol=1e-6)
+        assert r["step_barriers"] == 0 and r["sync_warnings"] == []
     assert single["grads"].keys() == ranks[0]["grads"].keys()
     for name, ref in single["grads"].items():
         for r in ranks:

@@ -10,17 +10,19 @@ from __future__ import annotations
 import math
 import warnings
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
 
-from simclr_lightning import SimCLR
+from simclr_lightning import ImagesPerSecond, SimCLR
 from simclr_lightning.callbacks import OnlineLinearProbe
 from simclr_lightning.evaluation import LinearEval
 from simclr_lightning.lagged_reads import LaggedReads
 from simclr_lightning.run_checks import StepWatch
+from tests.device_reads import DeviceReads, device_reads_per_step
 from tests.helpers import quiet_trainer
 from tests.test_checkpoint import save_simclr_checkpoint
 
@@ -194,6 +196,7 @@ def test_training_step_and_probe_read_nothing_back_on_the_host():
 def test_linear_eval_training_step_reads_nothing_back_on_the_host(tmp_path):
     save_simclr_checkpoint(tmp_path / "s.ckpt", cifar_stem=True, in_channels=3)
     model = LinearEval(str(tmp_path / "s.ckpt"), num_classes=3, optimizer="sgd", lr=0.1)
+    model._reads = slow_reads(depth=8)[0]  # a GPU that lags: the bar's loss reads nothing yet
     mode = HostReads()
     model.training_step = watched(model.training_step, mode)
     gen = torch.Generator().manual_seed(0)
@@ -204,28 +207,102 @@ def test_linear_eval_training_step_reads_nothing_back_on_the_host(tmp_path):
     assert mode.calls == []
 
 
+class StepLosses(L.Callback):
+    """Each step's loss, kept on the device (reading it here would be a read per step)."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].detach().clone())
+
+
+def test_a_fit_reads_no_device_value_back_per_step_and_the_bar_shows_the_read_loss():
+    """Lightning reads every progress-bar value on the host after every batch (whatever
+    log_every_n_steps, even with the bar off): a device loss there made the host wait for
+    the GPU at every step. The bar shows the loss the NaN watch has read, two steps late."""
+    fits: dict[int, tuple[L.Trainer, list[torch.Tensor]]] = {}
+
+    def fit(steps: int, callbacks: list[L.Callback]) -> None:
+        torch.manual_seed(0)
+        model = small_model()
+        model._watch.reads = LaggedReads(2, marker=lambda device: SlowMarker([]))  # a GPU
+        record = StepLosses()
+        callbacks += [OnlineLinearProbe(num_classes=3), ImagesPerSecond(2, 1), record]
+        trainer = quiet_trainer(
+            max_steps=steps, callbacks=callbacks, limit_val_batches=0, log_every_n_steps=2
+        )
+        trainer.fit(model, DataLoader(pairs(4 * steps), batch_size=4))
+        fits[steps] = trainer, record.losses
+
+    assert device_reads_per_step(fit) == {}
+    trainer, step_losses = fits[8]
+    losses = [float(loss) for loss in step_losses]
+    assert len(losses) == 8
+    bar = trainer.progress_bar_metrics
+    assert set(bar) == {"loss", "images/s"}, bar
+    assert bar["loss"] == pytest.approx(losses[5], rel=1e-6)  # read at step 7, two late
+    assert float(trainer.callback_metrics["train/loss_step"]) == pytest.approx(losses[7])
+
+
+def test_device_reads_counts_reads_of_device_values_only():
+    device = torch.randn(6)
+    reads = DeviceReads(device)
+    with reads:
+        twice = device * 2
+        assert torch.tensor(0.5).item() == 0.5  # made on the host: free
+        float(twice.sum())
+        twice[twice > 0]
+    assert sorted(place.split(" at ")[0] for place in reads.counts) == [
+        "_local_scalar_dense",
+        "index",
+    ]
+
+
+class SyncDetector(L.Callback):
+    """CUDA's sync detector from the second step to the epoch's end, the part of a run that
+    repeats every step. Before it, Lightning copies each newly logged key's state to the
+    device; at the epoch's end, once, the probe and the watch read their figures back."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 1:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        torch.cuda.set_sync_debug_mode("default")
+
+    def on_exception(self, trainer, pl_module, exception):
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_training_step_and_probe_never_sync_on_a_gpu():
+def test_a_fit_never_syncs_on_a_gpu_after_its_first_step():
     torch.manual_seed(0)
     model = small_model()
     probe = OnlineLinearProbe(num_classes=3)
+    meter = ImagesPerSecond(window=4, log_every_n_steps=2)
+    clock = meter._now
 
-    def strict(hook):
-        def run(*args, **kwargs):
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return hook(*args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+    def deliberate_sync(module):  # the meter's clock: a sync every log_every_n_steps, by design
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return clock(module)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
 
-        return run
-
-    model.training_step = strict(model.training_step)
-    probe.on_train_batch_end = strict(probe.on_train_batch_end)
+    meter._now = deliberate_sync
+    # SyncDetector first: its epoch end (detector off) runs before the probe's
     trainer = quiet_trainer(
-        accelerator="gpu", devices=1, max_steps=5, callbacks=[probe], limit_val_batches=0
+        accelerator="gpu",
+        devices=1,
+        max_steps=5,
+        callbacks=[SyncDetector(), probe, meter],
+        limit_val_batches=0,
+        log_every_n_steps=2,
     )
-    trainer.fit(model, DataLoader(pairs(20), batch_size=4))
-    assert probe.steps == 5
+    trainer.fit(model, DataLoader(pairs(20), batch_size=4))  # 5 steps: one epoch
+    assert probe.steps == 5 and meter.value is not None
+    assert math.isfinite(trainer.progress_bar_metrics["loss"])
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))

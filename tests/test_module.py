@@ -5,6 +5,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from simclr_lightning import SimCLR, build_resnet
+from simclr_lightning.errors import SettingError
 from tests.helpers import quiet_trainer
 from tests.reference import cosine_schedule_reference, nt_xent_reference
 
@@ -130,3 +131,11 @@ def test_nan_loss_stops_training_with_a_clear_error():
     trainer = tiny_trainer(max_steps=2)
     with pytest.raises(FloatingPointError, match="train/loss is nan"):
         trainer.fit(model, DataLoader(pairs(4, value=float("nan")), batch_size=4))
+
+
+def test_an_endless_run_is_refused_before_training():
+    model = SimCLR(backbone="resnet18", cifar_stem=True, head_hidden_dim=16, head_output_dim=8)
+    trainer = quiet_trainer(max_epochs=-1, max_steps=-1)
+    with pytest.raises(SettingError, match=r"SimCLR's cosine schedule needs a run of known"):
+        trainer.fit(model, DataLoader(pairs(8), batch_size=4))
+    assert trainer.global_step == 0

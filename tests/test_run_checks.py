@@ -1,6 +1,7 @@
 """The collapse watch: ``train/z_std`` against its definition (float64, written out here) and
 the threshold a tenth of 1/sqrt(D); a real SimCLR fit that collapses warns once, naming the
-value and the step, and a healthy one does not warn."""
+value and the step, and a healthy one does not warn. Under real DDP a NaN loss on one
+process stops every process at the same step."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from simclr_lightning import SimCLR
 from simclr_lightning.loss import NTXentLoss
 from simclr_lightning.run_checks import CollapseWatch
 from simclr_lightning.supcon import SupConLoss
+from tests.ddp_helpers import run_ddp_script_runs
 from tests.helpers import quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,3 +124,19 @@ def test_collapsed_fit_warns_once_with_value_and_step():
     assert match, found[0]
     assert int(match.group(2)) == 2
     assert float(match.group(1)) == pytest.approx(z_std[2], rel=5e-3)  # printed to 3 digits
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_ddp_process_stops_every_process_at_the_same_step(tmp_path):
+    """tests/ddp_nan_script.py: a NaN image on rank 0 at step 3, the watch lagging two steps.
+    Without gathered embeddings only rank 0's loss is NaN at step 3: a rank that stopped
+    alone would leave the other waiting in DDP's next all-reduce."""
+    runs = {"gather": ["--gather", "1"], "local": ["--gather", "0"]}  # one launch for both
+    results = run_ddp_script_runs("ddp_nan_script.py", 2, tmp_path / "ddp", runs)
+    for name, ranks in results.items():
+        for rank, result in enumerate(ranks):
+            assert result["error"] == (
+                "train/loss is nan at step 3: lower model.base_lr, raise model.temperature "
+                "or warm up longer (model.warmup_epochs)"
+            ), (name, rank)
+            assert result["step"] == 5, (name, rank)  # two steps late, as on a GPU

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from simclr_lightning import NTXentLoss, SupConLoss
+from tests.device_reads import DeviceReads
 from tests.reference import nt_xent_reference, supcon_reference
 
 LABELS = {
@@ -63,6 +64,38 @@ def test_class_statistics_match_brute_force():
     assert stats["pos_cos"].item() == pytest.approx(float(sum(pos) / len(pos)), abs=1e-6)
     assert stats["neg_cos"].item() == pytest.approx(float(sum(neg) / len(neg)), abs=1e-6)
     assert stats["contrastive_acc"].item() == pytest.approx(hits / 10)
+
+
+def brute_force_statistics(z_a, z_b, labels: list[int]) -> tuple[float, float]:
+    """Mean cosine over every (anchor, other embedding) pair of the same label and of another
+    label (0 without any), one pair at a time in float64; -1 marks an image of its own."""
+    n = len(labels)
+    z = torch.cat([z_a, z_b]).double()
+    ids = [("image", i) if label < 0 else ("class", label) for i, label in enumerate(labels)]
+    ids = ids + ids
+    pos, neg = [], []
+    for i in range(2 * n):
+        for j in range(2 * n):
+            if i != j:
+                cos = float(torch.nn.functional.cosine_similarity(z[i], z[j], dim=0))
+                (pos if ids[i] == ids[j] else neg).append(cos)
+    return sum(pos) / len(pos), sum(neg) / len(neg) if neg else 0.0
+
+
+@pytest.mark.parametrize("labels", list(LABELS.values()), ids=list(LABELS))
+def test_statistics_match_brute_force_and_read_nothing_back_on_the_host(labels):
+    """Logged every step: a boolean-mask index or an ``if`` on a device tensor would make the
+    host wait for the GPU each time."""
+    gen = torch.Generator().manual_seed(3)
+    z_a, z_b = torch.randn(8, 6, generator=gen), torch.randn(8, 6, generator=gen)
+    y = torch.tensor(labels)
+    reads = DeviceReads(z_a, z_b, y)
+    with reads:
+        _, stats = SupConLoss(0.5).forward_with_stats(z_a, z_b, y)
+    assert dict(reads.counts) == {}
+    pos_cos, neg_cos = brute_force_statistics(z_a, z_b, labels)
+    assert stats["pos_cos"].item() == pytest.approx(pos_cos, abs=1e-6)
+    assert stats["neg_cos"].item() == pytest.approx(neg_cos, abs=1e-6)
 
 
 def test_bad_inputs_are_named():

@@ -83,5 +83,9 @@ class ImagesPerSecond(L.Callback):
         if key not in rates:
             return
         self.value = float(rates[key])
-        pl_module.log("train/images_per_sec", self.value, on_step=True, prog_bar=False)
-        pl_module.log("images/s", round(self.value, 1), on_step=True, prog_bar=True, logger=False)
+        # Host tensors, not floats: Lightning makes a float a tensor on the module's device, a
+        # blocking host-to-device copy; a CPU tensor stays on the CPU.
+        rate = torch.tensor(self.value)
+        pl_module.log("train/images_per_sec", rate, on_step=True, prog_bar=False)
+        shown = torch.tensor(round(self.value, 1))
+        pl_module.log("images/s", shown, on_step=True, prog_bar=True, logger=False)

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from simclr_lightning.distributed import rank_and_world_size, real_rows, validation_loader
 from simclr_lightning.errors import SettingError, require
-from simclr_lightning.optim import warmup_cosine
+from simclr_lightning.optim import schedule_steps, warmup_cosine
 
 
 class OnlineLinearProbe(L.Callback):
@@ -173,7 +173,8 @@ class OnlineLinearProbe(L.Callback):
     def _set_lr(self, trainer: L.Trainer) -> None:
         if self.schedule == "constant":
             return
-        total = max(1, int(trainer.estimated_stepping_batches) * trainer.accumulate_grad_batches)
+        steps = schedule_steps(trainer, "OnlineLinearProbe")
+        total = max(1, steps * trainer.accumulate_grad_batches)
         lr = self.lr * warmup_cosine(self.steps, 0, total)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -14,10 +14,16 @@ from torchmetrics.classification import MulticlassAccuracy
 from simclr_lightning.backbones import build_backbone
 from simclr_lightning.checkpoint import load_backbone_state, projection_layers, with_class_path
 from simclr_lightning.data.base import dataset_class_names
-from simclr_lightning.distributed import pick_loader, real_rows
+from simclr_lightning.distributed import (
+    already_synced,
+    mean_over_processes,
+    pick_loader,
+    real_rows,
+)
 from simclr_lightning.errors import CheckpointError, SettingError, require
 from simclr_lightning.heads import ProjectionHead
-from simclr_lightning.optim import LARS, param_groups, warmup_cosine
+from simclr_lightning.lagged_reads import LaggedReads
+from simclr_lightning.optim import LARS, param_groups, schedule_steps, warmup_cosine
 
 
 class LinearEval(L.LightningModule):
@@ -43,7 +49,8 @@ class LinearEval(L.LightningModule):
 
     Args:
         optimizer: sgd (Nesterov momentum) or lars (SimCLR's linear evaluation); LARS skips
-            biases and BatchNorm, which are never weight-decayed either.
+            biases and BatchNorm, which are never weight-decayed either, and the classifier
+            (the official ``head_supervised``), whose weight is.
         lr: peak learning rate of the head (no batch-size scaling).
         backbone_lr: of the encoder (and kept head layers) when fine-tuning; None means ``lr``.
         head_layers: pretrained projection-head layers kept under the classifier (0: none).
@@ -144,6 +151,7 @@ class LinearEval(L.LightningModule):
         # (torchmetrics 1.9, Lightning-AI/torchmetrics#3434).
         self.train_hits = SumMetric(nan_strategy="disable")
         self.train_rows = SumMetric(nan_strategy="disable")
+        self._reads, self._bar_loss = LaggedReads(), None
 
     def train(self, mode: bool = True) -> LinearEval:
         """Keep a frozen encoder's BatchNorm on its pretrained statistics."""
@@ -177,8 +185,23 @@ class LinearEval(L.LightningModule):
         loss = torch.where(keep, losses, 0.0).sum() / rows.clamp(min=1)
         self.train_hits.update(((logits.argmax(1) == y) & keep).sum())
         self.train_rows.update(rows)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        # The mean over processes from one all-reduce queued on the device (sync_dist's
+        # barrier would make the host wait for the GPU every step), not in the progress bar
+        # (Lightning reads bar values on the host after every batch): the bar shows it as
+        # read back two steps late.
+        mean_loss = mean_over_processes(loss)
+        self.log("train/loss", mean_loss, on_step=True, on_epoch=True)
+        self._reads.push(None, mean_loss)
+        for _, (value,) in self._reads.ready():
+            self._bar_loss = torch.tensor(value)
+        if self._bar_loss is not None:
+            self.log("loss", self._bar_loss, prog_bar=True, logger=False, on_step=True)
         return loss
+
+    def on_train_start(self) -> None:
+        already_synced("train/loss")
+        list(self._reads.drain())  # nothing of an earlier fit
+        self._bar_loss = None
 
     def on_train_epoch_end(self) -> None:
         # compute() sums over ranks: the fraction of all labelled training rows.
@@ -218,14 +241,19 @@ class LinearEval(L.LightningModule):
         to bf16's 8 bits (0.162109 for 0.1623)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         with torch.no_grad():
-            features = self.backbone(x)
+            features = self.projection(self.backbone(x))
         with torch.autocast(features.device.type, enabled=False):
             return self.head(features.float()).softmax(dim=1)
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        groups = [dict(g, lr=hp.lr) for g in param_groups(self.head, hp.weight_decay)]
+        # As google-research/simclr's ``head_supervised``: no LARS trust ratio on the
+        # classifier (at eta 0.001 it would barely move), L2 decay on its weight only.
+        groups = [
+            dict(g, lr=hp.lr, lars_adaptation=False)
+            for g in param_groups(self.head, hp.weight_decay)
+        ]
         if hp.finetune:
             backbone_lr = hp.lr if hp.backbone_lr is None else hp.backbone_lr
             for encoder in (self.backbone, self.projection):
@@ -237,7 +265,7 @@ class LinearEval(L.LightningModule):
             optimizer = torch.optim.SGD(
                 groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov
             )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = schedule_steps(self.trainer, "LinearEval")
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, 0, total)
         )

@@ -71,3 +71,41 @@ def test_batch_images_counts_images_not_views():
     views = (torch.zeros(5, 3, 2, 2), torch.zeros(5, 3, 2, 2))
     assert batch_images((views, torch.zeros(5))) == 5
     assert batch_images(torch.zeros(7, 3)) == 7
+
+
+def test_rates_are_logged_as_host_tensors_of_the_same_values(monkeypatch):
+    """A float would become a tensor on the module's device: on a GPU a blocking copy from the
+    host at every logging step. A host tensor stays on the host (Lightning keeps a logged
+    value's state on the value's device) and holds what the float did (float32)."""
+    clock = Clock()
+    monkeypatch.setattr(ips.time, "perf_counter", clock)
+
+    class Advance(L.Callback):
+        def on_train_batch_end(self, *args):
+            clock.now += STEP_S
+
+    module = FeatureModule(4)
+    logged: dict[str, list] = {"train/images_per_sec": [], "images/s": []}
+    log = module.log
+
+    def spy(name, value, **kwargs):
+        if name in logged:
+            logged[name].append(value)
+        return log(name, value, **kwargs)
+
+    module.log = spy
+    meter = ImagesPerSecond(window=2, log_every_n_steps=1)
+    data = FeatureData(
+        (torch.randn(48, 4), torch.zeros(48, dtype=torch.long)),
+        (torch.randn(8, 4), torch.zeros(8, dtype=torch.long)),
+        batch_size=BATCH,
+    )
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[Advance(), meter])
+    trainer.fit(module, datamodule=data)
+    values = [v for name in logged for v in logged[name]]
+    assert len(logged["images/s"]) == len(logged["train/images_per_sec"]) == 5  # steps 2-6
+    for value in values:
+        assert isinstance(value, torch.Tensor), value
+        assert value.device.type == "cpu" and value.dtype == torch.float32
+        assert float(value) == BATCH / STEP_S  # 32.0: exact in float32, and at 1 decimal
+    assert trainer.logged_metrics["train/images_per_sec"].device.type == "cpu"

@@ -8,11 +8,16 @@ import math
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from simclr_lightning.errors import SettingError
 from simclr_lightning.evaluation import LinearEval
+from simclr_lightning.lagged_reads import LaggedReads
+from tests.device_reads import device_reads_per_step
 from tests.helpers import quiet_trainer
 from tests.test_checkpoint import save_simclr_checkpoint
+from tests.test_lagged_reads import SlowMarker, StepLosses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,6 +110,41 @@ def test_cosine_is_per_iteration_over_the_whole_run(simclr_ckpt, epochs):
         assert got == pytest.approx([expected] * len(got))
 
 
+@pytest.mark.parametrize("finetune", [False, True])
+def test_lars_leaves_the_classifier_unadapted_as_the_official_code(simclr_ckpt, finetune):
+    """google-research/simclr excludes ``head_supervised`` from LARS's trust ratio (its weight
+    gets plain L2 decay, its bias none): one step moves the classifier by exactly
+    ``-lr * (grad + wd * w)``, a momentum-SGD step written out here in float64."""
+    path, _ = simclr_ckpt
+    lr, wd = 0.5, 0.01
+    model = LinearEval(
+        str(path),
+        num_classes=3,
+        optimizer="lars",
+        lr=lr,
+        weight_decay=wd,
+        nesterov=False,  # a first momentum step is then the gradient step itself
+        zero_init_classifier=False,
+        finetune=finetune,
+        backbone_lr=0.0,  # the encoder stays put, so the features below are the step's
+    )
+    rows = labelled(8, seed=1)
+    x = torch.stack([r[0] for r in rows])
+    y = torch.stack([r[1] for r in rows])
+    w0, b0 = model.head.weight.detach().double().clone(), model.head.bias.detach().double()
+    b0 = b0.clone()
+    model.train()  # fine-tuning: the step's features use batch statistics
+    with torch.no_grad():
+        features = model.projection(model.backbone(x)).double()
+    w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    keep = y >= 0
+    F.cross_entropy((features @ w.T + b)[keep], y[keep]).backward()
+    trainer = quiet_trainer(max_steps=1, num_sanity_val_steps=0)
+    trainer.fit(model, DataLoader(rows, batch_size=8))
+    torch.testing.assert_close(model.head.weight.double(), w0 - lr * (w.grad + wd * w0))
+    torch.testing.assert_close(model.head.bias.double(), b0 - lr * b.grad)
+
+
 def test_own_checkpoint_rebuilds_without_the_pretraining_file(simclr_ckpt, tmp_path):
     path, _ = simclr_ckpt
     model = LinearEval(str(path), num_classes=3, class_names=["cat", "dog", "eel"])
@@ -164,6 +204,18 @@ def test_classifier_on_the_first_head_layer(simclr_ckpt):
     assert torch.count_nonzero(model.head.weight) == 0  # zero_init_logits_layer
     whole = LinearEval(str(path), num_classes=3, head_layers=3)
     assert whole.feature_dim == 8 and len(whole.projection) == 8  # 3 layers, output BN
+
+
+def test_predict_goes_through_the_kept_head_layer(simclr_ckpt):
+    """``predict`` (and PredictionWriter) classify the same features as training did."""
+    path, pretrained = simclr_ckpt
+    model = LinearEval(str(path), num_classes=3, head_layers=1, zero_init_classifier=False)
+    x = torch.randn(5, 1, 16, 16)
+    (probs,) = quiet_trainer().predict(model, DataLoader(TensorDataset(x), batch_size=5))
+    with torch.no_grad():
+        features = first_head_layer_by_hand(pretrained, x).double()
+    logits = features @ model.head.weight.double().T + model.head.bias.double()
+    torch.testing.assert_close(probs.double(), logits.softmax(dim=1), rtol=0, atol=1e-6)
 
 
 def test_finetuning_from_a_head_layer_trains_it_and_rebuilds_from_its_own_checkpoint(
@@ -251,3 +303,33 @@ def test_training_loss_and_top1_count_only_labelled_rows(simclr_ckpt):
     assert float(logged["train/loss_epoch"]) == pytest.approx(
         scores.loss_sum / scores.images, rel=1e-5
     )
+
+
+def test_an_endless_run_is_refused_before_training():
+    model = LinearEval(num_classes=3, backbone="resnet18", cifar_stem=True)
+    trainer = quiet_trainer(max_epochs=-1, max_steps=-1)
+    with pytest.raises(SettingError, match=r"trainer.max_epochs=-1 and trainer.max_steps=-1"):
+        trainer.fit(model, DataLoader(labelled(8, seed=0, channels=3), batch_size=4))
+    assert trainer.global_step == 0
+
+
+def test_training_reads_no_device_value_per_step_and_the_bar_shows_the_read_loss(simclr_ckpt):
+    """As SimCLR's: a device loss in the progress bar is read on the host after every batch,
+    a GPU wait per step; the bar shows the loss read back two steps late instead."""
+    path, _ = simclr_ckpt
+    fits: dict[int, tuple[L.Trainer, list[torch.Tensor]]] = {}
+
+    def fit(steps: int, callbacks: list[L.Callback]) -> None:
+        model = LinearEval(str(path), num_classes=3)
+        model._reads = LaggedReads(2, marker=lambda device: SlowMarker([]))  # as on a GPU
+        record = StepLosses()
+        trainer = quiet_trainer(
+            max_steps=steps, callbacks=[*callbacks, record], limit_val_batches=0
+        )
+        trainer.fit(model, DataLoader(labelled(8 * steps, seed=3), batch_size=8))
+        fits[steps] = trainer, record.losses
+
+    assert device_reads_per_step(fit) == {}
+    trainer, losses = fits[8]
+    assert set(trainer.progress_bar_metrics) == {"loss"}
+    assert trainer.progress_bar_metrics["loss"] == pytest.approx(float(losses[5]), rel=1e-6)
