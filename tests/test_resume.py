@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
 from simclr_lightning import ImageFolderDataModule, SimCLR, SimCLRAugmentation
 from simclr_lightning.callbacks import RNGState
@@ -90,6 +91,49 @@ def test_resume_continues_the_uninterrupted_run_exactly(tiny_folder, tmp_path, a
         for (step, loss, lr), (_, want_loss, want_lr) in zip(resumed, full[done:], strict=True):
             assert torch.equal(loss, want_loss), f"{name}: loss differs at step {step}"
             assert lr == want_lr, f"{name}: learning rate differs at step {step}"
+
+
+class DrawingModel(L.LightningModule):
+    """A user's model and loader: the step draws from the global generator (dropout, drop-path)
+    and the plain shuffling ``DataLoader`` has no ``generator=``, so creating each epoch's
+    iterator draws the order's seed and the workers' base seed from the global generator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.rows: list[tuple[int, list[float], float]] = []
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        self.rows.append((self.global_step, x[:, 0].tolist(), float(torch.rand(()))))
+        return self.layer(x).square().mean()
+
+    def train_dataloader(self):
+        x = torch.arange(16.0).repeat(2, 1).T
+        return DataLoader(TensorDataset(x), batch_size=4, shuffle=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_end_of_epoch_resume_of_a_plain_shuffling_loader_is_exact(tmp_path):
+    def fit(folder: str, ckpt_path=None) -> list:
+        L.seed_everything(3, verbose=False)
+        model = DrawingModel()
+        trainer = quiet_trainer(
+            max_epochs=4,
+            enable_checkpointing=True,
+            callbacks=[RNGState(), ModelCheckpoint(tmp_path / folder, "{epoch}", save_top_k=-1)],
+        )
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return model.rows
+
+    full = fit("full")
+    resumed = fit("resumed", tmp_path / "full" / "epoch=1.ckpt")
+    assert [r[0] for r in resumed] == list(range(8, 16))
+    # each epoch has its own order and draws, and the resumed run has the same ones
+    assert full[0][1] != full[4][1] and full[8][2] != full[12][2]
+    assert resumed == full[8:]
 
 
 @pytest.mark.slow

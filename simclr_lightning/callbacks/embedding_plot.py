@@ -111,9 +111,10 @@ def render_scatter(
 
 
 class EmbeddingPlot(L.Callback):
-    """Every ``every_n_epochs`` (and at the last epoch), a 2-D scatter of up to ``max_points``
-    validation features (``validation_step``'s ``features``, dataloader 0, gathered over ranks),
-    L2-normalised, coloured by class, logged as an image to each active logger: TensorBoard
+    """Every ``every_n_epochs`` (and at the last epoch, and in a ``validate`` run), a 2-D
+    scatter of up to ``max_points`` validation features (``validation_step``'s ``features``,
+    dataloader 0, gathered over ranks), L2-normalised, coloured by class, logged as an image to
+    each active logger: TensorBoard
     ``add_image``, W&B ``log_image``, any other logger with a ``log_dir`` (CSV) gets
     ``<log_dir>/embeddings/epoch=NNN.png``. The last picture is kept in ``self.image`` (a PIL
     image), its coordinates and labels in ``self.points`` / ``self.labels``.
@@ -156,8 +157,11 @@ class EmbeddingPlot(L.Callback):
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.rows.reset()
         epoch = trainer.current_epoch + 1
+        # outside fit (``validate``) the picture is what was asked for, whatever the epoch
         self.active = not trainer.sanity_checking and (
-            epoch % self.every_n_epochs == 0 or epoch == trainer.max_epochs
+            trainer.state.fn != "fit"
+            or epoch % self.every_n_epochs == 0
+            or epoch == trainer.max_epochs
         )
 
     def on_validation_batch_end(

@@ -3,6 +3,9 @@ pretraining (randomly initialised) and after, beside chance, printed when ``fit`
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
@@ -28,6 +31,10 @@ class KNNReport(L.Callback):
     ``data.val_subset`` say. Results are kept in ``self.results`` and sent to the loggers as
     ``knn_report/init_top1`` and ``knn_report/final_top1``.
 
+    The first figure is kept in checkpoints: a resumed run reports the encoder as the run
+    began, not as it was when resumed. (Resumed from a checkpoint written without this
+    callback, it measures and names the resumed encoder instead.)
+
     Args:
         k / temperature: of the weighted vote.
         num_classes: None reads the data module's ``num_classes`` (else 1 + the largest label).
@@ -40,6 +47,8 @@ class KNNReport(L.Callback):
         self.temperature = temperature
         self.num_classes = num_classes
         self.results: dict[str, float] = {}
+        self._init: dict[str, float] | None = None
+        self._start = "randomly initialised encoder"
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """kNN top-1/top-5 of ``pl_module``'s features now, and the split sizes."""
@@ -70,10 +79,25 @@ class KNNReport(L.Callback):
             "num_classes": num_classes,
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"init": self._init, "start": self._start} if self._init is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._init = state_dict.get("init")
+        self._start = state_dict.get("start", self._start)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._init = None  # a checkpoint's figure, if any, is loaded after this
+        self._start = "randomly initialised encoder"
+
     def on_fit_start(self, trainer, pl_module) -> None:
-        self._init = self.measure(trainer, pl_module)
+        if self._init is None:
+            self._init = self.measure(trainer, pl_module)
+            if trainer.ckpt_path:
+                self._start = f"encoder resumed from {os.path.basename(trainer.ckpt_path)}"
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        assert self._init is not None
         final = self.measure(trainer, pl_module)
         chance = 1.0 / final["num_classes"]
         self.results = {
@@ -98,7 +122,7 @@ class KNNReport(L.Callback):
         gain = 100 * (r["final_top1"] - r["init_top1"])
         rows = [
             (f"chance ({round(1 / r['chance_top1'])} classes)", r["chance_top1"], ""),
-            ("randomly initialised encoder", r["init_top1"], ""),
+            (self._start, r["init_top1"], ""),
             (
                 f"after SimCLR ({trainer.current_epoch} epochs, {trainer.global_step} steps)",
                 r["final_top1"],

@@ -110,3 +110,12 @@ def test_plot_runs_at_the_last_epoch_and_rejects_unknown_projection(tmp_path):
     assert plot.image is not None and len(plot.points) == 60  # shown although 2 < 10 epochs
     with pytest.raises(ValueError, match="EmbeddingPlot.projection='umap' is invalid"):
         EmbeddingPlot(projection="umap")
+
+
+def test_a_validate_run_plots_whatever_the_epoch():
+    """``simclr-lightning validate --ckpt_path ...`` is asked for the picture: it draws one, as
+    the kNN monitor measures one, whatever ``every_n_epochs`` says."""
+    plot = EmbeddingPlot(every_n_epochs=10)
+    trainer = quiet_trainer(max_epochs=5, callbacks=[plot])
+    trainer.validate(FeatureModule(10), datamodule=FeatureData(clusters(30, 0), clusters(60, 1)))
+    assert plot.image is not None and len(plot.points) == 60

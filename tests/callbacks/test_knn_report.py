@@ -58,3 +58,29 @@ def test_report_matches_brute_force_knn_before_and_after(capsys):
     assert r["chance_top1"] == pytest.approx(0.2)
     out = capsys.readouterr().out
     assert f"{100 * before:5.1f}%" in out and f"{100 * after:5.1f}%" in out and "20.0%" in out
+
+
+def test_a_resumed_run_reports_the_encoder_the_run_began_with(tmp_path, capsys):
+    train, val = noisy(120, 0), noisy(53, 1)
+    data = HeldOutData(train, val, batch_size=10)
+    first = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[KNNReport(k=15)])
+    first.fit(Drift(8), datamodule=data)
+    first.save_checkpoint(tmp_path / "epoch1.ckpt")
+    assert first.callbacks[0].results["final_top1"] != first.callbacks[0].results["init_top1"]
+
+    before = weighted_knn_top1(train[0], train[1], val[0], val[1], k=15, temperature=0.1)
+    report = KNNReport(k=15)
+    resumed = quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[report])
+    resumed.fit(Drift(8), datamodule=data, ckpt_path=tmp_path / "epoch1.ckpt")
+    assert report.results["init_top1"] == pytest.approx(before)
+    assert "randomly initialised encoder" in capsys.readouterr().out
+
+    # a checkpoint without the callback's state: the resumed encoder is measured, and named
+    ckpt = torch.load(tmp_path / "epoch1.ckpt", weights_only=False)
+    del ckpt["callbacks"]
+    torch.save(ckpt, tmp_path / "bare.ckpt")
+    report = KNNReport(k=15)
+    resumed = quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[report])
+    resumed.fit(Drift(8), datamodule=data, ckpt_path=tmp_path / "bare.ckpt")
+    assert report.results["init_top1"] == pytest.approx(first.callbacks[0].results["final_top1"])
+    assert "encoder resumed from bare.ckpt" in capsys.readouterr().out
