@@ -30,22 +30,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # 2-core machine). xdist hands whole files to whichever process is free; begun last, one of
 # these would leave the other core idle for a minute at the end of the run.
 LONG_FILES = [
-    "tests/test_learning.py",  # 82
-    "tests/test_notebook.py",  # 69
-    "tests/test_cli.py",  # 65
-    "tests/test_preemption.py",  # 61
-    "tests/test_resume.py",  # 54
-    "tests/test_cli_errors.py",  # 42
-    "tests/test_benchmarks.py",  # 37
-    "tests/test_multinode.py",  # 34
-    "tests/test_eval_cli.py",  # 34
-    "tests/test_quickstart.py",  # 30
-    "tests/test_fast_defaults.py",  # 30
+    "tests/test_preemption.py",  # 131
+    "tests/test_learning.py",  # 91
+    "tests/test_notebook.py",  # 62
+    "tests/test_resume.py",  # 53
+    "tests/test_cli.py",  # 49
+    "tests/data/test_corrupt.py",  # 42
+    "tests/test_eval_cli.py",  # 36
+    "tests/test_multinode.py",  # 33
+    "tests/test_quickstart.py",  # 31
     "tests/test_distributed.py",  # 29
-    "tests/callbacks/test_monitors_ddp.py",  # 29
-    "tests/data/test_corrupt.py",  # 28
-    "tests/test_grad_cache.py",  # 28
-    "tests/data/test_sharding_ddp.py",  # 24
+    "tests/test_benchmarks.py",  # 27
+    "tests/test_cli_errors.py",  # 25
+    "tests/test_grad_cache.py",  # 23
+    "tests/data/test_sharding_ddp.py",  # 22
+    "tests/callbacks/test_monitors_ddp.py",  # 21
+    "tests/test_gpu_session.py",  # 18
 ]
 
 
