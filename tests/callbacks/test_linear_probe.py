@@ -217,3 +217,28 @@ def test_probe_without_num_classes_anywhere_says_what_to_set():
         quiet_trainer(max_epochs=1, callbacks=[OnlineLinearProbe()]).fit(
             FeatureModule(16), datamodule=data
         )
+
+
+def test_probe_validation_matches_brute_force_top_k():
+    """10 classes of overlapping clusters, some rows unlabelled: top-1 and top-5 over the
+    labelled rows, counted here by hand."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (200,), generator=gen)
+    x = torch.eye(10, 12)[y] + 0.7 * torch.randn(200, 12, generator=gen)
+    val_y = y[100:].clone()
+    val_y[::6] = -1
+    probe = OnlineLinearProbe(num_classes=10, lr=0.05)
+    metrics = EpochMetrics()
+    trainer = quiet_trainer(max_epochs=2, callbacks=[probe, metrics])
+    data = FeatureData((x[:100], y[:100]), (x[100:], val_y), batch_size=16)
+    trainer.fit(FeatureModule(12), datamodule=data)
+    labelled = val_y >= 0
+    with torch.no_grad():
+        ranked = probe.classifier(x[100:][labelled]).argsort(dim=1, descending=True)
+    truth = val_y[labelled][:, None]
+    top1 = (ranked[:, :1] == truth).any(1).double().mean().item()
+    top5 = (ranked[:, :5] == truth).any(1).double().mean().item()
+    assert 0 < top1 < top5 < 1
+    last = metrics.epochs[-1]
+    assert last["probe/val_top1"] == pytest.approx(top1, abs=1e-6)
+    assert last["probe/val_top5"] == pytest.approx(top5, abs=1e-6)
