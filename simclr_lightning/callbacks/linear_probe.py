@@ -226,6 +226,9 @@ class OnlineLinearProbe(L.Callback):
             "classifier": self.classifier.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "steps": self.steps,
+            # the epoch's figures so far (the same on every rank): a mid-epoch resume reports
+            # the whole epoch, not the part after the resume
+            "train_sums": self._train_sums.cpu(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -237,6 +240,8 @@ class OnlineLinearProbe(L.Callback):
         self.classifier.load_state_dict(state_dict["classifier"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.steps = int(state_dict.get("steps", 0))
+        if "train_sums" in state_dict:
+            self._train_sums.copy_(state_dict["train_sums"])
         self._pending_state = None
 
 

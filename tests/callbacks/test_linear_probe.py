@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from simclr_lightning.callbacks import OnlineLinearProbe
@@ -242,3 +243,31 @@ def test_probe_validation_matches_brute_force_top_k():
     last = metrics.epochs[-1]
     assert last["probe/val_top1"] == pytest.approx(top1, abs=1e-6)
     assert last["probe/val_top5"] == pytest.approx(top5, abs=1e-6)
+
+
+class SameBatches(FeatureData):
+    """Every batch the same rows: a mid-epoch resume sees what the uninterrupted run saw,
+    though a plain loader restarts its epoch."""
+
+    def train_dataloader(self):
+        x, y = self.train
+        rows = TensorDataset(x.repeat(4, 1), y.repeat(4))
+        return DataLoader(rows, batch_size=len(x), shuffle=False)
+
+
+def test_a_mid_epoch_resume_reports_the_whole_epochs_training_figures(tmp_path):
+    data = SameBatches(separable(16, seed=4), separable(16, seed=5), batch_size=16)
+
+    def fit(ckpt_path=None) -> dict:
+        probe = OnlineLinearProbe(num_classes=4, optimizer="sgd", lr=0.1)
+        every = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=2, save_top_k=-1)
+        trainer = quiet_trainer(
+            max_epochs=1, callbacks=[probe, every], enable_checkpointing=True, limit_val_batches=0
+        )
+        trainer.fit(FeatureModule(16), datamodule=data, ckpt_path=ckpt_path)
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if "probe" in k}
+
+    full = fit()
+    resumed = fit(tmp_path / "step=2.ckpt")
+    assert set(full) == {"probe/train_loss", "probe/train_top1"}
+    assert resumed == pytest.approx(full, rel=1e-6)
