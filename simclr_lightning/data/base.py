@@ -12,7 +12,12 @@ from torchvision.transforms import v2
 
 from simclr_lightning.data.device_store import DeviceImageStore, IndexDataset
 from simclr_lightning.data.device_views import DeviceViews
-from simclr_lightning.data.failed_batches import CatchFailedSamples, CollateOrFail, StopTogether
+from simclr_lightning.data.failed_batches import (
+    CatchFailedSamples,
+    ChecksBatches,
+    CollateOrFail,
+    StopTogether,
+)
 from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.loaders import TrainOrder, check_batch_size
 from simclr_lightning.data.subsets import (
@@ -48,7 +53,7 @@ def dataset_class_names(datamodule) -> list[str] | None:
     return None
 
 
-class SimCLRDataModule(DeviceViews, L.LightningDataModule):
+class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
     """Base class: subclasses say where images come from, this class how they are served.
 
     Subclasses whose batches read image files that may fail to decode set
@@ -287,35 +292,6 @@ class SimCLRDataModule(DeviceViews, L.LightningDataModule):
             persistent_workers=self.persistent_workers and workers > 0,
             collate_fn=self.device_collate_fn() if self.on_device else None,
         )
-
-    @property
-    def stops_together(self) -> bool:
-        """Whether training batches read files under DDP: the loader then hands on a batch it
-        could not read, and every process checks each batch together."""
-        distributed = self.trainer is not None and self.trainer.world_size > 1
-        return self.reads_image_files and self.device_store is None and distributed
-
-    @property
-    def evaluation_stops_together(self) -> bool:
-        """Whether evaluation batches read files under DDP (they never live on the device)."""
-        distributed = self.trainer is not None and self.trainer.world_size > 1
-        return self.reads_image_files and distributed
-
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        training = self.trainer.training
-        # views made on the device: checked after the transfer, once decoded there
-        if not (training and self.on_device):
-            self.check_batch(batch, training=training)
-        return batch
-
-    def check_batch(self, batch, training: bool = False) -> None:
-        """Under DDP, stop every process together at a batch one of them could not read.
-        Every process calls it for every batch of one of this module's loaders: Lightning's
-        loops through :meth:`on_before_batch_transfer` (training batches whose views are made
-        on the device through ``on_after_batch_transfer``, once decoded), the kNN callbacks
-        for the bank."""
-        if self.stops_together if training else self.evaluation_stops_together:
-            self._stop_together.check(batch, self.trainer)
 
     def state_dict(self) -> dict:
         """The training order's seed and position, and every rank's on-device augmentation

@@ -135,3 +135,44 @@ class StopTogether:
             gloo = dist.get_backend() == "gloo"
             self._group = dist.group.WORLD if gloo else dist.new_group(backend="gloo")
         return self._group
+
+
+class ChecksBatches:
+    """The data module's side of :class:`StopTogether`: which of its batches every process
+    checks together, and where (a mixin of :class:`~simclr_lightning.data.SimCLRDataModule`,
+    which provides the attributes below)."""
+
+    trainer: L.Trainer | None
+    reads_image_files: bool
+    device_store: Any
+    on_device: bool
+    _stop_together: StopTogether
+
+    @property
+    def stops_together(self) -> bool:
+        """Whether training batches read files under DDP: the loader then hands on a batch it
+        could not read, and every process checks each batch together."""
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        return self.reads_image_files and self.device_store is None and distributed
+
+    @property
+    def evaluation_stops_together(self) -> bool:
+        """Whether evaluation batches read files under DDP (they never live on the device)."""
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        return self.reads_image_files and distributed
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        training = self.trainer.training
+        # views made on the device: checked after the transfer, once decoded there
+        if not (training and self.on_device):
+            self.check_batch(batch, training=training)
+        return batch
+
+    def check_batch(self, batch, training: bool = False) -> None:
+        """Under DDP, stop every process together at a batch one of them could not read.
+        Every process calls it for every batch of one of this module's loaders: Lightning's
+        loops through :meth:`on_before_batch_transfer` (training batches whose views are made
+        on the device through ``on_after_batch_transfer``, once decoded), the kNN callbacks
+        for the bank."""
+        if self.stops_together if training else self.evaluation_stops_together:
+            self._stop_together.check(batch, self.trainer)
