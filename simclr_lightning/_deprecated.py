@@ -59,7 +59,11 @@ if __name__ == "__main__":
 
 
 def moved_attribute(old_module: str, name: str, stacklevel: int = 3) -> Any:
-    """``old_module.name`` from where it lives now, with a DeprecationWarning naming that."""
+    """``old_module.name`` from where it lives now, with a DeprecationWarning naming that.
+    Module dunders (``__file__``, which ``inspect`` and ``torch.compile`` probe on every loaded
+    module) are not forwarded: the old module simply has none."""
+    if name.startswith("__") and name.endswith("__"):
+        raise AttributeError(f"module {old_module!r} has no attribute {name!r}")
     for new_module in MOVED[old_module]:
         module = importlib.import_module(new_module)
         if hasattr(module, name):

@@ -84,3 +84,14 @@ def test_old_class_path_in_a_config_still_builds_the_callback(cifar_tiny):
         cli = cli_main(args, run=False)
     assert any(issubclass(w.category, DeprecationWarning) for w in caught)
     assert any(isinstance(c, simclr_lightning.KNNMonitor) for c in cli.trainer.callbacks)
+
+
+def test_probing_an_old_module_for_dunders_warns_nothing():
+    """``inspect`` (under ``torch.compile``) asks every loaded module for ``__file__``."""
+    import importlib
+    import warnings
+
+    old = importlib.import_module("simclr_lightning.knn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not hasattr(old, "__file__")
