@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from simclr_lightning import ImageFolderDataModule, SimCLR, SimCLRAugmentation
@@ -48,13 +49,28 @@ def tiny_folder(cifar_jpg_root, tmp_path_factory):
     return make_subset(cifar_jpg_root, tmp_path_factory.mktemp("resume"), 2, 1)
 
 
+@pytest.fixture(scope="module")
+def mixed_folder(tiny_folder, tmp_path_factory):
+    """The same photographs at different sizes: with ``decode: gpu`` their crop boxes come
+    from the host stream of their own (``box_generator``), which a checkpoint must hold too."""
+    root = tmp_path_factory.mktemp("resume-mixed")
+    for i, path in enumerate(sorted(tiny_folder.rglob("*.jpg"))):
+        out = root / path.relative_to(tiny_folder)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        w, h = [(24, 40), (40, 24), (32, 32), (48, 30)][i % 4]
+        Image.open(path).convert("RGB").resize((w, h)).save(out, quality=90)
+    return root
+
+
 def fit(root, ckpt_dir, augment: str, workers: int, ckpt_path=None) -> Trace:
     L.seed_everything(7, verbose=False)
+    mixed = augment == "gpu-mixed"
     data = ImageFolderDataModule(
         str(root),
         augmentation=SimCLRAugmentation(image_size=16),
         batch_size=3,
-        augment=augment,
+        augment="gpu" if mixed else augment,
+        decode="gpu" if mixed else "cpu",
         num_workers=workers,
     )
     model = NoisySimCLR(
@@ -78,8 +94,14 @@ def fit(root, ckpt_dir, augment: str, workers: int, ckpt_path=None) -> Trace:
     return trace
 
 
-@pytest.mark.parametrize(("augment", "workers"), [("cpu", 0), ("cpu", 2), ("gpu", 0)])
-def test_resume_continues_the_uninterrupted_run_exactly(tiny_folder, tmp_path, augment, workers):
+@pytest.mark.parametrize(
+    ("augment", "workers"), [("cpu", 0), ("cpu", 2), ("gpu", 0), ("gpu-mixed", 0)]
+)
+def test_resume_continues_the_uninterrupted_run_exactly(
+    tiny_folder, mixed_folder, tmp_path, augment, workers
+):
+    if augment == "gpu-mixed":
+        tiny_folder = mixed_folder
     full = fit(tiny_folder, tmp_path, augment, workers).rows
     assert [step for step, _, _ in full] == list(range(1, STEPS_PER_EPOCH * EPOCHS + 1))
     # the views differ between epochs (a plain run is not replaying its first epoch)

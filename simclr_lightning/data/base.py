@@ -297,17 +297,27 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
         """The training order's seed and position, and every rank's on-device augmentation
         generator: what a checkpoint needs to continue the data exactly."""
         state = {"train_order": self.train_order.state_dict()}
-        generator = self.gpu_augment.generator if self.gpu_augment is not None else None
-        if generator is not None and self.trainer is not None:
-            state["gpu_augment_generator"] = gather_per_rank(self.trainer, generator.get_state())
+        for key, generator in self._augment_generators().items():
+            state[key] = gather_per_rank(self.trainer, generator.get_state())
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.train_order.load_state_dict(state_dict.get("train_order", {}))
-        states = state_dict.get("gpu_augment_generator")
-        generator = self.gpu_augment.generator if self.gpu_augment is not None else None
-        if states and generator is not None and self.trainer is not None:
-            generator.set_state(own_rank(states, self.trainer))
+        for key, generator in self._augment_generators().items():
+            if states := state_dict.get(key):
+                generator.set_state(own_rank(states, self.trainer))
+
+    def _augment_generators(self) -> dict[str, torch.Generator]:
+        """The on-device augmentation's streams by checkpoint key: its device generator and
+        the host one that draws crop boxes for images of different sizes."""
+        aug = self.gpu_augment
+        if aug is None or self.trainer is None:
+            return {}
+        pairs = {
+            "gpu_augment_generator": aug.generator,
+            "gpu_augment_box_generator": aug.box_generator,
+        }
+        return {key: gen for key, gen in pairs.items() if gen is not None}
 
     def val_sample(self) -> Dataset:
         """The validation images in :func:`stratified_order` (the first ``val_subset``)."""

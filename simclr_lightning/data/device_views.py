@@ -12,6 +12,7 @@ from torch import Tensor
 from simclr_lightning.data.corrupt import DeviceSkips
 from simclr_lightning.data.encoded import ImageBatch
 from simclr_lightning.data.failed_batches import FailedBatch
+from simclr_lightning.data.gpu.augment import derived_seed
 from simclr_lightning.errors import CorruptImageError
 
 if TYPE_CHECKING:
@@ -38,10 +39,12 @@ class DeviceViews:
         # seed_everything gives every rank the same default generators, so without a stream
         # of its own per rank each rank would draw the same crops and jitter for batch
         # position i. (Loader workers get the rank mixed into their seeds by Lightning.)
+        # The crop boxes of images of different sizes (decode: gpu) come from a CPU stream of
+        # the rank's own, seeded apart from the device stream.
         device = self.trainer.strategy.root_device
-        generator = torch.Generator(device=device)
-        generator.manual_seed(torch.initial_seed() + self.trainer.global_rank)
-        self.gpu_augment.generator = generator
+        seed = torch.initial_seed() + self.trainer.global_rank
+        self.gpu_augment.generator = torch.Generator(device=device).manual_seed(seed)
+        self.gpu_augment.box_generator = torch.Generator().manual_seed(derived_seed(seed))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Make both SimCLR views of the whole batch on its device (``augment: gpu``).

@@ -21,7 +21,7 @@ from simclr_lightning import (
     SimCLRAugmentation,
 )
 from simclr_lightning.data.encoded import ImageBatch, read_encoded
-from simclr_lightning.data.gpu import GPUAugment, sample_crop_boxes
+from simclr_lightning.data.gpu import GPUAugment, sample_crop_boxes, sample_pixel_params
 from tests.data.test_datamodules import fit_one_step_and_grab_batch
 
 SIZES = [(37, 50), (64, 48), (33, 33), (20, 90), (90, 20), (45, 70)]
@@ -103,6 +103,83 @@ def test_views_of_mixed_sizes_are_torchvision_crops_of_the_full_image(mixed_size
     expected = again.apply(torch.stack(crops), params, crop=False)
     torch.testing.assert_close(torch.cat([view_a, view_b]), expected, rtol=0, atol=1e-5)
     assert not torch.equal(view_a, view_b)
+
+
+def torchvision_views(images, boxes, pixel, cfg, size):
+    """Independent reference: torchvision's crop + resize of each full image (as float in
+    [0, 1]) with the given boxes, flipped as ``pixel`` says, then the pixel ops."""
+    crops = []
+    for j in range(len(boxes[0])):
+        image = images[j % len(images)]
+        image = image.float() / 255 if image.dtype == torch.uint8 else image
+        top, left, h, w = (int(b[j]) for b in boxes)
+        crop = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+        crops.append(TF.horizontal_flip(crop) if pixel["flip"][j] else crop)
+    return GPUAugment(cfg).apply(torch.stack(crops), pixel, crop=False)
+
+
+def test_boxes_of_mixed_sizes_come_from_the_host_stream_the_rest_from_the_device_one(
+    mixed_size_folder,
+):
+    """With a box generator of its own (what a GPU run has: boxes read on the host, the rest
+    drawn on the GPU), the boxes are that stream's draw for each image's size, and the flips,
+    jitter, blur ... are the pixel stream's; each view is torchvision's crop of the full image.
+    A list of uint8 and float images together scales each by its own range."""
+    files = sorted((mixed_size_folder / "train").rglob("*.*"))
+    images = ImageBatch([read_encoded(str(f), decode=False) for f in files]).decode("cpu")
+    images[1] = images[1].float() / 255  # a float image among uint8 ones
+    cfg = SimCLRAugmentation(image_size=24, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    aug = GPUAugment(cfg, torch.Generator().manual_seed(5), torch.Generator().manual_seed(11))
+    view_a, view_b = aug.two_views_of_list(images)
+
+    n = len(images)
+    heights = torch.tensor([im.shape[1] for im in images]).repeat(2)
+    widths = torch.tensor([im.shape[2] for im in images]).repeat(2)
+    boxes = sample_crop_boxes(
+        2 * n, heights, widths, cfg.crop_scale, cfg.crop_ratio, torch.Generator().manual_seed(11)
+    )
+    pixel = sample_pixel_params(cfg, 2 * n, torch.Generator().manual_seed(5))
+    expected = torchvision_views(images, boxes, pixel, cfg, 24)
+    torch.testing.assert_close(torch.cat([view_a, view_b]), expected, rtol=0, atol=1e-5)
+    # the two streams are not one: boxes drawn from the pixel stream give other views
+    wrong = sample_crop_boxes(
+        2 * n, heights, widths, cfg.crop_scale, cfg.crop_ratio, torch.Generator().manual_seed(5)
+    )
+    assert not torch.allclose(torchvision_views(images, wrong, pixel, cfg, 24), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_views_of_decoded_images_of_different_sizes_never_wait_for_the_gpu(mixed_size_folder):
+    """``decode: gpu``: the crop boxes are read on the host to slice each image, so they are
+    drawn on a CPU stream (seeded from the GPU generator's seed when none is given); drawing
+    them on the GPU would make the host wait for the device every batch (CUDA's sync detector
+    raises on a wait). The views match torchvision's crops with those boxes."""
+    files = sorted((mixed_size_folder / "train").rglob("*.*"))
+    images = ImageBatch([read_encoded(str(f), decode=True) for f in files]).decode("cuda")
+    cfg = SimCLRAugmentation(image_size=24, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    aug = GPUAugment(cfg, torch.Generator(device="cuda").manual_seed(3)).cuda()
+    aug.two_views_of_list(images)  # warm-up: CUDA libraries initialise on first use
+    box_state = aug.box_generator.get_state()
+    pixel_state = aug.generator.get_state()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        view_a, view_b = aug.two_views_of_list(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert aug.box_generator.device.type == "cpu"
+    n = len(images)
+    heights = torch.tensor([im.shape[1] for im in images]).repeat(2)
+    widths = torch.tensor([im.shape[2] for im in images]).repeat(2)
+    box_gen = torch.Generator()
+    box_gen.set_state(box_state)
+    boxes = sample_crop_boxes(2 * n, heights, widths, cfg.crop_scale, cfg.crop_ratio, box_gen)
+    pixel_gen = torch.Generator(device="cuda")
+    pixel_gen.set_state(pixel_state)
+    pixel = {k: v.cpu() for k, v in sample_pixel_params(cfg, 2 * n, pixel_gen).items()}
+    expected = torchvision_views([im.cpu() for im in images], boxes, pixel, cfg, 24)
+    torch.testing.assert_close(torch.cat([view_a, view_b]).cpu(), expected, rtol=0, atol=1e-4)
 
 
 def test_decode_on_device_trains_from_the_cli_settings(mixed_size_folder):

@@ -11,7 +11,11 @@ from simclr_lightning.data.gpu.functional import (
     rgb_to_grayscale,
     solarize,
 )
-from simclr_lightning.data.gpu.sampling import sample_crop_boxes, sample_view_params
+from simclr_lightning.data.gpu.sampling import (
+    sample_crop_boxes,
+    sample_pixel_params,
+    sample_view_params,
+)
 
 __all__ = [
     "GPUAugment",
@@ -23,6 +27,7 @@ __all__ = [
     "resized_crop",
     "rgb_to_grayscale",
     "sample_crop_boxes",
+    "sample_pixel_params",
     "sample_view_params",
     "solarize",
 ]

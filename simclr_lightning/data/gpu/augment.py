@@ -30,7 +30,13 @@ from simclr_lightning.data.gpu.functional import (
     rgb_to_grayscale,
     solarize,
 )
-from simclr_lightning.data.gpu.sampling import jitter_ranges, sample_view_params
+from simclr_lightning.data.gpu.sampling import (
+    jitter_ranges,
+    sample_crop_boxes,
+    sample_pixel_params,
+    sample_view_params,
+    to_device,
+)
 from simclr_lightning.data.transforms import SimCLRAugmentation
 
 __all__ = ["GPUAugment"]
@@ -46,12 +52,24 @@ class GPUAugment(nn.Module):
     but every sample draws its own parameters. Returns float32 normalized
     ``[B, C, image_size, image_size]`` on the input's device. ``generator`` makes the
     draws reproducible; parameters are drawn on its device and moved to the images'.
+
+    ``box_generator`` (a CPU generator) draws the crop boxes of a list of images of different
+    sizes (:meth:`two_views_of_list`), which are read on the host to slice the crops: drawn
+    on a GPU they would make the host wait for the device every batch. When it is None, a
+    CPU ``generator`` draws them too (one stream), and a GPU one gets a CPU generator
+    seeded from its own seed on first use.
     """
 
-    def __init__(self, cfg: SimCLRAugmentation, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        cfg: SimCLRAugmentation,
+        generator: torch.Generator | None = None,
+        box_generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.generator = generator
+        self.box_generator = box_generator
         self.jitter_ranges = jitter_ranges(cfg)
         self.jitter_enabled = cfg.jitter_prob > 0 and cfg.jitter_strength > 0
         if cfg.mean is None or cfg.std is None:
@@ -174,10 +192,11 @@ class GPUAugment(nn.Module):
         """Two views of every image in a list of ``[C, H, W]`` images of different sizes
         (a batch of decoded JPEGs), cropping from each full image as torchvision would.
 
-        Boxes are drawn for each image's own size and read on the host to slice the crops
-        (with the generator on the GPU, one wait for the device per batch); each crop is
-        resized with the antialiased bilinear ``interpolate`` torchvision uses (a loop of 2
-        small kernels per image), and everything after the crop runs on the whole batch.
+        The boxes are drawn on the host (:meth:`host_box_generator`) for each image's own size,
+        so slicing the crops never waits for the device; everything else is drawn on
+        ``generator``'s device. Each crop is resized with the antialiased bilinear
+        ``interpolate`` torchvision uses (one kernel per view: the only loop), and the
+        conversion to float, the flips and everything after run on the whole batch.
         """
         if len({tuple(im.shape) for im in images}) == 1:
             return self.two_views(torch.stack(list(images)))
@@ -187,24 +206,57 @@ class GPUAugment(nn.Module):
         device = images[0].device
         heights = torch.tensor([im.shape[-2] for im in images]).repeat(2)
         widths = torch.tensor([im.shape[-1] for im in images]).repeat(2)
-        params = self.sample_params(2 * n, heights, widths)
-        boxes = torch.stack([params[k] for k in ("top", "left", "height", "width")], 1).tolist()
-        flips = params["flip"].tolist()
-        out = torch.empty(2 * n, images[0].shape[0], size, size, device=device)
-        for j, (top, left, h, w) in enumerate(boxes):
-            crop = images[j % n][None, :, top : top + h, left : left + w].to(torch.float32)
-            if images[j % n].dtype == torch.uint8:
-                crop = crop.mul_(1.0 / 255.0)
-            crop = F.interpolate(
-                crop,
+        box_gen = self.host_box_generator()
+        if box_gen is self.generator:  # one CPU stream: as sample_params draws them
+            params = self.sample_params(2 * n, heights, widths)
+            boxes = [params.pop(k) for k in ("top", "left", "height", "width")]
+            params = to_device(params, device)
+        else:
+            cfg = self.cfg
+            boxes = sample_crop_boxes(
+                2 * n, heights, widths, cfg.crop_scale, cfg.crop_ratio, box_gen, "cpu"
+            )
+            params = to_device(sample_pixel_params(cfg, 2 * n, self.generator), device)
+        # uint8 -> float once per image (255 is divided out after the resize, which is linear)
+        flat = torch.cat([im.reshape(-1) for im in images]).to(torch.float32)
+        full = [
+            part.view(im.shape)
+            for part, im in zip(flat.split([im.numel() for im in images]), images, strict=True)
+        ]
+        crops = [
+            F.interpolate(
+                full[j % n][None, :, top : top + h, left : left + w],
                 size=(size, size),
                 mode="bilinear",
                 antialias=True,
                 align_corners=False,
             )
-            out[j] = crop[0].flip(-1) if flips[j] else crop[0]
-        views = self.apply(out, {k: v.to(device) for k, v in params.items()}, crop=False)
+            for j, (top, left, h, w) in enumerate(zip(*(b.tolist() for b in boxes), strict=True))
+        ]
+        out = torch.cat(crops)
+        scale = [1.0 / 255.0 if im.dtype == torch.uint8 else 1.0 for im in images]
+        if len(set(scale)) == 1:
+            out = out.mul_(scale[0])
+        else:  # uint8 and float images together: a rare list, scaled view by view
+            for j in range(2 * n):
+                out[j].mul_(scale[j % n])
+        flip = params["flip"][:, None, None, None]
+        out = torch.where(flip, out.flip(-1), out)
+        views = self.apply(out, params, crop=False)
         return views[:n], views[n:]
+
+    def host_box_generator(self) -> torch.Generator | None:
+        """The CPU generator that draws the boxes of :meth:`two_views_of_list`: ``box_generator``,
+        else ``generator`` when it is on the CPU (or None: torch's global one), else a CPU
+        generator seeded from the GPU generator's seed, kept as ``box_generator``."""
+        if self.box_generator is not None:
+            return self.box_generator
+        if self.generator is None or self.generator.device.type == "cpu":
+            return self.generator
+        self.box_generator = torch.Generator().manual_seed(
+            derived_seed(self.generator.initial_seed())
+        )
+        return self.box_generator
 
     def extra_repr(self) -> str:
         return repr(self.cfg)
@@ -215,3 +267,9 @@ def _check_dtype(dtype: torch.dtype) -> None:
     for floats in [0, 1] would make white views without a word."""
     if dtype != torch.uint8 and not dtype.is_floating_point:
         raise ValueError(f"images must be uint8 or float in [0, 1], got {dtype}")
+
+
+def derived_seed(seed: int) -> int:
+    """A seed for a second stream drawn from ``seed``: the same seed for two generators of
+    one kind would give equal draws, e.g. crop boxes equal to the jitter coins."""
+    return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from simclr_lightning.data.transforms import SimCLRAugmentation
 
-__all__ = ["jitter_ranges", "sample_crop_boxes", "sample_view_params"]
+__all__ = ["jitter_ranges", "sample_crop_boxes", "sample_pixel_params", "sample_view_params"]
 
 
 def sample_crop_boxes(
@@ -90,17 +90,49 @@ def sample_view_params(
 ) -> dict[str, Tensor]:
     """Parameters for ``batch_size`` views of ``height x width`` images (or ``[B]`` sizes).
 
-    Keys: ``top, left, height, width`` (crop boxes, int64), ``flip``, ``jitter`` (jitter
-    applied), ``brightness, contrast, saturation, hue`` (float32 factors; identity values for
-    ops the config disables), ``order`` (``[B, 4]`` permutation of the op ids 0-3 =
-    brightness, contrast, saturation, hue, applied left to right), ``grayscale``, ``blur``,
-    ``sigma``, ``solarize``. Drawn on the generator's device, returned on ``device``.
+    Keys: ``top, left, height, width`` (crop boxes, int64, :func:`sample_crop_boxes`) and
+    those of :func:`sample_pixel_params`, drawn in that order from one stream. Drawn on the
+    generator's device, returned on ``device``.
     """
+    draw_device = generator.device if generator is not None else device
+    top, left, h, w = sample_crop_boxes(
+        batch_size, height, width, cfg.crop_scale, cfg.crop_ratio, generator, draw_device
+    )
+    params = {"top": top, "left": left, "height": h, "width": w}
+    params.update(sample_pixel_params(cfg, batch_size, generator, draw_device))
+    return to_device(params, device) if device is not None else params
+
+
+def to_device(params: dict[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
+    """``params`` on ``device``. Host draws go to a GPU from page-locked memory, queued: a
+    blocking copy would wait for all the work queued before it, every batch (and the driver
+    may wait so too to stage pageable memory). Copies to the host stay blocking, as their
+    values are read at once."""
+    if torch.device(device).type == "cpu":
+        return {k: v.to(device) for k, v in params.items()}
+    return {k: _pinned(v).to(device, non_blocking=True) for k, v in params.items()}
+
+
+def _pinned(t: Tensor) -> Tensor:
+    return t.pin_memory() if t.device.type == "cpu" and torch.cuda.is_available() else t
+
+
+def sample_pixel_params(
+    cfg: SimCLRAugmentation,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    """A view's parameters after its crop box, which depend on no image size.
+
+    Keys: ``flip``, ``jitter`` (jitter applied), ``brightness, contrast, saturation, hue``
+    (float32 factors; identity values for ops the config disables), ``order`` (``[B, 4]``
+    permutation of the op ids 0-3 = brightness, contrast, saturation, hue, applied left to
+    right), ``grayscale``, ``blur``, ``sigma``, ``solarize``. Drawn on the generator's device
+    (else ``device``); kept apart from the boxes so that images of different sizes can have
+    their boxes drawn on the host (their slices are Python ints) and these on the GPU."""
     n, gen = batch_size, generator
     draw_device = gen.device if gen is not None else device
-    top, left, h, w = sample_crop_boxes(
-        n, height, width, cfg.crop_scale, cfg.crop_ratio, gen, draw_device
-    )
     coins = torch.rand(n, 5, generator=gen, device=draw_device)
     u = torch.rand(n, 5, generator=gen, device=draw_device)
     factors = []
@@ -113,11 +145,7 @@ def sample_view_params(
     order = torch.rand(n, 4, generator=gen, device=draw_device).argsort(dim=1)
     lo, hi = cfg.blur_sigma
     jitter_enabled = cfg.jitter_prob > 0 and cfg.jitter_strength > 0
-    params = {
-        "top": top,
-        "left": left,
-        "height": h,
-        "width": w,
+    return {
         "flip": coins[:, 0] < cfg.hflip_prob,
         "jitter": (coins[:, 1] < cfg.jitter_prob) & jitter_enabled,
         "brightness": factors[0],
@@ -130,7 +158,6 @@ def sample_view_params(
         "sigma": lo + (hi - lo) * u[:, 4],
         "solarize": coins[:, 4] < cfg.solarize_prob,
     }
-    return {k: v.to(device) for k, v in params.items()} if device is not None else params
 
 
 def _jitter_range(value: float, centre: float, clip: bool) -> tuple[float, float] | None:

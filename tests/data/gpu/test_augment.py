@@ -174,3 +174,25 @@ def test_views_of_a_gpu_batch_never_wait_for_the_gpu() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert view_a.shape == view_b.shape == (64, 3, 32, 32) and view_a.is_cuda
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("generator", ["cpu", None])
+def test_host_drawn_parameters_reach_the_gpu_without_a_wait(generator) -> None:
+    """A CPU generator, or none (torch's global one, as a GPUAugment built by hand has): the
+    parameters drawn on the host are queued to the GPU from page-locked memory; a blocking
+    copy would wait for everything queued before it (CUDA's sync detector raises)."""
+    device = torch.device("cuda")
+    cfg = config(image_size=32, blur_prob=0.5, solarize_prob=0.2)
+    gen = torch.Generator().manual_seed(0) if generator == "cpu" else None
+    aug = GPUAugment(cfg, gen).to(device)
+    images = torch.randint(0, 256, (64, 3, 40, 36), dtype=torch.uint8, device=device)
+    aug.two_views(images)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        view_a, view_b = aug.two_views(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert view_a.shape == view_b.shape == (64, 3, 32, 32) and view_a.is_cuda
