@@ -3,6 +3,8 @@ features are its inputs (so monitor results are known independently)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -83,3 +85,15 @@ class EpochMetrics(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
             self.epochs.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+@contextmanager
+def gpu_waits_raise() -> Iterator[None]:
+    """CUDA's sync detector raising on any host wait for the GPU inside the block (work queued
+    before it is finished first, so only the block's own waits count)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -23,6 +23,7 @@ from simclr_lightning import (
 from simclr_lightning.data.encoded import ImageBatch, read_encoded
 from simclr_lightning.data.gpu import GPUAugment, sample_crop_boxes, sample_pixel_params
 from tests.data.test_datamodules import fit_one_step_and_grab_batch
+from tests.helpers import gpu_waits_raise
 
 SIZES = [(37, 50), (64, 48), (33, 33), (20, 90), (90, 20), (45, 70)]
 
@@ -162,12 +163,8 @@ def test_views_of_decoded_images_of_different_sizes_never_wait_for_the_gpu(mixed
     aug.two_views_of_list(images)  # warm-up: CUDA libraries initialise on first use
     box_state = aug.box_generator.get_state()
     pixel_state = aug.generator.get_state()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with gpu_waits_raise():
         view_a, view_b = aug.two_views_of_list(images)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert aug.box_generator.device.type == "cpu"
     n = len(images)
     heights = torch.tensor([im.shape[1] for im in images]).repeat(2)
@@ -179,7 +176,9 @@ def test_views_of_decoded_images_of_different_sizes_never_wait_for_the_gpu(mixed
     pixel_gen.set_state(pixel_state)
     pixel = {k: v.cpu() for k, v in sample_pixel_params(cfg, 2 * n, pixel_gen).items()}
     expected = torchvision_views([im.cpu() for im in images], boxes, pixel, cfg, 24)
-    torch.testing.assert_close(torch.cat([view_a, view_b]).cpu(), expected, rtol=0, atol=1e-4)
+    # TF32 convolutions (the blur, where cuDNN allows them) bound the difference, as in
+    # test_cuda_matches_cpu_for_the_same_parameters; other boxes would differ by far more
+    torch.testing.assert_close(torch.cat([view_a, view_b]).cpu(), expected, rtol=0, atol=2e-2)
 
 
 def test_decode_on_device_trains_from_the_cli_settings(mixed_size_folder):
@@ -500,12 +499,8 @@ def test_decoded_batches_reach_the_gpu_from_pinned_memory_without_a_host_wait(
     data.setup("fit")
     batch, labels = next(iter(data.train_dataloader()))
     assert isinstance(batch, ImageBatch) and batch.buffer.is_pinned() and labels.is_pinned()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with gpu_waits_raise():
         decoded = batch.decode("cuda")
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     for image, path in zip(decoded, batch.paths, strict=True):
         assert image.is_cuda
         assert (image.cpu().int() - pil_pixels(Path(path)).int()).abs().max() <= 2

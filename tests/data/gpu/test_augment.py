@@ -12,6 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.transforms import SimCLRAugmentation, view_transform
 from tests.data.gpu.stats import config, identity_norm, ks_statistic
+from tests.helpers import gpu_waits_raise
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -158,41 +159,19 @@ def test_cuda_matches_cpu_for_the_same_parameters() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_views_of_a_gpu_batch_never_wait_for_the_gpu() -> None:
-    """A resident dataset's step (CIFAR, MNIST, ``resident: true``): drawing the parameters
-    on the GPU and making both views only queues work; a copy of a Python int to the GPU (as
-    ``torch.as_tensor(size, device=...)`` makes) would wait, and CUDA's sync detector raise."""
+@pytest.mark.parametrize("generator", ["cuda", "cpu", None])
+def test_views_of_a_gpu_batch_never_wait_for_the_gpu(generator) -> None:
+    """A resident dataset's step (CIFAR, MNIST, ``resident: true``) only queues work (CUDA's
+    sync detector raises on a wait). A GPU generator (what the data module seeds): a copy of
+    a Python int to the GPU (as ``torch.as_tensor(size, device=...)`` makes) would wait. A CPU
+    generator, or none (torch's global one, as a GPUAugment built by hand has): the host's
+    draws must be queued to the GPU from page-locked memory, not copied blocking."""
     device = torch.device("cuda")
     cfg = config(image_size=32, blur_prob=0.5, solarize_prob=0.2)
-    aug = GPUAugment(cfg, torch.Generator(device=device).manual_seed(0)).to(device)
-    images = torch.randint(0, 256, (64, 3, 40, 36), dtype=torch.uint8, device=device)
-    aug.two_views(images)  # warm-up: CUDA libraries initialise on first use
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        view_a, view_b = aug.two_views(images)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert view_a.shape == view_b.shape == (64, 3, 32, 32) and view_a.is_cuda
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("generator", ["cpu", None])
-def test_host_drawn_parameters_reach_the_gpu_without_a_wait(generator) -> None:
-    """A CPU generator, or none (torch's global one, as a GPUAugment built by hand has): the
-    parameters drawn on the host are queued to the GPU from page-locked memory; a blocking
-    copy would wait for everything queued before it (CUDA's sync detector raises)."""
-    device = torch.device("cuda")
-    cfg = config(image_size=32, blur_prob=0.5, solarize_prob=0.2)
-    gen = torch.Generator().manual_seed(0) if generator == "cpu" else None
+    gen = torch.Generator(device=generator).manual_seed(0) if generator else None
     aug = GPUAugment(cfg, gen).to(device)
     images = torch.randint(0, 256, (64, 3, 40, 36), dtype=torch.uint8, device=device)
-    aug.two_views(images)  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    aug.two_views(images)  # warm-up: CUDA libraries initialise on first use
+    with gpu_waits_raise():
         view_a, view_b = aug.two_views(images)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert view_a.shape == view_b.shape == (64, 3, 32, 32) and view_a.is_cuda
