@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms.v2 import functional as TF
 
 from simclr_lightning import (
@@ -147,6 +148,34 @@ def test_boxes_of_mixed_sizes_come_from_the_host_stream_the_rest_from_the_device
         2 * n, heights, widths, cfg.crop_scale, cfg.crop_ratio, torch.Generator().manual_seed(5)
     )
     assert not torch.allclose(torchvision_views(images, wrong, pixel, cfg, 24), expected)
+
+
+class LargestOutput(TorchDispatchMode):
+    """The most elements of any tensor an op returns inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.most = max(self.most, t.numel())
+        return out
+
+
+def test_views_of_large_photographs_never_hold_the_batch_in_float():
+    """Large photographs (a user's own folder) decoded on the device: the float copy is made
+    of one image's region at a time, never of the whole batch's pixels, which would take 4
+    times the decoded batch's memory on the device."""
+    images = [torch.randint(0, 256, (3, 300 + 7 * i, 400), dtype=torch.uint8) for i in range(8)]
+    cfg = SimCLRAugmentation(image_size=16, mean=(0.5,) * 3, std=(0.2,) * 3)
+    aug = GPUAugment(cfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    with LargestOutput() as seen:
+        view_a, _ = aug.two_views_of_list(images)
+    assert view_a.shape == (8, 3, 16, 16)
+    assert seen.most <= max(im.numel() for im in images)
 
 
 @pytest.mark.gpu

@@ -194,9 +194,9 @@ class GPUAugment(nn.Module):
 
         The boxes are drawn on the host (:meth:`host_box_generator`) for each image's own size,
         so slicing the crops never waits for the device; everything else is drawn on
-        ``generator``'s device. Each crop is resized with the antialiased bilinear
-        ``interpolate`` torchvision uses (one kernel per view: the only loop), and the
-        conversion to float, the flips and everything after run on the whole batch.
+        ``generator``'s device. The loop: per image one copy to float of the region its two
+        views read, and per view one resize with the antialiased bilinear ``interpolate``
+        torchvision uses; scaling, flips and everything after run on the whole batch.
         """
         if len({tuple(im.shape) for im in images}) == 1:
             return self.two_views(torch.stack(list(images)))
@@ -217,23 +217,26 @@ class GPUAugment(nn.Module):
                 2 * n, heights, widths, cfg.crop_scale, cfg.crop_ratio, box_gen, "cpu"
             )
             params = to_device(sample_pixel_params(cfg, 2 * n, self.generator), device)
-        # uint8 -> float once per image (255 is divided out after the resize, which is linear)
-        flat = torch.cat([im.reshape(-1) for im in images]).to(torch.float32)
-        full = [
-            part.view(im.shape)
-            for part, im in zip(flat.split([im.numel() for im in images]), images, strict=True)
-        ]
-        crops = [
-            F.interpolate(
-                full[j % n][None, :, top : top + h, left : left + w],
-                size=(size, size),
-                mode="bilinear",
-                antialias=True,
-                align_corners=False,
-            )
-            for j, (top, left, h, w) in enumerate(zip(*(b.tolist() for b in boxes), strict=True))
-        ]
-        out = torch.cat(crops)
+        # Per image, the region its two views read goes to float in one copy (255 is divided
+        # out after the resize, which is linear); one region at a time, so a batch of large
+        # photographs never has all its pixels in float at once.
+        tops, lefts, hs, ws = (b.tolist() for b in boxes)
+        firsts, seconds = [], []  # the views of images[i]: i and n + i
+        for i, image in enumerate(images):
+            views = (i, n + i)
+            y0, x0 = min(tops[j] for j in views), min(lefts[j] for j in views)
+            y1 = max(tops[j] + hs[j] for j in views)
+            x1 = max(lefts[j] + ws[j] for j in views)
+            region = image[None, :, y0:y1, x0:x1].to(torch.float32)
+            for j, crops in zip(views, (firsts, seconds), strict=True):
+                top, left = tops[j] - y0, lefts[j] - x0
+                crop = region[..., top : top + hs[j], left : left + ws[j]]
+                crops.append(
+                    F.interpolate(
+                        crop, (size, size), mode="bilinear", antialias=True, align_corners=False
+                    )
+                )
+        out = torch.cat(firsts + seconds)
         scale = [1.0 / 255.0 if im.dtype == torch.uint8 else 1.0 for im in images]
         if len(set(scale)) == 1:
             out = out.mul_(scale[0])
