@@ -90,21 +90,20 @@ def test_views_of_mixed_sizes_are_torchvision_crops_of_the_full_image(mixed_size
     view_a, view_b = GPUAugment(cfg, torch.Generator().manual_seed(7)).two_views_of_list(images)
     assert view_a.shape == view_b.shape == (len(images), 3, 24, 24)
 
-    # the same draws, then torchvision's crop + resize of each full image
+    # the same draws (one stream, as sample_params), then torchvision's crop of each full image
     again = GPUAugment(cfg, torch.Generator().manual_seed(7))
-    n = len(images)
-    heights = torch.tensor([im.shape[1] for im in images]).repeat(2)
-    widths = torch.tensor([im.shape[2] for im in images]).repeat(2)
-    params = again.sample_params(2 * n, heights, widths)
-    crops = []
-    for j in range(2 * n):
-        image = images[j % n].float() / 255
-        top, left, h, w = (int(params[k][j]) for k in ("top", "left", "height", "width"))
-        crop = TF.resized_crop(image, top, left, h, w, [24, 24], antialias=True)
-        crops.append(TF.horizontal_flip(crop) if params["flip"][j] else crop)
-    expected = again.apply(torch.stack(crops), params, crop=False)
+    params = again.sample_params(2 * len(images), *view_sizes(images))
+    boxes = [params[k] for k in ("top", "left", "height", "width")]
+    expected = torchvision_views(images, boxes, params, cfg, 24)
     torch.testing.assert_close(torch.cat([view_a, view_b]), expected, rtol=0, atol=1e-5)
     assert not torch.equal(view_a, view_b)
+
+
+def view_sizes(images) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heights and widths of both views' images: ``images`` twice over, as views 0..2n-1."""
+    heights = torch.tensor([im.shape[-2] for im in images]).repeat(2)
+    widths = torch.tensor([im.shape[-1] for im in images]).repeat(2)
+    return heights, widths
 
 
 def torchvision_views(images, boxes, pixel, cfg, size):
@@ -135,8 +134,7 @@ def test_boxes_of_mixed_sizes_come_from_the_host_stream_the_rest_from_the_device
     view_a, view_b = aug.two_views_of_list(images)
 
     n = len(images)
-    heights = torch.tensor([im.shape[1] for im in images]).repeat(2)
-    widths = torch.tensor([im.shape[2] for im in images]).repeat(2)
+    heights, widths = view_sizes(images)
     boxes = sample_crop_boxes(
         2 * n, heights, widths, cfg.crop_scale, cfg.crop_ratio, torch.Generator().manual_seed(11)
     )
@@ -196,8 +194,7 @@ def test_views_of_decoded_images_of_different_sizes_never_wait_for_the_gpu(mixed
         view_a, view_b = aug.two_views_of_list(images)
     assert aug.box_generator.device.type == "cpu"
     n = len(images)
-    heights = torch.tensor([im.shape[1] for im in images]).repeat(2)
-    widths = torch.tensor([im.shape[2] for im in images]).repeat(2)
+    heights, widths = view_sizes(images)
     box_gen = torch.Generator()
     box_gen.set_state(box_state)
     boxes = sample_crop_boxes(2 * n, heights, widths, cfg.crop_scale, cfg.crop_ratio, box_gen)

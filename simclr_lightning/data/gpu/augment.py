@@ -206,17 +206,12 @@ class GPUAugment(nn.Module):
         device = images[0].device
         heights = torch.tensor([im.shape[-2] for im in images]).repeat(2)
         widths = torch.tensor([im.shape[-1] for im in images]).repeat(2)
-        box_gen = self.host_box_generator()
-        if box_gen is self.generator:  # one CPU stream: as sample_params draws them
-            params = self.sample_params(2 * n, heights, widths)
-            boxes = [params.pop(k) for k in ("top", "left", "height", "width")]
-            params = to_device(params, device)
-        else:
-            cfg = self.cfg
-            boxes = sample_crop_boxes(
-                2 * n, heights, widths, cfg.crop_scale, cfg.crop_ratio, box_gen, "cpu"
-            )
-            params = to_device(sample_pixel_params(cfg, 2 * n, self.generator), device)
+        cfg = self.cfg
+        # with one CPU generator for both, the same draws in the same order as sample_params
+        boxes = sample_crop_boxes(
+            2 * n, heights, widths, cfg.crop_scale, cfg.crop_ratio, self.host_box_generator(), "cpu"
+        )
+        params = to_device(sample_pixel_params(cfg, 2 * n, self.generator), device)
         # Per image, the region its two views read goes to float in one copy (255 is divided
         # out after the resize, which is linear); one region at a time, so a batch of large
         # photographs never has all its pixels in float at once.
