@@ -49,6 +49,7 @@ class ImagesPerSecond(L.Callback):
         self.window = window
         self.log_every_n_steps = log_every_n_steps
         self.value: float | None = None  # the last images/s computed
+        self._window_epoch: int | None = None  # the epoch the current window measures
 
     def _now(self, pl_module: L.LightningModule) -> float:
         if pl_module.device.type == "cuda":
@@ -56,6 +57,16 @@ class ImagesPerSecond(L.Callback):
         return time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start_window(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # A run resumed mid-epoch (or from an epoch's last batch) gets no on_train_epoch_start
+        # from Lightning: its window starts at its first batch.
+        if self._window_epoch != trainer.current_epoch:
+            self._start_window(trainer, pl_module)
+
+    def _start_window(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._window_epoch = trainer.current_epoch
         readings = max(2, math.ceil(self.window / self.log_every_n_steps) + 1)
         self._throughput = Throughput(world_size=trainer.world_size, window_size=readings)
         self._images = 0

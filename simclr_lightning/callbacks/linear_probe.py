@@ -119,6 +119,7 @@ class OnlineLinearProbe(L.Callback):
         self.val_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro").to(device)
         self.val_top5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro").to(device)
         self._train_sums = torch.zeros(3, device=device)
+        self._sums_epoch: int | None = -1  # the epoch the sums are of
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
 
@@ -157,12 +158,18 @@ class OnlineLinearProbe(L.Callback):
         self._set_lr(trainer)
         optimizer.step()
         self.steps += 1
+        if self._sums_epoch is None:
+            self._sums_epoch = trainer.current_epoch
+        elif self._sums_epoch != trainer.current_epoch:
+            # A new epoch, told by its number: Lightning skips on_train_epoch_start after a
+            # resume from the last batch of an epoch.
+            self._train_sums.zero_()
+            self._sums_epoch = trainer.current_epoch
         self._train_sums += packed[-3:]  # loss, correct, rows: read once, at the epoch's end
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._train_sums.zero_()
-
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._sums_epoch != trainer.current_epoch:
+            return
         total_loss, total_correct, count = self._train_sums.tolist()
         if count == 0:
             return
@@ -229,6 +236,7 @@ class OnlineLinearProbe(L.Callback):
             # the epoch's figures so far (the same on every rank): a mid-epoch resume reports
             # the whole epoch, not the part after the resume
             "train_sums": self._train_sums.cpu(),
+            "train_sums_epoch": self._sums_epoch,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -242,6 +250,8 @@ class OnlineLinearProbe(L.Callback):
         self.steps = int(state_dict.get("steps", 0))
         if "train_sums" in state_dict:
             self._train_sums.copy_(state_dict["train_sums"])
+            # None (a checkpoint from before the epoch was kept): the epoch trained next
+            self._sums_epoch = state_dict.get("train_sums_epoch")
         self._pending_state = None
 
 
