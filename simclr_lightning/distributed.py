@@ -25,13 +25,20 @@ def mean_over_processes(value: Tensor) -> Tensor:
     all-reduce, queued on the device. Lightning's ``sync_dist`` on a per-step value does the
     same after a barrier, and under NCCL a barrier makes the host wait for the GPU at every
     step. Log the result without ``sync_dist`` (see :func:`already_synced`)."""
-    value = value.detach()
     world = rank_and_world_size()[1]
-    if world == 1:
+    total = sum_over_processes(value)
+    return total if world == 1 else total / world
+
+
+def sum_over_processes(value: Tensor) -> Tensor:
+    """``value`` (detached) summed over every process, the same on all of them: one
+    all-reduce queued on the device, no barrier (see :func:`mean_over_processes`)."""
+    value = value.detach()
+    if rank_and_world_size()[1] == 1:
         return value
     total = value.clone()
     dist.all_reduce(total)
-    return total / world
+    return total
 
 
 def already_synced(*names: str) -> None:

@@ -8,7 +8,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from simclr_lightning.backbones import build_backbone
@@ -16,9 +15,10 @@ from simclr_lightning.checkpoint import load_backbone_state, projection_layers, 
 from simclr_lightning.data.base import dataset_class_names
 from simclr_lightning.distributed import (
     already_synced,
-    mean_over_processes,
     pick_loader,
+    rank_and_world_size,
     real_rows,
+    sum_over_processes,
 )
 from simclr_lightning.errors import CheckpointError, SettingError, require
 from simclr_lightning.heads import ProjectionHead
@@ -146,11 +146,12 @@ class LinearEval(L.LightningModule):
         for stage in ("val", "test"):  # micro: the fraction of images, as papers report
             setattr(self, f"{stage}_top1", MulticlassAccuracy(num_classes, 1, average="micro"))
             setattr(self, f"{stage}_top5", MulticlassAccuracy(num_classes, top5, average="micro"))
-        # Training hits and labelled rows, summed on the device. "disable": the NaN check
-        # reads on the host; a weighted MeanMetric would drop its weights with it
-        # (torchmetrics 1.9, Lightning-AI/torchmetrics#3434).
-        self.train_hits = SumMetric(nan_strategy="disable")
-        self.train_rows = SumMetric(nan_strategy="disable")
+        # Training hits and labelled rows over all processes (the same on every one) of epoch
+        # ``_sums_epoch``, kept on the device and in checkpoints: a mid-epoch resume reports
+        # the whole epoch. Validation and test: loss sum and labelled rows of this process.
+        # Float32 tensors, not buffers, which a bf16-true run would round.
+        self._train_sums, self._sums_epoch = torch.zeros(2), -1
+        self._eval_sums = torch.zeros(2)
         self._reads, self._bar_loss = LaggedReads(), None
 
     def train(self, mode: bool = True) -> LinearEval:
@@ -180,16 +181,26 @@ class LinearEval(L.LightningModule):
         # Unlabeled images (-1) carry no loss. Weights, not a boolean index, and no count read
         # on the host: either would make the host wait for the GPU at every step.
         keep = y >= 0
-        rows = keep.sum()
         losses = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
-        loss = torch.where(keep, losses, 0.0).sum() / rows.clamp(min=1)
-        self.train_hits.update(((logits.argmax(1) == y) & keep).sum())
-        self.train_rows.update(rows)
-        # The mean over processes from one all-reduce queued on the device (sync_dist's
-        # barrier would make the host wait for the GPU every step), not in the progress bar
-        # (Lightning reads bar values on the host after every batch): the bar shows it as
-        # read back two steps late.
-        mean_loss = mean_over_processes(loss)
+        loss_sum = torch.where(keep, losses, 0.0).sum()
+        hits = ((logits.argmax(1) == y) & keep).sum()
+        # Loss sum, hits and labelled rows over all processes from one all-reduce queued on
+        # the device (sync_dist's barrier would make the host wait for the GPU every step).
+        stats = torch.stack([loss_sum.float(), hits.float(), keep.sum().float()])
+        stats = sum_over_processes(stats)
+        rows = stats[2].clamp(min=1)
+        # The mean over the global batch's labelled rows, as one process holding every batch
+        # computes it: DDP averages the W processes' gradients, hence the factor W (a mean
+        # per process would weigh a process's rows by how few labelled rows it holds).
+        loss = loss_sum * (rank_and_world_size()[1] / rows)
+        mean_loss = stats[0] / rows
+        if self._sums_epoch != self.current_epoch:
+            # A new epoch, told by its number: Lightning skips on_train_epoch_start after a
+            # resume from the last batch of an epoch.
+            self._train_sums, self._sums_epoch = torch.zeros_like(stats[1:]), self.current_epoch
+        self._train_sums = self._train_sums.to(stats.device) + stats[1:]
+        # Not in the progress bar (Lightning reads bar values on the host after every
+        # batch): the bar shows it as read back two steps late.
         self.log("train/loss", mean_loss, on_step=True, on_epoch=True)
         self._reads.push(None, mean_loss)
         for _, (value,) in self._reads.ready():
@@ -199,16 +210,14 @@ class LinearEval(L.LightningModule):
         return loss
 
     def on_train_start(self) -> None:
-        already_synced("train/loss")
         list(self._reads.drain())  # nothing of an earlier fit
         self._bar_loss = None
 
     def on_train_epoch_end(self) -> None:
-        # compute() sums over ranks: the fraction of all labelled training rows.
-        rows = self.train_rows.compute()
-        self.log("train/top1", self.train_hits.compute() / rows.clamp(min=1))
-        self.train_hits.reset()
-        self.train_rows.reset()
+        if self._sums_epoch != self.current_epoch:
+            return
+        hits, rows = self._train_sums  # already over all processes: nothing left to reduce
+        self.log("train/top1", hits / rows.clamp(min=1))
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("val", batch, batch_idx, dataloader_idx)
@@ -230,10 +239,26 @@ class LinearEval(L.LightningModule):
             top5.update(logits, y)
         self.log(f"{stage}/top1", top1, prog_bar=True)
         self.log(f"{stage}/top5", top5)
-        # Logged on every batch (every rank must log the same keys under DDP); a batch without
-        # labelled images adds a 0 of weight 1.
-        loss = F.cross_entropy(logits, y, reduction="sum") / max(len(y), 1)
-        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=max(len(y), 1))
+        loss_sum = F.cross_entropy(logits, y, reduction="sum").float()
+        self._eval_sums = self._eval_sums + torch.stack([loss_sum, loss_sum.new_tensor(len(y))])
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums = torch.zeros(2, device=self.device)
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_loss("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_loss("test")
+
+    def _log_eval_loss(self, stage: str) -> None:
+        """The mean over every labelled image of all processes (without DistributedSampler's
+        padding repeats); ``sync_dist`` would average the processes' means instead, which
+        differ in size. Every process logs it, as DDP needs the same keys everywhere."""
+        loss_sum, rows = sum_over_processes(self._eval_sums)
+        self.log(f"{stage}/loss", loss_sum / rows.clamp(min=1))
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities in float32 whatever the run's precision: the encoder may run
@@ -276,6 +301,8 @@ class LinearEval(L.LightningModule):
 
     # -- what prediction needs later ------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        # logged without sync_dist: their values are already over all processes
+        already_synced("train/loss", "train/top1", "val/loss", "test/loss")
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None or stage != "fit":
             return
@@ -311,6 +338,9 @@ class LinearEval(L.LightningModule):
         checkpoint["linear_eval"] = {
             "class_names": self.class_names,
             "preprocessing": self.preprocessing,
+            # the epoch so far, the same on every rank
+            "train_sums": self._train_sums.cpu(),
+            "train_sums_epoch": self._sums_epoch,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -327,6 +357,9 @@ class LinearEval(L.LightningModule):
         if extra.get("class_names") is not None:
             self.class_names = list(extra["class_names"])
         self.preprocessing = extra.get("preprocessing") or self.preprocessing
+        if "train_sums" in extra:
+            self._train_sums = extra["train_sums"].float().clone()
+            self._sums_epoch = int(extra["train_sums_epoch"])
 
 
 def _is_pretraining(checkpoint: dict[str, Any]) -> bool:

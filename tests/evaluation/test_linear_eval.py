@@ -3,12 +3,16 @@ the cosine runs per iteration over the whole run, and its checkpoints stand alon
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from simclr_lightning.errors import SettingError
@@ -333,3 +337,33 @@ def test_training_reads_no_device_value_per_step_and_the_bar_shows_the_read_loss
     trainer, losses = fits[8]
     assert set(trainer.progress_bar_metrics) == {"loss"}
     assert trainer.progress_bar_metrics["loss"] == pytest.approx(float(losses[5]), rel=1e-6)
+
+
+def test_a_resume_from_any_step_logs_each_epochs_whole_training_top1(tmp_path):
+    """train/top1 counts the whole epoch after a mid-epoch resume (the sums are in the
+    checkpoint), and a resume from an epoch's last batch, where Lightning skips that epoch's
+    end and the next one's start, does not carry the finished epoch into the next."""
+    rows = labelled(8, seed=1) * 3  # every batch the same: a plain loader restarts its epoch
+
+    def fit(name: str, ckpt_path=None) -> dict[int, float]:
+        torch.manual_seed(0)
+        model = LinearEval(num_classes=3, in_channels=1, lr=0.5, zero_init_classifier=False)
+        every = ModelCheckpoint(tmp_path / "ckpts", "{step}", every_n_train_steps=1, save_top_k=-1)
+        trainer = quiet_trainer(
+            max_epochs=3,
+            callbacks=[every] if ckpt_path is None else [],
+            enable_checkpointing=True,
+            logger=CSVLogger(tmp_path, name=name),
+            limit_val_batches=0,
+        )
+        trainer.fit(model, DataLoader(rows, batch_size=8), ckpt_path=ckpt_path)
+        with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+            logged = [r for r in csv.DictReader(f) if r.get("train/top1")]
+        return {int(r["epoch"]): float(r["train/top1"]) for r in logged}
+
+    full = fit("full")
+    assert sorted(full) == [0, 1, 2] and len(set(full.values())) > 1
+    # mid-epoch 0, the last batch of epoch 0 (its end is never run again), mid-epoch 1
+    for step, epochs in ((1, [0, 1, 2]), (3, [1, 2]), (4, [1, 2])):
+        resumed = fit(f"from{step}", tmp_path / "ckpts" / f"step={step}.ckpt")
+        assert resumed == pytest.approx({e: full[e] for e in epochs}, abs=1e-6), step

@@ -1,0 +1,100 @@
+"""Linear evaluation (frozen encoder) for two epochs, saving the classifier and the figures.
+
+Run as a script (Lightning's "ddp" strategy relaunches it once per extra device). With
+--devices 1 each training batch is the concatenation, in rank order, of the per-rank batches
+the 2-device run sees (Lightning shuffles DDP training data with seed 0 at epoch 0 and seed 0
++ epoch after). Some training images are unlabelled, so the two ranks hold different numbers
+of labelled rows at most steps; the 37 validation images are not a multiple of 2, so the
+2-device run also has DistributedSampler's padding repeat to leave out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from simclr_lightning.evaluation import LinearEval  # noqa: E402
+from tests.ddp_helpers import ddp_trainer  # noqa: E402
+
+WORLD, PER_RANK, STEPS, EPOCHS = 2, 6, 3, 2
+N_VAL, CLASSES = 37, 6
+UNLABELLED = [1, 2, 4, 9, 16, 23, 30]  # training images without a label
+
+
+def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 16, 16, generator=gen), torch.randint(0, CLASSES, (n,), generator=gen)
+
+
+def single_process_order(n: int, epoch: int) -> list[int]:
+    """Per step, rank 0's batch then rank 1's, from DistributedSampler's permutation."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).tolist()
+    shards = [perm[r::WORLD] for r in range(WORLD)]
+    steps = [slice(s * PER_RANK, (s + 1) * PER_RANK) for s in range(STEPS)]
+    return [i for step in steps for shard in shards for i in shard[step]]
+
+
+class Data(L.LightningDataModule):
+    def __init__(self, devices: int) -> None:
+        super().__init__()
+        self.devices = devices
+
+    def train_dataloader(self):
+        n = WORLD * PER_RANK * STEPS
+        x, y = images(n, seed=1)
+        y[UNLABELLED] = -1
+        if self.devices > 1:  # Lightning always shuffles training data under DDP
+            order, batch = list(range(n)), PER_RANK
+        else:
+            order, batch = single_process_order(n, self.trainer.current_epoch), WORLD * PER_RANK
+        return DataLoader([(x[i], y[i]) for i in order], batch_size=batch, shuffle=False)
+
+    def val_dataloader(self):
+        x, y = images(N_VAL, seed=3)
+        y[5] = -1
+        return DataLoader(list(zip(x, y, strict=True)), batch_size=5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    L.seed_everything(0, verbose=False)
+    model = LinearEval(num_classes=CLASSES, cifar_stem=True, lr=0.5, zero_init_classifier=False)
+    trainer = ddp_trainer(
+        args.devices,
+        [],
+        max_epochs=EPOCHS,
+        num_sanity_val_steps=0,
+        reload_dataloaders_every_n_epochs=1,  # the single process's order changes per epoch
+    )
+    trainer.fit(model, datamodule=Data(args.devices))
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if "/" in k}
+    x, y = images(N_VAL, seed=3)
+    y[5] = -1
+    model.eval()
+    with torch.no_grad():
+        features = model.projection(model.backbone(x))  # what the classifier saw
+    torch.save(
+        {
+            "metrics": metrics,
+            "val_features": features,
+            "val_labels": y,
+            "head": {k: v.clone() for k, v in model.head.state_dict().items()},
+            "steps": trainer.global_step,
+            "world": trainer.world_size,
+        },
+        args.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main()
