@@ -59,12 +59,19 @@ def nt_xent_health_reference(
     }
 
 
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to length 1 in float64, so a dot product is their cosine similarity
+    (``F.cosine_similarity`` per query re-normalised the whole bank each time: 12 ms a query)."""
+    x = x.double()
+    return x / x.norm(dim=1, keepdim=True)
+
+
 def cosine_knn_top1(train_x, train_y, test_x, test_y, k: int = 20) -> float:
     """Majority vote of the k most cosine-similar training features (brute force, float64)."""
-    train_x, test_x = train_x.double(), test_x.double()
+    train_x, test_x = _unit_rows(train_x), _unit_rows(test_x)
     correct = 0
     for x, y in zip(test_x, test_y, strict=True):
-        nearest = F.cosine_similarity(train_x, x[None], dim=1).topk(k).indices
+        nearest = (train_x @ x).topk(k).indices
         votes = torch.bincount(train_y[nearest], minlength=int(train_y.max()) + 1)
         correct += int(votes.argmax() == y)
     return correct / len(test_y)
@@ -96,11 +103,11 @@ def cosine_schedule_reference(step, warmup, total, final):
 def weighted_knn_top1(train_x, train_y, test_x, test_y, k: int = 200, temperature: float = 0.1):
     """InstDisc's weighted kNN (Wu et al. 2018), float64: each of the k most cosine-similar
     training features votes for its class with weight exp(similarity / temperature)."""
-    train_x, test_x = train_x.double(), test_x.double()
+    train_x, test_x = _unit_rows(train_x), _unit_rows(test_x)
     num_classes = int(train_y.max()) + 1
     correct = 0
     for x, y in zip(test_x, test_y, strict=True):
-        sims = F.cosine_similarity(train_x, x[None], dim=1)
+        sims = train_x @ x
         top = sims.topk(min(k, len(sims)))
         votes = torch.zeros(num_classes, dtype=torch.float64)
         votes.index_add_(0, train_y[top.indices], torch.exp(top.values / temperature))
