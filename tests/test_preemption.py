@@ -53,6 +53,8 @@ def write_config(root: Path, work: Path) -> Path:
                     "class_path": "tests.preemption_callbacks.StepLog",
                     "init_args": {"path": str(work / "steps.txt")},
                 },
+                # as every shipped config: it once raised on a mid-epoch resume
+                {"class_path": "simclr_lightning.ImagesPerSecond"},
             ],
         },
         "model": {
