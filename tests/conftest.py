@@ -27,26 +27,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
-# The longest files, longest first (seconds each took under `-n 2 --dist loadfile` on the
-# 2-core machine). xdist hands whole files to whichever process is free; begun last, one of
-# these would leave the other core idle for a minute at the end of the run.
+# The longest files, longest first (seconds each took under `-n 2 --dist loadfile` on a
+# 2-core machine without AVX-512, where all tests add up to 1,444 s). xdist hands whole
+# files to whichever process is free; begun last, one of these would leave the other core
+# idle for a minute at the end of the run.
 LONG_FILES = [
-    "tests/test_preemption.py",  # 131
-    "tests/test_learning.py",  # 91
-    "tests/test_notebook.py",  # 62
-    "tests/test_resume.py",  # 53
-    "tests/test_cli.py",  # 49
-    "tests/data/test_corrupt.py",  # 42
-    "tests/test_eval_cli.py",  # 36
-    "tests/test_multinode.py",  # 33
-    "tests/test_quickstart.py",  # 31
-    "tests/test_distributed.py",  # 29
-    "tests/test_benchmarks.py",  # 27
-    "tests/test_cli_errors.py",  # 25
-    "tests/test_grad_cache.py",  # 23
-    "tests/data/test_sharding_ddp.py",  # 22
-    "tests/callbacks/test_monitors_ddp.py",  # 21
-    "tests/test_gpu_session.py",  # 18
+    "tests/test_preemption.py",  # 216
+    "tests/test_learning.py",  # 185
+    "tests/test_notebook.py",  # 134
+    "tests/test_resume.py",  # 88
+    "tests/test_eval_cli.py",  # 77
+    "tests/test_cli.py",  # 66
+    "tests/test_grad_cache.py",  # 65
+    "tests/test_multinode.py",  # 52
+    "tests/data/test_corrupt.py",  # 48
+    "tests/test_quickstart.py",  # 46
+    "tests/evaluation/test_linear_eval.py",  # 43
+    "tests/test_cli_errors.py",  # 42
+    "tests/test_benchmarks.py",  # 42
+    "tests/callbacks/test_monitors_ddp.py",  # 37
+    "tests/test_distributed.py",  # 35
+    "tests/data/test_sharding_ddp.py",  # 33
+    "tests/evaluation/test_linear_eval_ddp.py",  # 27
+    "tests/test_gpu_session.py",  # 24
 ]
 
 

@@ -61,6 +61,9 @@ class Data(L.LightningDataModule):
         y[5] = -1
         return DataLoader(list(zip(x, y, strict=True)), batch_size=5)
 
+    def test_dataloader(self):  # the same images: test/* must equal val/*
+        return self.val_dataloader()
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -76,8 +79,11 @@ def main() -> None:
         num_sanity_val_steps=0,
         reload_dataloaders_every_n_epochs=1,  # the single process's order changes per epoch
     )
-    trainer.fit(model, datamodule=Data(args.devices))
+    data = Data(args.devices)
+    trainer.fit(model, datamodule=data)
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if "/" in k}
+    trainer.test(model, datamodule=data, verbose=False)
+    metrics |= {k: v.item() for k, v in trainer.callback_metrics.items() if "test/" in k}
     x, y = images(N_VAL, seed=3)
     y[5] = -1
     model.eval()

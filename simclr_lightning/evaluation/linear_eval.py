@@ -43,7 +43,9 @@ class LinearEval(L.LightningModule):
     ``data.label_fraction`` for the semi-supervised protocol).
 
     Logs ``train/loss``, ``train/top1``, ``val/top1``, ``val/top5``, ``val/loss``,
-    ``test/top1``, ``test/top5``. ``predict_step`` returns class probabilities. Class names
+    ``test/top1``, ``test/top5``, ``test/loss``, each over the labelled images of all
+    processes (under DDP the same as one process holding every batch).
+    ``predict_step`` returns class probabilities. Class names
     (from an ImageFolder's ``classes``, or ``class_names``) and the evaluation preprocessing
     are stored in the checkpoint for prediction.
 

@@ -47,8 +47,11 @@ def test_two_processes_train_and_report_as_one_holding_both_batches(tmp_path):
         for r in ranks:
             assert r["metrics"][name] == pytest.approx(single["metrics"][name], abs=1e-5), name
 
-    # Validation against a float64 reference over the 36 labelled images, counted once each.
+    # Validation and test (the same images) against a float64 reference over the 36
+    # labelled images, counted once each.
     for run in (single, *ranks):
         for name, value in reference_val_figures(run).items():
             assert run["metrics"][name] == pytest.approx(value, abs=1e-5), name
+            test_name = name.replace("val/", "test/")
+            assert run["metrics"][test_name] == pytest.approx(value, abs=1e-5), test_name
     assert 0 < single["metrics"]["val/top1"] < single["metrics"]["val/top5"] < 1
