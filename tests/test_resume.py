@@ -106,7 +106,9 @@ def test_resume_continues_the_uninterrupted_run_exactly(
     assert [step for step, _, _ in full] == list(range(1, STEPS_PER_EPOCH * EPOCHS + 1))
     # the views differ between epochs (a plain run is not replaying its first epoch)
     assert not torch.equal(full[0][1], full[STEPS_PER_EPOCH][1])
-    starts = {"step=8.ckpt": 8, "end-epoch=0.ckpt": STEPS_PER_EPOCH}  # mid-epoch 1, end of 0
+    # mid-epoch 1; the end of epoch 0; the last batch of epoch 1, from which Lightning goes on
+    # to epoch 2 without epoch 1's end or epoch 2's start hooks
+    starts = {"step=8.ckpt": 8, "end-epoch=0.ckpt": STEPS_PER_EPOCH, "step=12.ckpt": 12}
     for name, done in starts.items():
         resumed = fit(tiny_folder, tmp_path / "again", augment, workers, tmp_path / name).rows
         assert [s for s, _, _ in resumed] == [s for s, _, _ in full[done:]], name
@@ -145,17 +147,23 @@ def test_end_of_epoch_resume_of_a_plain_shuffling_loader_is_exact(tmp_path):
         trainer = quiet_trainer(
             max_epochs=4,
             enable_checkpointing=True,
-            callbacks=[RNGState(), ModelCheckpoint(tmp_path / folder, "{epoch}", save_top_k=-1)],
+            callbacks=[
+                RNGState(),
+                ModelCheckpoint(tmp_path / folder, "{epoch}", save_top_k=-1),
+                # at every 4th step: an epoch's last batch, before its end hooks
+                ModelCheckpoint(tmp_path / folder, "{step}", every_n_train_steps=4, save_top_k=-1),
+            ],
         )
         trainer.fit(model, ckpt_path=ckpt_path)
         return model.rows
 
     full = fit("full")
-    resumed = fit("resumed", tmp_path / "full" / "epoch=1.ckpt")
-    assert [r[0] for r in resumed] == list(range(8, 16))
-    # each epoch has its own order and draws, and the resumed run has the same ones
+    # each epoch has its own order and draws, and the resumed runs have the same ones
     assert full[0][1] != full[4][1] and full[8][2] != full[12][2]
-    assert resumed == full[8:]
+    for name in ("epoch=1.ckpt", "step=8.ckpt"):
+        resumed = fit("resumed", tmp_path / "full" / name)
+        assert [r[0] for r in resumed] == list(range(8, 16)), name
+        assert resumed == full[8:], name
 
 
 @pytest.mark.slow
