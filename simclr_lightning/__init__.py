@@ -36,6 +36,7 @@ from simclr_lightning.data import (
 from simclr_lightning.data.corrupt import CorruptFilesError, CorruptImageWarning
 from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.transforms import SimCLRAugmentation
+from simclr_lightning.data.worker_signals import shield_from_stop_signals
 from simclr_lightning.errors import (
     CheckpointError,
     CorruptImageError,
@@ -98,4 +99,5 @@ __all__ = [
     "load_backbone_state",
     "sample_root",
     "sharded_knn_predict",
+    "shield_from_stop_signals",
 ]

@@ -243,6 +243,7 @@ def shard_loader(loader: DataLoader, trainer: L.Trainer) -> DataLoader:
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
         persistent_workers=loader.persistent_workers,
+        worker_init_fn=loader.worker_init_fn,
     )
 
 

@@ -104,6 +104,15 @@ def signal_after(proc: subprocess.Popen, work: Path, signum: int, step: int) -> 
     return proc.returncode, out.decode()
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started (its loader workers), from /proc."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *descendants(int(child))]
+    return found
+
+
 def global_step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
 
@@ -123,6 +132,29 @@ def test_sigterm_saves_the_last_step_exits_143_and_last_resumes(tiny_folder, tmp
     assert steps_logged(tmp_path) == list(range(1, STEPS + 1))  # no step lost or repeated
     assert global_step(tmp_path / "ckpts" / f"epoch=1-step={STEPS}.ckpt") == STEPS
     assert not last.exists()  # done: --ckpt_path last must not go back to the stop
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_sigterm_to_every_process_as_slurm_sends_it_still_saves_the_step(tiny_folder, tmp_path):
+    """SLURM's time limit, preemption or scancel signals every process of the job step: the
+    loader workers too. They must not die before the training process has saved its step."""
+    config = write_config(tiny_folder, tmp_path)
+    proc = cli(config, "--data.num_workers", "2")
+    deadline = time.monotonic() + 120
+    while len(steps_logged(tmp_path)) < 4:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "training never reached the step"
+        time.sleep(0.05)
+    workers = descendants(proc.pid)
+    assert len(workers) >= 2  # the training loader's
+    for pid in [proc.pid, *workers]:
+        os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    out = out.decode()
+    assert proc.returncode == 143, out[-3000:]
+    assert "killed by signal" not in out
+    done = steps_logged(tmp_path)
+    assert global_step(tmp_path / "ckpts" / "last.ckpt") == done[-1] >= 4
 
 
 def fake_slurm(tmp_path: Path) -> dict[str, str]:

@@ -36,6 +36,7 @@ from simclr_lightning.data.transforms import (
     eval_transform,
     view_transform,
 )
+from simclr_lightning.data.worker_signals import shield_from_stop_signals
 from simclr_lightning.errors import require
 from simclr_lightning.resume import gather_per_rank, own_rank
 
@@ -261,6 +262,7 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
+            worker_init_fn=shield_from_stop_signals,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -291,6 +293,8 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
             collate_fn=self.device_collate_fn() if self.on_device else None,
+            # a scheduler's SIGTERM to every process must not kill them before the step is saved
+            worker_init_fn=shield_from_stop_signals,
         )
 
     def state_dict(self) -> dict:

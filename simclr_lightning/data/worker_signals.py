@@ -1,0 +1,43 @@
+"""Loader workers that outlive a scheduler's stop signal, so the training process can finish
+its step and save it.
+
+SLURM sends SIGTERM at a time limit, a preemption or ``scancel`` (and the ``--signal`` warning,
+usually SIGUSR1, before it) to every process of a job step: the loader workers too. torch's
+worker dies of a SIGTERM that its parent did not send, and the training process then raises
+"DataLoader worker ... is killed by signal" wherever it stands, before Lightning can stop
+after the step and :class:`~simclr_lightning.callbacks.preemption.Preemption` can save it: the
+work since the last checkpoint is lost. With ``num_workers=0`` the same stop saves its step.
+
+In a shielded worker these signals are ignored when another process sends them; when the
+training process sends SIGTERM (torch's own shutdown, or multiprocessing's at exit) the worker
+ends at once, as torch's handler ends it. A worker still stops when the training process
+shuts its loader down (as Lightning does when a run stops) or dies, and by SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+# What schedulers send before a kill: SIGTERM; SLURM's --signal warning (Lightning's requeue
+# signal is SIGUSR1). Each would end a worker by default.
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2})
+
+
+def shield_from_stop_signals(worker_id: int = 0) -> None:
+    """A ``worker_init_fn``: from here on, stop signals from any process but the parent are
+    ignored. They are blocked in this (the worker's main) thread, which threads started later
+    inherit, and a watcher thread takes each one with its sender (``sigwaitinfo``)."""
+    if not hasattr(signal, "sigwaitinfo"):  # not on macOS or Windows: left as torch sets it
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_watch, args=(parent,), name="stop-signal-shield", daemon=True).start()
+
+
+def _watch(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_pid == parent and info.si_signo == signal.SIGTERM:
+            os._exit(0)  # the loader's own shutdown: end now and quietly, as torch's handler does

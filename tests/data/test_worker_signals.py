@@ -1,0 +1,79 @@
+"""Loader workers survive a stop signal that a scheduler sends to every process (SLURM's
+SIGTERM and --signal warning), so the training process can finish its step and save it; the
+training process's own SIGTERM still ends them."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from simclr_lightning.data.worker_signals import shield_from_stop_signals
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="sigwaitinfo and /proc: Linux")
+
+
+class Slow(Dataset):
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        time.sleep(0.02)
+        return torch.tensor(i)
+
+
+def signal_from_another_process(pid: int, *signums: int) -> None:
+    """As a scheduler does: the sender is not the worker's parent (torch's own worker handler
+    tells the two apart)."""
+    for signum in signums:
+        subprocess.run(["kill", f"-{signal.Signals(signum).name[3:]}", str(pid)], check=True)
+
+
+def loader(shielded: bool) -> DataLoader:
+    init = shield_from_stop_signals if shielded else None
+    return DataLoader(Slow(), batch_size=4, num_workers=2, worker_init_fn=init)
+
+
+def test_without_the_shield_a_scheduler_sigterm_kills_the_loader_mid_epoch():
+    batches = iter(loader(shielded=False))
+    next(batches)
+    with pytest.raises(RuntimeError, match="killed by signal: Terminated|exited unexpectedly"):
+        signal_from_another_process(batches._workers[0].pid, signal.SIGTERM)
+        for _ in batches:
+            time.sleep(0.05)
+
+
+def test_shielded_workers_serve_every_batch_through_stop_signals_from_others():
+    batches = iter(loader(shielded=True))
+    seen = [next(batches)]
+    for worker in batches._workers:
+        signal_from_another_process(worker.pid, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    time.sleep(0.3)
+    assert all(w.is_alive() for w in batches._workers)
+    seen += list(batches)  # the epoch ends; the workers are shut down as usual
+    assert torch.cat(seen).tolist() == list(range(24))
+    assert [w.exitcode for w in batches._workers] == [0, 0]
+
+
+def test_the_parents_sigterm_still_ends_a_shielded_worker_at_once():
+    batches = iter(loader(shielded=True))
+    next(batches)
+    worker = batches._workers[0]
+    worker.terminate()  # what torch's shutdown and multiprocessing at exit send
+    worker.join(timeout=5)
+    assert not worker.is_alive() and worker.exitcode == 0
+    batches._shutdown_workers()
+
+
+def test_the_data_modules_training_and_evaluation_loaders_are_shielded(cifar_tiny):
+    from simclr_lightning import ImageFolderDataModule
+
+    data = ImageFolderDataModule(str(cifar_tiny), batch_size=4, num_workers=1)
+    data.setup("fit")
+    for made in (data.train_dataloader(), data.val_dataloader(), data.eval_train_dataloader()):
+        assert made.worker_init_fn is shield_from_stop_signals
