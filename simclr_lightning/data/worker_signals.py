@@ -16,6 +16,7 @@ shuts its loader down (as Lightning does when a run stops) or dies, and by SIGKI
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -31,13 +32,16 @@ def shield_from_stop_signals(worker_id: int = 0) -> None:
     inherit, and a watcher thread takes each one with its sender (``sigwaitinfo``)."""
     if not hasattr(signal, "sigwaitinfo"):  # not on macOS or Windows: left as torch sets it
         return
-    parent = os.getppid()
+    # The training process: the worker's parent, or under "forkserver" (Python 3.14's default
+    # on Linux) the process that asked the server for it.
+    creator = multiprocessing.parent_process()
+    parents = {os.getppid(), creator.pid if creator is not None else os.getppid()}
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    threading.Thread(target=_watch, args=(parent,), name="stop-signal-shield", daemon=True).start()
+    threading.Thread(target=_watch, args=(parents,), name="stop-signal-shield", daemon=True).start()
 
 
-def _watch(parent: int) -> None:
+def _watch(parents: set[int]) -> None:
     while True:
         info = signal.sigwaitinfo(STOP_SIGNALS)
-        if info.si_pid == parent and info.si_signo == signal.SIGTERM:
+        if info.si_pid in parents and info.si_signo == signal.SIGTERM:
             os._exit(0)  # the loader's own shutdown: end now and quietly, as torch's handler does

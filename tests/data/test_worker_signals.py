@@ -34,9 +34,11 @@ def signal_from_another_process(pid: int, *signums: int) -> None:
         subprocess.run(["kill", f"-{signal.Signals(signum).name[3:]}", str(pid)], check=True)
 
 
-def loader(shielded: bool) -> DataLoader:
+def loader(shielded: bool, context: str | None = None) -> DataLoader:
     init = shield_from_stop_signals if shielded else None
-    return DataLoader(Slow(), batch_size=4, num_workers=2, worker_init_fn=init)
+    return DataLoader(
+        Slow(), batch_size=4, num_workers=2, worker_init_fn=init, multiprocessing_context=context
+    )
 
 
 def test_without_the_shield_a_scheduler_sigterm_kills_the_loader_mid_epoch():
@@ -60,8 +62,9 @@ def test_shielded_workers_serve_every_batch_through_stop_signals_from_others():
     assert [w.exitcode for w in batches._workers] == [0, 0]
 
 
-def test_the_parents_sigterm_still_ends_a_shielded_worker_at_once():
-    batches = iter(loader(shielded=True))
+@pytest.mark.parametrize("context", ["fork", "forkserver"])  # forkserver: Python 3.14's default
+def test_the_parents_sigterm_still_ends_a_shielded_worker_at_once(context):
+    batches = iter(loader(shielded=True, context=context))
     next(batches)
     worker = batches._workers[0]
     worker.terminate()  # what torch's shutdown and multiprocessing at exit send
