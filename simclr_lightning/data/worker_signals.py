@@ -23,7 +23,9 @@ import threading
 
 # What schedulers send before a kill: SIGTERM; SLURM's --signal warning (Lightning's requeue
 # signal is SIGUSR1). Each would end a worker by default.
-STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2})
+STOP_SIGNALS = frozenset(
+    getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)
+)  # Windows has SIGTERM alone (and no sigwaitinfo: the shield is off there)
 
 
 def shield_from_stop_signals(worker_id: int = 0) -> None:
