@@ -215,6 +215,9 @@ class LinearEval(L.LightningModule):
         list(self._reads.drain())  # nothing of an earlier fit
         self._bar_loss = None
 
+    def on_train_end(self) -> None:
+        self._sums_epoch = -1  # a later fit of this module counts its epochs afresh
+
     def on_train_epoch_end(self) -> None:
         if self._sums_epoch != self.current_epoch:
             return
@@ -242,7 +245,8 @@ class LinearEval(L.LightningModule):
         self.log(f"{stage}/top1", top1, prog_bar=True)
         self.log(f"{stage}/top5", top5)
         loss_sum = F.cross_entropy(logits, y, reduction="sum").float()
-        self._eval_sums = self._eval_sums + torch.stack([loss_sum, loss_sum.new_tensor(len(y))])
+        sums = torch.stack([loss_sum, loss_sum.new_tensor(len(y))])
+        self._eval_sums = self._eval_sums.to(sums.device) + sums  # on the CPU before any epoch
 
     def on_validation_epoch_start(self) -> None:
         self._eval_sums = torch.zeros(2, device=self.device)

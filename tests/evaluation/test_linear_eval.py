@@ -367,3 +367,14 @@ def test_a_resume_from_any_step_logs_each_epochs_whole_training_top1(tmp_path):
     for step, epochs in ((1, [0, 1, 2]), (3, [1, 2]), (4, [1, 2])):
         resumed = fit(f"from{step}", tmp_path / "ckpts" / f"step={step}.ckpt")
         assert resumed == pytest.approx({e: full[e] for e in epochs}, abs=1e-6), step
+
+
+def test_a_second_fit_of_the_module_counts_only_its_own_epoch(simclr_ckpt):
+    path, _ = simclr_ckpt
+    model = LinearEval(str(path), num_classes=3, lr=0.5)
+    for _ in range(2):  # each fit starts at epoch 0 again
+        scores = Scores()
+        trainer = quiet_trainer(max_epochs=1, callbacks=[scores], limit_val_batches=0)
+        trainer.fit(model, DataLoader(labelled(24, seed=1), batch_size=8))
+        logged = float(trainer.callback_metrics["train/top1"])
+        assert logged == pytest.approx(scores.hits / scores.rows, abs=1e-6)
