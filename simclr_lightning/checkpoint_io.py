@@ -30,7 +30,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     one, even if the process is killed or the machine loses power."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Not named after the checkpoint: a writer killed mid-save leaves it behind, and Lightning's
+    # SLURM resume reads the digits after "hpc_ckpt_" in any file name as a checkpoint number.
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() follows the umask
         with os.fdopen(fd, "wb") as f:

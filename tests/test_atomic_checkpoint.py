@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
 from simclr_lightning import AtomicCheckpointIO
 from simclr_lightning.cli import add_atomic_checkpoint_io
@@ -53,12 +54,34 @@ def test_killed_writer_leaves_the_old_checkpoint_whole(tmp_path):
         assert writer.stdout.readline() == "writing\n"
     partial = [p for p in ckpt.parent.iterdir() if p.name != "last.ckpt"]
     assert len(partial) == 1 and partial[0].stat().st_size > 0  # the temp file, here
-    assert partial[0].name.startswith(".last.ckpt.")
+    assert partial[0].name.startswith(".partial-") and partial[0].suffix == ".tmp"
     assert list(other_tmp.iterdir()) == []
     writer.send_signal(signal.SIGKILL)
     writer.wait(timeout=30)
     assert ckpt.read_bytes() == before
     assert AtomicCheckpointIO().load_checkpoint(ckpt) == {"step": 1}
+
+
+def test_a_killed_slurm_save_leaves_lightnings_resume_on_the_last_whole_checkpoint(tmp_path):
+    """SLURM's SIGKILL can land mid-save. The requeued job resumes from the highest
+    ``hpc_ckpt_<n>`` Lightning finds, reading the digits after "hpc_ckpt_" in every file name:
+    a temporary file named after ``hpc_ckpt_2.ckpt`` made it look for checkpoint 2 or a
+    number made of the random name's digits, which does not exist."""
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "hpc_ckpt_1.ckpt")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path / "hpc_ckpt_2.ckpt")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert writer.stdout.readline() == "writing\n"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    assert len(list(tmp_path.iterdir())) == 2  # the whole checkpoint and the partial file
+    newest = _CheckpointConnector._CheckpointConnector__max_ckpt_version_in_folder(
+        tmp_path, "hpc_ckpt_"
+    )  # what Lightning's SLURM resume picks
+    assert newest == 1
 
 
 def test_failed_write_removes_its_temp_file_and_keeps_the_old_one(tmp_path, monkeypatch):
