@@ -4,6 +4,7 @@ preemption, SLURM's requeue or time limit) or by an undecodable data file."""
 from __future__ import annotations
 
 import os
+import re
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -84,12 +85,12 @@ class Preemption(Callback):
 
     @staticmethod
     def requeues(trainer: L.Trainer) -> bool:
-        env = trainer._accelerator_connector.cluster_environment
+        env = cluster_environment(trainer)
         return isinstance(env, SLURMEnvironment) and env.auto_requeue
 
     def checkpoint_path(self, trainer: L.Trainer) -> str:
         if self.requeues(trainer):
-            return trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+            return hpc_save_path(trainer)
         checkpoint = trainer.checkpoint_callback
         folder = None
         if isinstance(checkpoint, ModelCheckpoint):
@@ -105,3 +106,28 @@ class Preemption(Callback):
         if isinstance(trainer.checkpoint_callback, ModelCheckpoint):
             return "resume with --ckpt_path last"
         return f"resume with --ckpt_path {self.saved_path}"
+
+
+# Lightning keeps two things this callback needs in private connectors. Both are read
+# defensively: a checkpoint written when a job is being stopped must not fail because a
+# Lightning release moved them.
+def cluster_environment(trainer: L.Trainer) -> object | None:
+    """The run's cluster environment: a multi-process strategy has it publicly; a one-device
+    run keeps it only in Lightning's accelerator connector."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if env is None:
+        connector = getattr(trainer, "_accelerator_connector", None)
+        env = getattr(connector, "cluster_environment", None)
+    return env
+
+
+def hpc_save_path(trainer: L.Trainer) -> str:
+    """``hpc_ckpt_<n>.ckpt`` in ``default_root_dir``, n one above the highest there: the name
+    Lightning's own SLURM resume looks for (its ``hpc_save_path``, when it still has one)."""
+    folder = trainer.default_root_dir
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    if callable(getattr(connector, "hpc_save_path", None)):
+        return connector.hpc_save_path(folder)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    numbers = [int(m[1]) for name in names if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", name))]
+    return os.path.join(folder, f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")

@@ -1,0 +1,67 @@
+"""Where Preemption saves under SLURM's auto-requeue, read without trusting Lightning's private
+connectors to stay where they are: a save while a job is being stopped must not fail on them."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+from simclr_lightning.callbacks.preemption import Preemption, cluster_environment, hpc_save_path
+from tests.helpers import quiet_trainer
+
+
+@pytest.fixture(autouse=True)
+def one_slurm_task(monkeypatch):
+    for name, value in {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "simclr",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+def slurm_trainer(tmp_path, **kwargs):
+    return quiet_trainer(
+        default_root_dir=str(tmp_path), plugins=[SLURMEnvironment(auto_requeue=True)], **kwargs
+    )
+
+
+def test_the_next_hpc_checkpoint_is_lightnings_name_with_or_without_its_helper(
+    tmp_path, monkeypatch
+):
+    trainer = slurm_trainer(tmp_path)
+    for name in ("hpc_ckpt_1.ckpt", "hpc_ckpt_3.ckpt", "last.ckpt", ".partial-k3x9.tmp"):
+        (tmp_path / name).touch()
+    lightnings = _CheckpointConnector.hpc_save_path(str(tmp_path))  # what its resume expects
+    assert lightnings.endswith("hpc_ckpt_4.ckpt")
+    assert hpc_save_path(trainer) == lightnings
+    monkeypatch.delattr(_CheckpointConnector, "hpc_save_path")  # a release without it
+    assert hpc_save_path(trainer) == lightnings
+    for name in ("hpc_ckpt_1.ckpt", "hpc_ckpt_3.ckpt"):
+        (tmp_path / name).unlink()
+    assert hpc_save_path(trainer) == str(tmp_path / "hpc_ckpt_1.ckpt")
+
+
+def test_the_cluster_environment_is_read_from_the_strategy_or_the_connector(tmp_path):
+    one = slurm_trainer(tmp_path)  # one device: only the accelerator connector has it
+    assert isinstance(cluster_environment(one), SLURMEnvironment) and Preemption.requeues(one)
+    ddp = slurm_trainer(tmp_path, strategy="ddp")  # multi-process strategies have it publicly
+    without_connector = types.SimpleNamespace(strategy=ddp.strategy)
+    assert cluster_environment(without_connector) is ddp.strategy.cluster_environment
+    assert Preemption.requeues(without_connector)
+    # neither: not a requeueing run (last.ckpt), rather than an AttributeError mid-stop
+    bare = types.SimpleNamespace(strategy=object())
+    assert cluster_environment(bare) is None and not Preemption.requeues(bare)
+
+
+@pytest.mark.parametrize("auto_requeue", [True, False])
+def test_requeues_follows_the_plugins_setting(tmp_path, auto_requeue):
+    trainer = quiet_trainer(plugins=[SLURMEnvironment(auto_requeue=auto_requeue)])
+    assert Preemption.requeues(trainer) is auto_requeue
