@@ -131,6 +131,23 @@ def script_runs(parser: argparse.ArgumentParser) -> list[argparse.Namespace]:
     return namespaces
 
 
+def random_images(n: int, seed: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` seeded 3x16x16 images and labels: the same in every process that asks."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 16, 16, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+
+
+def ranks_in_one_batch(n: int, world: int, per_rank: int, steps: int, epoch: int) -> list[int]:
+    """The order in which one process sees what ``world`` DDP processes see at each step: per
+    step, rank 0's batch, then rank 1's ..., each rank reading its shard of
+    ``DistributedSampler``'s permutation for ``epoch`` (Lightning shuffles DDP training data
+    with seed 0)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).tolist()
+    shards = [perm[r::world] for r in range(world)]
+    batches = [slice(s * per_rank, (s + 1) * per_rank) for s in range(steps)]
+    return [i for batch in batches for shard in shards for i in shard[batch]]
+
+
 class FreezeBatchNorm(L.Callback):
     """Per-process BatchNorm statistics make W processes differ from one by design; with them
     fixed, the only coupling across samples left is the one under test."""

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from simclr_lightning.evaluation import LinearEval  # noqa: E402
-from tests.ddp_helpers import ddp_trainer  # noqa: E402
+from tests.ddp_helpers import ddp_trainer, random_images, ranks_in_one_batch  # noqa: E402
 
 WORLD, PER_RANK, STEPS, EPOCHS = 2, 6, 3, 2
 N_VAL, CLASSES = 37, 6
@@ -29,16 +29,7 @@ UNLABELLED = [1, 2, 4, 9, 16, 23, 30]  # training images without a label
 
 
 def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 16, 16, generator=gen), torch.randint(0, CLASSES, (n,), generator=gen)
-
-
-def single_process_order(n: int, epoch: int) -> list[int]:
-    """Per step, rank 0's batch then rank 1's, from DistributedSampler's permutation."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).tolist()
-    shards = [perm[r::WORLD] for r in range(WORLD)]
-    steps = [slice(s * PER_RANK, (s + 1) * PER_RANK) for s in range(STEPS)]
-    return [i for step in steps for shard in shards for i in shard[step]]
+    return random_images(n, seed, CLASSES)
 
 
 class Data(L.LightningDataModule):
@@ -53,7 +44,9 @@ class Data(L.LightningDataModule):
         if self.devices > 1:  # Lightning always shuffles training data under DDP
             order, batch = list(range(n)), PER_RANK
         else:
-            order, batch = single_process_order(n, self.trainer.current_epoch), WORLD * PER_RANK
+            epoch = self.trainer.current_epoch
+            order = ranks_in_one_batch(n, WORLD, PER_RANK, STEPS, epoch)
+            batch = WORLD * PER_RANK
         return DataLoader([(x[i], y[i]) for i in order], batch_size=batch, shuffle=False)
 
     def val_dataloader(self):

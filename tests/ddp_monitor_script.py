@@ -21,15 +21,20 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import simclr_lightning.callbacks.knn_monitor as knn_monitor  # noqa: E402
 from simclr_lightning import KNNMonitor, KNNReport, OnlineLinearProbe, SimCLR  # noqa: E402
-from tests.ddp_helpers import FreezeBatchNorm, ddp_trainer, script_runs  # noqa: E402
+from tests.ddp_helpers import (  # noqa: E402
+    FreezeBatchNorm,
+    ddp_trainer,
+    random_images,
+    ranks_in_one_batch,
+    script_runs,
+)
 
 WORLD, PER_RANK, STEPS = 2, 4, 2
 N_VAL, N_BANK, CLASSES = 37, 41, 4
 
 
 def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 16, 16, generator=gen), torch.randint(0, CLASSES, (n,), generator=gen)
+    return random_images(n, seed, CLASSES)
 
 
 class Data(L.LightningDataModule):
@@ -44,15 +49,8 @@ class Data(L.LightningDataModule):
         y[3] = -1  # an unlabeled image in the probe's batches
         if self.devices > 1:  # Lightning always shuffles training data under DDP
             order, batch = list(range(n)), PER_RANK
-        else:  # per step, rank 0's batch then rank 1's, from DistributedSampler's permutation
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
-            shards = [perm[r::WORLD] for r in range(WORLD)]
-            order = [
-                i
-                for s in range(STEPS)
-                for shard in shards
-                for i in shard[s * PER_RANK : (s + 1) * PER_RANK]
-            ]
+        else:
+            order = ranks_in_one_batch(n, WORLD, PER_RANK, STEPS, epoch=0)
             batch = WORLD * PER_RANK
         samples = [((a[i], b[i]), y[i]) for i in order]
         return DataLoader(samples, batch_size=batch, shuffle=False)

@@ -24,6 +24,16 @@ from tests.helpers import make_subset, quiet_trainer
 
 STEPS = 12  # 20 images in batches of 3, 2 epochs
 SLURM_JOB = "4242"
+# what SLURM sets for a job of one task
+ONE_SLURM_TASK = {
+    "SLURM_JOB_ID": SLURM_JOB,
+    "SLURM_JOB_NAME": "simclr",
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+}
 
 
 @pytest.fixture(scope="module")
@@ -165,16 +175,7 @@ def fake_slurm(tmp_path: Path) -> dict[str, str]:
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.txt\nkill -TERM $PPID\n')
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
-    return {
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "SLURM_JOB_ID": SLURM_JOB,
-        "SLURM_JOB_NAME": "simclr",
-        "SLURM_NTASKS": "1",
-        "SLURM_NTASKS_PER_NODE": "1",
-        "SLURM_PROCID": "0",
-        "SLURM_LOCALID": "0",
-        "SLURM_NODEID": "0",
-    }
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **ONE_SLURM_TASK}
 
 
 def test_slurm_signal_requeues_and_the_requeued_job_resumes_from_the_step(tiny_folder, tmp_path):

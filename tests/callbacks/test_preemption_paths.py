@@ -11,19 +11,12 @@ from lightning.pytorch.trainer.connectors.checkpoint_connector import _Checkpoin
 
 from simclr_lightning.callbacks.preemption import Preemption, cluster_environment, hpc_save_path
 from tests.helpers import quiet_trainer
+from tests.test_preemption import ONE_SLURM_TASK
 
 
 @pytest.fixture(autouse=True)
 def one_slurm_task(monkeypatch):
-    for name, value in {
-        "SLURM_JOB_ID": "4242",
-        "SLURM_JOB_NAME": "simclr",
-        "SLURM_NTASKS": "1",
-        "SLURM_NTASKS_PER_NODE": "1",
-        "SLURM_PROCID": "0",
-        "SLURM_LOCALID": "0",
-        "SLURM_NODEID": "0",
-    }.items():
+    for name, value in ONE_SLURM_TASK.items():
         monkeypatch.setenv(name, value)
 
 
