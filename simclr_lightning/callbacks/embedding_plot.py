@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from simclr_lightning.data.base import dataset_class_names
+from simclr_lightning.data.class_names import dataset_class_names
 from simclr_lightning.distributed import RowCollector, validation_loader
 from simclr_lightning.errors import require
 

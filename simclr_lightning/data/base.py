@@ -10,6 +10,7 @@ from lightning.fabric.utilities.data import suggested_max_num_workers
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
+from simclr_lightning.data.class_names import dataset_class_names  # noqa: F401 (notebook)
 from simclr_lightning.data.device_store import DeviceImageStore, IndexDataset
 from simclr_lightning.data.device_views import DeviceViews
 from simclr_lightning.data.failed_batches import (
@@ -43,15 +44,6 @@ from simclr_lightning.resume import gather_per_rank, own_rank
 Task = Literal["pretrain", "classify"]
 Augment = Literal["cpu", "gpu"]
 MAX_AUTO_WORKERS = 16
-
-
-def dataset_class_names(datamodule) -> list[str] | None:
-    """Class names of a data module's datasets (an ImageFolder's ``classes``), if it has any."""
-    for attr in ("train_set", "val_set"):
-        names = getattr(getattr(datamodule, attr, None), "classes", None)
-        if names:
-            return [str(n) for n in names]
-    return None
 
 
 class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):

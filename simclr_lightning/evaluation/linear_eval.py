@@ -12,7 +12,6 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from simclr_lightning.backbones import build_backbone
 from simclr_lightning.checkpoint import load_backbone_state, projection_layers, with_class_path
-from simclr_lightning.data.base import dataset_class_names
 from simclr_lightning.distributed import (
     already_synced,
     pick_loader,
@@ -21,6 +20,7 @@ from simclr_lightning.distributed import (
     sum_over_processes,
 )
 from simclr_lightning.errors import CheckpointError, SettingError, require
+from simclr_lightning.evaluation.classify_data import classify_batch, classify_data, is_pretraining
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.lagged_reads import LaggedReads
 from simclr_lightning.optim import LARS, param_groups, schedule_steps, warmup_cosine
@@ -178,7 +178,7 @@ class LinearEval(L.LightningModule):
 
     # -- steps ----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        x, y = _classify_batch(batch)
+        x, y = classify_batch(batch)
         logits = self(x)
         # Unlabeled images (-1) carry no loss. Weights, not a boolean index, and no count read
         # on the host: either would make the host wait for the GPU at every step.
@@ -231,7 +231,7 @@ class LinearEval(L.LightningModule):
         self._evaluate("test", batch, batch_idx, dataloader_idx)
 
     def _evaluate(self, stage: str, batch, batch_idx: int, dataloader_idx: int) -> None:
-        x, y = _classify_batch(batch)
+        x, y = classify_batch(batch)
         logits = self(x)
         trainer = self.trainer
         loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
@@ -312,29 +312,11 @@ class LinearEval(L.LightningModule):
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None or stage != "fit":
             return
-        if getattr(datamodule, "task", "classify") != "classify":
-            raise SettingError(
-                "LinearEval trains on single labelled views: set data.task=classify "
-                f"(got data.task={datamodule.task!r})"
-            )
-        names = dataset_class_names(datamodule)
-        if names is not None:
-            if len(names) != self.hparams.num_classes:
-                raise SettingError(
-                    f"model.num_classes={self.hparams.num_classes} but the data has "
-                    f"{len(names)} classes ({', '.join(names[:5])}...)"
-                )
-            if self.class_names is None:
-                self.class_names = names
-                self.hparams["class_names"] = names
-        aug = getattr(datamodule, "augmentation", None)
-        if aug is not None:
-            self.preprocessing = {
-                "image_size": aug.image_size,
-                "mean": list(aug.mean),
-                "std": list(aug.std),
-                "resize_ratio": getattr(datamodule, "eval_resize_ratio", None),
-            }
+        names, preprocessing = classify_data(datamodule, self.hparams.num_classes)
+        if names is not None and self.class_names is None:
+            self.class_names = names
+            self.hparams["class_names"] = names
+        self.preprocessing = preprocessing or self.preprocessing
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         hparams = with_class_path(self, checkpoint)
@@ -352,7 +334,7 @@ class LinearEval(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Called before the weights load: a pretraining checkpoint here would resume SimCLR's
         # epoch and step (training nothing) or fail deep inside Lightning.
-        if "linear_eval" not in checkpoint and _is_pretraining(checkpoint):
+        if "linear_eval" not in checkpoint and is_pretraining(checkpoint):
             path = self._trainer.ckpt_path if self._trainer is not None else None
             raise SettingError(
                 f"ckpt_path={str(path)!r} is a SimCLR pretraining checkpoint, not a LinearEval "
@@ -366,20 +348,3 @@ class LinearEval(L.LightningModule):
         if "train_sums" in extra:
             self._train_sums = extra["train_sums"].float().clone()
             self._sums_epoch = int(extra["train_sums_epoch"])
-
-
-def _is_pretraining(checkpoint: dict[str, Any]) -> bool:
-    """A SimCLR (not LinearEval) checkpoint: it has a projection head and no classifier."""
-    state = checkpoint.get("state_dict") or {}
-    class_path = str((checkpoint.get("hyper_parameters") or {}).get("_class_path", ""))
-    has_head = any(k.startswith("head.net.") for k in state)
-    return class_path.endswith(".SimCLR") or (has_head and "head.weight" not in state)
-
-
-def _classify_batch(batch) -> tuple[Tensor, Tensor]:
-    x, y = batch
-    if isinstance(x, (tuple, list)):
-        raise SettingError(
-            "LinearEval got two views per image: set data.task=classify for linear evaluation"
-        )
-    return x, y
