@@ -14,6 +14,7 @@ from torch.nn.utils import skip_init
 from torchmetrics.classification import MulticlassAccuracy
 
 from simclr_lightning.distributed import rank_and_world_size, real_rows, validation_loader
+from simclr_lightning.epoch_sums import EpochSums
 from simclr_lightning.errors import SettingError, require
 from simclr_lightning.optim import schedule_steps, warmup_cosine
 
@@ -118,8 +119,7 @@ class OnlineLinearProbe(L.Callback):
         top5 = min(5, self.num_classes)
         self.val_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro").to(device)
         self.val_top5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro").to(device)
-        self._train_sums = torch.zeros(3, device=device)
-        self._sums_epoch: int | None = -1  # the epoch the sums are of
+        self._train_sums = EpochSums(3)  # loss, correct, rows over all ranks
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
 
@@ -158,19 +158,16 @@ class OnlineLinearProbe(L.Callback):
         self._set_lr(trainer)
         optimizer.step()
         self.steps += 1
-        if self._sums_epoch is None:
-            self._sums_epoch = trainer.current_epoch
-        elif self._sums_epoch != trainer.current_epoch:
-            # A new epoch, told by its number: Lightning skips on_train_epoch_start after a
-            # resume from the last batch of an epoch.
-            self._train_sums.zero_()
-            self._sums_epoch = trainer.current_epoch
-        self._train_sums += packed[-3:]  # loss, correct, rows: read once, at the epoch's end
+        self._train_sums.add(trainer.current_epoch, packed[-3:])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._train_sums.reset()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self._sums_epoch != trainer.current_epoch:
+        sums = self._train_sums.of(trainer.current_epoch)
+        if sums is None:
             return
-        total_loss, total_correct, count = self._train_sums.tolist()
+        total_loss, total_correct, count = sums.tolist()
         if count == 0:
             return
         # Already summed over ranks, so the same on every rank: nothing left to reduce.
@@ -233,10 +230,7 @@ class OnlineLinearProbe(L.Callback):
             "classifier": self.classifier.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "steps": self.steps,
-            # the epoch's figures so far (the same on every rank): a mid-epoch resume reports
-            # the whole epoch, not the part after the resume
-            "train_sums": self._train_sums.cpu(),
-            "train_sums_epoch": self._sums_epoch,
+            **self._train_sums.state_dict(),  # the epoch so far, the same on every rank
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -248,10 +242,7 @@ class OnlineLinearProbe(L.Callback):
         self.classifier.load_state_dict(state_dict["classifier"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.steps = int(state_dict.get("steps", 0))
-        if "train_sums" in state_dict:
-            self._train_sums.copy_(state_dict["train_sums"])
-            # None (a checkpoint from before the epoch was kept): the epoch trained next
-            self._sums_epoch = state_dict.get("train_sums_epoch")
+        self._train_sums.load_state_dict(state_dict)
         self._pending_state = None
 
 

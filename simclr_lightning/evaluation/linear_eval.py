@@ -19,6 +19,7 @@ from simclr_lightning.distributed import (
     real_rows,
     sum_over_processes,
 )
+from simclr_lightning.epoch_sums import EpochSums
 from simclr_lightning.errors import CheckpointError, SettingError, require
 from simclr_lightning.evaluation.classify_data import classify_batch, classify_data, is_pretraining
 from simclr_lightning.heads import ProjectionHead
@@ -148,11 +149,10 @@ class LinearEval(L.LightningModule):
         for stage in ("val", "test"):  # micro: the fraction of images, as papers report
             setattr(self, f"{stage}_top1", MulticlassAccuracy(num_classes, 1, average="micro"))
             setattr(self, f"{stage}_top5", MulticlassAccuracy(num_classes, top5, average="micro"))
-        # Training hits and labelled rows over all processes (the same on every one) of epoch
-        # ``_sums_epoch``, kept on the device and in checkpoints: a mid-epoch resume reports
-        # the whole epoch. Validation and test: loss sum and labelled rows of this process.
-        # Float32 tensors, not buffers, which a bf16-true run would round.
-        self._train_sums, self._sums_epoch = torch.zeros(2), -1
+        # Training hits and labelled rows over all processes (the same on every one);
+        # validation and test: loss sum and labelled rows of this process. Float32 tensors,
+        # not buffers, which a bf16-true run would round.
+        self._train_sums = EpochSums(2)
         self._eval_sums = torch.zeros(2)
         self._reads, self._bar_loss = LaggedReads(), None
 
@@ -196,11 +196,7 @@ class LinearEval(L.LightningModule):
         # per process would weigh a process's rows by how few labelled rows it holds).
         loss = loss_sum * (rank_and_world_size()[1] / rows)
         mean_loss = stats[0] / rows
-        if self._sums_epoch != self.current_epoch:
-            # A new epoch, told by its number: Lightning skips on_train_epoch_start after a
-            # resume from the last batch of an epoch.
-            self._train_sums, self._sums_epoch = torch.zeros_like(stats[1:]), self.current_epoch
-        self._train_sums = self._train_sums.to(stats.device) + stats[1:]
+        self._train_sums.add(self.current_epoch, stats[1:])
         # Not in the progress bar (Lightning reads bar values on the host after every
         # batch): the bar shows it as read back two steps late.
         self.log("train/loss", mean_loss, on_step=True, on_epoch=True)
@@ -216,12 +212,13 @@ class LinearEval(L.LightningModule):
         self._bar_loss = None
 
     def on_train_end(self) -> None:
-        self._sums_epoch = -1  # a later fit of this module counts its epochs afresh
+        self._train_sums.reset()
 
     def on_train_epoch_end(self) -> None:
-        if self._sums_epoch != self.current_epoch:
+        sums = self._train_sums.of(self.current_epoch)
+        if sums is None:
             return
-        hits, rows = self._train_sums  # already over all processes: nothing left to reduce
+        hits, rows = sums  # already over all processes: nothing left to reduce
         self.log("train/top1", hits / rows.clamp(min=1))
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -326,9 +323,7 @@ class LinearEval(L.LightningModule):
         checkpoint["linear_eval"] = {
             "class_names": self.class_names,
             "preprocessing": self.preprocessing,
-            # the epoch so far, the same on every rank
-            "train_sums": self._train_sums.cpu(),
-            "train_sums_epoch": self._sums_epoch,
+            **self._train_sums.state_dict(),  # the epoch so far, the same on every rank
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -345,6 +340,4 @@ class LinearEval(L.LightningModule):
         if extra.get("class_names") is not None:
             self.class_names = list(extra["class_names"])
         self.preprocessing = extra.get("preprocessing") or self.preprocessing
-        if "train_sums" in extra:
-            self._train_sums = extra["train_sums"].float().clone()
-            self._sums_epoch = int(extra["train_sums_epoch"])
+        self._train_sums.load_state_dict(extra)

@@ -271,3 +271,22 @@ def test_a_mid_epoch_resume_reports_the_whole_epochs_training_figures(tmp_path):
     resumed = fit(tmp_path / "step=2.ckpt")
     assert set(full) == {"probe/train_loss", "probe/train_top1"}
     assert resumed == pytest.approx(full, rel=1e-6)
+
+
+def test_a_second_fit_with_the_same_probe_reports_only_its_own_epoch():
+    """Each fit starts at epoch 0: the probe must not add the first fit's epoch 0 to the
+    second's. Reference: the top-1 of the probe as the second fit found it, on its one batch
+    (the probe scores a batch before its step on it)."""
+    x, y = separable(16, seed=4)
+    data = FeatureData((x, y), separable(16, seed=5), batch_size=16)  # one batch
+    probe = OnlineLinearProbe(num_classes=4, optimizer="sgd", lr=0.5)
+    top1 = []
+    for _ in range(2):
+        trainer = quiet_trainer(max_epochs=1, callbacks=[probe], limit_val_batches=0)
+        trainer.fit(FeatureModule(16), datamodule=data)
+        top1.append(float(trainer.callback_metrics["probe/train_top1"]))
+        if len(top1) == 1:
+            with torch.no_grad():
+                want = (probe.classifier(x).argmax(1) == y).double().mean().item()
+    assert top1[0] != pytest.approx(want)  # the two fits' figures differ
+    assert top1[1] == pytest.approx(want, abs=1e-6)
