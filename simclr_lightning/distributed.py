@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import Any
 
 import lightning as L
 import torch
@@ -18,6 +19,25 @@ def rank_and_world_size() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+class HostGroup:
+    """A gloo process group for agreements between hosts (a flag per step): gloo all-reduces
+    host tensors, so no process waits for its GPU. The run's own group when it is gloo; else
+    one made on first use, which every process must reach at the same point. Made again
+    for a new process group (a later fit in the same process)."""
+
+    def __init__(self) -> None:
+        self._group: Any = None
+        self._world: Any = None
+
+    def get(self) -> Any:
+        world = dist.group.WORLD
+        if self._group is None or self._world is not world:
+            gloo = dist.get_backend() == "gloo"
+            self._group = world if gloo else dist.new_group(backend="gloo")
+            self._world = world
+        return self._group
 
 
 def mean_over_processes(value: Tensor) -> Tensor:

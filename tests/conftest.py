@@ -32,13 +32,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # files to whichever process is free; begun last, one of these would leave the other core
 # idle for a minute at the end of the run.
 LONG_FILES = [
-    "tests/test_preemption.py",  # 216
     "tests/test_learning.py",  # 185
     "tests/test_notebook.py",  # 134
+    "tests/test_preemption_ddp.py",  # 117
+    "tests/test_corrupt_ddp.py",  # 114
     "tests/test_resume.py",  # 88
     "tests/test_eval_cli.py",  # 77
     "tests/test_cli.py",  # 66
     "tests/test_grad_cache.py",  # 65
+    "tests/test_preemption.py",  # 60
     "tests/test_multinode.py",  # 52
     "tests/data/test_corrupt.py",  # 48
     "tests/test_quickstart.py",  # 46
@@ -123,3 +125,9 @@ def fashion_mnist_dir() -> Path:
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
         _missing(f"Fashion-MNIST in {FASHION_MNIST} (apt-get install dataset-fashion-mnist)")
     return FASHION_MNIST
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(cifar_jpg_root, tmp_path_factory) -> Path:
+    """2 train images and 1 val image per class: the preemption runs' data."""
+    return make_subset(cifar_jpg_root, tmp_path_factory.mktemp("preempt"), 2, 1)

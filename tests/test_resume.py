@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from simclr_lightning import ImageFolderDataModule, SimCLR, SimCLRAugmentation
 from simclr_lightning.callbacks import RNGState
 from tests.ddp_helpers import run_ddp_script
-from tests.helpers import make_subset, quiet_trainer
+from tests.helpers import quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,11 +42,6 @@ class Trace(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         self.rows.append((trainer.global_step, outputs["loss"].detach().clone(), lr))
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(cifar_jpg_root, tmp_path_factory):
-    return make_subset(cifar_jpg_root, tmp_path_factory.mktemp("resume"), 2, 1)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -13,6 +14,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from simclr_lightning.callbacks.signal_agreement import (
+    REQUEUE,
+    SignalAgreement,
+    cluster_environment,
+)
 from simclr_lightning.errors import CorruptImageError, CorruptImageStop
 
 # What a process killed by SIGTERM reports (128 + 15): the code schedulers and shells expect
@@ -21,15 +27,20 @@ SIGTERM_EXIT_CODE = 143
 
 
 class Preemption(Callback):
-    """On SIGTERM, Lightning lets the current step finish, then raises ``SIGTERMException``
-    (every rank at the same step: rank 0's flag is broadcast before each step). This callback
-    then saves a checkpoint of that step, so no step is lost:
+    """On SIGTERM, Lightning lets the current step finish, then raises ``SIGTERMException``.
+    Under DDP every rank must stop after the same step, whichever of them the signal reached:
+    this callback makes them agree at the end of each step
+    (:class:`~simclr_lightning.callbacks.signal_agreement.SignalAgreement`; under DDP a
+    signal during validation stops the run after the next training step). It then saves a
+    checkpoint of that step, so no step is lost:
 
     - normally as ``last.ckpt`` in the ``ModelCheckpoint``'s folder, which
       ``--ckpt_path last`` picks (Lightning takes the newest ``last*.ckpt`` there);
     - under SLURM with ``SLURMEnvironment(auto_requeue=True)`` (Lightning's default there) as
       the next ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir``, which the requeued job resumes
       from without any ``--ckpt_path`` (Lightning's own HPC resume takes the highest n).
+      SLURM's requeue signal (``--signal=USR1@90``) saves one too, at the end of the step it
+      arrives in (Lightning's own handler saves in the middle of it), then requeues the job.
 
     On :class:`~simclr_lightning.errors.CorruptImageError` (a file that cannot be decoded,
     without ``data.skip_corrupt``) it saves the same checkpoint. Under DDP it can do so when
@@ -44,6 +55,7 @@ class Preemption(Callback):
     def __init__(self) -> None:
         self.saved_path: str | None = None
         self._resumed_from: str | None = None
+        self._signals = SignalAgreement()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -68,6 +80,30 @@ class Preemption(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._resumed_from = trainer.ckpt_path
+
+    # Lightning registers its SIGTERM handler after on_fit_start, before the sanity check.
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._signals.install(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._signals.install(trainer)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        if self._signals.agree(trainer) & REQUEUE:
+            self.save_and_requeue(trainer)
+
+    def save_and_requeue(self, trainer: L.Trainer) -> None:
+        """SLURM's warning before the time limit, in every process after the same step: what
+        Lightning's own handler does mid-step. The requeue's SIGTERM then stops the run."""
+        for logger in trainer.loggers:
+            logger.save()
+        path = hpc_save_path(trainer)
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"simclr-lightning: SLURM's requeue signal: saved {path}")
+        if trainer.is_global_zero:
+            requeue_slurm_job()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run resumed from our last.ckpt that then finishes leaves it stale: a later
@@ -108,19 +144,8 @@ class Preemption(Callback):
         return f"resume with --ckpt_path {self.saved_path}"
 
 
-# Lightning keeps two things this callback needs in private connectors. Both are read
-# defensively: a checkpoint written when a job is being stopped must not fail because a
-# Lightning release moved them.
-def cluster_environment(trainer: L.Trainer) -> object | None:
-    """The run's cluster environment: a multi-process strategy has it publicly; a one-device
-    run keeps it only in Lightning's accelerator connector."""
-    env = getattr(trainer.strategy, "cluster_environment", None)
-    if env is None:
-        connector = getattr(trainer, "_accelerator_connector", None)
-        env = getattr(connector, "cluster_environment", None)
-    return env
-
-
+# Lightning's helper for the next name is private: read defensively, as the cluster
+# environment (signal_agreement.cluster_environment).
 def hpc_save_path(trainer: L.Trainer) -> str:
     """``hpc_ckpt_<n>.ckpt`` in ``default_root_dir``, n one above the highest there: the name
     Lightning's own SLURM resume looks for (its ``hpc_save_path``, when it still has one)."""
@@ -131,3 +156,19 @@ def hpc_save_path(trainer: L.Trainer) -> str:
     names = os.listdir(folder) if os.path.isdir(folder) else []
     numbers = [int(m[1]) for name in names if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", name))]
     return os.path.join(folder, f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")
+
+
+def requeue_slurm_job() -> None:
+    """``scontrol requeue`` this job (this task of an array job), as Lightning's handler."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else None
+    job = job or os.environ.get("SLURM_JOB_ID", "")
+    if not re.fullmatch(r"[0-9_]+", job):
+        rank_zero_warn(f"not requeued: SLURM_JOB_ID={job!r} is not a SLURM job id")
+        return
+    try:
+        code = subprocess.call(["scontrol", "requeue", job])
+    except OSError as err:
+        code = f"{type(err).__name__}: {err}"
+    if code != 0:
+        rank_zero_warn(f"requeueing SLURM job {job} failed ({code}); the run goes on")

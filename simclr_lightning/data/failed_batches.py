@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, default_collate
 
+from simclr_lightning.distributed import HostGroup
 from simclr_lightning.errors import CorruptImageError, CorruptImageStop
 
 
@@ -104,7 +105,7 @@ class StopTogether:
     """The per-step agreement of :mod:`this module <simclr_lightning.data.failed_batches>`."""
 
     def __init__(self) -> None:
-        self._group: Any = None
+        self._group = HostGroup()
 
     def check(self, batch: Any, trainer: L.Trainer) -> None:
         """Raise :class:`CorruptImageStop` in every process when any process holds a
@@ -116,7 +117,7 @@ class StopTogether:
             if failed:
                 raise batch.error
             return
-        group = self.group()
+        group = self._group.get()
         flag = torch.tensor([int(failed)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         if not int(flag[0]):
@@ -128,13 +129,6 @@ class StopTogether:
         if rank != trainer.global_rank:
             reason = f"{reason}; read by process {rank} of {trainer.world_size}"
         raise CorruptImageStop(path, reason)
-
-    def group(self) -> Any:
-        """A gloo group, made on first use (every process reaches it at the same step)."""
-        if self._group is None:
-            gloo = dist.get_backend() == "gloo"
-            self._group = dist.group.WORLD if gloo else dist.new_group(backend="gloo")
-        return self._group
 
 
 class ChecksBatches:

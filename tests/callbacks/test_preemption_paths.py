@@ -3,15 +3,23 @@ connectors to stay where they are: a save while a job is being stopped must not 
 
 from __future__ import annotations
 
+import os
+import sys
 import types
+from pathlib import Path
 
 import pytest
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
-from simclr_lightning.callbacks.preemption import Preemption, cluster_environment, hpc_save_path
+from simclr_lightning.callbacks.preemption import (
+    Preemption,
+    cluster_environment,
+    hpc_save_path,
+    requeue_slurm_job,
+)
 from tests.helpers import quiet_trainer
-from tests.test_preemption import ONE_SLURM_TASK
+from tests.preemption_runs import ONE_SLURM_TASK, SLURM_JOB
 
 
 @pytest.fixture(autouse=True)
@@ -58,3 +66,37 @@ def test_the_cluster_environment_is_read_from_the_strategy_or_the_connector(tmp_
 def test_requeues_follows_the_plugins_setting(tmp_path, auto_requeue):
     trainer = quiet_trainer(plugins=[SLURMEnvironment(auto_requeue=auto_requeue)])
     assert Preemption.requeues(trainer) is auto_requeue
+
+
+def fake_scontrol(tmp_path, monkeypatch, code: int = 0) -> Path:
+    """An ``scontrol`` first on PATH that records its arguments and exits with ``code``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.txt\nexit {code}\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return tmp_path / "scontrol.txt"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell script as scontrol")
+def test_the_requeue_names_the_job_or_the_array_task_as_slurm_wants(tmp_path, monkeypatch):
+    calls = fake_scontrol(tmp_path, monkeypatch)
+    requeue_slurm_job()
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")  # a task of an array job: 77_3, not the job
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    requeue_slurm_job()
+    assert calls.read_text().splitlines() == [f"requeue {SLURM_JOB}", "requeue 77_3"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell script as scontrol")
+def test_a_failed_or_impossible_requeue_warns_and_the_run_goes_on(tmp_path, monkeypatch):
+    fake_scontrol(tmp_path, monkeypatch, code=1)
+    with pytest.warns(UserWarning, match=f"requeueing SLURM job {SLURM_JOB} failed \\(1\\)"):
+        requeue_slurm_job()
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # no scontrol at all
+    with pytest.warns(UserWarning, match="failed \\(FileNotFoundError"):
+        requeue_slurm_job()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242; rm -rf /")
+    with pytest.warns(UserWarning, match="not requeued: SLURM_JOB_ID="):
+        requeue_slurm_job()

@@ -311,13 +311,13 @@ def test_a_file_only_the_device_decoder_finds_bad_stops_every_ddp_rank_at_one_st
     holds a file whose JPEG markers pass the workers' check and that no decoder reads, so it
     turns out bad only when the batch is decoded, after the transfer. Both ranks still stop
     before step 3 with one line naming it, and last.ckpt holds step 2, as on the CPU path
-    (tests/test_preemption.py), instead of rank 1 raising alone."""
+    (tests/test_corrupt_ddp.py), instead of rank 1 raising alone."""
     import yaml
     from torchvision.datasets import ImageFolder
 
     from simclr_lightning.data.sampler import ResumableSampler
     from tests.helpers import make_subset
-    from tests.test_preemption import (
+    from tests.preemption_runs import (
         assert_stopped_on,
         cli,
         global_step,
