@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -279,6 +280,10 @@ def real_rows(
     return keep
 
 
+class PassCutShort(Exception):
+    """:func:`encode_rows` stopped before the end of its loader: the run is being stopped."""
+
+
 @torch.no_grad()
 def encode_rows(
     trainer: L.Trainer,
@@ -286,23 +291,30 @@ def encode_rows(
     loader: DataLoader,
     rows: RowCollector,
     normalize: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> RowCollector:
     """Add ``pl_module(x)`` (unit vectors if ``normalize``) and the labels of every batch of
     ``loader`` (this rank's shard, see :func:`shard_loader`) to ``rows``: in eval mode and the
     run's precision, the module's mode restored afterwards. Each batch first passes the data
     module's ``check_batch``, if it has one: under DDP a file one rank cannot read then stops
-    every rank, as in Lightning's own loops."""
+    every rank, as in Lightning's own loops. Then ``stop()``, if given (the same answer in
+    every process): when true, :class:`PassCutShort` is raised, so that a pass over a whole
+    training set does not outlast a scheduler's grace period after its signal."""
     was_training = pl_module.training
     pl_module.eval()
     check = getattr(trainer.datamodule, "check_batch", None)
-    with trainer.precision_plugin.val_step_context():
-        for batch_idx, batch in enumerate(loader):
-            if check is not None:
-                check(batch)
-            x, labels = batch
-            features = pl_module(x.to(pl_module.device, non_blocking=True))
-            if normalize:
-                features = torch.nn.functional.normalize(features.float(), dim=1)
-            rows.add(loader, batch_idx, features, labels.to(pl_module.device))
-    pl_module.train(was_training)
+    try:
+        with trainer.precision_plugin.val_step_context():
+            for batch_idx, batch in enumerate(loader):
+                if check is not None:
+                    check(batch)
+                if stop is not None and stop():
+                    raise PassCutShort(f"stopped at batch {batch_idx} of {len(loader)}")
+                x, labels = batch
+                features = pl_module(x.to(pl_module.device, non_blocking=True))
+                if normalize:
+                    features = torch.nn.functional.normalize(features.float(), dim=1)
+                rows.add(loader, batch_idx, features, labels.to(pl_module.device))
+    finally:
+        pl_module.train(was_training)
     return rows

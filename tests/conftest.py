@@ -41,13 +41,13 @@ LONG_FILES = [
     "tests/test_cli.py",  # 66
     "tests/test_grad_cache.py",  # 65
     "tests/test_preemption.py",  # 60
+    "tests/callbacks/test_monitors_ddp.py",  # 55
     "tests/test_multinode.py",  # 52
     "tests/data/test_corrupt.py",  # 48
     "tests/test_quickstart.py",  # 46
     "tests/evaluation/test_linear_eval.py",  # 43
     "tests/test_cli_errors.py",  # 42
     "tests/test_benchmarks.py",  # 42
-    "tests/callbacks/test_monitors_ddp.py",  # 37
     "tests/test_distributed.py",  # 35
     "tests/data/test_sharding_ddp.py",  # 33
     "tests/evaluation/test_linear_eval_ddp.py",  # 27

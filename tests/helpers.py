@@ -3,6 +3,7 @@ features are its inputs (so monitor results are known independently)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,3 +98,21 @@ def gpu_waits_raise() -> Iterator[None]:
         yield
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+class SignalAt(torch.utils.data.Dataset):
+    """``(x[i], y[i])`` that sends this process ``signum`` when item ``at`` is read (read in
+    the process itself: a loader without workers), and records the items read."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, at: int | None, signum: int) -> None:
+        self.x, self.y, self.at, self.signum = x, y, at, signum
+        self.read: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        self.read.append(i)
+        if i == self.at:
+            os.kill(os.getpid(), self.signum)
+        return self.x[i], self.y[i]

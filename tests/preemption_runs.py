@@ -90,16 +90,33 @@ def cli(config: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
 
-def signal_after(proc: subprocess.Popen, work: Path, signum: int, step: int) -> tuple[int, str]:
-    """Send ``signum`` once ``step`` steps are done; the exit code and output once it ended."""
+def wait_for_steps(procs: list[subprocess.Popen], work: Path, lines: int) -> None:
+    """Until ``work``'s step log has ``lines`` lines (under DDP each rank logs each step)."""
     deadline = time.monotonic() + 120
-    while len(steps_logged(work)) < step:
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    while len(steps_logged(work)) < lines:
+        for proc in procs:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         assert time.monotonic() < deadline, "training never reached the step"
         time.sleep(0.05)
+
+
+def outputs(procs: list[subprocess.Popen], timeout: float = 120) -> list[str]:
+    """Each process's output once it ended; one still running after ``timeout`` seconds (a
+    hung run) is killed with every process it started, and the test fails."""
+    try:
+        return [proc.communicate(timeout=timeout)[0].decode() for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                kill_tree(proc)
+
+
+def signal_after(proc: subprocess.Popen, work: Path, signum: int, step: int) -> tuple[int, str]:
+    """Send ``signum`` once ``step`` steps are done; the exit code and output once it ended."""
+    wait_for_steps([proc], work, step)
     proc.send_signal(signum)
-    out, _ = proc.communicate(timeout=120)
-    return proc.returncode, out.decode()
+    (out,) = outputs([proc])
+    return proc.returncode, out
 
 
 def descendants(pid: int) -> list[int]:

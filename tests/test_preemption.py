@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 
 import lightning as L
 import pytest
@@ -23,8 +22,10 @@ from tests.preemption_runs import (
     descendants,
     fake_slurm,
     global_step,
+    outputs,
     signal_after,
     steps_logged,
+    wait_for_steps,
     write_config,
 )
 
@@ -52,17 +53,12 @@ def test_sigterm_to_every_process_as_slurm_sends_it_still_saves_the_step(tiny_fo
     loader workers too. They must not die before the training process has saved its step."""
     config = write_config(tiny_folder, tmp_path)
     proc = cli(config, "--data.num_workers", "2")
-    deadline = time.monotonic() + 120
-    while len(steps_logged(tmp_path)) < 4:
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "training never reached the step"
-        time.sleep(0.05)
+    wait_for_steps([proc], tmp_path, 4)
     workers = descendants(proc.pid)
     assert len(workers) >= 2  # the training loader's
     for pid in [proc.pid, *workers]:
         os.kill(pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    out = out.decode()
+    (out,) = outputs([proc])
     assert proc.returncode == 143, out[-3000:]
     assert "killed by signal" not in out
     done = steps_logged(tmp_path)

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import sys
-import time
 
 import pytest
 import torch
@@ -22,9 +21,10 @@ from tests.preemption_runs import (
     descendants,
     fake_slurm,
     global_step,
-    kill_tree,
+    outputs,
     signal_after,
     steps_logged,
+    wait_for_steps,
     write_config,
 )
 
@@ -65,26 +65,17 @@ def test_sigterm_to_any_rank_under_ddp_stops_every_rank_after_one_step(tiny_fold
         settings["data"]["init_args"]["num_workers"] = 1
     config.write_text(yaml.safe_dump(settings))
     proc = cli(config)
-    try:
-        deadline = time.monotonic() + 120
-        while len(steps_logged(tmp_path)) < 4:  # 2 steps, each logged by both ranks
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "training never reached the step"
-            time.sleep(0.05)
-        processes = descendants(proc.pid)  # rank 1 (Lightning starts it), and the workers
-        if who == "rank 1 alone":
-            targets = processes  # no workers: rank 1 is the only one
-            assert len(targets) == 1
-        else:
-            targets = [proc.pid, *processes]
-            assert len(targets) >= 4  # 2 ranks, a worker each
-        for pid in targets:
-            os.kill(pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
-    out = out.decode()
+    wait_for_steps([proc], tmp_path, 4)  # 2 steps, each logged by both ranks
+    processes = descendants(proc.pid)  # rank 1 (Lightning starts it), and the workers
+    if who == "rank 1 alone":
+        targets = processes  # no workers: rank 1 is the only one
+        assert len(targets) == 1
+    else:
+        targets = [proc.pid, *processes]
+        assert len(targets) >= 4  # 2 ranks, a worker each
+    for pid in targets:
+        os.kill(pid, signal.SIGTERM)
+    (out,) = outputs([proc])
     assert proc.returncode == 143, out[-3000:]
     done = steps_logged(tmp_path)
     assert done == sorted(2 * list(range(1, done[-1] + 1)))  # both stopped after one step
@@ -118,19 +109,10 @@ def test_slurm_requeue_signal_to_every_task_saves_a_finished_step_and_requeues_o
     tasks = slurm_tasks(fake_slurm(tmp_path), 2)
     assert tasks[0]["SLURM_JOB_ID"] == ONE_SLURM_TASK["SLURM_JOB_ID"] == SLURM_JOB
     procs = [cli(config, env=env) for env in tasks]
-    try:
-        deadline = time.monotonic() + 120
-        while len(steps_logged(tmp_path)) < 4:  # 2 steps, each logged by both tasks
-            assert all(p.poll() is None for p in procs), procs[0].stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "training never reached the step"
-            time.sleep(0.05)
-        for p in procs:
-            p.send_signal(signal.SIGUSR1)
-        outs = [p.communicate(timeout=120)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                kill_tree(p)
+    wait_for_steps(procs, tmp_path, 4)  # 2 steps, each logged by both tasks
+    for p in procs:
+        p.send_signal(signal.SIGUSR1)
+    outs = outputs(procs)
     assert [p.returncode for p in procs] == [143, 143], outs[0][-3000:] + outs[1][-3000:]
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", SLURM_JOB]
     done = steps_logged(tmp_path)
@@ -139,11 +121,6 @@ def test_slurm_requeue_signal_to_every_task_saves_a_finished_step_and_requeues_o
     assert 2 <= warned <= stopped == done[-1] < STEPS // 2  # both at the end of a step
 
     requeued = [cli(config, env=env) for env in tasks]  # SLURM reruns the same tasks
-    try:
-        outs = [p.communicate(timeout=300)[0].decode() for p in requeued]
-    finally:
-        for p in requeued:
-            if p.poll() is None:
-                kill_tree(p)
+    outs = outputs(requeued, timeout=300)
     assert [p.returncode for p in requeued] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert steps_logged(tmp_path) == sorted(2 * list(range(1, STEPS // 2 + 1)))

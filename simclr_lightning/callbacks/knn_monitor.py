@@ -3,15 +3,18 @@ own, so it tracks representation quality from the first epoch."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from simclr_lightning.callbacks.signal_agreement import stop_requested
 from simclr_lightning.distributed import (
+    PassCutShort,
     RowCollector,
     encode_rows,
     shard_loader,
@@ -122,7 +125,11 @@ class KNNMonitor(L.Callback):
         device = pl_module.device
         query, query_labels = self.val_rows.gather(trainer, device)
         self.val_rows.reset()
-        shard, shard_labels, shard_index = self._encode_bank(trainer, pl_module)
+        try:
+            shard, shard_labels, shard_index = self._encode_bank(trainer, pl_module)
+        except PassCutShort as cut:
+            rank_zero_info(f"KNNMonitor: no kNN figure this epoch: the run is stopping ({cut})")
+            return
         keep = shard_labels >= 0
         shard, shard_labels, shard_index = shard[keep], shard_labels[keep], shard_index[keep]
         keep = query_labels >= 0
@@ -166,7 +173,9 @@ class KNNMonitor(L.Callback):
                 )
             self._bank_loader = shard_loader(datamodule.eval_train_dataloader(), trainer)
         rows = RowCollector(self.bank_dtype)
-        encode_rows(trainer, pl_module, self._bank_loader, rows, normalize=True)
+        # a pass over the whole training set: cut short when the run is being stopped
+        stop = partial(stop_requested, trainer)
+        encode_rows(trainer, pl_module, self._bank_loader, rows, normalize=True, stop=stop)
         return rows.shard(trainer, pl_module.device)
 
 

@@ -8,13 +8,16 @@ none at all when the signal reached one rank only, and the run hangs instead of 
 
 - its SIGTERM handler broadcasts rank 0's flag. Each rank also stops on its own flag at the
   end of a step, so ranks signalled a moment apart can stop after different steps;
-- its SLURM requeue handler saves a checkpoint (a barrier) in the middle of a step.
+- its SLURM requeue handler saves a checkpoint (a barrier) in the middle of a step;
+- and before every training step it broadcasts rank 0's flag on the run's backend: under
+  NCCL, a wait for the GPU at every step.
 
 :class:`SignalAgreement` keeps those handlers minus their work: each only notes its signal.
 At the end of every training step all ranks all-reduce (MAX, on a gloo group: hosts wait for
 each other, never for the GPU) which signals reached any of them, and then act together:
 Lightning's stop flag set on every rank at once (it stops all of them after that step, as in
-one process), or the requeue's checkpoint saved at a step's end. One process has nothing to
+one process), or the requeue's checkpoint saved at a step's end; Lightning's per-step
+broadcast has then nothing left to do and is skipped. One process has nothing to
 agree with, and keeps Lightning's SIGTERM handler; its requeue checkpoint also waits for the
 step's end, so that it holds a finished step.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import signal
 from types import FrameType
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import lightning as L
 import torch
@@ -38,6 +42,7 @@ REQUEUE = 2  # SLURM's requeue signal (``--signal=USR1@90``)
 
 # Lightning's handler methods, on its trainer's ``_signal_connector``
 NOTIFIERS = {STOP: "_sigterm_notifier_fn", REQUEUE: "_slurm_sigusr_handler_fn"}
+BROADCAST = "_broadcast_sigterm_tensor"  # its training loop's per-step broadcast of the flag
 
 
 class SignalAgreement:
@@ -79,6 +84,16 @@ class SignalAgreement:
                 "SIGTERM may stop the processes after different steps"
             )
         self.handles = handles if hasattr(connector, "received_sigterm") else 0
+        if self.handles:
+            _INSTALLED[trainer] = self
+        if self.handles & STOP:
+            # Lightning's per-step broadcast of rank 0's flag: a wait for the GPU at every
+            # step (Lightning-AI/pytorch-lightning#21487), and with the agreement nothing left
+            # to do (every rank stops on the agreed flag before the next step). Shadowed on
+            # this trainer's loop only, until teardown.
+            loop = trainer.fit_loop.epoch_loop
+            if callable(getattr(loop, BROADCAST, None)):
+                setattr(loop, BROADCAST, _skip_broadcast)
         self._launcher = trainer.strategy.launcher
         if distributed:
             self._group.get()  # made now, in every process at the same point
@@ -97,6 +112,16 @@ class SignalAgreement:
         """Call at the same point of every training step in every process: the signals that
         reached any process since the last call (STOP | REQUEUE), the same in all of them.
         On STOP, Lightning's own flag is set: it stops every process after this step."""
+        flags = self.pending(trainer)
+        if flags & REQUEUE:
+            # SLURM warns a job once, each task at about the same moment: a task whose
+            # signal comes a step later than the others' must not requeue the job again.
+            self.handles &= ~REQUEUE
+        return flags
+
+    def pending(self, trainer: L.Trainer) -> int:
+        """:meth:`agree` without taking the requeue: for a long pass of this library's own
+        (the kNN bank) that cuts itself short, after which training acts on the signal."""
         if not self.handles:
             return 0
         flags = self.received & self.handles
@@ -104,10 +129,36 @@ class SignalAgreement:
             found = torch.tensor([flags & STOP, flags & REQUEUE], dtype=torch.int32)
             dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self._group.get())
             flags = int(found[0]) | int(found[1])
-        self.received &= ~REQUEUE  # one requeue per signal
         if flags & STOP:
             trainer._signal_connector.received_sigterm = True
         return flags
+
+    def uninstall(self, trainer: L.Trainer) -> None:
+        """The fit is over (Lightning has restored the handlers it replaced)."""
+        self.handles = 0
+        _INSTALLED.pop(trainer, None)
+        vars(trainer.fit_loop.epoch_loop).pop(BROADCAST, None)
+
+
+def _skip_broadcast() -> None:
+    pass
+
+
+# The agreement installed in each running trainer (the Preemption callback's).
+_INSTALLED: WeakKeyDictionary[L.Trainer, SignalAgreement] = WeakKeyDictionary()
+
+
+def stop_requested(trainer: L.Trainer) -> bool:
+    """Whether the run is being stopped (SIGTERM) or warned (SLURM's requeue signal): the same
+    answer in every process, which must all call it at the same point. In one process,
+    Lightning's own flag counts; under DDP only a signal the processes agreed on (through the
+    Preemption callback, which every ``simclr-lightning`` run has): a rank that cut its pass
+    alone would leave the others waiting in a collective."""
+    agreement = _INSTALLED.get(trainer)
+    flags = agreement.pending(trainer) if agreement is not None else 0
+    if trainer.world_size > 1:
+        return bool(flags)
+    return bool(flags) or bool(getattr(trainer, "received_sigterm", False))
 
 
 # Lightning keeps the cluster environment of a one-device run in a private connector: read

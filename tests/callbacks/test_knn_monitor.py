@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader
 
-from simclr_lightning import SettingError
+from simclr_lightning import Preemption, SettingError
 from simclr_lightning.callbacks import KNNMonitor
-from tests.helpers import EpochMetrics, FeatureData, FeatureModule, quiet_trainer
+from tests.helpers import EpochMetrics, FeatureData, FeatureModule, SignalAt, quiet_trainer
 from tests.reference import weighted_knn_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,3 +61,35 @@ def test_monitor_reads_num_classes_and_reports_at_the_last_epoch():
     )
     assert monitor.num_classes == 6  # from the data module, not 1 + the largest label (3)
     assert "knn/val_top1" not in metrics.epochs[0] and "knn/val_top1" in metrics.epochs[1]
+
+
+class BankSignalData(FeatureData):
+    """The kNN bank's dataset sends SIGTERM while it is read (a scheduler stopping the run in
+    the middle of the bank pass, the longest stretch without a training step)."""
+
+    def __init__(self, train, val, at: int) -> None:
+        super().__init__(train, val, batch_size=4)
+        self.bank = SignalAt(*train, at=at, signum=signal.SIGTERM)
+
+    def eval_train_dataloader(self):
+        return DataLoader(self.bank, batch_size=4)
+
+
+def test_sigterm_in_the_bank_pass_cuts_it_short_and_the_run_stops_after_saving(tmp_path):
+    """The pass stops at the batch the signal came in (not the 10 of the whole bank), no kNN
+    figure is logged for a cut bank, and Preemption saves the epoch's last step."""
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(40, 6, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    data = BankSignalData((x, y), (x[:8], y[:8]), at=9)  # in the bank's third batch
+    trainer = quiet_trainer(
+        max_epochs=2,
+        default_root_dir=str(tmp_path),
+        callbacks=[KNNMonitor(k=5), Preemption()],
+        num_sanity_val_steps=0,
+    )
+    with pytest.raises(SIGTERMException):
+        trainer.fit(FeatureModule(6), datamodule=data)
+    assert data.bank.read == list(range(12))  # batches 0-2 fetched, none after the signal
+    assert "knn/val_top1" not in trainer.callback_metrics
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == trainer.global_step == 10  # epoch 0: 40 images, batches of 4

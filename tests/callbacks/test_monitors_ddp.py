@@ -82,3 +82,20 @@ def test_half_precision_knn_bank_under_ddp_equals_whole_bank(two_processes):
         torch.testing.assert_close(r["knn"]["scores"], scores, rtol=1e-6, atol=1e-6)
         top1 = (scores.argmax(1) == r["knn"]["query_labels"]).float().mean()
         assert r["metrics"]["knn/val_top1"] == pytest.approx(top1.item(), abs=1e-6)
+
+
+def test_sigterm_to_rank_1_alone_in_the_bank_pass_cuts_it_short_on_every_rank(tmp_path):
+    """Rank 1 alone is signalled while it reads its second bank batch (item 13: rank r reads
+    r, r + 2, ... of the unshuffled bank). Both ranks cut the pass at that batch, log no kNN
+    figure, stop after the epoch's last step and save it once. And no step broadcast
+    Lightning's SIGTERM flag (a wait for the GPU per step under NCCL): the agreement did."""
+    out = tmp_path / "run"
+    ranks = run_ddp_script("ddp_signal_script.py", 2, out, "--rank", "1", "--at", "13")
+    for r, result in enumerate(ranks):
+        assert result["read"] == list(range(r, 16, 2))  # batches 0 and 1 of 5, no more
+        assert result["stopped"] and not result["knn_logged"]
+        assert result["global_step"] == 5  # epoch 0 of 2
+        counts = result["broadcasts"]
+        assert len(counts) == 6 and len(set(counts)) == 1  # none during the 5 steps
+    saved = torch.load(out / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 5

@@ -4,6 +4,7 @@ connectors to stay where they are: a save while a job is being stopped must not 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import types
 from pathlib import Path
@@ -18,6 +19,7 @@ from simclr_lightning.callbacks.preemption import (
     hpc_save_path,
     requeue_slurm_job,
 )
+from simclr_lightning.callbacks.signal_agreement import REQUEUE, STOP, SignalAgreement
 from tests.helpers import quiet_trainer
 from tests.preemption_runs import ONE_SLURM_TASK, SLURM_JOB
 
@@ -100,3 +102,20 @@ def test_a_failed_or_impossible_requeue_warns_and_the_run_goes_on(tmp_path, monk
     monkeypatch.setenv("SLURM_JOB_ID", "4242; rm -rf /")
     with pytest.warns(UserWarning, match="not requeued: SLURM_JOB_ID="):
         requeue_slurm_job()
+
+
+def test_the_agreement_requeues_once_and_sets_lightnings_stop_flag():
+    """One process, the handlers already in place: a second requeue signal (a task whose
+    signal came a step after the others') is not acted on again; a SIGTERM sets the flag
+    Lightning stops on; nothing noted, nothing done."""
+    connector = types.SimpleNamespace(received_sigterm=False)
+    trainer = types.SimpleNamespace(world_size=1, _signal_connector=connector)
+    agreement = SignalAgreement()
+    agreement.handles = STOP | REQUEUE
+    assert agreement.agree(trainer) == 0
+    agreement.note_requeue(signal.SIGUSR1, None)
+    assert agreement.agree(trainer) == REQUEUE and not connector.received_sigterm
+    agreement.note_requeue(signal.SIGUSR1, None)
+    assert agreement.agree(trainer) == 0
+    agreement.note_stop(signal.SIGTERM, None)
+    assert agreement.agree(trainer) == STOP and connector.received_sigterm
