@@ -148,6 +148,17 @@ def ranks_in_one_batch(n: int, world: int, per_rank: int, steps: int, epoch: int
     return [i for batch in batches for shard in shards for i in shard[batch]]
 
 
+def training_order(
+    devices: int, world: int, n: int, per_rank: int, steps: int, epoch: int
+) -> tuple[list[int], int]:
+    """The order and batch size of ``n`` training samples with which ``devices`` processes see
+    what ``world`` DDP processes see: under DDP the dataset's order (Lightning's sampler
+    shuffles it), in one process :func:`ranks_in_one_batch` in batches of all ranks' rows."""
+    if devices > 1:
+        return list(range(n)), per_rank
+    return ranks_in_one_batch(n, world, per_rank, steps, epoch), world * per_rank
+
+
 class FreezeBatchNorm(L.Callback):
     """Per-process BatchNorm statistics make W processes differ from one by design; with them
     fixed, the only coupling across samples left is the one under test."""

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from simclr_lightning.evaluation import LinearEval  # noqa: E402
-from tests.ddp_helpers import ddp_trainer, random_images, ranks_in_one_batch  # noqa: E402
+from tests.ddp_helpers import ddp_trainer, random_images, training_order  # noqa: E402
 
 WORLD, PER_RANK, STEPS, EPOCHS = 2, 6, 3, 2
 N_VAL, CLASSES = 37, 6
@@ -41,12 +41,8 @@ class Data(L.LightningDataModule):
         n = WORLD * PER_RANK * STEPS
         x, y = images(n, seed=1)
         y[UNLABELLED] = -1
-        if self.devices > 1:  # Lightning always shuffles training data under DDP
-            order, batch = list(range(n)), PER_RANK
-        else:
-            epoch = self.trainer.current_epoch
-            order = ranks_in_one_batch(n, WORLD, PER_RANK, STEPS, epoch)
-            batch = WORLD * PER_RANK
+        epoch = self.trainer.current_epoch
+        order, batch = training_order(self.devices, WORLD, n, PER_RANK, STEPS, epoch)
         return DataLoader([(x[i], y[i]) for i in order], batch_size=batch, shuffle=False)
 
     def val_dataloader(self):

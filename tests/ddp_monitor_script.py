@@ -25,8 +25,8 @@ from tests.ddp_helpers import (  # noqa: E402
     FreezeBatchNorm,
     ddp_trainer,
     random_images,
-    ranks_in_one_batch,
     script_runs,
+    training_order,
 )
 
 WORLD, PER_RANK, STEPS = 2, 4, 2
@@ -47,11 +47,7 @@ class Data(L.LightningDataModule):
         a, y = images(n, seed=1)
         b, _ = images(n, seed=2)
         y[3] = -1  # an unlabeled image in the probe's batches
-        if self.devices > 1:  # Lightning always shuffles training data under DDP
-            order, batch = list(range(n)), PER_RANK
-        else:
-            order = ranks_in_one_batch(n, WORLD, PER_RANK, STEPS, epoch=0)
-            batch = WORLD * PER_RANK
+        order, batch = training_order(self.devices, WORLD, n, PER_RANK, STEPS, epoch=0)
         samples = [((a[i], b[i]), y[i]) for i in order]
         return DataLoader(samples, batch_size=batch, shuffle=False)
 
