@@ -163,9 +163,9 @@ def hpc_save_path(trainer: L.Trainer) -> str:
 
 def requeue_slurm_job() -> None:
     """``scontrol requeue`` this job (this task of an array job), as Lightning's handler."""
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else None
-    job = job or os.environ.get("SLURM_JOB_ID", "")
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
     if not re.fullmatch(r"[0-9_]+", job):
         rank_zero_warn(f"not requeued: SLURM_JOB_ID={job!r} is not a SLURM job id")
         return

@@ -83,7 +83,7 @@ class SignalAgreement:
                 "simclr-lightning could not find Lightning's SIGTERM handler: under DDP a "
                 "SIGTERM may stop the processes after different steps"
             )
-        self.handles = handles if hasattr(connector, "received_sigterm") else 0
+        self.handles = handles
         if self.handles:
             _INSTALLED[trainer] = self
         if self.handles & STOP:
@@ -158,7 +158,7 @@ def stop_requested(trainer: L.Trainer) -> bool:
     flags = agreement.pending(trainer) if agreement is not None else 0
     if trainer.world_size > 1:
         return bool(flags)
-    return bool(flags) or bool(getattr(trainer, "received_sigterm", False))
+    return bool(flags) or trainer.received_sigterm
 
 
 # Lightning keeps the cluster environment of a one-device run in a private connector: read
