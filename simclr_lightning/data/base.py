@@ -70,7 +70,10 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
             machine (cores / devices - 1, at most 16), so a 2-core laptop and a GPU server both
             get a fitting number.
         val_batch_size: None means ``batch_size``.
-        drop_last: drop the incomplete last training batch (the loss wants full batches).
+        drop_last: drop each epoch's incomplete last training batch. None: ``pretrain`` drops
+            it (NT-Xent wants full batches); ``classify`` keeps it, training on every labelled
+            image each epoch, but leaves out a last batch of one image per process (a training
+            BatchNorm cannot use one).
         label_fraction: with ``task: classify``, train on this fraction of each class's images
             (0.01 and 0.1: SimCLR's semi-supervised protocol), the same ``label_seed``-ed
             choice on every rank.
@@ -94,7 +97,7 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
         num_workers: int | None = None,
         pin_memory: bool = True,
         persistent_workers: bool = True,
-        drop_last: bool = True,
+        drop_last: bool | None = None,
         val_batch_size: int | None = None,
         label_fraction: float | None = None,
         label_seed: int = 0,
@@ -130,7 +133,7 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
-        self.drop_last = drop_last
+        self.drop_last = task == "pretrain" if drop_last is None else drop_last
         self.val_batch_size = val_batch_size or batch_size
         for name, value in (("label_fraction", label_fraction), ("label_subset", label_subset)):
             require(
@@ -281,6 +284,7 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
             seeded=not self.on_device,
             catch_failed=self.stops_together,
             drop_last=self.drop_last,
+            drop_single_last=self.task == "classify" and not self.drop_last,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,

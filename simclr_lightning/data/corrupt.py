@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
@@ -52,10 +53,25 @@ def load_image(path: str, mode: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
-            return image.convert(mode)
+            return to_8_bit(image).convert(mode)
     except Exception as err:
         reason = "empty file" if _is_empty(path) else reason_of(err)
         raise CorruptImageError(path, reason) from err
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16- or 32-bit integer grayscale image (PIL modes ``I;16*``, ``I``) as 8-bit ``L``,
+    scaled to its top 8 bits as the device path's decoder scales it (``encoded.to_uint8``);
+    PIL's own ``convert`` clips such values at 255 (a near-white image). Mode ``I`` from a
+    PNG holds 16-bit values, from other formats signed 32-bit ones."""
+    if image.mode.startswith("I;16"):
+        shift = 8
+    elif image.mode == "I":
+        shift = 8 if image.format == "PNG" else 23  # int32 has 31 value bits, as torch counts
+    else:
+        return image
+    pixels = np.asarray(image).astype(np.int64) >> shift
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))  # 2-D uint8: mode L
 
 
 def _is_empty(path: str) -> bool:

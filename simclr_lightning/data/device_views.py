@@ -38,7 +38,9 @@ class DeviceViews:
     def _seed_gpu_augment(self) -> None:
         # seed_everything gives every rank the same default generators, so without a stream
         # of its own per rank each rank would draw the same crops and jitter for batch
-        # position i. (Loader workers get the rank mixed into their seeds by Lightning.)
+        # position i. (Not so in loader workers: there each sample's torch, NumPy and random
+        # states are seeded from (seed, epoch, index) by SeededSamples, and each rank's workers
+        # start from a base seed of their own, see TrainOrder.loader.)
         # The crop boxes of images of different sizes (decode: gpu) come from a CPU stream of
         # the rank's own, seeded apart from the device stream.
         device = self.trainer.strategy.root_device

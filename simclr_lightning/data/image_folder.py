@@ -24,15 +24,35 @@ from simclr_lightning.data.corrupt import (
 from simclr_lightning.data.device_store import DeviceImageStore
 from simclr_lightning.data.encoded import collate_encoded, read_encoded
 from simclr_lightning.data.transforms import IMAGENET_VIEWS, SimCLRAugmentation
-from simclr_lightning.errors import require
+from simclr_lightning.errors import SettingError, require
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def listed(names: list[str], at_most: int = 10) -> str:
+    """``names`` for a one-line message: the first ``at_most`` and how many there are."""
+    shown = ", ".join(names[:at_most])
+    return shown if len(names) <= at_most else f"{shown}, ... ({len(names)} in all)"
+
+
 class ImageFolderFiles(SkipsCorruptFiles, datasets.ImageFolder):
-    """torchvision's ImageFolder, able to skip undecodable files (``data.skip_corrupt``)."""
+    """torchvision's ImageFolder, able to skip undecodable files (``data.skip_corrupt``).
+
+    ``class_to_idx`` numbers the classes as given (the training split's) instead of from the
+    folder's own sub-folders: ``val/`` without one training class must not shift the labels
+    of the classes sorted after it."""
 
     read_item = datasets.ImageFolder.__getitem__
+
+    def __init__(self, root: str, *args, class_to_idx: dict[str, int] | None = None, **kwargs):
+        self.given_class_to_idx = class_to_idx
+        super().__init__(root, *args, **kwargs)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        if self.given_class_to_idx is None:
+            return super().find_classes(directory)
+        mapping = dict(self.given_class_to_idx)
+        return sorted(mapping, key=mapping.__getitem__), mapping
 
 
 class UnlabeledImages(SkipsCorruptFiles, Dataset):
@@ -99,6 +119,7 @@ class ImageFolderDataModule(SimCLRDataModule):
         self.skip_corrupt = skip_corrupt
         self.verify = verify
         self._verified: set[str] = set()
+        self._warned: set[str] = set()  # splits lacking a training class, warned about once
         # one per split, shared by every dataset made of it (the training split and the kNN
         # bank read the same files): a file found bad by any of them is named once, here
         self._skips: dict[str, SkipCorrupt] = {}
@@ -180,6 +201,31 @@ class ImageFolderDataModule(SimCLRDataModule):
             images, labels = images[keep], labels[keep]
         return DeviceImageStore(images, labels)
 
+    def split_classes(self, folder: Path) -> dict[str, int] | None:
+        """The training split's class numbering, for a split of ``folder`` (None when
+        ``train/`` has no class folders): a class folder training lacks is an error, a
+        training class the split lacks a warning (once per data module)."""
+        train = self.root / "train"
+        if not any(p.is_dir() for p in train.iterdir()):
+            return None
+        classes, class_to_idx = datasets.folder.find_classes(str(train))
+        here = [p.name for p in sorted(folder.iterdir()) if p.is_dir()]
+        extra = [name for name in here if name not in class_to_idx]
+        if extra:
+            raise SettingError(
+                f"data.root={str(self.root)!r}: {folder / extra[0]} is not a class of train/: "
+                f"{folder.name}/ may only hold the training classes ({listed(classes)})"
+            )
+        missing = [name for name in classes if name not in here]
+        if missing and str(folder) not in self._warned:
+            self._warned.add(str(folder))
+            warnings.warn(
+                f"{folder} has no folder for training class(es) {listed(missing)}: it has no "
+                f"images of them (its other classes keep train/'s labels)",
+                stacklevel=3,
+            )
+        return class_to_idx
+
     def make_dataset(self, split, transform) -> Dataset | None:
         folder = self.root / split
         if not folder.is_dir():
@@ -191,9 +237,14 @@ class ImageFolderDataModule(SimCLRDataModule):
         if transform is None:  # the device path: bytes or uint8 pixels, made into views later
             loader = partial(read_encoded, decode=self.decode == "cpu" or self.resident)
         if any(p.is_dir() for p in folder.iterdir()):
+            class_to_idx = None if split == "train" else self.split_classes(folder)
             try:
                 dataset = ImageFolderFiles(
-                    str(folder), transform=transform, loader=loader, allow_empty=True
+                    str(folder),
+                    transform=transform,
+                    loader=loader,
+                    allow_empty=True,
+                    class_to_idx=class_to_idx,
                 )
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"data.root: {err}") from err

@@ -11,15 +11,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_lightning.data.failed_batches import CatchFailedBatches
-from simclr_lightning.data.sampler import ResumableSampler, SeededSamples
+from simclr_lightning.data.sampler import ResumableSampler, SeededSamples, sample_seed
 from simclr_lightning.errors import SettingError
 
 
 def check_batch_size(
     n_images: int, batch_size: int, world: int, drop_last: bool, task: str
 ) -> None:
-    """Refuse, before training, a per-device batch the shards cannot fill, or a last batch of
-    one image (NT-Xent and BatchNorm need at least two)."""
+    """Refuse, before training, a per-device batch the shards cannot fill where the last
+    partial batch is dropped, or a pretraining last batch of one image (NT-Xent and BatchNorm
+    need at least two; ``classify`` leaves such a batch out instead, see
+    :class:`ResumableSampler`)."""
     per_rank = math.ceil(n_images / world)  # DistributedSampler pads to equal shards
     if drop_last and per_rank < batch_size:
         raise SettingError(
@@ -32,6 +34,12 @@ def check_batch_size(
             f"data.batch_size={batch_size} leaves a last batch of 1 image per process "
             f"({per_rank} images each), which NT-Xent and BatchNorm cannot use: set "
             f"data.drop_last=true or change data.batch_size"
+        )
+    if not drop_last and task == "classify" and per_rank < 2:
+        raise SettingError(
+            f"data.task='classify' needs at least 2 training images per process to train "
+            f"BatchNorm, but each of the {world} process(es) gets {per_rank} ({n_images} in "
+            f"all): use more labelled images or fewer processes"
         )
 
 
@@ -115,22 +123,32 @@ class TrainOrder:
         batch_size: int,
         seeded: bool,
         catch_failed: bool = False,
+        drop_single_last: bool = False,
         **kwargs: Any,
     ) -> ResumableLoader:
         """The shuffled training loader: ``seeded`` gives each sample's transform its own seed
         (views made in the loader); each rank of ``trainer`` reads its own shard;
-        ``catch_failed`` yields a :class:`FailedBatch` for a batch that fails to load."""
+        ``catch_failed`` yields a :class:`FailedBatch` for a batch that fails to load;
+        ``drop_single_last`` leaves out a last batch of one image."""
         self.trainer = trainer
         if self.seed is None:
             self.seed = order_seed(trainer)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        sampler = ResumableSampler(len(dataset), num_replicas=world, rank=rank, seed=self.seed)
+        sampler = ResumableSampler(
+            len(dataset),
+            num_replicas=world,
+            rank=rank,
+            seed=self.seed,
+            single_last_of=batch_size if drop_single_last else None,
+        )
         loader = ResumableLoader(
             SeededSamples(dataset, seeded=seeded),
             batch_size=batch_size,
             sampler=sampler,
-            # the workers' base seed comes from here, not from the global generator
-            generator=torch.Generator().manual_seed(self.seed),
+            # the workers' base seed comes from here, not from the global generator, and differs
+            # per rank: torch seeds each worker's torch, NumPy and random from it (samples are
+            # reseeded by SeededSamples; this covers the unseeded path and worker_init_fn code)
+            generator=torch.Generator().manual_seed(sample_seed(self.seed, -1, rank)),  # no epoch
             **kwargs,
         )
         loader.order = self

@@ -10,11 +10,20 @@ seeded from ``(seed, epoch, index)`` and the order from ``(seed, epoch)``, as
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, get_worker_info
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch's, NumPy's and ``random``'s global generators from one 63-bit seed."""
+    torch.random.default_generator.manual_seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])  # NumPy takes 32-bit words
+    random.seed(seed)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -31,6 +40,10 @@ class ResumableSampler(DistributedSampler):
     Being a ``DistributedSampler``, Lightning keeps it (no sampler injection) and calls
     ``set_epoch`` before every epoch. :meth:`resume_at` makes the next pass over ``epoch``
     start after ``batches`` batches of ``batch_size``: the ones a checkpoint already trained on.
+
+    ``single_last_of``, a batch size, leaves out each epoch's last index when it alone would
+    make the last batch (a training BatchNorm cannot use one image). Every rank's shard has
+    the same size, so all ranks leave it out together and take the same number of steps.
     """
 
     def __init__(
@@ -40,18 +53,26 @@ class ResumableSampler(DistributedSampler):
         rank: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        single_last_of: int | None = None,
     ) -> None:
         super().__init__(
             range(dataset_size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed
         )
         self._skip: tuple[int, int] | None = None  # (epoch, samples to skip in it)
+        self.single_last_of = single_last_of
+
+    @property
+    def kept(self) -> int:
+        """This rank's indices per epoch: its shard, less a last one that would batch alone."""
+        size, batch = self.num_samples, self.single_last_of
+        return size - 1 if batch is not None and size > 1 and size % batch == 1 else size
 
     def resume_at(self, epoch: int, batches: int, batch_size: int) -> None:
         self.set_epoch(epoch)
         self._skip = (epoch, batches * batch_size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())
+        indices = list(super().__iter__())[: self.kept]
         if self._skip is not None and self._skip[0] == self.epoch:
             indices = indices[self._skip[1] :]
             self._skip = None
@@ -59,14 +80,18 @@ class ResumableSampler(DistributedSampler):
         return ((i, sample_seed(seed, epoch, i)) for i in indices)  # hashed as consumed
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.kept
 
 
 class SeededSamples(Dataset):
-    """``dataset[index]`` with torch's random state seeded by the sampler's view seed, so its
-    transform's draws depend only on (seed, epoch, index). In a worker the worker's generator is
-    simply reseeded (nothing else uses it); in the main process (``num_workers=0``) the global
-    generator is restored afterwards, so the model's own randomness is left alone."""
+    """``dataset[index]`` with torch's, NumPy's and ``random``'s global random states seeded by
+    the sampler's view seed, so its transform's draws (a user's NumPy or ``random`` ones too)
+    depend only on (seed, epoch, index): different on each rank, which reads other indices,
+    and the same after a resume and whatever the number of workers (seed_everything gives
+    every rank the same generators, and the data modules' own ``worker_init_fn`` keeps
+    Lightning's rank-aware worker seeding out). In a worker the states are simply reseeded
+    (nothing else uses them); in the main process (``num_workers=0``) they are restored
+    afterwards, so the model's own randomness is left alone."""
 
     def __init__(self, dataset: Dataset, seeded: bool = True) -> None:
         self.dataset = dataset
@@ -80,14 +105,16 @@ class SeededSamples(Dataset):
         if not self.seeded:
             return self.dataset[index]
         if get_worker_info() is not None:
-            torch.random.default_generator.manual_seed(seed)
+            seed_all(seed)
             return self.dataset[index]
-        state = torch.get_rng_state()
-        torch.random.default_generator.manual_seed(seed)
+        states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        seed_all(seed)
         try:
             return self.dataset[index]
         finally:
-            torch.set_rng_state(state)
+            torch.set_rng_state(states[0])
+            np.random.set_state(states[1])
+            random.setstate(states[2])
 
     def __getattr__(self, name: str) -> Any:  # classes, targets ... of the wrapped dataset
         # not its dunders: a batched __getitems__ would take the (index, seed) keys unwrapped

@@ -21,6 +21,8 @@ import os
 import signal
 import threading
 
+from lightning.fabric.utilities.seed import pl_worker_init_function
+
 # What schedulers send before a kill: SIGTERM; SLURM's --signal warning (Lightning's requeue
 # signal is SIGUSR1). Each would end a worker by default.
 STOP_SIGNALS = frozenset(
@@ -31,7 +33,14 @@ STOP_SIGNALS = frozenset(
 def shield_from_stop_signals(worker_id: int = 0) -> None:
     """A ``worker_init_fn``: from here on, stop signals from any process but the parent are
     ignored. They are blocked in this (the worker's main) thread, which threads started later
-    inherit, and a watcher thread takes each one with its sender (``sigwaitinfo``)."""
+    inherit, and a watcher thread takes each one with its sender (``sigwaitinfo``).
+
+    Lightning adds its own ``worker_init_fn`` only to a loader that has none: under
+    ``seed_everything(workers=True)`` (the CLI's) it seeds each worker's torch, NumPy and
+    ``random`` from (seed, worker, rank). It is called here in its place, or every rank's
+    workers would draw the same numbers."""
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):  # Lightning's own test for adding it
+        pl_worker_init_function(worker_id)
     if not hasattr(signal, "sigwaitinfo"):  # not on macOS or Windows: left as torch sets it
         return
     # The training process: the worker's parent, or under "forkserver" (Python 3.14's default

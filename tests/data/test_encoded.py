@@ -21,6 +21,7 @@ from simclr_lightning import (
     ImageFolderDataModule,
     SimCLRAugmentation,
 )
+from simclr_lightning.data.corrupt import load_image, load_rgb
 from simclr_lightning.data.encoded import ImageBatch, read_encoded
 from simclr_lightning.data.gpu import GPUAugment, sample_crop_boxes, sample_pixel_params
 from tests.data.test_datamodules import fit_one_step_and_grab_batch
@@ -511,6 +512,33 @@ def test_resident_store_holds_16_bit_pngs_as_8_bit(tmp_path):
     assert store.images.dtype == torch.uint8 and store.images.shape == (3, 3, 8, 8)
     for row, (path, _) in zip(store.images, data.train_set.samples, strict=True):
         assert torch.equal(row, expected[Path(path)])
+
+
+def test_a_16_bit_grayscale_png_is_scaled_on_the_cpu_path_as_on_the_device_path(tmp_path):
+    """PIL opens a 16-bit grayscale PNG as mode I;16 and its ``convert`` clips values over
+    255 (a near-white image); the CPU path scales it to 8 bits as the device decoder does."""
+    ramp = (np.arange(24 * 32, dtype=np.uint32) * 85).astype(np.uint16).reshape(24, 32)
+    path = tmp_path / "gray16.png"
+    Image.fromarray(ramp).save(path)
+    header = path.read_bytes()[16:26]  # IHDR: width, height, bit depth, colour type
+    assert struct.unpack(">IIBB", header) == (32, 24, 16, 0)  # 16-bit grayscale
+    expected = np.repeat((ramp >> 8).astype(np.uint8)[None], 3, axis=0)  # the high byte
+
+    rgb = np.array(load_rgb(str(path))).transpose(2, 0, 1)
+    assert np.array_equal(rgb, expected)
+    assert np.array_equal(np.array(load_image(str(path), "L")), expected[0])  # grayscale model
+    device = read_encoded(str(path), decode=False)  # not a JPEG: decode_rgb8 in the worker
+    assert device.decoded and np.array_equal(device.data.numpy(), expected)
+
+
+def test_a_32_bit_integer_image_is_scaled_as_torchvision_scales_int32(tmp_path):
+    """PIL's mode I from a 32-bit TIFF: the top 8 of int32's 31 value bits, negatives black."""
+    values = np.array([[-5, 0, 2**23 - 1, 2**23], [2**30, 2**31 - 1, 7 * 2**23, 255 * 2**23]])
+    path = tmp_path / "deep.tif"
+    Image.fromarray(values.astype(np.int32)).save(path)
+    assert Image.open(path).mode == "I"
+    expected = np.array([[0, 0, 0, 1], [128, 255, 7, 255]], dtype=np.uint8)
+    assert np.array_equal(np.array(load_image(str(path), "L")), expected)
 
 
 @pytest.mark.gpu

@@ -4,13 +4,16 @@ training process's own SIGTERM still ends them."""
 
 from __future__ import annotations
 
+import random
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_lightning.data.worker_signals import shield_from_stop_signals
@@ -80,3 +83,37 @@ def test_the_data_modules_training_and_evaluation_loaders_are_shielded(cifar_tin
     data.setup("fit")
     for made in (data.train_dataloader(), data.val_dataloader(), data.eval_train_dataloader()):
         assert made.worker_init_fn is shield_from_stop_signals
+
+
+class Draws(Dataset):
+    """What a user's transform draws from NumPy's and Python's global generators."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> tuple[int, float]:
+        return np.random.randint(0, 2**31), random.random()
+
+
+def worker_draws(rank: int, monkeypatch) -> set[float]:
+    """One worker's draws in process ``rank``, its loader seeded as every rank seeds it."""
+    monkeypatch.setattr(rank_zero_only, "rank", rank)  # what Lightning reads in the worker
+    loader = DataLoader(
+        Draws(),
+        batch_size=4,
+        num_workers=1,
+        worker_init_fn=shield_from_stop_signals,
+        generator=torch.Generator().manual_seed(0),
+    )
+    ints, floats = next(iter(loader))
+    return set(ints.tolist()) | set(floats.tolist())
+
+
+def test_a_shielded_worker_keeps_lightnings_rank_aware_seeding(monkeypatch):
+    """With a worker_init_fn of its own a loader does not get Lightning's, which under
+    seed_everything(workers=True) gives each rank's workers their own NumPy and random
+    streams: the shield applies it, so two ranks draw apart, the same again run to run."""
+    monkeypatch.setenv("PL_SEED_WORKERS", "1")
+    rank0, rank1 = worker_draws(0, monkeypatch), worker_draws(1, monkeypatch)
+    assert len(rank0) == 8 and not rank0 & rank1
+    assert worker_draws(0, monkeypatch) == rank0
