@@ -54,15 +54,23 @@ def load_backbone_state(
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The encoder weights (the backbone's own names) and architecture hparams in ``path``: a
     SimCLR or LinearEval Lightning checkpoint, or a plain state dict written by
-    ``export_backbone`` (whose ``fc.*`` projection layers, if any, are left out)."""
+    ``export_backbone`` (whose ``fc.*`` projection layers, if any, are left out).
+
+    In a module's state dict the encoder is exactly ``backbone.*``: the projection head and
+    classifier are top-level ``head.*``/``projection.*``, while an encoder's own ``head.*``
+    (timm's ConvNeXt, EdgeNeXt, DaViT... keep ``head.norm`` with ``num_classes=0``) is
+    ``backbone.head.*``. So only a plain state dict of nothing but such names is refused here;
+    whether the rest fits the encoder is for ``load_state_dict`` to say."""
     state, hparams = _read(path, setting)
-    lightning_checkpoint = bool(hparams) or any(k.startswith("backbone.") for k in state)
-    if lightning_checkpoint:
+    if hparams or any(k.startswith("backbone.") for k in state):
         state = {
             k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
         }
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    if not state or any(k.startswith(("head.", "projection.")) for k in state):
+    else:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        if all(k.startswith(("head.", "projection.")) for k in state):
+            state = {}  # a projection head or classifier alone
+    if not state:
         raise CheckpointError(
             setting,
             path,
@@ -101,16 +109,17 @@ def export_backbone(
 
     The file is a state dict with the backbone's own names: ``torchvision.models.<backbone>()``
     (after ``apply_stem(net, cifar_stem, in_channels)`` when those were used) or
-    ``timm.create_model(name, num_classes=0)`` loads it. With ``head_layers`` k > 0 it also
-    holds the first k projection-head layers as ``fc`` (an ``nn.Sequential``), the features
-    SimCLR v2 fine-tunes from: set ``net.fc`` to that Sequential (``arch["fc"]`` spells it) and
-    it loads strictly; otherwise only ``fc`` is missing. Written to a temporary file then
-    renamed, so a crash never leaves a truncated file at ``output_path``. Returns the
-    architecture to rebuild (``backbone``, ``cifar_stem``, ``in_channels``, ``head_layers``,
-    ``fc``).
+    ``timm.create_model(name, num_classes=0, in_chans=in_channels, **timm_kwargs)`` loads it.
+    With ``head_layers`` k > 0 it also holds the first k projection-head layers as ``fc`` (an
+    ``nn.Sequential``), the features SimCLR v2 fine-tunes from: set ``net.fc`` to that
+    Sequential (``arch["fc"]`` spells it) and it loads strictly; otherwise only torchvision's
+    ``fc`` is missing. Written to a temporary file then renamed, so a crash never leaves a
+    truncated file at ``output_path``. Returns the architecture to rebuild (``backbone``,
+    ``cifar_stem``, ``in_channels``, ``timm_kwargs``, ``head_layers``, ``fc``).
     """
     state, arch = load_backbone_state(checkpoint_path, "checkpoint")
-    arch = {"backbone": "resnet18", "cifar_stem": False, "in_channels": 3, **arch}
+    defaults = {"backbone": "resnet18", "cifar_stem": False, "in_channels": 3, "timm_kwargs": None}
+    arch = defaults | arch
     arch.update(head_layers=head_layers, fc=None)
     if head_layers:
         layers, _ = projection_layers(checkpoint_path, head_layers)
@@ -175,9 +184,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     arch = export_backbone(args.checkpoint, args.output, args.head_layers)
+    print(f"wrote {args.output}; load it with:\n{rebuild_code(arch, str(args.output))}")
+
+
+def rebuild_code(arch: dict[str, Any], output: str) -> str:
+    """Python (indented 4) that builds the encoder ``export_backbone`` wrote to ``output`` and
+    loads it: the timm model with the run's ``timm_kwargs`` (``img_size`` sets a ViT's position
+    embedding, which the file's must match), or torchvision's."""
+    strict = arch["fc"] or arch["backbone"].startswith("timm:")  # timm's has no fc to miss
     if arch["backbone"].startswith("timm:"):
         name = arch["backbone"].removeprefix("timm:")
-        build = f"net = timm.create_model({name!r}, num_classes=0, in_chans={arch['in_channels']})"
+        kwargs = "".join(f", {k}={v!r}" for k, v in (arch["timm_kwargs"] or {}).items())
+        build = (
+            f"net = timm.create_model({name!r}, num_classes=0, "
+            f"in_chans={arch['in_channels']}{kwargs})"
+        )
     else:
         build = f"net = torchvision.models.{arch['backbone']}()"
         if arch["cifar_stem"] or arch["in_channels"] != 3:
@@ -185,18 +206,17 @@ def main(argv: list[str] | None = None) -> None:
                 f"\n    apply_stem(net, cifar_stem={arch['cifar_stem']}, "
                 f"in_channels={arch['in_channels']})  # from simclr_lightning import apply_stem"
             )
+    load = ""
     if arch["fc"]:
         scale = "  # ScaleBatchNorm1d: from simclr_lightning.heads" if "Scale" in arch["fc"] else ""
-        load = (
-            f"    net.fc = {arch['fc']}{scale}\n"
-            f"    net.load_state_dict(torch.load({str(args.output)!r}))"
-        )
+        load = f"    net.fc = {arch['fc']}{scale}\n"
+    if strict:
+        load += f"    net.load_state_dict(torch.load({output!r}))"
     else:
-        load = (
-            f"    net.load_state_dict(torch.load({str(args.output)!r}), strict=False)"
-            f"  # only fc is missing"
+        load += (
+            f"    net.load_state_dict(torch.load({output!r}), strict=False)  # only fc is missing"
         )
-    print(f"wrote {args.output}; load it with:\n    {build}\n{load}")
+    return f"    {build}\n{load}"
 
 
 if __name__ == "__main__":

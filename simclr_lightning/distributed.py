@@ -295,7 +295,8 @@ def encode_rows(
 ) -> RowCollector:
     """Add ``pl_module(x)`` (unit vectors if ``normalize``) and the labels of every batch of
     ``loader`` (this rank's shard, see :func:`shard_loader`) to ``rows``: in eval mode and the
-    run's precision, the module's mode restored afterwards. Each batch first passes the data
+    run's precision (images converted as Lightning's loops convert batches: to bf16 under
+    bf16-true), the module's mode restored afterwards. Each batch first passes the data
     module's ``check_batch``, if it has one: under DDP a file one rank cannot read then stops
     every rank, as in Lightning's own loops. Then ``stop()``, if given (the same answer in
     every process): when true, :class:`PassCutShort` is raised, so that a pass over a whole
@@ -311,6 +312,8 @@ def encode_rows(
                 if stop is not None and stop():
                     raise PassCutShort(f"stopped at batch {batch_idx} of {len(loader)}")
                 x, labels = batch
+                # as Lightning's loops: a *-true precision runs on inputs of the weights' dtype
+                x = trainer.precision_plugin.convert_input(x)
                 features = pl_module(x.to(pl_module.device, non_blocking=True))
                 if normalize:
                     features = torch.nn.functional.normalize(features.float(), dim=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import lightning as L
@@ -19,12 +20,14 @@ from tests.helpers import quiet_trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def save_simclr_checkpoint(path: Path, cifar_stem: bool, in_channels: int) -> SimCLR:
-    """One real SimCLR step on 16 px noise (so BatchNorm statistics are not the defaults),
-    saved by Lightning."""
+def save_simclr_checkpoint(
+    path: Path, cifar_stem: bool, in_channels: int, size: int = 16, **model_kwargs
+) -> SimCLR:
+    """One real SimCLR step on ``size`` px noise (so BatchNorm statistics are not the
+    defaults), saved by Lightning; ``model_kwargs`` go to SimCLR (e.g. a timm backbone)."""
     L.seed_everything(0, verbose=False)
     gen = torch.Generator().manual_seed(0)
-    views = torch.randn(2, 8, in_channels, 16, 16, generator=gen)
+    views = torch.randn(2, 8, in_channels, size, size, generator=gen)
     pairs = [((views[0, i], views[1, i]), i % 3) for i in range(8)]
     model = SimCLR(
         cifar_stem=cifar_stem,
@@ -33,6 +36,7 @@ def save_simclr_checkpoint(path: Path, cifar_stem: bool, in_channels: int) -> Si
         head_output_dim=8,
         optimizer="sgd",
         warmup_epochs=0,
+        **model_kwargs,
     )
     trainer = quiet_trainer(max_steps=1)
     trainer.fit(model, DataLoader(pairs, batch_size=8))
@@ -135,3 +139,61 @@ def test_export_of_more_head_layers_than_there_are_is_refused(tmp_path):
     with pytest.raises(ValueError, match="head_layers=5 is invalid: must be <= 3"):
         export_backbone(tmp_path / "simclr.ckpt", tmp_path / "x.pt", head_layers=5)
     assert not (tmp_path / "x.pt").exists()
+
+
+def encoder_in_file(path: Path) -> dict[str, torch.Tensor]:
+    """The ``backbone.*`` tensors of a Lightning checkpoint, read with torch alone."""
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+
+
+def test_a_timm_encoder_with_its_own_head_loads_and_exports(tmp_path, capsys):
+    """timm's ConvNeXt keeps ``head.norm`` with num_classes=0: in a SimCLR checkpoint that is
+    ``backbone.head.norm.*``, part of the encoder, not the projection head (``head.net.*``)."""
+    timm = pytest.importorskip("timm")
+    assert "convnext_atto" in timm.list_models("convnext_atto")
+    ckpt = tmp_path / "simclr.ckpt"
+    model = save_simclr_checkpoint(ckpt, False, 3, size=32, backbone="timm:convnext_atto")
+    saved = encoder_in_file(ckpt)
+    assert {"head.norm.weight", "head.norm.bias"} <= saved.keys()
+
+    linear = LinearEval(str(ckpt), num_classes=3)
+    loaded = linear.backbone.state_dict()
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+    main([str(ckpt), str(tmp_path / "encoder.pt")])
+    assert (
+        "timm.create_model('convnext_atto', num_classes=0, in_chans=3)" in capsys.readouterr().out
+    )
+    net = timm.create_model("convnext_atto", num_classes=0)
+    net.load_state_dict(torch.load(tmp_path / "encoder.pt", weights_only=True))  # strict
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), model.backbone.eval()(x), rtol=0, atol=0)
+
+    # the exported file, a plain state dict holding head.norm.*, is an encoder too
+    again = LinearEval(
+        str(tmp_path / "encoder.pt"), num_classes=3, backbone="timm:convnext_atto", cifar_stem=False
+    )
+    assert all(torch.equal(again.backbone.state_dict()[k], saved[k]) for k in saved)
+
+
+def test_the_printed_timm_rebuild_keeps_timm_kwargs_and_loads_strictly(tmp_path, capsys):
+    """A ViT's position embedding is sized by ``img_size``: without the run's timm_kwargs the
+    printed model cannot take the file."""
+    timm = pytest.importorskip("timm")
+    model = SimCLR(backbone="timm:test_vit", cifar_stem=False, timm_kwargs={"img_size": 32})
+    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    torch.save(ckpt, tmp_path / "vit.ckpt")
+    main([str(tmp_path / "vit.ckpt"), str(tmp_path / "vit.pt")])
+    printed = capsys.readouterr().out
+    code = textwrap.dedent(printed.split("load it with:\n", 1)[1])
+    assert "img_size=32" in code
+    scope = {"timm": timm, "torch": torch}
+    exec(code, scope)  # the printed lines, as a user pastes them
+    net = scope["net"]
+    net.load_state_dict(torch.load(tmp_path / "vit.pt", weights_only=True))  # strict
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), model.backbone.eval()(x))

@@ -1,5 +1,5 @@
 """Did pretraining help? Weighted kNN top-1 on the whole held-out split for the encoder before
-pretraining (randomly initialised) and after, beside chance, printed when ``fit`` ends."""
+pretraining (randomly initialised) and after, beside chance, printed when training ends."""
 
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ def encode(trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader)
 class KNNReport(L.Callback):
     """Measures weighted kNN (cosine, ``k`` neighbours voting with ``exp(sim / temperature)``,
     as :class:`KNNMonitor`) of the held-out split against the un-augmented training split, once
-    when ``fit`` starts (the encoder as initialised) and once when it ends, and prints both
-    beside chance. Every held-out image counts, whatever ``limit_val_batches`` or
-    ``data.val_subset`` say. Results are kept in ``self.results`` and sent to the loggers as
+    when ``fit`` starts (the encoder as initialised) and once when training ends (also after an
+    early stop; not after an error or a preemption, which raise), and prints both beside
+    chance. Every held-out image counts, whatever ``limit_val_batches`` or ``data.val_subset``
+    say. Results are kept in ``self.results`` and sent to the loggers as
     ``knn_report/init_top1`` and ``knn_report/final_top1``.
 
     The first figure is kept in checkpoints: a resumed run reports the encoder as the run
@@ -96,7 +97,9 @@ class KNNReport(L.Callback):
             if trainer.ckpt_path:
                 self._start = f"encoder resumed from {os.path.basename(trainer.ckpt_path)}"
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:
+        # Not on_fit_end: Lightning tears the strategy down before it, moving the module to the
+        # CPU (a pass over ImageNet there takes hours) and leaving DDP unable to gather.
         assert self._init is not None
         final = self.measure(trainer, pl_module)
         chance = 1.0 / final["num_classes"]

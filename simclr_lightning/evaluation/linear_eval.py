@@ -266,12 +266,14 @@ class LinearEval(L.LightningModule):
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities in float32 whatever the run's precision: the encoder may run
         in bf16, but the classifier and softmax do not, so what a user reads is not rounded
-        to bf16's 8 bits (0.162109 for 0.1623)."""
+        to bf16's 8 bits (0.162109 for 0.1623). Under a ``*-true`` precision the head's own
+        weights are bf16 too: float32 copies of them are used."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         with torch.no_grad():
             features = self.projection(self.backbone(x))
+        weight, bias = self.head.weight.float(), self.head.bias.float()
         with torch.autocast(features.device.type, enabled=False):
-            return self.head(features.float()).softmax(dim=1)
+            return F.linear(features.float(), weight, bias).softmax(dim=1)
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):

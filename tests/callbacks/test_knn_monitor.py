@@ -7,6 +7,7 @@ import signal
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import nn
 from torch.utils.data import DataLoader
 
 from simclr_lightning import Preemption, SettingError
@@ -41,6 +42,43 @@ def test_monitor_logs_brute_force_accuracy_every_n_epochs(tmp_path):
     for epoch in (1, 3):
         assert metrics.epochs[epoch]["knn/val_top1"] == pytest.approx(want_top1, abs=1e-6)
         assert metrics.epochs[epoch]["knn/val_top5"] == 1.0  # 3 classes
+
+
+class LinearFeatures(FeatureModule):
+    """Features from a linear layer, whose weights bf16-true makes bf16."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.lin = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.lin(x) + 0 * self.w
+
+
+def test_monitor_under_bf16_true_matches_brute_force_knn_of_the_bf16_features():
+    """Under bf16-true the bank pass gets bf16 images as Lightning's loops do (float32 images
+    meeting bf16 weights cannot be multiplied)."""
+    gen = torch.Generator().manual_seed(3)
+    centers = 2 * torch.randn(3, 6, generator=gen)
+    train_y, val_y = (
+        torch.randint(0, 3, (24,), generator=gen),
+        torch.randint(0, 3, (12,), generator=gen),
+    )
+    train_x = centers[train_y] + 2 * torch.randn(24, 6, generator=gen)
+    val_x = centers[val_y] + 2 * torch.randn(12, 6, generator=gen)
+    model, metrics = LinearFeatures(6), EpochMetrics()
+    trainer = quiet_trainer(
+        max_epochs=1, precision="bf16-true", callbacks=[KNNMonitor(k=5), metrics]
+    )
+    trainer.fit(model, datamodule=FeatureData((train_x, train_y), (val_x, val_y)))
+
+    assert model.lin.weight.dtype == torch.bfloat16
+    with torch.no_grad():  # the lin layer has no loss: as trained, as at the start
+        bank, query = model.lin(train_x.bfloat16()), model.lin(val_x.bfloat16())
+    scores = weighted_knn_scores(query, bank, train_y, 3, 5, 0.1)
+    want_top1 = (scores.argmax(1) == val_y).double().mean().item()
+    assert 0.3 < want_top1 < 1.0
+    assert metrics.epochs[0]["knn/val_top1"] == pytest.approx(want_top1, abs=1e-6)
 
 
 def test_bad_bank_dtype_is_rejected():

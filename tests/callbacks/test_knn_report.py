@@ -3,8 +3,11 @@ brute-force reference, whatever limit_val_batches says."""
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from simclr_lightning import KNNReport
@@ -84,3 +87,39 @@ def test_a_resumed_run_reports_the_encoder_the_run_began_with(tmp_path, capsys):
     resumed.fit(Drift(8), datamodule=data, ckpt_path=tmp_path / "bare.ckpt")
     assert report.results["init_top1"] == pytest.approx(first.callbacks[0].results["final_top1"])
     assert "encoder resumed from bare.ckpt" in capsys.readouterr().out
+
+
+def test_the_final_measurement_comes_before_the_strategy_tears_down(monkeypatch):
+    """Lightning tears the strategy down (the module moved to the CPU, DDP's process group
+    gone) before on_fit_end: a final pass there would encode a GPU run's data on the CPU."""
+    events: list[tuple[str, bool]] = []
+
+    class Spy(KNNReport):
+        def measure(self, trainer, pl_module):
+            on_device = pl_module.device == trainer.strategy.root_device
+            events.append(("measure", on_device))
+            return super().measure(trainer, pl_module)
+
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[Spy(k=15)])
+    teardown = trainer.strategy.teardown
+
+    def recorded_teardown() -> None:
+        events.append(("teardown", True))
+        teardown()
+
+    monkeypatch.setattr(trainer.strategy, "teardown", recorded_teardown)
+    trainer.fit(Drift(8), datamodule=HeldOutData(noisy(40, 0), noisy(20, 1), batch_size=10))
+    assert events == [("measure", True), ("measure", True), ("teardown", True)]
+
+
+def test_the_report_reaches_the_logger_and_is_printed_once(tmp_path, capsys):
+    report = KNNReport(k=15)
+    logger = CSVLogger(tmp_path, name="", version="")
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[report], logger=logger)
+    trainer.fit(Drift(8), datamodule=HeldOutData(noisy(40, 0), noisy(20, 1), batch_size=10))
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("knn_report/final_top1")]
+    assert len(rows) == 1 and int(rows[0]["step"]) == trainer.global_step == 4
+    for key in ("init_top1", "final_top1"):
+        assert float(rows[0][f"knn_report/{key}"]) == pytest.approx(report.results[key])
+    assert capsys.readouterr().out.count("kNN top-1 on all 20 held-out images") == 1

@@ -271,6 +271,22 @@ def test_predict_gives_float32_probabilities_under_bf16():
     assert not torch.equal(probs, rounded)  # more digits than bf16 holds
 
 
+def test_predict_gives_float32_probabilities_under_bf16_true():
+    """bf16-true makes the classifier's own weights bf16: the probabilities still come from
+    float32 (copies of) them, not from a float32/bf16 matmul that cannot run."""
+    torch.manual_seed(0)
+    model = LinearEval(num_classes=3, backbone="resnet18", zero_init_classifier=False).eval()
+    x = torch.randn(4, 3, 8, 8)
+    trainer = quiet_trainer(precision="bf16-true")
+    (probs,) = trainer.predict(model, DataLoader(TensorDataset(x), batch_size=4))
+    assert probs.dtype == torch.float32 and model.head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        features = model.backbone(x.bfloat16())  # the same bf16 encoder pass
+    logits = features.double() @ model.head.weight.double().T + model.head.bias.double()
+    torch.testing.assert_close(probs.double(), logits.softmax(dim=1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(4))
+
+
 class Scores(L.Callback):
     """Each training batch's loss and hits over its labelled rows, from the logits the step
     is about to compute (frozen encoder: the forward has no side effect)."""
