@@ -208,7 +208,7 @@ def simclr(optimizer: str = "lars", compile_mode: str | None = None) -> tuple[Si
     where the module has it, else by compiling the encoder here (the note says which)."""
     kwargs = dict(backbone="resnet18", cifar_stem=True, optimizer=optimizer)
     if optimizer == "sgd":
-        kwargs.update(base_lr=0.12, weight_decay=5e-4)
+        kwargs.update(base_lr=0.12, weight_decay=5e-4, loss_reduction="mean")
     if compile_mode is None:
         return SimCLR(**kwargs), ""
     if "compile_mode" in inspect.signature(SimCLR.__init__).parameters:

@@ -12,7 +12,8 @@
     # --json out.json also writes the line's figures (and the training images/s) to a file
 
 The recipe of the issue's measurements: ResNet-18 with the CIFAR stem, batch 512, SGD with
-lr 0.06 x B/128 (``base_lr`` 0.12 per 256), cosine decay, temperature 0.5, bf16 on CUDA.
+lr 0.06 x B/128 (``base_lr`` 0.12 per 256), cosine decay, temperature 0.5, NT-Xent's mean
+over the 2N views (lightly's, which the recipe was tuned with), bf16 on CUDA.
 With ``--minutes`` the cosine schedule spans ``--epochs`` (choose the number that fits the
 budget, as a user would) and training stops at the budget or the last epoch, whichever is
 first. kNN: weighted, k=200, temperature 0.1, train split (no augmentation) as memory bank,
@@ -85,6 +86,7 @@ def main(argv=None) -> None:
         cifar_stem=True,
         head_hidden_dim=2048,
         temperature=0.5,
+        loss_reduction="mean",  # lightly's loss, which this recipe was tuned with
         optimizer="sgd",
         base_lr=0.12,
         weight_decay=5e-4,

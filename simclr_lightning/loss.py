@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -9,6 +11,24 @@ from torch import Tensor, nn
 from simclr_lightning.distributed import gather_with_grad, rank_and_world_size
 from simclr_lightning.errors import SettingError, require
 from simclr_lightning.tiled_loss import TiledNTXent
+
+LossReduction = Literal["sum_of_views", "mean"]
+LOSS_REDUCTIONS = get_args(LossReduction)
+
+
+def reduction_scale(reduction: str) -> float:
+    """The factor from the mean over all 2N anchors (the paper's eq. 1) to ``reduction``:
+    google-research/simclr's ``loss_a + loss_b`` averages each view's N anchors and sums the
+    two, twice the mean. The scale matters under LARS: weight decay is added to the gradient
+    before the trust ratio, and BatchNorm and bias parameters step by lr x gradient, so the
+    official learning rates and weight decay reproduce the official runs only with it."""
+    require(
+        reduction in LOSS_REDUCTIONS,
+        "model.loss_reduction",
+        reduction,
+        "one of " + ", ".join(LOSS_REDUCTIONS),
+    )
+    return 2.0 if reduction == "sum_of_views" else 1.0
 
 
 def batch_layout(
@@ -46,10 +66,18 @@ class NTXentLoss(nn.Module):
     so large batches fit. Computed in float32 (float64 for float64 inputs) whatever the
     autocast dtype: bf16 logits at temperature 0.1 lose the small differences the loss is
     made of.
+
+    ``reduction``: ``mean`` is the paper's 1/(2N) mean over the anchors (as lightly and
+    solo-learn); ``sum_of_views`` the official code's sum of the two views' means, twice
+    that (see :func:`reduction_scale`).
     """
 
     def __init__(
-        self, temperature: float = 0.5, gather_distributed: bool = True, block_size: int = 1024
+        self,
+        temperature: float = 0.5,
+        gather_distributed: bool = True,
+        block_size: int = 1024,
+        reduction: LossReduction = "mean",
     ) -> None:
         super().__init__()
         require(temperature > 0, "model.temperature", temperature, "> 0")
@@ -57,6 +85,8 @@ class NTXentLoss(nn.Module):
         self.temperature = float(temperature)
         self.gather_distributed = gather_distributed
         self.block_size = block_size
+        self.reduction = reduction
+        self.scale = reduction_scale(reduction)
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         return self.forward_with_stats(z_a, z_b, with_stats=False)[0]
@@ -84,6 +114,8 @@ class NTXentLoss(nn.Module):
             loss, sums = TiledNTXent.apply(
                 local, columns, self_idx, pos_idx, self.temperature, self.block_size, with_stats
             )
+            if self.scale != 1.0:
+                loss = loss * self.scale
         stats: dict[str, Tensor] = {}
         if with_stats:
             anchors = 2 * n

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from simclr_lightning.backbones import build_backbone
@@ -14,15 +16,15 @@ from simclr_lightning.distributed import already_synced, mean_over_processes
 from simclr_lightning.errors import require
 from simclr_lightning.grad_cache import embed_in_chunks
 from simclr_lightning.heads import ProjectionHead
-from simclr_lightning.loss import NTXentLoss
+from simclr_lightning.loss import LossReduction, NTXentLoss, reduction_scale
 from simclr_lightning.optim import (
     LRScaling,
     OptimizerName,
+    WarmupCosine,
     build_optimizer,
     param_groups,
     scaled_learning_rate,
     schedule_steps,
-    warmup_cosine,
 )
 from simclr_lightning.run_checks import StepWatch, check_accumulation, check_warmup
 from simclr_lightning.supcon import SupConLoss
@@ -61,6 +63,11 @@ class SimCLR(L.LightningModule):
             ``head_output_bn`` the official scale-only BatchNorm on the output.
         loss: ntxent (SimCLR's NT-Xent) or supcon (supervised contrastive, L_out; needs labels).
         temperature: the tau of the loss.
+        loss_reduction: sum_of_views is google-research/simclr's ``loss_a + loss_b`` (each
+            view's mean over the N images, summed), twice the paper's 1/(2N) mean over the
+            anchors (mean, as lightly and solo-learn). LARS is not invariant to that factor,
+            so the official learning rates and weight decay need the official sum; recipes
+            tuned with the mean (lightly's, solo-learn's) need mean.
         optimizer: lars (the paper), sgd (momentum) or adamw.
         base_lr: learning rate before scaling; the peak rate is base_lr * B / 256 (linear)
             or base_lr * sqrt(B) (sqrt), B the global batch (per-device batch x devices x
@@ -100,6 +107,7 @@ class SimCLR(L.LightningModule):
         head_output_bn: bool = True,
         loss: LossName = "ntxent",
         temperature: float = 0.5,
+        loss_reduction: LossReduction = "sum_of_views",
         optimizer: OptimizerName = "lars",
         base_lr: float = 1.0,
         lr_scaling: LRScaling = "linear",
@@ -155,12 +163,12 @@ class SimCLR(L.LightningModule):
             num_layers=head_layers,
             output_bn=head_output_bn,
         )
-        if (
-            loss == "supcon"
-        ):  # untiled: it holds the [2N, 2NW] similarities (loss_block_size unused)
-            self.criterion = SupConLoss(temperature, gather_distributed=gather_distributed)
+        if loss == "supcon":  # untiled: it holds the [2N, 2NW] similarities
+            self.criterion = SupConLoss(temperature, gather_distributed, loss_reduction)
         else:
-            self.criterion = NTXentLoss(temperature, gather_distributed, loss_block_size)
+            self.criterion = NTXentLoss(
+                temperature, gather_distributed, loss_block_size, loss_reduction
+            )
         self._compiled = False
         self._watch = StepWatch(head_output_dim)
 
@@ -235,12 +243,44 @@ class SimCLR(L.LightningModule):
         # statistics. Every part of SimCLR trains, so make that explicit.
         self.train()
         already_synced("train/loss")
+        self._carry_schedule_over()
+
+    def _carry_schedule_over(self) -> None:
+        """A checkpoint resumed with another global batch (another world size) or length:
+        Lightning has restored its schedule's peak rate and step count, made for the old
+        run. Go on at the same epoch of this run's schedule, at this run's peak rate."""
+        schedule = self.lr_schedulers()
+        multiplier = getattr(schedule, "lr_lambdas", [None])[0]
+        planned = getattr(self, "_planned_schedule", None)
+        if not isinstance(multiplier, WarmupCosine) or planned is None:
+            return
+        saved = dict(vars(multiplier))
+        if multiplier.carry_over(schedule, planned):
+            rank_zero_info(
+                f"resumed schedule: {saved['steps_per_epoch']} -> {planned['steps_per_epoch']} "
+                f"steps per epoch, peak learning rate {saved['peak_lr']:.4g} -> "
+                f"{planned['peak_lr']:.4g}; continuing at step {schedule.last_epoch} of "
+                f"{planned['total_steps']}"
+            )
 
     def on_train_epoch_end(self) -> None:
         self._watch.flush()
 
     def on_train_end(self) -> None:
         self._watch.flush()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints from before model.loss_reduction were trained with the mean: a resumed
+        # run goes on with it rather than doubling its gradients midway.
+        saved = checkpoint.get("hyper_parameters") or {}
+        if saved and "loss_reduction" not in saved and self.hparams.loss_reduction != "mean":
+            rank_zero_warn(
+                "this checkpoint predates model.loss_reduction and was trained with the mean "
+                "over the anchors: continuing with loss_reduction=mean"
+            )
+            self.hparams.loss_reduction = "mean"
+            self.criterion.reduction = "mean"
+            self.criterion.scale = reduction_scale("mean")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._watch.flush()  # never write the weights of a non-finite step
@@ -276,15 +316,29 @@ class SimCLR(L.LightningModule):
         groups = param_groups(self, hp.weight_decay, hp.exclude_bn_bias)
         optimizer = build_optimizer(hp.optimizer, groups, lr, hp.momentum, hp.lars_eta)
         self._train_loader()
-        steps_per_epoch = max(
-            1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches
+        batches = self.trainer.num_training_batches
+        if math.isinf(batches):  # a loader without a length: Lightning cannot tell an epoch
+            require(
+                hp.warmup_epochs == 0,
+                "model.warmup_epochs",
+                hp.warmup_epochs,
+                "0 with a training loader that has no length (an IterableDataset), or set "
+                "trainer.limit_train_batches to the batches of one epoch",
+            )
+            steps_per_epoch = 0
+        else:
+            steps_per_epoch = max(1, batches // self.trainer.accumulate_grad_batches)
+            check_warmup(self.trainer, hp.warmup_epochs, steps_per_epoch, total_steps)
+        multiplier = WarmupCosine(
+            warmup_steps=round(hp.warmup_epochs * steps_per_epoch),
+            total_steps=total_steps,
+            final_ratio=hp.final_lr_ratio,
+            steps_per_epoch=steps_per_epoch,
+            peak_lr=lr,
+            epoch_bound=total_steps != self.trainer.max_steps,
         )
-        check_warmup(self.trainer, hp.warmup_epochs, steps_per_epoch, total_steps)
-        warmup_steps = min(total_steps, round(hp.warmup_epochs * steps_per_epoch))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: warmup_cosine(step, warmup_steps, total_steps, hp.final_lr_ratio),
-        )
+        self._planned_schedule = dict(vars(multiplier))  # a resume loads the checkpoint's
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1},

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from simclr_lightning.distributed import gather_with_grad
 from simclr_lightning.errors import require
-from simclr_lightning.loss import batch_layout
+from simclr_lightning.loss import LossReduction, batch_layout, reduction_scale
 
 
 class SupConLoss(nn.Module):
@@ -21,15 +21,24 @@ class SupConLoss(nn.Module):
     have only their own other view as positive, so with all labels distinct (or -1) this is
     exactly NT-Xent. Embeddings are gathered with gradients and labels without, so under DDP
     the loss and gradients equal one process holding the whole batch. The mean over anchors
-    (the paper sums) keeps the scale of NT-Xent. Float32 whatever the autocast dtype. It holds
-    the full ``[2N, 2NW]`` similarity matrix: fine for batches of a few thousand.
+    (the paper sums) keeps the scale of NT-Xent, and ``reduction`` scales it as NT-Xent's
+    (:func:`~simclr_lightning.loss.reduction_scale`), so that a SimCLR recipe it is added to
+    keeps its learning rate. Float32 whatever the autocast dtype. It holds the full
+    ``[2N, 2NW]`` similarity matrix: fine for batches of a few thousand.
     """
 
-    def __init__(self, temperature: float = 0.1, gather_distributed: bool = True) -> None:
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        gather_distributed: bool = True,
+        reduction: LossReduction = "mean",
+    ) -> None:
         super().__init__()
         require(temperature > 0, "model.temperature", temperature, "> 0")
         self.temperature = float(temperature)
         self.gather_distributed = gather_distributed
+        self.reduction = reduction
+        self.scale = reduction_scale(reduction)
 
     def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor) -> Tensor:
         return self.forward_with_stats(z_a, z_b, labels)[0]
@@ -64,7 +73,7 @@ class SupConLoss(nn.Module):
             logits = (cos / self.temperature).masked_fill(~not_self, float("-inf"))
             log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
             per_anchor = log_prob.masked_fill(~positive, 0.0).sum(1) / positive.sum(1)
-            loss = -per_anchor.mean()
+            loss = -per_anchor.mean() * self.scale
         with torch.no_grad():
             cos, local = cos.detach(), local.detach()
             negative = ~positive & not_self

@@ -32,6 +32,31 @@ def nt_xent_reference(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) 
     return total / (2 * n)
 
 
+def nt_xent_official_reference(
+    z_a: torch.Tensor, z_b: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """google-research/simclr's ``add_contrastive_loss`` (objective.py) as it computes it: for
+    view a, a softmax cross entropy of each image's row ``[logits_ab, logits_aa]`` (its own
+    column masked out) with the label at its other view, averaged over the N images; the same
+    for view b; ``loss = loss_a + loss_b``. Differentiable (float64), from Python loops."""
+    n = z_a.shape[0]
+    a = [v.double() / v.double().norm() for v in z_a]
+    b = [v.double() / v.double().norm() for v in z_b]
+
+    def view_loss(anchors, others):
+        total = 0.0
+        for i in range(n):
+            logits_ab = [torch.dot(anchors[i], others[j]) / temperature for j in range(n)]
+            logits_aa = [
+                torch.dot(anchors[i], anchors[j]) / temperature for j in range(n) if j != i
+            ]
+            row = torch.stack(logits_ab + logits_aa)
+            total = total - (logits_ab[i] - torch.logsumexp(row, dim=0))
+        return total / n
+
+    return view_loss(a, b) + view_loss(b, a)
+
+
 def nt_xent_health_reference(
     z_a: torch.Tensor, z_b: torch.Tensor, anchors: list[int] | None = None
 ) -> dict[str, float]:

@@ -15,7 +15,7 @@ from simclr_lightning import SettingError, SimCLR
 from tests.ddp_helpers import FreezeBatchNorm, run_ddp_script
 from tests.ddp_lightning_script import SaveStep, make_data, make_model, rank_rows
 from tests.helpers import quiet_trainer
-from tests.reference import nt_xent_reference
+from tests.reference import nt_xent_official_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +24,8 @@ def chunk_by_chunk_reference(
     model: SimCLR, batches: list[tuple[Tensor, Tensor]], chunks: int
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """float64: each chunk of (both views of) each per-device batch through the encoder with
-    full autograd, BatchNorm on that chunk's statistics; eq. (1) on all embeddings at once."""
+    full autograd, BatchNorm on that chunk's statistics; the official loss (the default
+    loss_reduction, twice eq. 1) on all embeddings at once."""
     model = copy.deepcopy(model).double().train()
     z_a, z_b = [], []
     for a, b in batches:
@@ -33,7 +34,7 @@ def chunk_by_chunk_reference(
                 z = model.head(model.backbone(torch.cat([chunk_a, chunk_b]).double()))
                 z_a.append(z[: len(chunk_a)])
                 z_b.append(z[len(chunk_a) :])
-    loss = nt_xent_reference(torch.cat(z_a), torch.cat(z_b), model.hparams.temperature)
+    loss = nt_xent_official_reference(torch.cat(z_a), torch.cat(z_b), model.hparams.temperature)
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 

@@ -7,6 +7,8 @@ Measured by an independent brute-force float64 kNN (``tests/reference.py``) on t
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -89,4 +91,6 @@ def test_pretraining_improves_knn_on_real_cifar(cifar_jpg_root, tmp_path):
         f"{after[0]:.3f} / {after[1]:.3f}"
     )
     assert after[0] >= before[0] + MARGIN, (before, after)
-    assert float(trainer.callback_metrics["train/loss"]) < 5.0
+    # below 2 log(2N - 1) = 9.7, the loss (the default sum of the two views' means) of
+    # embeddings that tell no image from another
+    assert float(trainer.callback_metrics["train/loss"]) < 2 * math.log(2 * BATCH - 1)

@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from simclr_lightning import NTXentLoss, SettingError
-from tests.reference import nt_xent_health_reference, nt_xent_reference
+from tests.reference import (
+    nt_xent_health_reference,
+    nt_xent_official_reference,
+    nt_xent_reference,
+)
 
 
 @pytest.mark.parametrize("n", [2, 3, 8, 17])
@@ -25,6 +29,31 @@ def test_loss_and_gradients_match_paper_formula(n, temperature):
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ga.double(), ra, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gb.double(), rb, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_size", [1024, 3])
+@pytest.mark.parametrize("n", [2, 5, 9])
+def test_sum_of_views_matches_the_official_code(n, block_size):
+    """google-research/simclr adds the two views' cross entropies (each a mean over N): the
+    scale its LARS hyperparameters were tuned with."""
+    gen = torch.Generator().manual_seed(n)
+    z_a = torch.randn(n, 16, generator=gen, requires_grad=True)
+    z_b = torch.randn(n, 16, generator=gen, requires_grad=True)
+    loss = NTXentLoss(0.5, block_size=block_size, reduction="sum_of_views")(z_a, z_b)
+    ga, gb = torch.autograd.grad(loss, (z_a, z_b))
+
+    ref_a = z_a.detach().double().requires_grad_()
+    ref_b = z_b.detach().double().requires_grad_()
+    ref = nt_xent_official_reference(ref_a, ref_b, 0.5)
+    ra, rb = torch.autograd.grad(ref, (ref_a, ref_b))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga.double(), ra, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gb.double(), rb, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_reduction_is_named():
+    with pytest.raises(SettingError, match=r"^model\.loss_reduction='sum' is invalid: must be one"):
+        NTXentLoss(reduction="sum")
 
 
 def test_identical_views_far_apart_give_near_zero_loss():

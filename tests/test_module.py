@@ -7,7 +7,11 @@ from torch.utils.data import DataLoader
 from simclr_lightning import SimCLR, build_resnet
 from simclr_lightning.errors import SettingError
 from tests.helpers import quiet_trainer
-from tests.reference import cosine_schedule_reference, nt_xent_reference
+from tests.reference import (
+    cosine_schedule_reference,
+    nt_xent_official_reference,
+    nt_xent_reference,
+)
 
 
 def pairs(n: int, size: int = 8, value: float | None = None, seed: int = 0):
@@ -100,7 +104,8 @@ def test_training_step_returns_features_for_callbacks_and_logs_health():
             (x_a, x_b), _ = batch
             with torch.no_grad():  # the same train-mode forward the step is about to make
                 z_a, z_b = pl_module.head(pl_module.backbone(torch.cat([x_a, x_b]))).chunk(2)
-            seen["reference_loss"] = float(nt_xent_reference(z_a, z_b, 0.5))
+            # the default: google-research/simclr's loss_a + loss_b
+            seen["reference_loss"] = float(nt_xent_official_reference(z_a, z_b, 0.5))
             unit_a, unit_b = (torch.nn.functional.normalize(z.double(), dim=1) for z in (z_a, z_b))
             seen["reference_pos_cos"] = float((unit_a * unit_b).sum(dim=1).mean())
 
@@ -124,6 +129,48 @@ def test_training_step_returns_features_for_callbacks_and_logs_health():
         assert key in logged, key
     assert float(logged["train/loss"]) == pytest.approx(seen["reference_loss"], rel=1e-4)
     assert float(logged["train/pos_cos"]) == pytest.approx(seen["reference_pos_cos"], abs=1e-4)
+
+
+def test_loss_reduction_mean_logs_the_papers_mean():
+    seen = {}
+
+    class Grab(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            (x_a, x_b), _ = batch
+            with torch.no_grad():
+                z_a, z_b = pl_module.head(pl_module.backbone(torch.cat([x_a, x_b]))).chunk(2)
+            seen["reference_loss"] = float(nt_xent_reference(z_a, z_b, 0.5))
+
+    model = SimCLR(head_hidden_dim=16, head_output_dim=8, loss_reduction="mean")
+    trainer = tiny_trainer(max_steps=1, callbacks=[Grab()])
+    trainer.fit(model, DataLoader(pairs(6), batch_size=6))
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(
+        seen["reference_loss"], rel=1e-4
+    )
+
+
+def test_a_checkpoint_from_before_loss_reduction_resumes_with_the_mean(tmp_path):
+    """Such a run was trained with the mean: resuming it must not double its gradients."""
+    model = SimCLR(head_hidden_dim=16, head_output_dim=8)
+    trainer = tiny_trainer(max_steps=1, default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(pairs(6), batch_size=6))
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    old = torch.load(path, weights_only=False)
+    del old["hyper_parameters"]["loss_reduction"]
+    torch.save(old, path)
+
+    with pytest.warns(UserWarning, match="predates model.loss_reduction"):
+        loaded = SimCLR.load_from_checkpoint(path)
+    assert loaded.criterion.scale == 1.0 and loaded.hparams.loss_reduction == "mean"
+    resumed = SimCLR(head_hidden_dim=16, head_output_dim=8)
+    trainer = tiny_trainer(max_steps=2, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="predates model.loss_reduction"):
+        trainer.fit(resumed, DataLoader(pairs(6), batch_size=6), ckpt_path=path)
+    assert resumed.criterion.scale == 1.0
+    trainer.save_checkpoint(tmp_path / "next.ckpt")  # and says so from now on
+    saved = torch.load(tmp_path / "next.ckpt", weights_only=False)["hyper_parameters"]
+    assert saved["loss_reduction"] == "mean"
 
 
 def test_nan_loss_stops_training_with_a_clear_error():

@@ -7,7 +7,7 @@ import torch
 
 from simclr_lightning import NTXentLoss, SupConLoss
 from tests.device_reads import DeviceReads
-from tests.reference import nt_xent_reference, supcon_reference
+from tests.reference import nt_xent_official_reference, nt_xent_reference, supcon_reference
 
 LABELS = {
     "classes": [0, 1, 0, 2, 1, 0, 2, 2],
@@ -45,6 +45,9 @@ def test_with_no_shared_labels_it_is_nt_xent(labels):
     torch.testing.assert_close(supcon, ntxent)
     for key, value in ntxent_stats.items():
         torch.testing.assert_close(supcon_stats[key], value, msg=key)
+    # scaled as NT-Xent is, so a SimCLR recipe keeps its learning rate with either loss
+    summed = SupConLoss(0.2, reduction="sum_of_views")(z_a, z_b, torch.tensor(labels))
+    torch.testing.assert_close(summed.double(), nt_xent_official_reference(z_a, z_b, 0.2))
 
 
 def test_class_statistics_match_brute_force():
