@@ -85,8 +85,12 @@ class NTXentLoss(nn.Module):
         self.temperature = float(temperature)
         self.gather_distributed = gather_distributed
         self.block_size = block_size
+        reduction_scale(reduction)  # refuse an unknown one now
         self.reduction = reduction
-        self.scale = reduction_scale(reduction)
+
+    @property
+    def scale(self) -> float:
+        return reduction_scale(self.reduction)
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         return self.forward_with_stats(z_a, z_b, with_stats=False)[0]

@@ -16,7 +16,7 @@ from simclr_lightning.distributed import already_synced, mean_over_processes
 from simclr_lightning.errors import require
 from simclr_lightning.grad_cache import embed_in_chunks
 from simclr_lightning.heads import ProjectionHead
-from simclr_lightning.loss import LossReduction, NTXentLoss, reduction_scale
+from simclr_lightning.loss import LossReduction, NTXentLoss
 from simclr_lightning.optim import (
     LRScaling,
     OptimizerName,
@@ -254,8 +254,8 @@ class SimCLR(L.LightningModule):
         planned = getattr(self, "_planned_schedule", None)
         if not isinstance(multiplier, WarmupCosine) or planned is None:
             return
-        saved = dict(vars(multiplier))
-        if multiplier.carry_over(schedule, planned):
+        saved = multiplier.carry_over(schedule, planned)
+        if saved is not None:
             rank_zero_info(
                 f"resumed schedule: {saved['steps_per_epoch']} -> {planned['steps_per_epoch']} "
                 f"steps per epoch, peak learning rate {saved['peak_lr']:.4g} -> "
@@ -278,9 +278,7 @@ class SimCLR(L.LightningModule):
                 "this checkpoint predates model.loss_reduction and was trained with the mean "
                 "over the anchors: continuing with loss_reduction=mean"
             )
-            self.hparams.loss_reduction = "mean"
-            self.criterion.reduction = "mean"
-            self.criterion.scale = reduction_scale("mean")
+            self.hparams.loss_reduction = self.criterion.reduction = "mean"
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._watch.flush()  # never write the weights of a non-finite step

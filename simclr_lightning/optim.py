@@ -212,15 +212,15 @@ class WarmupCosine:
     def __call__(self, step: int) -> float:
         return warmup_cosine(step, self.warmup_steps, self.total_steps, self.final_ratio)
 
-    def carry_over(self, schedule: torch.optim.lr_scheduler.LambdaLR, planned: dict) -> bool:
+    def carry_over(self, schedule: torch.optim.lr_scheduler.LambdaLR, planned: dict) -> dict | None:
         """After a resume has loaded the checkpoint's geometry into this multiplier, switch
         ``schedule`` to the ``planned`` geometry of this run (``vars()`` of the multiplier
         ``configure_optimizers`` made): the same epoch and batch of it (the same step when
         ``max_steps`` ends the run), at the peak rate of this run's global batch.
-        Whether anything changed."""
+        The checkpoint's geometry it replaced, or None when nothing changed."""
         saved = dict(vars(self))
         if saved == planned:
-            return False
+            return None
         step = schedule.last_epoch
         old_spe, new_spe = saved["steps_per_epoch"], planned["steps_per_epoch"]
         if planned["epoch_bound"] and old_spe and new_spe and old_spe != new_spe:
@@ -236,7 +236,7 @@ class WarmupCosine:
             group["initial_lr"] = base
             group["lr"] = base * self(step)
         schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
-        return True
+        return saved
 
 
 def schedule_steps(trainer, who: str) -> int:

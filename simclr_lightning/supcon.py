@@ -37,8 +37,12 @@ class SupConLoss(nn.Module):
         require(temperature > 0, "model.temperature", temperature, "> 0")
         self.temperature = float(temperature)
         self.gather_distributed = gather_distributed
+        reduction_scale(reduction)  # refuse an unknown one now
         self.reduction = reduction
-        self.scale = reduction_scale(reduction)
+
+    @property
+    def scale(self) -> float:
+        return reduction_scale(self.reduction)
 
     def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor) -> Tensor:
         return self.forward_with_stats(z_a, z_b, labels)[0]
