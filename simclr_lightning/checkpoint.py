@@ -140,6 +140,9 @@ def projection_layers(path: str | os.PathLike, k: int) -> tuple[nn.Sequential, d
         )
         return head.first_layers(k), head.config
     state, hparams = _read(path)
+    exported = {n.removeprefix("fc."): v for n, v in state.items() if n.startswith("fc.")}
+    if not hparams and exported:  # simclr-lightning-export --head-layers
+        return exported_layers(path, exported, k)
     kept = hparams.get("head_layers", 0)
     require(
         0 < k == kept,
@@ -152,6 +155,29 @@ def projection_layers(path: str | os.PathLike, k: int) -> tuple[nn.Sequential, d
         {n.removeprefix("projection."): v for n, v in state.items() if n.startswith("projection.")}
     )
     return layers, hparams["head_config"]
+
+
+def exported_layers(
+    path: str | os.PathLike, fc: dict[str, Tensor], k: int
+) -> tuple[nn.Sequential, dict[str, Any]]:
+    """The head layers ``export_backbone`` wrote as ``fc.*``, and a head config that rebuilds
+    them, read from their shapes: the last kept Linear is a hidden layer when a BatchNorm
+    with a shift follows it (the head's output BatchNorm has a scale only, or the Linear a
+    bias); the output width of a head cut after a hidden layer is not in the file."""
+    linears = sorted(int(n.split(".")[0]) for n, v in fc.items() if v.ndim == 2)
+    require(k == len(linears), "model.head_layers", k, f"{len(linears)}, the layers {path} holds")
+    first, last = fc[f"{linears[0]}.weight"], fc[f"{linears[-1]}.weight"]
+    hidden = f"{linears[-1] + 1}.bias" in fc
+    config = dict(
+        input_dim=first.shape[1],
+        hidden_dim=first.shape[0],
+        output_dim=last.shape[0],
+        num_layers=k + 1 if hidden else k,
+        output_bn=hidden or f"{linears[-1] + 1}.running_mean" in fc,
+    )
+    layers = ProjectionHead(**config).first_layers(k)
+    layers.load_state_dict(fc)
+    return layers, config
 
 
 def sequential_code(layers: nn.Sequential) -> str:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from simclr_lightning.backbones import build_backbone
 from simclr_lightning.checkpoint import with_class_path
+from simclr_lightning.data.transforms import preprocessing_of
 from simclr_lightning.distributed import already_synced, mean_over_processes
 from simclr_lightning.errors import require
 from simclr_lightning.grad_cache import embed_in_chunks
@@ -20,13 +20,12 @@ from simclr_lightning.loss import LossReduction, NTXentLoss
 from simclr_lightning.optim import (
     LRScaling,
     OptimizerName,
-    WarmupCosine,
     build_optimizer,
     param_groups,
     scaled_learning_rate,
-    schedule_steps,
 )
-from simclr_lightning.run_checks import StepWatch, check_accumulation, check_warmup
+from simclr_lightning.run_checks import StepWatch, check_accumulation
+from simclr_lightning.schedule import carry_schedule_over, step_schedule, training_batches
 from simclr_lightning.supcon import SupConLoss
 
 LossName = Literal["ntxent", "supcon"]
@@ -171,6 +170,7 @@ class SimCLR(L.LightningModule):
             )
         self._compiled = False
         self._watch = StepWatch(head_output_dim)
+        self._preprocessing: dict | None = None  # the data's, recorded in checkpoints
 
     def forward(self, x: Tensor) -> Tensor:
         """Encoder features h = f(x): the representation used downstream."""
@@ -243,25 +243,7 @@ class SimCLR(L.LightningModule):
         # statistics. Every part of SimCLR trains, so make that explicit.
         self.train()
         already_synced("train/loss")
-        self._carry_schedule_over()
-
-    def _carry_schedule_over(self) -> None:
-        """A checkpoint resumed with another global batch (another world size) or length:
-        Lightning has restored its schedule's peak rate and step count, made for the old
-        run. Go on at the same epoch of this run's schedule, at this run's peak rate."""
-        schedule = self.lr_schedulers()
-        multiplier = getattr(schedule, "lr_lambdas", [None])[0]
-        planned = getattr(self, "_planned_schedule", None)
-        if not isinstance(multiplier, WarmupCosine) or planned is None:
-            return
-        saved = multiplier.carry_over(schedule, planned)
-        if saved is not None:
-            rank_zero_info(
-                f"resumed schedule: {saved['steps_per_epoch']} -> {planned['steps_per_epoch']} "
-                f"steps per epoch, peak learning rate {saved['peak_lr']:.4g} -> "
-                f"{planned['peak_lr']:.4g}; continuing at step {schedule.last_epoch} of "
-                f"{planned['total_steps']}"
-            )
+        carry_schedule_over(self)  # resumed with another global batch
 
     def on_train_epoch_end(self) -> None:
         self._watch.flush()
@@ -279,17 +261,21 @@ class SimCLR(L.LightningModule):
                 "over the anchors: continuing with loss_reduction=mean"
             )
             self.hparams.loss_reduction = self.criterion.reduction = "mean"
+        record = checkpoint.get("pretraining") or {}
+        self._preprocessing = record.get("preprocessing") or self._preprocessing
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._watch.flush()  # never write the weights of a non-finite step
         if checkpoint.get("hyper_parameters"):
             checkpoint["hyper_parameters"] = with_class_path(self, checkpoint)
+        # the data's normalisation, which linear evaluation of this encoder must repeat
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        self._preprocessing = preprocessing_of(datamodule) or self._preprocessing
+        if self._preprocessing is not None:
+            checkpoint["pretraining"] = {"preprocessing": self._preprocessing}
 
     def _train_loader(self):
-        # Lightning loads the train loader lazily; with max_steps-only training it is not yet
-        # loaded when configure_optimizers runs, so load it the way estimated_stepping_batches does.
-        if self.trainer.train_dataloader is None:
-            self.trainer.fit_loop.setup_data()
+        training_batches(self.trainer)  # loads the loader, which Lightning does lazily
         return self.trainer.train_dataloader
 
     def global_batch_size(self) -> int:
@@ -309,35 +295,8 @@ class SimCLR(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         check_accumulation(self.trainer.accumulate_grad_batches)
-        total_steps = schedule_steps(self.trainer, "SimCLR")
         lr = scaled_learning_rate(hp.base_lr, self.global_batch_size(), hp.lr_scaling)
         groups = param_groups(self, hp.weight_decay, hp.exclude_bn_bias)
         optimizer = build_optimizer(hp.optimizer, groups, lr, hp.momentum, hp.lars_eta)
-        self._train_loader()
-        batches = self.trainer.num_training_batches
-        if math.isinf(batches):  # a loader without a length: Lightning cannot tell an epoch
-            require(
-                hp.warmup_epochs == 0,
-                "model.warmup_epochs",
-                hp.warmup_epochs,
-                "0 with a training loader that has no length (an IterableDataset), or set "
-                "trainer.limit_train_batches to the batches of one epoch",
-            )
-            steps_per_epoch = 0
-        else:
-            steps_per_epoch = max(1, batches // self.trainer.accumulate_grad_batches)
-            check_warmup(self.trainer, hp.warmup_epochs, steps_per_epoch, total_steps)
-        multiplier = WarmupCosine(
-            warmup_steps=round(hp.warmup_epochs * steps_per_epoch),
-            total_steps=total_steps,
-            final_ratio=hp.final_lr_ratio,
-            steps_per_epoch=steps_per_epoch,
-            peak_lr=lr,
-            epoch_bound=total_steps != self.trainer.max_steps,
-        )
-        self._planned_schedule = dict(vars(multiplier))  # a resume loads the checkpoint's
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1},
-        }
+        schedule = step_schedule(self, optimizer, "SimCLR", lr, hp.warmup_epochs, hp.final_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -1,4 +1,4 @@
-"""Optimisation pieces of the SimCLR recipe: LARS, learning-rate scaling, warm-up + cosine."""
+"""Optimisation pieces of the SimCLR recipe: LARS, parameter groups, learning-rate scaling."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from simclr_lightning.errors import SettingError, require
+from simclr_lightning.errors import require
 
 LRScaling = Literal["linear", "sqrt", "none"]
 OptimizerName = Literal["lars", "sgd", "adamw"]
@@ -171,83 +171,3 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     raise ValueError(f"optimizer={name!r} is unknown: choose one of lars, sgd, adamw")
-
-
-def warmup_cosine(
-    step: int, warmup_steps: int, total_steps: int, final_ratio: float = 0.0
-) -> float:
-    """Multiplier of the peak learning rate at optimizer ``step``: linear warm-up from
-    1/warmup_steps to 1, then cosine decay to ``final_ratio`` at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class WarmupCosine:
-    """:func:`warmup_cosine` as ``LambdaLR``'s multiplier, with the run's geometry.
-
-    An object, not a lambda: ``LambdaLR`` saves its attributes in the checkpoint, so a resumed
-    run knows the steps per epoch and the peak rate its step count was made with, and
-    :meth:`carry_over` can map it onto a run that makes other steps per epoch with another
-    peak rate (another world size: another global batch)."""
-
-    def __init__(
-        self,
-        warmup_steps: int,
-        total_steps: int,
-        final_ratio: float,
-        steps_per_epoch: int,
-        peak_lr: float,
-        epoch_bound: bool,
-    ) -> None:
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-        self.final_ratio = final_ratio
-        self.steps_per_epoch = steps_per_epoch  # 0: a loader without a length
-        self.peak_lr = peak_lr
-        self.epoch_bound = epoch_bound  # the run ends after max_epochs, not max_steps
-
-    def __call__(self, step: int) -> float:
-        return warmup_cosine(step, self.warmup_steps, self.total_steps, self.final_ratio)
-
-    def carry_over(self, schedule: torch.optim.lr_scheduler.LambdaLR, planned: dict) -> dict | None:
-        """After a resume has loaded the checkpoint's geometry into this multiplier, switch
-        ``schedule`` to the ``planned`` geometry of this run (``vars()`` of the multiplier
-        ``configure_optimizers`` made): the same epoch and batch of it (the same step when
-        ``max_steps`` ends the run), at the peak rate of this run's global batch.
-        The checkpoint's geometry it replaced, or None when nothing changed."""
-        saved = dict(vars(self))
-        if saved == planned:
-            return None
-        step = schedule.last_epoch
-        old_spe, new_spe = saved["steps_per_epoch"], planned["steps_per_epoch"]
-        if planned["epoch_bound"] and old_spe and new_spe and old_spe != new_spe:
-            # the epochs done at the new length, then the batches of the current one: as
-            # Lightning counts them, so the schedule ends at the run's last step
-            epochs, batches = divmod(step, old_spe)
-            step = epochs * new_spe + min(batches, new_spe)
-        vars(self).update(planned)
-        scale = planned["peak_lr"] / saved["peak_lr"] if saved["peak_lr"] else 1.0
-        schedule.base_lrs = [base * scale for base in schedule.base_lrs]
-        schedule.last_epoch = step
-        for group, base in zip(schedule.optimizer.param_groups, schedule.base_lrs, strict=True):
-            group["initial_lr"] = base
-            group["lr"] = base * self(step)
-        schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
-        return saved
-
-
-def schedule_steps(trainer, who: str) -> int:
-    """The optimizer steps a cosine schedule spans: Lightning's estimate of the whole run,
-    refused when the run has no end (``max_epochs=-1`` and ``max_steps=-1``, or a loader
-    without a length and no ``max_steps``) instead of failing on ``int(inf)``."""
-    total = trainer.estimated_stepping_batches
-    if math.isinf(total):
-        raise SettingError(
-            f"{who}'s cosine schedule needs a run of known length, but trainer.max_epochs="
-            f"{trainer.max_epochs} and trainer.max_steps={trainer.max_steps} give none: set "
-            "trainer.max_steps, or trainer.max_epochs with a training loader that has a length"
-        )
-    return max(1, int(total))

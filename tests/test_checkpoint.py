@@ -197,3 +197,31 @@ def test_the_printed_timm_rebuild_keeps_timm_kwargs_and_loads_strictly(tmp_path,
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(x), model.backbone.eval()(x))
+
+
+@pytest.mark.parametrize(("k", "output_bn"), [(1, True), (2, True), (3, True), (3, False)])
+def test_linear_eval_on_an_export_with_head_layers(tmp_path, k, output_bn):
+    """A file exported with --head-layers k feeds LinearEval(head_layers=k) the same features
+    as the pretrained head's first k layers (the whole 3-layer head at k=3, with or without
+    its output BatchNorm), and LinearEval's own checkpoint rebuilds them without the file."""
+    model = save_simclr_checkpoint(
+        tmp_path / "simclr.ckpt", cifar_stem=False, in_channels=3, head_output_bn=output_bn
+    )
+    export_backbone(tmp_path / "simclr.ckpt", tmp_path / "v2.pt", head_layers=k)
+    linear = LinearEval(str(tmp_path / "v2.pt"), num_classes=3, head_layers=k, cifar_stem=False)
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        want = model.backbone(x)
+        for layer in list(model.head.net)[: 3 * k]:  # Linear, BN, ReLU per hidden layer
+            want = layer(want)
+        torch.testing.assert_close(linear.eval().projection(linear.backbone(x)), want)
+    rebuilt = LinearEval(**{**linear.hparams, "checkpoint": None})
+    rebuilt.load_state_dict(linear.state_dict())  # strict: the same layers
+
+
+def test_linear_eval_asks_for_the_head_layers_an_export_holds(tmp_path):
+    save_simclr_checkpoint(tmp_path / "simclr.ckpt", cifar_stem=False, in_channels=3)
+    export_backbone(tmp_path / "simclr.ckpt", tmp_path / "v2.pt", head_layers=2)
+    with pytest.raises(ValueError, match=r"head_layers=1 is invalid: must be 2, the layers"):
+        LinearEval(str(tmp_path / "v2.pt"), num_classes=3, head_layers=1, cifar_stem=False)

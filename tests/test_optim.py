@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from simclr_lightning import LARS
-from simclr_lightning.optim import param_groups, scaled_learning_rate, warmup_cosine
+from simclr_lightning.optim import param_groups, scaled_learning_rate
+from simclr_lightning.schedule import warmup_cosine
 from tests.reference import cosine_schedule_reference, lars_reference
 
 

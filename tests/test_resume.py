@@ -4,6 +4,7 @@ same per-step loss and learning rate as the run that was never interrupted, bit 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -18,6 +19,7 @@ from simclr_lightning import ImageFolderDataModule, SimCLR, SimCLRAugmentation
 from simclr_lightning.callbacks import RNGState
 from tests.ddp_helpers import run_ddp_script
 from tests.helpers import quiet_trainer
+from tests.reference import cosine_schedule_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -161,20 +163,23 @@ def test_end_of_epoch_resume_of_a_plain_shuffling_loader_is_exact(tmp_path):
         assert resumed == full[8:], name
 
 
+@pytest.fixture(scope="module")
+def ddp_run(tiny_folder, tmp_path_factory):
+    """2 processes, ``augment: gpu``: 20 images, 3 per rank and step, 3 steps an epoch, 2
+    epochs, a checkpoint every 2 steps; what each rank saved, and the checkpoints' folder."""
+    folder = tmp_path_factory.mktemp("ddp-resume")
+    args = ("--root", str(tiny_folder), "--augment", "gpu", "--ckpt-dir", str(folder))
+    return run_ddp_script("ddp_resume_script.py", 2, folder / "full", *args), args
+
+
 @pytest.mark.slow
-def test_ddp_ranks_each_resume_their_own_state_exactly(tiny_folder, tmp_path):
-    """2 processes, ``augment: gpu``: 20 images, 3 per rank and step, 3 steps an epoch; each
-    rank's random states, augmentation generator and shard position come back from the one
-    checkpoint rank 0 wrote."""
-    args = ("--root", str(tiny_folder), "--augment", "gpu", "--ckpt-dir", str(tmp_path))
-    full = run_ddp_script("ddp_resume_script.py", 2, tmp_path / "full", *args)
+def test_ddp_ranks_each_resume_their_own_state_exactly(ddp_run, tmp_path):
+    """Each rank's random states, augmentation generator and shard position come back from
+    the one checkpoint rank 0 wrote."""
+    full, args = ddp_run
+    step_2 = str(Path(args[-1]) / "step=2.ckpt")
     resumed = run_ddp_script(
-        "ddp_resume_script.py",
-        2,
-        tmp_path / "resumed",
-        *args,
-        "--ckpt",
-        str(tmp_path / "step=2.ckpt"),
+        "ddp_resume_script.py", 2, tmp_path / "resumed", *args, "--ckpt", step_2
     )
     assert [s for s, _, _ in full[0]["rows"]] == list(range(1, 7))
     assert not torch.equal(full[0]["rows"][0][1], full[1]["rows"][0][1])  # ranks differ
@@ -184,3 +189,22 @@ def test_ddp_ranks_each_resume_their_own_state_exactly(tiny_folder, tmp_path):
         for (step, loss, lr), (_, want_loss, want_lr) in zip(got, want, strict=True):
             assert torch.equal(loss, want_loss), f"rank {rank}: loss differs at step {step}"
             assert lr == want_lr
+
+
+@pytest.mark.slow
+def test_a_ddp_checkpoint_resumed_on_one_process_keeps_the_paper_schedule(ddp_run, tmp_path):
+    """The 2-process run's checkpoint after 2 of epoch 0's 3 steps (global batch 6), resumed
+    on 1 process: global batch 3, 6 steps an epoch. The run goes on at batch 2 of epoch 0, as
+    Lightning counts it, and ends after epoch 1 at the schedule's end; every rate is the
+    paper's rule for batch 3 (linear scaling, 1 epoch of warm-up, cosine over 2 epochs)."""
+    full, args = ddp_run
+    step_2 = str(Path(args[-1]) / "step=2.ckpt")
+    (one,) = run_ddp_script("ddp_resume_script.py", 1, tmp_path / "one", *args, "--ckpt", step_2)
+    batch_6 = 0.3 * 6 / 256 * cosine_schedule_reference(2, 3, 6, 0.0)  # the full run's rule
+    assert full[0]["rows"][1][2] == pytest.approx(batch_6)
+    steps = [s for s, _, _ in one["rows"]]
+    assert steps == list(range(3, 13))  # the rest of epoch 0 at 6 steps an epoch, then epoch 1
+    # Trace reads the rate after the scheduler has stepped: the rate of the step after it
+    want = [0.3 * 3 / 256 * cosine_schedule_reference(s, 6, 12, 0.0) for s in steps]
+    assert [lr for _, _, lr in one["rows"]] == pytest.approx(want)
+    assert all(torch.isfinite(loss) for _, loss, _ in one["rows"])

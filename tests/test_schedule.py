@@ -1,6 +1,8 @@
-"""The learning-rate schedule across the runs a user makes: resumed with another global batch
-(another world size), from a loader without a length, and shorter than its warm-up. Expected
-rates come from the paper's rule (tests/reference.py), written per epoch."""
+"""The learning-rate schedules across the runs a user makes: resumed with another global batch
+(another world size), from a loader without a length, and shorter than its warm-up; of
+pretraining, of linear evaluation and of the online probe. Expected rates come from the
+paper's rule (tests/reference.py), written per epoch. tests/test_resume.py resumes a real
+2-process DDP run on one process."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, IterableDataset
 
-from simclr_lightning import SimCLR
+from simclr_lightning import LinearEval, OnlineLinearProbe, SimCLR
 from simclr_lightning.errors import SettingError
 from tests.helpers import quiet_trainer
 from tests.reference import cosine_schedule_reference
@@ -140,3 +142,57 @@ def test_warm_up_longer_than_the_run_never_reaches_the_peak():
         trainer.fit(net, DataLoader(pairs(IMAGES), batch_size=8))
     peak = BASE_LR * 8 / 256
     assert record.lrs == pytest.approx([peak * (s + 1) / 40 for s in range(4)])  # 10 epochs x 4
+
+
+def resume_with_twice_the_batch(tmp_path, make_model, data, record, callbacks=()) -> list:
+    """Train ``make_model()`` for EPOCHS epochs at batch 8 (4 steps an epoch), then resume its
+    checkpoint after 2 epochs at batch 16 (2 steps an epoch): ``record``'s rates of each run."""
+    saves = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    trainer = quiet_trainer(
+        max_epochs=EPOCHS,
+        limit_val_batches=0,
+        callbacks=[*callbacks, record, saves],
+        enable_checkpointing=True,
+    )
+    trainer.fit(make_model(), DataLoader(data, batch_size=8))
+    first, record.lrs = record.lrs, []
+    trainer = quiet_trainer(max_epochs=EPOCHS, limit_val_batches=0, callbacks=[*callbacks, record])
+    after_two_epochs = tmp_path / "epoch=1-step=8.ckpt"
+    trainer.fit(make_model(), DataLoader(data, batch_size=16), ckpt_path=after_two_epochs)
+    return [first, record.lrs]
+
+
+def cosine(peak: float, steps: range, total: int) -> list[float]:
+    return [peak * cosine_schedule_reference(s, 0, total, 0.0) for s in steps]
+
+
+def test_linear_eval_resumed_with_twice_the_global_batch_goes_on_at_the_same_epoch(tmp_path):
+    """LinearEval's rate is not scaled by the batch; its cosine spans the run's steps."""
+
+    def classifier() -> LinearEval:
+        return LinearEval(num_classes=3, lr=0.2, backbone="resnet18")
+
+    images = [(a, label) for (a, _), label in pairs(IMAGES)]
+    first, resumed = resume_with_twice_the_batch(tmp_path, classifier, images, RecordLR())
+    assert first == pytest.approx(cosine(0.2, range(16), 16))
+    # epochs 2 and 3 at batch 16: steps 4 to 7 of 8 (not 8 to 11, past the end at rate 0)
+    assert resumed == pytest.approx(cosine(0.2, range(4, 8), 8))
+
+
+class RecordProbeLR(L.Callback):
+    """The rate of each of the probe's steps (it sets it just before stepping)."""
+
+    def __init__(self, probe: OnlineLinearProbe) -> None:
+        self.probe, self.lrs = probe, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.lrs.append(self.probe.optimizer.param_groups[0]["lr"])
+
+
+def test_online_probe_resumed_with_twice_the_global_batch_goes_on_at_the_same_epoch(tmp_path):
+    probe = OnlineLinearProbe(num_classes=3, optimizer="sgd", lr=0.5, schedule="cosine")
+    record = RecordProbeLR(probe)
+    first, resumed = resume_with_twice_the_batch(tmp_path, model, pairs(IMAGES), record, [probe])
+    assert first == pytest.approx(cosine(0.5, range(16), 16))
+    # epochs 2 and 3 at batch 16: the probe's steps 4 to 7 of 8 (not past the end at rate 0)
+    assert resumed == pytest.approx(cosine(0.5, range(4, 8), 8))

@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from simclr_lightning.distributed import rank_and_world_size, real_rows, validation_loader
 from simclr_lightning.epoch_sums import EpochSums
 from simclr_lightning.errors import SettingError, require
-from simclr_lightning.optim import schedule_steps, warmup_cosine
+from simclr_lightning.schedule import carried_step, schedule_steps, warmup_cosine
 
 
 class OnlineLinearProbe(L.Callback):
@@ -39,7 +39,9 @@ class OnlineLinearProbe(L.Callback):
     logged at the epoch's end.
 
     Logs ``probe/train_loss``, ``probe/train_top1`` (epoch means), ``probe/val_top1`` and
-    ``probe/val_top5``. Classifier, optimizer and step count are saved in checkpoints.
+    ``probe/val_top5``. Classifier, optimizer and step count are saved in checkpoints; a run
+    resumed with another global batch (another world size) goes on at the same epoch of the
+    cosine schedule.
 
     Args:
         num_classes: classes of the labels; None reads the data module's ``num_classes``
@@ -80,6 +82,8 @@ class OnlineLinearProbe(L.Callback):
         self.classifier: nn.Linear | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps = 0
+        self._per_epoch = 0  # training batches (probe steps) per epoch; 0: unknown
+        self._saved_per_epoch = 0  # of the run a checkpoint was saved by
         self._pending_state: dict[str, Any] | None = None
         self._val_rows = 0
 
@@ -124,6 +128,15 @@ class OnlineLinearProbe(L.Callback):
             self.load_state_dict(self._pending_state)
 
     # -- training -------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        batches = trainer.num_training_batches
+        self._per_epoch = int(batches) if batches != float("inf") else 0
+        saved, self._saved_per_epoch = self._saved_per_epoch, 0
+        ends_by_epochs = trainer.estimated_stepping_batches != trainer.max_steps
+        if saved and self._per_epoch and saved != self._per_epoch and ends_by_epochs:
+            # resumed with another global batch: the same epoch of this run's schedule
+            self.steps = carried_step(self.steps, saved, self._per_epoch)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not isinstance(outputs, dict) or "features" not in outputs or "labels" not in outputs:
             raise RuntimeError(
@@ -230,6 +243,7 @@ class OnlineLinearProbe(L.Callback):
             "classifier": self.classifier.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "steps": self.steps,
+            "batches_per_epoch": self._per_epoch,
             **self._train_sums.state_dict(),  # the epoch so far, the same on every rank
         }
 
@@ -242,6 +256,7 @@ class OnlineLinearProbe(L.Callback):
         self.classifier.load_state_dict(state_dict["classifier"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.steps = int(state_dict.get("steps", 0))
+        self._saved_per_epoch = int(state_dict.get("batches_per_epoch", 0))
         self._train_sums.load_state_dict(state_dict)
         self._pending_state = None
 

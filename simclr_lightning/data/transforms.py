@@ -194,3 +194,19 @@ class TwoViews:
 
     def __repr__(self) -> str:
         return f"TwoViews({self.transform!r})"
+
+
+def preprocessing_of(datamodule) -> dict | None:
+    """The evaluation preprocessing of ``datamodule`` (image size, normalisation, resize
+    ratio), as checkpoints record it: prediction rebuilds it, and linear evaluation checks
+    its normalisation against pretraining's. None for a data module without an augmentation
+    (a user's own loaders)."""
+    aug = getattr(datamodule, "augmentation", None)
+    if aug is None or aug.mean is None or aug.std is None:  # the statistics not yet measured
+        return None
+    return {
+        "image_size": aug.image_size,
+        "mean": list(aug.mean),
+        "std": list(aug.std),
+        "resize_ratio": getattr(datamodule, "eval_resize_ratio", None),
+    }

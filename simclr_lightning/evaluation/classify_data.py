@@ -1,19 +1,27 @@
 """What LinearEval checks and records of its data and checkpoints: single labelled views, the
-class count, the evaluation preprocessing that prediction needs later, and whether a
-checkpoint is a pretraining one."""
+class count, the evaluation preprocessing that prediction needs later (and its normalisation
+against pretraining's), and whether a checkpoint is a pretraining one."""
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from simclr_lightning.checkpoint_io import read_checkpoint
 from simclr_lightning.data.class_names import dataset_class_names
+from simclr_lightning.data.transforms import preprocessing_of
 from simclr_lightning.errors import SettingError
 
 
-def classify_data(datamodule, num_classes: int) -> tuple[list[str] | None, dict | None]:
-    """The data's class names (checked against ``num_classes``) and evaluation preprocessing;
+def classify_data(
+    datamodule, num_classes: int, pretraining: dict[str, Any]
+) -> tuple[list[str] | None, dict | None]:
+    """The data's class names (checked against ``num_classes``) and evaluation preprocessing
+    (its normalisation checked against ``pretraining``'s, see :func:`pretraining_record`);
     refuses a data module that serves two views."""
     if getattr(datamodule, "task", "classify") != "classify":
         raise SettingError(
@@ -26,16 +34,50 @@ def classify_data(datamodule, num_classes: int) -> tuple[list[str] | None, dict 
             f"model.num_classes={num_classes} but the data has "
             f"{len(names)} classes ({', '.join(names[:5])}...)"
         )
-    aug = getattr(datamodule, "augmentation", None)
-    preprocessing = None
-    if aug is not None:
-        preprocessing = {
-            "image_size": aug.image_size,
-            "mean": list(aug.mean),
-            "std": list(aug.std),
-            "resize_ratio": getattr(datamodule, "eval_resize_ratio", None),
-        }
+    preprocessing = preprocessing_of(datamodule)
+    check_normalisation(pretraining, preprocessing)
     return names, preprocessing
+
+
+def pretraining_record(checkpoint: str | os.PathLike | None) -> dict[str, Any]:
+    """The file and the preprocessing (normalisation) of the data the encoder in
+    ``checkpoint`` was pretrained on, as SimCLR checkpoints record it and LinearEval
+    checkpoints keep it; the preprocessing is None for a plain state dict or a checkpoint
+    from before the record, and the record empty without a checkpoint."""
+    if checkpoint is None:
+        return {}
+    ckpt = read_checkpoint(checkpoint, "model.checkpoint", map_location="cpu", weights_only=True)
+    record = {}
+    if isinstance(ckpt, dict):
+        record = ckpt.get("pretraining") or (ckpt.get("linear_eval") or {}).get("pretraining")
+    return {"checkpoint": str(checkpoint), "preprocessing": (record or {}).get("preprocessing")}
+
+
+def check_normalisation(pretraining: dict[str, Any], here: dict | None) -> None:
+    """Warn when linear evaluation normalises its images otherwise than pretraining did: the
+    frozen encoder (its BatchNorm statistics too) then sees every input shifted from those it
+    learned on, and the accuracy drops with no error. Nothing to compare when either side
+    is unknown (a checkpoint from before the record, a user's own loaders)."""
+    pretrained = pretraining.get("preprocessing")
+    if not pretrained or not here:
+        return
+    saved, given = pretrained["mean"] + pretrained["std"], here["mean"] + here["std"]
+    if len(saved) == len(given) and all(
+        math.isclose(a, b, abs_tol=1e-6) for a, b in zip(saved, given, strict=True)
+    ):
+        return
+    rank_zero_warn(
+        f"model.checkpoint={pretraining.get('checkpoint')!r} was pretrained on images "
+        f"normalised with mean={_rounded(pretrained['mean'])} std={_rounded(pretrained['std'])}, "
+        f"but the data normalises with mean={_rounded(here['mean'])} std={_rounded(here['std'])}"
+        f": the encoder sees inputs unlike those it learned on; set data.augmentation.mean and "
+        f"data.augmentation.std to pretraining's",
+        category=UserWarning,
+    )
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(v, 4) for v in values]
 
 
 def is_pretraining(checkpoint: dict[str, Any]) -> bool:

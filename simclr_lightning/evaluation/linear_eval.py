@@ -21,10 +21,16 @@ from simclr_lightning.distributed import (
 )
 from simclr_lightning.epoch_sums import EpochSums
 from simclr_lightning.errors import CheckpointError, SettingError, require
-from simclr_lightning.evaluation.classify_data import classify_batch, classify_data, is_pretraining
+from simclr_lightning.evaluation.classify_data import (
+    classify_batch,
+    classify_data,
+    is_pretraining,
+    pretraining_record,
+)
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.lagged_reads import LaggedReads
-from simclr_lightning.optim import LARS, param_groups, schedule_steps, warmup_cosine
+from simclr_lightning.optim import LARS, param_groups
+from simclr_lightning.schedule import carry_schedule_over, step_schedule
 
 
 class LinearEval(L.LightningModule):
@@ -39,7 +45,8 @@ class LinearEval(L.LightningModule):
     BatchNorm kept in eval mode, so the features are exactly the pretrained ones. ``finetune``
     trains the encoder and kept head layers too, at ``backbone_lr``. The classifier starts at
     zero (the official ``zero_init_logits_layer``). The learning rate follows a cosine over the
-    run's optimizer steps (stepped per iteration), whatever ``max_epochs`` is. Use with a data
+    run's optimizer steps (stepped per iteration), whatever ``max_epochs`` is; resumed with
+    another global batch (another world size), it goes on at the same epoch. Use with a data
     module's ``task: classify`` (random resized crop + flip, as the official code; with
     ``data.label_fraction`` for the semi-supervised protocol).
 
@@ -99,6 +106,8 @@ class LinearEval(L.LightningModule):
         require(head_layers >= 0, "model.head_layers", head_layers, ">= 0")
         self.save_hyperparameters()
         state, projection = None, None
+        # the normalisation of the encoder's pretraining data, which this data must repeat
+        self.pretraining = pretraining_record(checkpoint)
         if checkpoint is not None:
             state, arch = load_backbone_state(checkpoint)
             arch = {"backbone": backbone, "cifar_stem": cifar_stem, "in_channels": in_channels,
@@ -210,6 +219,7 @@ class LinearEval(L.LightningModule):
     def on_train_start(self) -> None:
         list(self._reads.drain())  # nothing of an earlier fit
         self._bar_loss = None
+        carry_schedule_over(self)  # resumed with another global batch
 
     def on_train_end(self) -> None:
         self._train_sums.reset()
@@ -295,14 +305,8 @@ class LinearEval(L.LightningModule):
             optimizer = torch.optim.SGD(
                 groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov
             )
-        total = schedule_steps(self.trainer, "LinearEval")
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, 0, total)
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1},
-        }
+        schedule = step_schedule(self, optimizer, "LinearEval", hp.lr)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     # -- what prediction needs later ------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -311,7 +315,7 @@ class LinearEval(L.LightningModule):
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None or stage != "fit":
             return
-        names, preprocessing = classify_data(datamodule, self.hparams.num_classes)
+        names, preprocessing = classify_data(datamodule, self.hparams.num_classes, self.pretraining)
         if names is not None and self.class_names is None:
             self.class_names = names
             self.hparams["class_names"] = names
@@ -325,6 +329,7 @@ class LinearEval(L.LightningModule):
         checkpoint["linear_eval"] = {
             "class_names": self.class_names,
             "preprocessing": self.preprocessing,
+            "pretraining": self.pretraining,
             **self._train_sums.state_dict(),  # the epoch so far, the same on every rank
         }
 
@@ -342,4 +347,5 @@ class LinearEval(L.LightningModule):
         if extra.get("class_names") is not None:
             self.class_names = list(extra["class_names"])
         self.preprocessing = extra.get("preprocessing") or self.preprocessing
+        self.pretraining = extra.get("pretraining") or self.pretraining
         self._train_sums.load_state_dict(extra)

@@ -1,0 +1,178 @@
+"""The learning-rate schedule of pretraining and linear evaluation: linear warm-up then cosine,
+stepped per optimizer step, planned from the Trainer's run length and carried over when a run
+resumes with another number of steps per epoch (another world size: another global batch)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from simclr_lightning.errors import SettingError, require
+from simclr_lightning.run_checks import check_warmup
+
+
+def warmup_cosine(
+    step: int, warmup_steps: int, total_steps: int, final_ratio: float = 0.0
+) -> float:
+    """Multiplier of the peak learning rate at optimizer ``step``: linear warm-up from
+    1/warmup_steps to 1, then cosine decay to ``final_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def carried_step(step: int, old_per_epoch: int, new_per_epoch: int) -> int:
+    """``step`` of a run of ``old_per_epoch`` steps an epoch as the same point of a run of
+    ``new_per_epoch``: the epochs done, then the batches of the current one. A resumed
+    Lightning loop counts them so (it goes on at the saved batch of the epoch), so a schedule
+    mapped this way ends at the run's last step."""
+    epochs, batches = divmod(step, old_per_epoch)
+    return epochs * new_per_epoch + min(batches, new_per_epoch)
+
+
+class WarmupCosine:
+    """:func:`warmup_cosine` as ``LambdaLR``'s multiplier, with the run's geometry.
+
+    An object, not a lambda: ``LambdaLR`` saves its attributes in the checkpoint, so a resumed
+    run knows the steps per epoch and the peak rate its step count was made with, and
+    :meth:`carry_over` can map it onto a run that makes other steps per epoch with another
+    peak rate (another world size: another global batch)."""
+
+    def __init__(
+        self,
+        warmup_steps: int,
+        total_steps: int,
+        final_ratio: float,
+        steps_per_epoch: int,
+        peak_lr: float,
+        epoch_bound: bool,
+    ) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.final_ratio = final_ratio
+        self.steps_per_epoch = steps_per_epoch  # 0: a loader without a length
+        self.peak_lr = peak_lr
+        self.epoch_bound = epoch_bound  # the run ends after max_epochs, not max_steps
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(step, self.warmup_steps, self.total_steps, self.final_ratio)
+
+    def carry_over(self, schedule: torch.optim.lr_scheduler.LambdaLR, planned: dict) -> dict | None:
+        """After a resume has loaded the checkpoint's geometry into this multiplier, switch
+        ``schedule`` to the ``planned`` geometry of this run (``vars()`` of the multiplier
+        ``configure_optimizers`` made): the same epoch and batch of it (the same step when
+        ``max_steps`` ends the run), at the peak rate of this run's global batch.
+        The checkpoint's geometry it replaced, or None when nothing changed."""
+        saved = dict(vars(self))
+        if saved == planned:
+            return None
+        step = schedule.last_epoch
+        old_spe, new_spe = saved["steps_per_epoch"], planned["steps_per_epoch"]
+        if planned["epoch_bound"] and old_spe and new_spe and old_spe != new_spe:
+            step = carried_step(step, old_spe, new_spe)
+        vars(self).update(planned)
+        scale = planned["peak_lr"] / saved["peak_lr"] if saved["peak_lr"] else 1.0
+        schedule.base_lrs = [base * scale for base in schedule.base_lrs]
+        schedule.last_epoch = step
+        for group, base in zip(schedule.optimizer.param_groups, schedule.base_lrs, strict=True):
+            group["initial_lr"] = base
+            group["lr"] = base * self(step)
+        schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
+        return saved
+
+
+def schedule_steps(trainer: L.Trainer, who: str) -> int:
+    """The optimizer steps a cosine schedule spans: Lightning's estimate of the whole run,
+    refused when the run has no end (``max_epochs=-1`` and ``max_steps=-1``, or a loader
+    without a length and no ``max_steps``) instead of failing on ``int(inf)``."""
+    total = trainer.estimated_stepping_batches
+    if math.isinf(total):
+        raise SettingError(
+            f"{who}'s cosine schedule needs a run of known length, but trainer.max_epochs="
+            f"{trainer.max_epochs} and trainer.max_steps={trainer.max_steps} give none: set "
+            "trainer.max_steps, or trainer.max_epochs with a training loader that has a length"
+        )
+    return max(1, int(total))
+
+
+def training_batches(trainer: L.Trainer) -> float:
+    """Training batches per epoch (inf for a loader without a length). Lightning loads the
+    train loader lazily, and ``estimated_stepping_batches`` does not when only ``max_steps``
+    bounds the run: load it here the way that property does."""
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()
+    return trainer.num_training_batches
+
+
+def plan_schedule(
+    trainer: L.Trainer,
+    who: str,
+    peak_lr: float,
+    warmup_epochs: float = 0.0,
+    final_ratio: float = 0.0,
+) -> WarmupCosine:
+    """The multiplier of this run: warm-up in epochs of its loader, cosine to its end."""
+    total_steps = schedule_steps(trainer, who)
+    batches = training_batches(trainer)
+    if math.isinf(batches):  # a loader without a length: Lightning cannot tell an epoch
+        require(
+            warmup_epochs == 0,
+            "model.warmup_epochs",
+            warmup_epochs,
+            "0 with a training loader that has no length (an IterableDataset), or set "
+            "trainer.limit_train_batches to the batches of one epoch",
+        )
+        steps_per_epoch = 0
+    else:
+        steps_per_epoch = max(1, batches // trainer.accumulate_grad_batches)
+        check_warmup(trainer, warmup_epochs, steps_per_epoch, total_steps)
+    return WarmupCosine(
+        warmup_steps=round(warmup_epochs * steps_per_epoch),
+        total_steps=total_steps,
+        final_ratio=final_ratio,
+        steps_per_epoch=steps_per_epoch,
+        peak_lr=peak_lr,
+        epoch_bound=total_steps != trainer.max_steps,
+    )
+
+
+def step_schedule(
+    module: L.LightningModule,
+    optimizer: torch.optim.Optimizer,
+    who: str,
+    peak_lr: float,
+    warmup_epochs: float = 0.0,
+    final_ratio: float = 0.0,
+) -> dict:
+    """``configure_optimizers``' ``lr_scheduler``: :func:`plan_schedule`'s multiplier, stepped
+    every optimizer step. The plan is kept on ``module`` for :func:`carry_schedule_over`: a
+    resume loads the checkpoint's geometry into the multiplier."""
+    multiplier = plan_schedule(module.trainer, who, peak_lr, warmup_epochs, final_ratio)
+    module._planned_schedule = dict(vars(multiplier))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    return {"scheduler": schedule, "interval": "step", "frequency": 1}
+
+
+def carry_schedule_over(module: L.LightningModule) -> None:
+    """A checkpoint resumed with another global batch (another world size) or length:
+    Lightning has restored the schedule's peak rate and step count, made for the old run.
+    Go on at the same epoch of the schedule :func:`step_schedule` planned for this run, at
+    this run's peak rate. Call in ``on_train_start``."""
+    schedule = module.lr_schedulers()
+    multiplier = getattr(schedule, "lr_lambdas", [None])[0]
+    planned = getattr(module, "_planned_schedule", None)
+    if not isinstance(multiplier, WarmupCosine) or planned is None:
+        return
+    saved = multiplier.carry_over(schedule, planned)
+    if saved is not None:
+        rank_zero_info(
+            f"resumed schedule: {saved['steps_per_epoch']} -> {planned['steps_per_epoch']} "
+            f"steps per epoch, peak learning rate {saved['peak_lr']:.4g} -> "
+            f"{planned['peak_lr']:.4g}; continuing at step {schedule.last_epoch} of "
+            f"{planned['total_steps']}"
+        )
