@@ -13,6 +13,7 @@ import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -109,6 +110,36 @@ def global_batchnorm(trainer: Namespace) -> None:
         )
 
 
+# The Trainer's settings that take a number of batches (int) or a fraction (float). Trainer
+# hints them Optional[Union[int, float]], but typing's cache hands out the equal
+# Union[float, int, None] that lightning.fabric builds first, so jsonargparse read "1" as 1.0:
+# --trainer.limit_val_batches 1 validated on every batch, not one. Declared int first here
+# (``|`` unions are not cached), so "1" is one batch and "1.0" all of them, as in Python.
+BATCH_COUNTS: dict[str, Any] = {
+    "limit_train_batches": (int | float | None, None),
+    "limit_val_batches": (int | float | None, None),
+    "limit_test_batches": (int | float | None, None),
+    "limit_predict_batches": (int | float | None, None),
+    "overfit_batches": (int | float, 0.0),
+}
+
+
+class SimCLRArgumentParser(OneLineErrorParser):
+    """The CLI's parser: one-line errors, and the Trainer's batch counts read as ints."""
+
+    def add_class_arguments(self, class_type, nested_key=None, *args, skip=None, **kwargs):
+        if not (isinstance(class_type, type) and issubclass(class_type, Trainer)):
+            return super().add_class_arguments(class_type, nested_key, *args, skip=skip, **kwargs)
+        skip = set(skip or ()) | set(BATCH_COUNTS)
+        added = super().add_class_arguments(class_type, nested_key, *args, skip=skip, **kwargs)
+        for name, (hint, default) in BATCH_COUNTS.items():
+            key = f"{nested_key}.{name}" if nested_key else name
+            help_text = "batches (an int) or a fraction of them (a float); 1 is one batch"
+            self.add_argument(f"--{key}", type=hint, default=default, help=help_text)
+            added.append(key)
+        return added
+
+
 class SimCLRCLI(LightningCLI):
     """LightningCLI that fills in the machine-dependent trainer settings a config leaves unset
     (null): ``trainer.precision`` (bf16-mixed on a CUDA GPU with bfloat16, 16-mixed on older
@@ -166,7 +197,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     return SimCLRCLI(
         save_config_callback=ConfigToLoggers,
         save_config_kwargs={"overwrite": True},
-        parser_class=OneLineErrorParser,
+        parser_class=SimCLRArgumentParser,
         # always on, after the config's callbacks: a stopped run saves its last step, and
         # checkpoints hold every rank's random state (exact resume)
         trainer_defaults={"callbacks": [Preemption(), RNGState()]},

@@ -221,3 +221,27 @@ def test_monitors_overlay_extends_every_config(name, cifar_tiny):
     assert (
         "num_classes" not in (REPO / "configs" / "monitors.yaml").read_text().split("trainer:")[1]
     )
+
+
+def test_batch_counts_read_as_in_python(tmp_path):
+    """``1`` is one batch and ``1.0`` all of them, from the command line and from a config
+    file, as ``Trainer(limit_val_batches=1)`` is in Python; jsonargparse, handed typing's
+    cached Union[float, int, None], had read both as 1.0."""
+    config = tmp_path / "limits.yaml"
+    config.write_text("trainer:\n  limit_test_batches: 1\n  limit_predict_batches: 1.0\n")
+    args = ["--config", str(REPO / "configs" / "quickstart.yaml"), "--config", str(config)]
+    args += ["--trainer.accelerator=cpu", "--trainer.limit_val_batches=1"]
+    trainer = cli_main([*args, "--trainer.limit_train_batches=1.0"], run=False).trainer
+    got = [
+        trainer.limit_val_batches,
+        trainer.limit_test_batches,
+        trainer.limit_train_batches,
+        trainer.limit_predict_batches,
+    ]
+    assert got == [1, 1, 1.0, 1.0]
+    assert [type(value) for value in got] == [int, int, float, float]
+    trainer = cli_main([*args, "--trainer.limit_train_batches=0.25"], run=False).trainer
+    assert trainer.limit_train_batches == 0.25 and trainer.overfit_batches == 0.0
+    # overfit_batches=1: one batch, which Lightning then uses for training and validation
+    trainer = cli_main([*args, "--trainer.overfit_batches=1"], run=False).trainer
+    assert trainer.overfit_batches == 1 and type(trainer.overfit_batches) is int
