@@ -28,30 +28,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 # The longest files, longest first (seconds each took under `-n 2 --dist loadfile` on a
-# 2-core machine without AVX-512, where all tests add up to 1,444 s). xdist hands whole
+# 2-core machine without AVX-512, where the run took 874 s). xdist hands whole
 # files to whichever process is free; begun last, one of these would leave the other core
 # idle for a minute at the end of the run.
 LONG_FILES = [
-    "tests/test_learning.py",  # 185
+    "tests/test_learning.py",  # 194
     "tests/test_notebook.py",  # 134
+    "tests/test_resume.py",  # 128
     "tests/test_preemption_ddp.py",  # 117
-    "tests/test_corrupt_ddp.py",  # 114
-    "tests/test_resume.py",  # 88
-    "tests/test_eval_cli.py",  # 77
-    "tests/test_cli.py",  # 66
-    "tests/test_grad_cache.py",  # 65
-    "tests/test_preemption.py",  # 60
-    "tests/callbacks/test_monitors_ddp.py",  # 55
-    "tests/test_multinode.py",  # 52
-    "tests/data/test_corrupt.py",  # 48
-    "tests/test_quickstart.py",  # 46
-    "tests/evaluation/test_linear_eval.py",  # 43
-    "tests/test_cli_errors.py",  # 42
-    "tests/test_benchmarks.py",  # 42
-    "tests/test_distributed.py",  # 35
-    "tests/data/test_sharding_ddp.py",  # 33
-    "tests/evaluation/test_linear_eval_ddp.py",  # 27
-    "tests/test_gpu_session.py",  # 24
+    "tests/test_corrupt_ddp.py",  # 107
+    "tests/test_eval_cli.py",  # 72
+    "tests/test_preemption.py",  # 55
+    "tests/test_quickstart.py",  # 54
+    "tests/test_grad_cache.py",  # 47
+    "tests/data/test_corrupt.py",  # 46
+    "tests/test_multinode.py",  # 45
+    "tests/callbacks/test_monitors_ddp.py",  # 40
+    "tests/test_benchmarks.py",  # 35
+    "tests/data/test_sharding_ddp.py",  # 34
+    "tests/evaluation/test_linear_eval_ddp.py",  # 30
+    "tests/test_cli.py",  # 30
+    "tests/test_distributed.py",  # 27
+    "tests/test_run_checks.py",  # 22
+    "tests/test_gpu_session.py",  # 19
 ]
 
 
