@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +141,9 @@ def projection_layers(path: str | os.PathLike, k: int) -> tuple[nn.Sequential, d
         )
         return head.first_layers(k), head.config
     state, hparams = _read(path)
-    exported = {n.removeprefix("fc."): v for n, v in state.items() if n.startswith("fc.")}
-    if not hparams and exported:  # simclr-lightning-export --head-layers
+    # simclr-lightning-export --head-layers: fc.<index>.* (a torchvision classifier is fc.weight)
+    exported = {n[3:]: v for n, v in state.items() if re.match(r"fc\.\d+\.", n)}
+    if not hparams and exported:
         return exported_layers(path, exported, k)
     kept = hparams.get("head_layers", 0)
     require(

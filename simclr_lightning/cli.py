@@ -115,27 +115,31 @@ def global_batchnorm(trainer: Namespace) -> None:
 # Union[float, int, None] that lightning.fabric builds first, so jsonargparse read "1" as 1.0:
 # --trainer.limit_val_batches 1 validated on every batch, not one. Declared int first here
 # (``|`` unions are not cached), so "1" is one batch and "1.0" all of them, as in Python.
-BATCH_COUNTS: dict[str, Any] = {
-    "limit_train_batches": (int | float | None, None),
-    "limit_val_batches": (int | float | None, None),
-    "limit_test_batches": (int | float | None, None),
-    "limit_predict_batches": (int | float | None, None),
-    "overfit_batches": (int | float, 0.0),
-}
+BATCH_LIMITS = (
+    "limit_train_batches",
+    "limit_val_batches",
+    "limit_test_batches",
+    "limit_predict_batches",
+)
 
 
 class SimCLRArgumentParser(OneLineErrorParser):
-    """The CLI's parser: one-line errors, and the Trainer's batch counts read as ints."""
+    """The CLI's parser: one-line errors, and the Trainer's batch limits read as ints."""
 
     def add_class_arguments(self, class_type, nested_key=None, *args, skip=None, **kwargs):
         if not (isinstance(class_type, type) and issubclass(class_type, Trainer)):
             return super().add_class_arguments(class_type, nested_key, *args, skip=skip, **kwargs)
-        skip = set(skip or ()) | set(BATCH_COUNTS)
+        skip = set(skip or ()) | set(BATCH_LIMITS)
         added = super().add_class_arguments(class_type, nested_key, *args, skip=skip, **kwargs)
-        for name, (hint, default) in BATCH_COUNTS.items():
+        group = self.groups.get(nested_key, self)  # listed with the other trainer settings
+        for name in BATCH_LIMITS:
             key = f"{nested_key}.{name}" if nested_key else name
-            help_text = "batches (an int) or a fraction of them (a float); 1 is one batch"
-            self.add_argument(f"--{key}", type=hint, default=default, help=help_text)
+            stage = name.split("_")[1]
+            help_text = (
+                f"How much of the {stage} data to use: an int is a number of batches (1: one "
+                f"batch), a float a fraction (1.0 or null: all)"
+            )
+            group.add_argument(f"--{key}", type=int | float | None, default=None, help=help_text)
             added.append(key)
         return added
 

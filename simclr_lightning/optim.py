@@ -12,6 +12,9 @@ from torch.optim import Optimizer
 
 from simclr_lightning.errors import require
 
+# moved to schedule.py; still importable from here
+from simclr_lightning.schedule import WarmupCosine, schedule_steps, warmup_cosine  # noqa: F401
+
 LRScaling = Literal["linear", "sqrt", "none"]
 OptimizerName = Literal["lars", "sgd", "adamw"]
 

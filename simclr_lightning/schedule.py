@@ -26,13 +26,30 @@ def warmup_cosine(
     return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def carried_step(step: int, old_per_epoch: int, new_per_epoch: int) -> int:
+def carried_step(step: int, old_per_epoch: int, new_per_epoch: int, loader_resumes: bool) -> int:
     """``step`` of a run of ``old_per_epoch`` steps an epoch as the same point of a run of
-    ``new_per_epoch``: the epochs done, then the batches of the current one. A resumed
-    Lightning loop counts them so (it goes on at the saved batch of the epoch), so a schedule
-    mapped this way ends at the run's last step."""
+    ``new_per_epoch``, where a resumed Lightning loop goes on: the epochs done, then the
+    batches of the current one. A checkpoint past the new epoch's end (``batches >=
+    new_per_epoch``) restarts that epoch: a loader that ``loader_resumes`` (this library's,
+    with ``state_dict``) then has no batch left of it, a plain loader serves it again whole."""
     epochs, batches = divmod(step, old_per_epoch)
+    if batches >= new_per_epoch and not loader_resumes:
+        batches = 0
     return epochs * new_per_epoch + min(batches, new_per_epoch)
+
+
+def loader_resumes(trainer: L.Trainer) -> bool:
+    """Whether the training loaders go on mid-epoch from a checkpoint, as Lightning decides:
+    each has ``state_dict`` and ``load_state_dict``."""
+    loaders = trainer.train_dataloader
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, (list, tuple)):
+        loaders = [loaders]
+    return all(
+        callable(getattr(x, "state_dict", None)) and callable(getattr(x, "load_state_dict", None))
+        for x in loaders
+    )
 
 
 class WarmupCosine:
@@ -51,6 +68,7 @@ class WarmupCosine:
         steps_per_epoch: int,
         peak_lr: float,
         epoch_bound: bool,
+        base_lrs: list[float] | None = None,
     ) -> None:
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
@@ -58,26 +76,30 @@ class WarmupCosine:
         self.steps_per_epoch = steps_per_epoch  # 0: a loader without a length
         self.peak_lr = peak_lr
         self.epoch_bound = epoch_bound  # the run ends after max_epochs, not max_steps
+        self.base_lrs = base_lrs  # each parameter group's peak rate
 
     def __call__(self, step: int) -> float:
         return warmup_cosine(step, self.warmup_steps, self.total_steps, self.final_ratio)
 
-    def carry_over(self, schedule: torch.optim.lr_scheduler.LambdaLR, planned: dict) -> dict | None:
+    def carry_over(
+        self, schedule: torch.optim.lr_scheduler.LambdaLR, planned: dict, loader_resumes: bool
+    ) -> dict | None:
         """After a resume has loaded the checkpoint's geometry into this multiplier, switch
         ``schedule`` to the ``planned`` geometry of this run (``vars()`` of the multiplier
         ``configure_optimizers`` made): the same epoch and batch of it (the same step when
-        ``max_steps`` ends the run), at the peak rate of this run's global batch.
-        The checkpoint's geometry it replaced, or None when nothing changed."""
+        ``max_steps`` ends the run; :func:`carried_step`), at this run's peak rates (another
+        global batch scales them). The checkpoint's geometry it replaced, or None when
+        nothing changed."""
         saved = dict(vars(self))
         if saved == planned:
             return None
         step = schedule.last_epoch
         old_spe, new_spe = saved["steps_per_epoch"], planned["steps_per_epoch"]
         if planned["epoch_bound"] and old_spe and new_spe and old_spe != new_spe:
-            step = carried_step(step, old_spe, new_spe)
+            step = carried_step(step, old_spe, new_spe, loader_resumes)
         vars(self).update(planned)
         scale = planned["peak_lr"] / saved["peak_lr"] if saved["peak_lr"] else 1.0
-        schedule.base_lrs = [base * scale for base in schedule.base_lrs]
+        schedule.base_lrs = planned["base_lrs"] or [base * scale for base in schedule.base_lrs]
         schedule.last_epoch = step
         for group, base in zip(schedule.optimizer.param_groups, schedule.base_lrs, strict=True):
             group["initial_lr"] = base
@@ -129,7 +151,8 @@ def plan_schedule(
         )
         steps_per_epoch = 0
     else:
-        steps_per_epoch = max(1, batches // trainer.accumulate_grad_batches)
+        # as Lightning counts: an epoch's last, partial accumulation steps too
+        steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
         check_warmup(trainer, warmup_epochs, steps_per_epoch, total_steps)
     return WarmupCosine(
         warmup_steps=round(warmup_epochs * steps_per_epoch),
@@ -153,6 +176,7 @@ def step_schedule(
     every optimizer step. The plan is kept on ``module`` for :func:`carry_schedule_over`: a
     resume loads the checkpoint's geometry into the multiplier."""
     multiplier = plan_schedule(module.trainer, who, peak_lr, warmup_epochs, final_ratio)
+    multiplier.base_lrs = [group["lr"] for group in optimizer.param_groups]
     module._planned_schedule = dict(vars(multiplier))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     return {"scheduler": schedule, "interval": "step", "frequency": 1}
@@ -168,7 +192,7 @@ def carry_schedule_over(module: L.LightningModule) -> None:
     planned = getattr(module, "_planned_schedule", None)
     if not isinstance(multiplier, WarmupCosine) or planned is None:
         return
-    saved = multiplier.carry_over(schedule, planned)
+    saved = multiplier.carry_over(schedule, planned, loader_resumes(module.trainer))
     if saved is not None:
         rank_zero_info(
             f"resumed schedule: {saved['steps_per_epoch']} -> {planned['steps_per_epoch']} "

@@ -225,3 +225,14 @@ def test_linear_eval_asks_for_the_head_layers_an_export_holds(tmp_path):
     export_backbone(tmp_path / "simclr.ckpt", tmp_path / "v2.pt", head_layers=2)
     with pytest.raises(ValueError, match=r"head_layers=1 is invalid: must be 2, the layers"):
         LinearEval(str(tmp_path / "v2.pt"), num_classes=3, head_layers=1, cifar_stem=False)
+
+
+def test_head_layers_from_a_torchvision_state_dict_are_refused_by_name(tmp_path):
+    """A torchvision ResNet's own state dict has fc.weight and fc.bias: a classifier, no head
+    layers to keep."""
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "tv.pt")
+    LinearEval(str(tmp_path / "tv.pt"), num_classes=3, cifar_stem=False)  # the encoder loads
+    with pytest.raises(
+        ValueError, match=r"head_layers=1 is invalid: must be 0 for .*no projection"
+    ):
+        LinearEval(str(tmp_path / "tv.pt"), num_classes=3, head_layers=1, cifar_stem=False)

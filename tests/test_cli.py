@@ -223,10 +223,11 @@ def test_monitors_overlay_extends_every_config(name, cifar_tiny):
     )
 
 
-def test_batch_counts_read_as_in_python(tmp_path):
+def test_batch_counts_read_as_in_python(tmp_path, capsys):
     """``1`` is one batch and ``1.0`` all of them, from the command line and from a config
-    file, as ``Trainer(limit_val_batches=1)`` is in Python; jsonargparse, handed typing's
-    cached Union[float, int, None], had read both as 1.0."""
+    file, as ``Trainer(limit_val_batches=1)`` is in Python (and in every subcommand's
+    parser); jsonargparse, handed typing's cached Union[float, int, None], had read both as
+    1.0."""
     config = tmp_path / "limits.yaml"
     config.write_text("trainer:\n  limit_test_batches: 1\n  limit_predict_batches: 1.0\n")
     args = ["--config", str(REPO / "configs" / "quickstart.yaml"), "--config", str(config)]
@@ -241,7 +242,9 @@ def test_batch_counts_read_as_in_python(tmp_path):
     assert got == [1, 1, 1.0, 1.0]
     assert [type(value) for value in got] == [int, int, float, float]
     trainer = cli_main([*args, "--trainer.limit_train_batches=0.25"], run=False).trainer
-    assert trainer.limit_train_batches == 0.25 and trainer.overfit_batches == 0.0
-    # overfit_batches=1: one batch, which Lightning then uses for training and validation
-    trainer = cli_main([*args, "--trainer.overfit_batches=1"], run=False).trainer
-    assert trainer.overfit_batches == 1 and type(trainer.overfit_batches) is int
+    assert trainer.limit_train_batches == 0.25
+    # a subcommand's parser: the validate command of the quick start
+    command = ["validate", "--config", str(REPO / "configs" / "quickstart.yaml")]
+    with pytest.raises(SystemExit):
+        cli_main([*command, "--trainer.limit_val_batches=1", "--print_config"])
+    assert "\n  limit_val_batches: 1\n" in capsys.readouterr().out

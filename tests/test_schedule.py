@@ -10,9 +10,16 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from simclr_lightning import LinearEval, OnlineLinearProbe, SimCLR
+from simclr_lightning import (
+    ImageFolderDataModule,
+    LinearEval,
+    OnlineLinearProbe,
+    SimCLR,
+    SimCLRAugmentation,
+)
 from simclr_lightning.errors import SettingError
 from tests.helpers import quiet_trainer
 from tests.reference import cosine_schedule_reference
@@ -95,6 +102,62 @@ def test_resumed_mid_epoch_with_half_the_global_batch_ends_with_the_run(tmp_path
     # at batch 8: epoch 1's batches 1-3, then epochs 2 and 3; the last at the rule's last step
     steps = list(range(1 * 4 + 1, EPOCHS * 4))
     assert resumed.lrs == pytest.approx([paper_rate(8, s / 4) for s in steps])
+
+
+def test_resumed_past_the_end_of_a_shorter_epoch_a_plain_loader_starts_it_again(tmp_path):
+    """Saved after 3 of epoch 1's 4 batches, resumed where an epoch has 2: Lightning runs epoch 1
+    again from its first batch (a plain loader cannot skip), so the schedule goes on from
+    epoch 1's start and still ends at the run's last step."""
+    saves = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=7)
+    trainer = quiet_trainer(
+        max_epochs=EPOCHS, limit_val_batches=0, callbacks=[saves], enable_checkpointing=True
+    )
+    trainer.fit(model(), DataLoader(pairs(IMAGES), batch_size=8))
+    resumed = RecordLR()
+    trainer = quiet_trainer(max_epochs=EPOCHS, limit_val_batches=0, callbacks=[resumed])
+    trainer.fit(
+        model(),
+        DataLoader(pairs(IMAGES), batch_size=16),
+        ckpt_path=tmp_path / "epoch=1-step=7.ckpt",
+    )
+    assert resumed.lrs == pytest.approx([paper_rate(16, s / 2) for s in range(2, 8)])
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """24 random 8 px images in 2 class folders: this library's resumable training loader."""
+    root = tmp_path_factory.mktemp("schedule-images")
+    gen = torch.Generator().manual_seed(0)
+    for i in range(24):
+        folder = root / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (8, 8, 3), generator=gen, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_resumed_past_the_end_of_a_shorter_epoch_this_librarys_loader_goes_on_after_it(
+    image_folder, tmp_path
+):
+    """This library's loader resumes mid-epoch: saved after 5 of epoch 0's 6 batches (batch
+    4), resumed at batch 8 (3 an epoch), epoch 0 has no batch left, and the run goes on with
+    epoch 1 at its place in the schedule."""
+
+    def data(batch: int) -> ImageFolderDataModule:
+        aug = SimCLRAugmentation(image_size=8)
+        return ImageFolderDataModule(str(image_folder), aug, batch_size=batch, num_workers=0)
+
+    saves = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=5)
+    trainer = quiet_trainer(
+        max_epochs=EPOCHS, limit_val_batches=0, callbacks=[saves], enable_checkpointing=True
+    )
+    trainer.fit(model(), data(4))
+    resumed = RecordLR()
+    trainer = quiet_trainer(max_epochs=EPOCHS, limit_val_batches=0, callbacks=[resumed])
+    trainer.fit(model(), data(8), ckpt_path=tmp_path / "epoch=0-step=5.ckpt")
+    peak = BASE_LR * 8 / 256
+    want = [peak * cosine_schedule_reference(s, 3, 12, 0.0) for s in range(3, 12)]
+    assert resumed.lrs == pytest.approx(want)
 
 
 def test_resumed_with_the_same_batch_is_unchanged(tmp_path):
@@ -196,3 +259,68 @@ def test_online_probe_resumed_with_twice_the_global_batch_goes_on_at_the_same_ep
     assert first == pytest.approx(cosine(0.5, range(16), 16))
     # epochs 2 and 3 at batch 16: the probe's steps 4 to 7 of 8 (not past the end at rate 0)
     assert resumed == pytest.approx(cosine(0.5, range(4, 8), 8))
+
+
+class RecordStepLR(L.Callback):
+    """Every parameter group's rate at each optimizer step."""
+
+    def __init__(self) -> None:
+        self.lrs: list[list[float]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append([group["lr"] for group in optimizer.param_groups])
+
+
+def test_linear_eval_counts_steps_per_epoch_as_lightning_does_under_accumulation(tmp_path):
+    """8 batches an epoch, gradients accumulated over 3: Lightning steps 3 times an epoch (the
+    last on a partial accumulation). Resumed after 2 epochs at 4 batches an epoch (2 steps),
+    the run goes on at step 4 of 8 and ends at the schedule's end."""
+    images = [(a, label) for (a, _), label in pairs(IMAGES)]
+    record = RecordStepLR()
+    saves = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    trainer = quiet_trainer(
+        max_epochs=EPOCHS,
+        limit_val_batches=0,
+        accumulate_grad_batches=3,
+        callbacks=[record, saves],
+        enable_checkpointing=True,
+    )
+    trainer.fit(LinearEval(num_classes=3, lr=0.2), DataLoader(images, batch_size=4))
+    assert [lrs[0] for lrs in record.lrs] == pytest.approx(cosine(0.2, range(12), 12))
+    resumed = RecordStepLR()
+    trainer = quiet_trainer(
+        max_epochs=EPOCHS, limit_val_batches=0, accumulate_grad_batches=3, callbacks=[resumed]
+    )
+    trainer.fit(
+        LinearEval(num_classes=3, lr=0.2),
+        DataLoader(images, batch_size=8),
+        ckpt_path=tmp_path / "epoch=1-step=6.ckpt",
+    )
+    assert [lrs[0] for lrs in resumed.lrs] == pytest.approx(cosine(0.2, range(4, 8), 8))
+
+
+def test_fine_tuning_resumed_goes_on_at_each_groups_own_rate(tmp_path):
+    """The classifier's and the encoder's groups each follow their own peak rate; resumed with
+    twice the batch and a new backbone_lr, each group takes this run's."""
+    images = [(a, label) for (a, _), label in pairs(IMAGES)]
+
+    def classifier(backbone_lr: float):
+        return lambda: LinearEval(num_classes=3, lr=0.2, finetune=True, backbone_lr=backbone_lr)
+
+    saves = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    trainer = quiet_trainer(
+        max_epochs=EPOCHS, limit_val_batches=0, callbacks=[saves], enable_checkpointing=True
+    )
+    trainer.fit(classifier(0.05)(), DataLoader(images, batch_size=8))
+    resumed = RecordStepLR()
+    trainer = quiet_trainer(max_epochs=EPOCHS, limit_val_batches=0, callbacks=[resumed])
+    trainer.fit(
+        classifier(0.1)(),
+        DataLoader(images, batch_size=16),
+        ckpt_path=tmp_path / "epoch=1-step=8.ckpt",
+    )
+    head, encoder = cosine(0.2, range(4, 8), 8), cosine(0.1, range(4, 8), 8)
+    for lrs, want_head, want_encoder in zip(resumed.lrs, head, encoder, strict=True):
+        # the classifier's two groups (weight, bias), then the encoder's
+        assert lrs[:2] == pytest.approx([want_head] * 2)
+        assert lrs[2:] == pytest.approx([want_encoder] * (len(lrs) - 2))

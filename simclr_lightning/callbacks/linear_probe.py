@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from simclr_lightning.distributed import rank_and_world_size, real_rows, validation_loader
 from simclr_lightning.epoch_sums import EpochSums
 from simclr_lightning.errors import SettingError, require
-from simclr_lightning.schedule import carried_step, schedule_steps, warmup_cosine
+from simclr_lightning.schedule import carried_step, loader_resumes, schedule_steps, warmup_cosine
 
 
 class OnlineLinearProbe(L.Callback):
@@ -135,7 +135,8 @@ class OnlineLinearProbe(L.Callback):
         ends_by_epochs = trainer.estimated_stepping_batches != trainer.max_steps
         if saved and self._per_epoch and saved != self._per_epoch and ends_by_epochs:
             # resumed with another global batch: the same epoch of this run's schedule
-            self.steps = carried_step(self.steps, saved, self._per_epoch)
+            resumes = loader_resumes(trainer)
+            self.steps = carried_step(self.steps, saved, self._per_epoch, resumes)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not isinstance(outputs, dict) or "features" not in outputs or "labels" not in outputs:

@@ -106,8 +106,7 @@ class LinearEval(L.LightningModule):
         require(head_layers >= 0, "model.head_layers", head_layers, ">= 0")
         self.save_hyperparameters()
         state, projection = None, None
-        # the normalisation of the encoder's pretraining data, which this data must repeat
-        self.pretraining = pretraining_record(checkpoint)
+        self.pretraining = pretraining_record(checkpoint)  # the normalisation to repeat
         if checkpoint is not None:
             state, arch = load_backbone_state(checkpoint)
             arch = {"backbone": backbone, "cifar_stem": cifar_stem, "in_channels": in_channels,
