@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +41,37 @@ ARCH_KEYS = ("backbone", "cifar_stem", "in_channels", "timm_kwargs")
 SETTING = "model.checkpoint"
 
 
-def _read(
-    path: str | os.PathLike, setting: str = SETTING
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint file read once, for the functions here that each need a part of it: a
+    large checkpoint (a ResNet-50's with its optimizer state) is then read from disk once per
+    process, not once per part."""
+
+    path: str
+    content: Any
+
+
+Source = str | os.PathLike | LoadedCheckpoint
+
+
+def load_checkpoint(source: Source, setting: str = SETTING) -> LoadedCheckpoint:
+    """``source`` read (CPU tensors, ``weights_only``), or as it is when already read."""
+    if isinstance(source, LoadedCheckpoint):
+        return source
+    content = read_checkpoint(source, setting, map_location="cpu", weights_only=True)
+    return LoadedCheckpoint(str(source), content)
+
+
+def _read(source: Source, setting: str = SETTING) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A checkpoint's state dict and hyperparameters (a plain state dict has none)."""
-    ckpt = read_checkpoint(path, setting, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(source, setting).content
     if isinstance(ckpt, dict) and "state_dict" in ckpt:
         return dict(ckpt["state_dict"]), dict(ckpt.get("hyper_parameters") or {})
     return dict(ckpt), {}
 
 
 def load_backbone_state(
-    path: str | os.PathLike, setting: str = SETTING
+    path: Source, setting: str = SETTING
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The encoder weights (the backbone's own names) and architecture hparams in ``path``: a
     SimCLR or LinearEval Lightning checkpoint, or a plain state dict written by
@@ -74,7 +94,7 @@ def load_backbone_state(
     if not state:
         raise CheckpointError(
             setting,
-            path,
+            getattr(path, "path", path),
             "holds no encoder: expected a SimCLR/LinearEval checkpoint (keys backbone.*) or a "
             "state dict written by simclr-lightning-export",
         )
@@ -82,7 +102,21 @@ def load_backbone_state(
     return state, arch
 
 
-def load_projection_head(path: str | os.PathLike) -> ProjectionHead | None:
+def pretraining_record(checkpoint: Source | None) -> dict[str, Any]:
+    """The file and the preprocessing (normalisation) of the data the encoder in
+    ``checkpoint`` was pretrained on, as SimCLR checkpoints record it and LinearEval
+    checkpoints keep it; the preprocessing is None for a plain state dict or a checkpoint
+    from before the record, and the record empty without a checkpoint."""
+    if checkpoint is None:
+        return {}
+    loaded = load_checkpoint(checkpoint)
+    ckpt, record = loaded.content, None
+    if isinstance(ckpt, dict):
+        record = ckpt.get("pretraining") or (ckpt.get("linear_eval") or {}).get("pretraining")
+    return {"checkpoint": loaded.path, "preprocessing": (record or {}).get("preprocessing")}
+
+
+def load_projection_head(path: Source) -> ProjectionHead | None:
     """The pretrained projection head of a SimCLR checkpoint (``head.net.*``), rebuilt from the
     shapes of its weights so that 0.1's heads (no output BatchNorm) load too; None if the file
     holds no head."""
@@ -118,12 +152,13 @@ def export_backbone(
     truncated file at ``output_path``. Returns the architecture to rebuild (``backbone``,
     ``cifar_stem``, ``in_channels``, ``timm_kwargs``, ``head_layers``, ``fc``).
     """
-    state, arch = load_backbone_state(checkpoint_path, "checkpoint")
+    checkpoint = load_checkpoint(checkpoint_path, "checkpoint")
+    state, arch = load_backbone_state(checkpoint, "checkpoint")
     defaults = {"backbone": "resnet18", "cifar_stem": False, "in_channels": 3, "timm_kwargs": None}
     arch = defaults | arch
     arch.update(head_layers=head_layers, fc=None)
     if head_layers:
-        layers, _ = projection_layers(checkpoint_path, head_layers)
+        layers, _ = projection_layers(checkpoint, head_layers)
         state.update({f"fc.{k}": v for k, v in layers.state_dict().items()})
         arch["fc"] = sequential_code(layers)
     state = {k: v.detach().clone().contiguous() for k, v in state.items()}
@@ -131,9 +166,10 @@ def export_backbone(
     return arch
 
 
-def projection_layers(path: str | os.PathLike, k: int) -> tuple[nn.Sequential, dict[str, Any]]:
+def projection_layers(path: Source, k: int) -> tuple[nn.Sequential, dict[str, Any]]:
     """The first ``k`` pretrained projection-head layers in ``path`` and the config of the head
     they come from: a SimCLR checkpoint's head, or the layers a LinearEval checkpoint kept."""
+    path = load_checkpoint(path)
     head = load_projection_head(path)
     if head is not None:
         require(
@@ -144,13 +180,15 @@ def projection_layers(path: str | os.PathLike, k: int) -> tuple[nn.Sequential, d
     # simclr-lightning-export --head-layers: fc.<index>.* (a torchvision classifier is fc.weight)
     exported = {n[3:]: v for n, v in state.items() if re.match(r"fc\.\d+\.", n)}
     if not hparams and exported:
-        return exported_layers(path, exported, k)
+        return exported_layers(path.path, exported, k)
     kept = hparams.get("head_layers", 0)
     require(
         0 < k == kept,
         "model.head_layers",
         k,
-        f"0 for {path}: it holds no projection head" if not kept else f"{kept}, the layers it kept",
+        f"0 for {path.path}: it holds no projection head"
+        if not kept
+        else f"{kept}, the layers it kept",
     )
     layers = ProjectionHead(**hparams["head_config"]).first_layers(k)
     layers.load_state_dict(

@@ -236,3 +236,25 @@ def test_head_layers_from_a_torchvision_state_dict_are_refused_by_name(tmp_path)
         ValueError, match=r"head_layers=1 is invalid: must be 0 for .*no projection"
     ):
         LinearEval(str(tmp_path / "tv.pt"), num_classes=3, head_layers=1, cifar_stem=False)
+
+
+def test_linear_eval_and_export_read_the_checkpoint_file_once(tmp_path, monkeypatch):
+    """Encoder, head layers and the pretraining record come from one read of the file: a
+    ResNet-50 checkpoint with its optimizer state is hundreds of MB, read by every rank."""
+    import simclr_lightning.checkpoint as checkpoints
+
+    save_simclr_checkpoint(tmp_path / "simclr.ckpt", cifar_stem=False, in_channels=3)
+    reads = []
+    original = checkpoints.read_checkpoint
+
+    def counted(path, *args, **kwargs):
+        reads.append(str(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "read_checkpoint", counted)
+    model = LinearEval(str(tmp_path / "simclr.ckpt"), num_classes=3, head_layers=1)
+    assert reads == [str(tmp_path / "simclr.ckpt")]
+    assert model.pretraining["checkpoint"] == str(tmp_path / "simclr.ckpt")
+    reads.clear()
+    export_backbone(tmp_path / "simclr.ckpt", tmp_path / "v2.pt", head_layers=1)
+    assert reads == [str(tmp_path / "simclr.ckpt")]

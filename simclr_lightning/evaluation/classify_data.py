@@ -5,13 +5,11 @@ against pretraining's), and whether a checkpoint is a pretraining one."""
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from simclr_lightning.checkpoint_io import read_checkpoint
 from simclr_lightning.data.class_names import dataset_class_names
 from simclr_lightning.data.transforms import preprocessing_of
 from simclr_lightning.errors import SettingError
@@ -21,8 +19,9 @@ def classify_data(
     datamodule, num_classes: int, pretraining: dict[str, Any]
 ) -> tuple[list[str] | None, dict | None]:
     """The data's class names (checked against ``num_classes``) and evaluation preprocessing
-    (its normalisation checked against ``pretraining``'s, see :func:`pretraining_record`);
-    refuses a data module that serves two views."""
+    (its normalisation checked against ``pretraining``'s, a checkpoint's
+    :func:`~simclr_lightning.checkpoint.pretraining_record`); refuses a data module that serves
+    two views."""
     if getattr(datamodule, "task", "classify") != "classify":
         raise SettingError(
             "LinearEval trains on single labelled views: set data.task=classify "
@@ -37,20 +36,6 @@ def classify_data(
     preprocessing = preprocessing_of(datamodule)
     check_normalisation(pretraining, preprocessing)
     return names, preprocessing
-
-
-def pretraining_record(checkpoint: str | os.PathLike | None) -> dict[str, Any]:
-    """The file and the preprocessing (normalisation) of the data the encoder in
-    ``checkpoint`` was pretrained on, as SimCLR checkpoints record it and LinearEval
-    checkpoints keep it; the preprocessing is None for a plain state dict or a checkpoint
-    from before the record, and the record empty without a checkpoint."""
-    if checkpoint is None:
-        return {}
-    ckpt = read_checkpoint(checkpoint, "model.checkpoint", map_location="cpu", weights_only=True)
-    record = {}
-    if isinstance(ckpt, dict):
-        record = ckpt.get("pretraining") or (ckpt.get("linear_eval") or {}).get("pretraining")
-    return {"checkpoint": str(checkpoint), "preprocessing": (record or {}).get("preprocessing")}
 
 
 def check_normalisation(pretraining: dict[str, Any], here: dict | None) -> None:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from simclr_lightning import checkpoint as checkpoints
 from simclr_lightning.backbones import build_backbone
-from simclr_lightning.checkpoint import load_backbone_state, projection_layers, with_class_path
 from simclr_lightning.distributed import (
     already_synced,
     pick_loader,
@@ -21,12 +21,7 @@ from simclr_lightning.distributed import (
 )
 from simclr_lightning.epoch_sums import EpochSums
 from simclr_lightning.errors import CheckpointError, SettingError, require
-from simclr_lightning.evaluation.classify_data import (
-    classify_batch,
-    classify_data,
-    is_pretraining,
-    pretraining_record,
-)
+from simclr_lightning.evaluation.classify_data import classify_batch, classify_data, is_pretraining
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.lagged_reads import LaggedReads
 from simclr_lightning.optim import LARS, param_groups
@@ -106,13 +101,14 @@ class LinearEval(L.LightningModule):
         require(head_layers >= 0, "model.head_layers", head_layers, ">= 0")
         self.save_hyperparameters()
         state, projection = None, None
-        self.pretraining = pretraining_record(checkpoint)  # the normalisation to repeat
-        if checkpoint is not None:
-            state, arch = load_backbone_state(checkpoint)
+        loaded = checkpoints.load_checkpoint(checkpoint) if checkpoint is not None else None
+        self.pretraining = checkpoints.pretraining_record(loaded)  # the normalisation to repeat
+        if loaded is not None:
+            state, arch = checkpoints.load_backbone_state(loaded)
             arch = {"backbone": backbone, "cifar_stem": cifar_stem, "in_channels": in_channels,
                     "timm_kwargs": timm_kwargs, **arch}  # fmt: skip
             if head_layers:
-                projection, head_config = projection_layers(checkpoint, head_layers)
+                projection, head_config = checkpoints.projection_layers(loaded, head_layers)
             # What was built, so this module's own checkpoints rebuild it without the file.
             self.hparams.update(arch, head_config=head_config)
             backbone, cifar_stem = arch["backbone"], arch["cifar_stem"]
@@ -321,7 +317,7 @@ class LinearEval(L.LightningModule):
         self.preprocessing = preprocessing or self.preprocessing
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        hparams = with_class_path(self, checkpoint)
+        hparams = checkpoints.with_class_path(self, checkpoint)
         if hparams:
             hparams["checkpoint"] = None  # the weights are here: rebuilding needs no SimCLR file
             checkpoint["hyper_parameters"] = hparams
