@@ -64,63 +64,68 @@ def paper_rate(batch: int, epoch: float) -> float:
     return BASE_LR * batch / 256 * multiplier
 
 
+def fit_then_resume(
+    tmp_path, make_model, first, then, checkpoint: str, record=None, every=None, callbacks=(), **kw
+) -> list:
+    """Train ``make_model()`` for EPOCHS epochs on the loader (or data module) ``first``, saving
+    a checkpoint per ``every`` (ModelCheckpoint's arguments; each epoch by default), then
+    resume the one named ``checkpoint`` on ``then``: ``record``'s rates of each run."""
+    record = record if record is not None else RecordLR()
+    every = every or {"every_n_epochs": 1}
+    saves = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, **every)
+    run = dict(max_epochs=EPOCHS, limit_val_batches=0, **kw)
+    trainer = quiet_trainer(**run, callbacks=[*callbacks, record, saves], enable_checkpointing=True)
+    trainer.fit(make_model(), first)
+    before, record.lrs = record.lrs, []
+    trainer = quiet_trainer(**run, callbacks=[*callbacks, record])
+    trainer.fit(make_model(), then, ckpt_path=tmp_path / checkpoint)
+    return [before, record.lrs]
+
+
+def batches_of(n: int, data=None) -> DataLoader:
+    return DataLoader(data if data is not None else pairs(IMAGES), batch_size=n)
+
+
 def test_resumed_with_twice_the_global_batch_goes_on_at_the_same_epoch_and_new_peak(tmp_path):
     """Two processes of batch 8 resumed on one of batch 16 (or the reverse) change the global
     batch and the steps per epoch exactly like this one-process run does."""
-    first = RecordLR()
-    saves = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-    trainer = quiet_trainer(
-        max_epochs=EPOCHS,
-        limit_val_batches=0,
-        callbacks=[first, saves],
-        enable_checkpointing=True,
-        default_root_dir=tmp_path,
+    first, resumed = fit_then_resume(
+        tmp_path, model, batches_of(8), batches_of(16), "epoch=1-step=8.ckpt"
     )
-    trainer.fit(model(), DataLoader(pairs(IMAGES), batch_size=8))
-    assert first.lrs == pytest.approx([paper_rate(8, s / 4) for s in range(16)])
-
-    after_two_epochs = tmp_path / "epoch=1-step=8.ckpt"
-    resumed = RecordLR()
-    trainer = quiet_trainer(max_epochs=EPOCHS, limit_val_batches=0, callbacks=[resumed])
-    trainer.fit(model(), DataLoader(pairs(IMAGES), batch_size=16), ckpt_path=after_two_epochs)
+    assert first == pytest.approx([paper_rate(8, s / 4) for s in range(16)])
     # epochs 2 and 3 at batch 16: 2 steps each, at batch 16's peak rate
-    assert resumed.lrs == pytest.approx([paper_rate(16, 2 + s / 2) for s in range(4)])
+    assert resumed == pytest.approx([paper_rate(16, 2 + s / 2) for s in range(4)])
 
 
 def test_resumed_mid_epoch_with_half_the_global_batch_ends_with_the_run(tmp_path):
     """A SLURM requeue saves mid-epoch: the epoch's batches done so far count as Lightning
     counts them, so the schedule reaches its end at the run's last step."""
-    saves = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=3)
-    trainer = quiet_trainer(
-        max_epochs=EPOCHS, limit_val_batches=0, callbacks=[saves], enable_checkpointing=True
+    _, resumed = fit_then_resume(  # 1 of epoch 1's 2 batches done
+        tmp_path,
+        model,
+        batches_of(16),
+        batches_of(8),
+        "epoch=1-step=3.ckpt",
+        every={"every_n_train_steps": 3},
     )
-    trainer.fit(model(), DataLoader(pairs(IMAGES), batch_size=16))  # 2 steps an epoch
-    resumed = RecordLR()
-    trainer = quiet_trainer(max_epochs=EPOCHS, limit_val_batches=0, callbacks=[resumed])
-    mid_epoch_1 = tmp_path / "epoch=1-step=3.ckpt"  # 1 of epoch 1's 2 batches done
-    trainer.fit(model(), DataLoader(pairs(IMAGES), batch_size=8), ckpt_path=mid_epoch_1)
     # at batch 8: epoch 1's batches 1-3, then epochs 2 and 3; the last at the rule's last step
     steps = list(range(1 * 4 + 1, EPOCHS * 4))
-    assert resumed.lrs == pytest.approx([paper_rate(8, s / 4) for s in steps])
+    assert resumed == pytest.approx([paper_rate(8, s / 4) for s in steps])
 
 
 def test_resumed_past_the_end_of_a_shorter_epoch_a_plain_loader_starts_it_again(tmp_path):
     """Saved after 3 of epoch 1's 4 batches, resumed where an epoch has 2: Lightning runs epoch 1
     again from its first batch (a plain loader cannot skip), so the schedule goes on from
     epoch 1's start and still ends at the run's last step."""
-    saves = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=7)
-    trainer = quiet_trainer(
-        max_epochs=EPOCHS, limit_val_batches=0, callbacks=[saves], enable_checkpointing=True
+    _, resumed = fit_then_resume(
+        tmp_path,
+        model,
+        batches_of(8),
+        batches_of(16),
+        "epoch=1-step=7.ckpt",
+        every={"every_n_train_steps": 7},
     )
-    trainer.fit(model(), DataLoader(pairs(IMAGES), batch_size=8))
-    resumed = RecordLR()
-    trainer = quiet_trainer(max_epochs=EPOCHS, limit_val_batches=0, callbacks=[resumed])
-    trainer.fit(
-        model(),
-        DataLoader(pairs(IMAGES), batch_size=16),
-        ckpt_path=tmp_path / "epoch=1-step=7.ckpt",
-    )
-    assert resumed.lrs == pytest.approx([paper_rate(16, s / 2) for s in range(2, 8)])
+    assert resumed == pytest.approx([paper_rate(16, s / 2) for s in range(2, 8)])
 
 
 @pytest.fixture(scope="module")
@@ -147,31 +152,20 @@ def test_resumed_past_the_end_of_a_shorter_epoch_this_librarys_loader_goes_on_af
         aug = SimCLRAugmentation(image_size=8)
         return ImageFolderDataModule(str(image_folder), aug, batch_size=batch, num_workers=0)
 
-    saves = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=5)
-    trainer = quiet_trainer(
-        max_epochs=EPOCHS, limit_val_batches=0, callbacks=[saves], enable_checkpointing=True
+    every = {"every_n_train_steps": 5}
+    _, resumed = fit_then_resume(
+        tmp_path, model, data(4), data(8), "epoch=0-step=5.ckpt", None, every
     )
-    trainer.fit(model(), data(4))
-    resumed = RecordLR()
-    trainer = quiet_trainer(max_epochs=EPOCHS, limit_val_batches=0, callbacks=[resumed])
-    trainer.fit(model(), data(8), ckpt_path=tmp_path / "epoch=0-step=5.ckpt")
     peak = BASE_LR * 8 / 256
     want = [peak * cosine_schedule_reference(s, 3, 12, 0.0) for s in range(3, 12)]
-    assert resumed.lrs == pytest.approx(want)
+    assert resumed == pytest.approx(want)
 
 
 def test_resumed_with_the_same_batch_is_unchanged(tmp_path):
-    saves = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-    trainer = quiet_trainer(
-        max_epochs=EPOCHS, limit_val_batches=0, callbacks=[saves], enable_checkpointing=True
+    _, resumed = fit_then_resume(
+        tmp_path, model, batches_of(8), batches_of(8), "epoch=1-step=8.ckpt"
     )
-    trainer.fit(model(), DataLoader(pairs(IMAGES), batch_size=8))
-    resumed = RecordLR()
-    trainer = quiet_trainer(max_epochs=EPOCHS, limit_val_batches=0, callbacks=[resumed])
-    trainer.fit(
-        model(), DataLoader(pairs(IMAGES), batch_size=8), ckpt_path=tmp_path / "epoch=1-step=8.ckpt"
-    )
-    assert resumed.lrs == pytest.approx([paper_rate(8, 2 + s / 4) for s in range(8)])
+    assert resumed == pytest.approx([paper_rate(8, 2 + s / 4) for s in range(8)])
 
 
 class Stream(IterableDataset):
@@ -207,24 +201,6 @@ def test_warm_up_longer_than_the_run_never_reaches_the_peak():
     assert record.lrs == pytest.approx([peak * (s + 1) / 40 for s in range(4)])  # 10 epochs x 4
 
 
-def resume_with_twice_the_batch(tmp_path, make_model, data, record, callbacks=()) -> list:
-    """Train ``make_model()`` for EPOCHS epochs at batch 8 (4 steps an epoch), then resume its
-    checkpoint after 2 epochs at batch 16 (2 steps an epoch): ``record``'s rates of each run."""
-    saves = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-    trainer = quiet_trainer(
-        max_epochs=EPOCHS,
-        limit_val_batches=0,
-        callbacks=[*callbacks, record, saves],
-        enable_checkpointing=True,
-    )
-    trainer.fit(make_model(), DataLoader(data, batch_size=8))
-    first, record.lrs = record.lrs, []
-    trainer = quiet_trainer(max_epochs=EPOCHS, limit_val_batches=0, callbacks=[*callbacks, record])
-    after_two_epochs = tmp_path / "epoch=1-step=8.ckpt"
-    trainer.fit(make_model(), DataLoader(data, batch_size=16), ckpt_path=after_two_epochs)
-    return [first, record.lrs]
-
-
 def cosine(peak: float, steps: range, total: int) -> list[float]:
     return [peak * cosine_schedule_reference(s, 0, total, 0.0) for s in steps]
 
@@ -236,7 +212,9 @@ def test_linear_eval_resumed_with_twice_the_global_batch_goes_on_at_the_same_epo
         return LinearEval(num_classes=3, lr=0.2, backbone="resnet18")
 
     images = [(a, label) for (a, _), label in pairs(IMAGES)]
-    first, resumed = resume_with_twice_the_batch(tmp_path, classifier, images, RecordLR())
+    first, resumed = fit_then_resume(
+        tmp_path, classifier, batches_of(8, images), batches_of(16, images), "epoch=1-step=8.ckpt"
+    )
     assert first == pytest.approx(cosine(0.2, range(16), 16))
     # epochs 2 and 3 at batch 16: steps 4 to 7 of 8 (not 8 to 11, past the end at rate 0)
     assert resumed == pytest.approx(cosine(0.2, range(4, 8), 8))
@@ -255,7 +233,9 @@ class RecordProbeLR(L.Callback):
 def test_online_probe_resumed_with_twice_the_global_batch_goes_on_at_the_same_epoch(tmp_path):
     probe = OnlineLinearProbe(num_classes=3, optimizer="sgd", lr=0.5, schedule="cosine")
     record = RecordProbeLR(probe)
-    first, resumed = resume_with_twice_the_batch(tmp_path, model, pairs(IMAGES), record, [probe])
+    first, resumed = fit_then_resume(
+        tmp_path, model, batches_of(8), batches_of(16), "epoch=1-step=8.ckpt", record, None, [probe]
+    )
     assert first == pytest.approx(cosine(0.5, range(16), 16))
     # epochs 2 and 3 at batch 16: the probe's steps 4 to 7 of 8 (not past the end at rate 0)
     assert resumed == pytest.approx(cosine(0.5, range(4, 8), 8))
@@ -276,27 +256,17 @@ def test_linear_eval_counts_steps_per_epoch_as_lightning_does_under_accumulation
     last on a partial accumulation). Resumed after 2 epochs at 4 batches an epoch (2 steps),
     the run goes on at step 4 of 8 and ends at the schedule's end."""
     images = [(a, label) for (a, _), label in pairs(IMAGES)]
-    record = RecordStepLR()
-    saves = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-    trainer = quiet_trainer(
-        max_epochs=EPOCHS,
-        limit_val_batches=0,
+    first, resumed = fit_then_resume(
+        tmp_path,
+        lambda: LinearEval(num_classes=3, lr=0.2),
+        batches_of(4, images),
+        batches_of(8, images),
+        "epoch=1-step=6.ckpt",
+        RecordStepLR(),
         accumulate_grad_batches=3,
-        callbacks=[record, saves],
-        enable_checkpointing=True,
     )
-    trainer.fit(LinearEval(num_classes=3, lr=0.2), DataLoader(images, batch_size=4))
-    assert [lrs[0] for lrs in record.lrs] == pytest.approx(cosine(0.2, range(12), 12))
-    resumed = RecordStepLR()
-    trainer = quiet_trainer(
-        max_epochs=EPOCHS, limit_val_batches=0, accumulate_grad_batches=3, callbacks=[resumed]
-    )
-    trainer.fit(
-        LinearEval(num_classes=3, lr=0.2),
-        DataLoader(images, batch_size=8),
-        ckpt_path=tmp_path / "epoch=1-step=6.ckpt",
-    )
-    assert [lrs[0] for lrs in resumed.lrs] == pytest.approx(cosine(0.2, range(4, 8), 8))
+    assert [lrs[0] for lrs in first] == pytest.approx(cosine(0.2, range(12), 12))
+    assert [lrs[0] for lrs in resumed] == pytest.approx(cosine(0.2, range(4, 8), 8))
 
 
 def test_fine_tuning_resumed_goes_on_at_each_groups_own_rate(tmp_path):
@@ -304,23 +274,21 @@ def test_fine_tuning_resumed_goes_on_at_each_groups_own_rate(tmp_path):
     twice the batch and a new backbone_lr, each group takes this run's."""
     images = [(a, label) for (a, _), label in pairs(IMAGES)]
 
-    def classifier(backbone_lr: float):
-        return lambda: LinearEval(num_classes=3, lr=0.2, finetune=True, backbone_lr=backbone_lr)
+    backbone_lrs = iter([0.05, 0.1])  # the first run's, then the resumed run's
 
-    saves = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-    trainer = quiet_trainer(
-        max_epochs=EPOCHS, limit_val_batches=0, callbacks=[saves], enable_checkpointing=True
-    )
-    trainer.fit(classifier(0.05)(), DataLoader(images, batch_size=8))
-    resumed = RecordStepLR()
-    trainer = quiet_trainer(max_epochs=EPOCHS, limit_val_batches=0, callbacks=[resumed])
-    trainer.fit(
-        classifier(0.1)(),
-        DataLoader(images, batch_size=16),
-        ckpt_path=tmp_path / "epoch=1-step=8.ckpt",
+    def classifier() -> LinearEval:
+        return LinearEval(num_classes=3, lr=0.2, finetune=True, backbone_lr=next(backbone_lrs))
+
+    _, resumed = fit_then_resume(
+        tmp_path,
+        classifier,
+        batches_of(8, images),
+        batches_of(16, images),
+        "epoch=1-step=8.ckpt",
+        RecordStepLR(),
     )
     head, encoder = cosine(0.2, range(4, 8), 8), cosine(0.1, range(4, 8), 8)
-    for lrs, want_head, want_encoder in zip(resumed.lrs, head, encoder, strict=True):
+    for lrs, want_head, want_encoder in zip(resumed, head, encoder, strict=True):
         # the classifier's two groups (weight, bias), then the encoder's
         assert lrs[:2] == pytest.approx([want_head] * 2)
         assert lrs[2:] == pytest.approx([want_encoder] * (len(lrs) - 2))
