@@ -82,7 +82,8 @@ def load_backbone_state(
     (timm's ConvNeXt, EdgeNeXt, DaViT... keep ``head.norm`` with ``num_classes=0``) is
     ``backbone.head.*``. So only a plain state dict of nothing but such names is refused here;
     whether the rest fits the encoder is for ``load_state_dict`` to say."""
-    state, hparams = _read(path, setting)
+    path = load_checkpoint(path, setting)
+    state, hparams = _read(path)
     if hparams or any(k.startswith("backbone.") for k in state):
         state = {
             k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
@@ -94,7 +95,7 @@ def load_backbone_state(
     if not state:
         raise CheckpointError(
             setting,
-            getattr(path, "path", path),
+            path.path,
             "holds no encoder: expected a SimCLR/LinearEval checkpoint (keys backbone.*) or a "
             "state dict written by simclr-lightning-export",
         )
@@ -124,17 +125,30 @@ def load_projection_head(path: Source) -> ProjectionHead | None:
     head = {k.removeprefix("head.net."): v for k, v in state.items() if k.startswith("head.net.")}
     if not head:
         return None
-    linears = sorted(int(k.split(".")[0]) for k, v in head.items() if v.ndim == 2)
-    first, last = head[f"{linears[0]}.weight"], head[f"{linears[-1]}.weight"]
-    projection = ProjectionHead(
-        first.shape[1],
-        hidden_dim=first.shape[0],
-        output_dim=last.shape[0],
-        num_layers=len(linears),
-        output_bn=f"{linears[-1] + 1}.running_mean" in head,
-    )
+    config, _ = head_config_of(head)
+    projection = ProjectionHead(**config)
     projection.net.load_state_dict(head)
     return projection
+
+
+def head_config_of(layers: dict[str, Tensor]) -> tuple[dict[str, Any], int]:
+    """The ProjectionHead config whose first layers have the weights ``layers`` (keyed by the
+    head's ``net`` indices), read from their shapes, and how many Linear layers they hold.
+    The last of them is the output layer unless a BatchNorm with a shift follows it (the
+    output BatchNorm has a scale only): then it is a hidden layer, the head one layer deeper,
+    and its output width not in ``layers`` (the hidden width stands in)."""
+    linears = sorted(int(n.split(".")[0]) for n, v in layers.items() if v.ndim == 2)
+    first, last = layers[f"{linears[0]}.weight"], layers[f"{linears[-1]}.weight"]
+    after = linears[-1] + 1
+    hidden = f"{after}.bias" in layers
+    config = dict(
+        input_dim=first.shape[1],
+        hidden_dim=first.shape[0],
+        output_dim=last.shape[0],
+        num_layers=len(linears) + hidden,
+        output_bn=hidden or f"{after}.running_mean" in layers,
+    )
+    return config, len(linears)
 
 
 def export_backbone(
@@ -201,20 +215,9 @@ def exported_layers(
     path: str | os.PathLike, fc: dict[str, Tensor], k: int
 ) -> tuple[nn.Sequential, dict[str, Any]]:
     """The head layers ``export_backbone`` wrote as ``fc.*``, and a head config that rebuilds
-    them, read from their shapes: the last kept Linear is a hidden layer when a BatchNorm
-    with a shift follows it (the head's output BatchNorm has a scale only, or the Linear a
-    bias); the output width of a head cut after a hidden layer is not in the file."""
-    linears = sorted(int(n.split(".")[0]) for n, v in fc.items() if v.ndim == 2)
-    require(k == len(linears), "model.head_layers", k, f"{len(linears)}, the layers {path} holds")
-    first, last = fc[f"{linears[0]}.weight"], fc[f"{linears[-1]}.weight"]
-    hidden = f"{linears[-1] + 1}.bias" in fc
-    config = dict(
-        input_dim=first.shape[1],
-        hidden_dim=first.shape[0],
-        output_dim=last.shape[0],
-        num_layers=k + 1 if hidden else k,
-        output_bn=hidden or f"{linears[-1] + 1}.running_mean" in fc,
-    )
+    them (:func:`head_config_of`)."""
+    config, kept = head_config_of(fc)
+    require(k == kept, "model.head_layers", k, f"{kept}, the layers {path} holds")
     layers = ProjectionHead(**config).first_layers(k)
     layers.load_state_dict(fc)
     return layers, config

@@ -32,6 +32,8 @@ def carried_step(step: int, old_per_epoch: int, new_per_epoch: int, loader_resum
     batches of the current one. A checkpoint past the new epoch's end (``batches >=
     new_per_epoch``) restarts that epoch: a loader that ``loader_resumes`` (this library's,
     with ``state_dict``) then has no batch left of it, a plain loader serves it again whole."""
+    if not (old_per_epoch and new_per_epoch) or old_per_epoch == new_per_epoch:
+        return step  # the same epochs, or one of them unknown (a loader without a length)
     epochs, batches = divmod(step, old_per_epoch)
     if batches >= new_per_epoch and not loader_resumes:
         batches = 0
@@ -87,19 +89,18 @@ class WarmupCosine:
         """After a resume has loaded the checkpoint's geometry into this multiplier, switch
         ``schedule`` to the ``planned`` geometry of this run (``vars()`` of the multiplier
         ``configure_optimizers`` made): the same epoch and batch of it (the same step when
-        ``max_steps`` ends the run; :func:`carried_step`), at this run's peak rates (another
-        global batch scales them). The checkpoint's geometry it replaced, or None when
-        nothing changed."""
+        ``max_steps`` ends the run; :func:`carried_step`), at this run's peak rate of each
+        parameter group (``base_lrs``, which :func:`step_schedule` sets). The checkpoint's
+        geometry it replaced, or None when nothing changed."""
         saved = dict(vars(self))
         if saved == planned:
             return None
         step = schedule.last_epoch
-        old_spe, new_spe = saved["steps_per_epoch"], planned["steps_per_epoch"]
-        if planned["epoch_bound"] and old_spe and new_spe and old_spe != new_spe:
+        if planned["epoch_bound"]:
+            old_spe, new_spe = saved["steps_per_epoch"], planned["steps_per_epoch"]
             step = carried_step(step, old_spe, new_spe, loader_resumes)
         vars(self).update(planned)
-        scale = planned["peak_lr"] / saved["peak_lr"] if saved["peak_lr"] else 1.0
-        schedule.base_lrs = planned["base_lrs"] or [base * scale for base in schedule.base_lrs]
+        schedule.base_lrs = list(planned["base_lrs"])
         schedule.last_epoch = step
         for group, base in zip(schedule.optimizer.param_groups, schedule.base_lrs, strict=True):
             group["initial_lr"] = base

@@ -132,8 +132,7 @@ class OnlineLinearProbe(L.Callback):
         batches = trainer.num_training_batches
         self._per_epoch = int(batches) if batches != float("inf") else 0
         saved, self._saved_per_epoch = self._saved_per_epoch, 0
-        ends_by_epochs = trainer.estimated_stepping_batches != trainer.max_steps
-        if saved and self._per_epoch and saved != self._per_epoch and ends_by_epochs:
+        if trainer.estimated_stepping_batches != trainer.max_steps:  # a run of epochs
             # resumed with another global batch: the same epoch of this run's schedule
             resumes = loader_resumes(trainer)
             self.steps = carried_step(self.steps, saved, self._per_epoch, resumes)
