@@ -121,6 +121,12 @@ CASES = [
     ("batch size", fit("--data.batch_size=1"), 2, ["data.batch_size=1"]),
     ("task", fit("--data.task=foo"), 2, ["data.task='foo'"]),
     ("workers", fit("--data.num_workers=-1"), 2, ["data.num_workers=-1", ">= 0"]),
+    (
+        "jitter strength",
+        fit("--data.augmentation.jitter_strength=3"),
+        2,
+        ["data.augmentation.jitter_strength=3", "[0, 2.5]"],
+    ),
     ("data class", fit("--data=NoSuchData"), 2, ["data='NoSuchData'", "class name"]),
     ("missing data dir", fit("--data.root={root}/nowhere"), 1, ["data.root=", "nowhere"]),
     ("no train folder", fit("--data.root={root}"), 1, ["data.root=", "no train/ folder"]),

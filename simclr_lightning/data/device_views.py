@@ -64,7 +64,9 @@ class DeviceViews:
         self.check_batch(images, training=True)
         if isinstance(images, FailedBatch):  # no other process to tell: the file's own error
             raise images.error
-        return self.views_of(*images)
+        # Lightning casts a batch to the precision's dtype before the transfer (uint8 images
+        # or indices then); the views made here are float32 and need the cast (``*-true``).
+        return self.trainer.precision_plugin.convert_input(self.views_of(*images))
 
     def device_views(self, batch):
         """``((view_a, view_b), labels)`` from what the training loader yields when views are

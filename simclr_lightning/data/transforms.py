@@ -61,7 +61,9 @@ class SimCLRAugmentation:
         for name in ("hflip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
             value = getattr(self, name)
             _check(0.0 <= value <= 1.0, name, value, "a probability in [0, 1]")
-        _check(self.jitter_strength >= 0, "jitter_strength", self.jitter_strength, ">= 0")
+        # hue shifts by up to 0.2 x strength of a turn; torchvision allows at most half a turn
+        s = self.jitter_strength
+        _check(0 <= s <= 2.5, "jitter_strength", s, "in [0, 2.5] (hue 0.2 x strength <= 0.5)")
         lo, hi = self.blur_sigma
         _check(0 < lo <= hi, "blur_sigma", self.blur_sigma, "0 < min <= max")
         if self.blur_kernel_size is not None:

@@ -185,7 +185,7 @@ def test_cifar_offline_errors_say_what_to_do(tmp_path, monkeypatch):
         dm.prepare_data()
 
 
-def fit_one_step_and_grab_batch(dm) -> tuple:
+def fit_one_step_and_grab_batch(dm, precision: str = "32-true") -> tuple:
     import lightning as L
 
     from simclr_lightning import SimCLR
@@ -201,6 +201,7 @@ def fit_one_step_and_grab_batch(dm) -> tuple:
         max_steps=1,
         limit_val_batches=0,
         callbacks=[Grab()],
+        precision=precision,
     )
     trainer.fit(model, dm)
     assert trainer.global_step == 1
@@ -217,6 +218,15 @@ def test_gpu_augment_path_makes_views_after_transfer(cifar_tiny):
     assert x_a.shape == x_b.shape == (8, 3, 32, 32) and x_a.dtype == torch.float32
     assert not torch.equal(x_a, x_b)
     assert y.dtype == torch.int64
+
+
+def test_gpu_views_take_a_true_precisions_dtype(cifar_tiny):
+    """Lightning casts a batch to a ``*-true`` precision's dtype before the transfer, while it
+    is still uint8 images: the views made after it must be cast too (the step raised a dtype
+    mismatch)."""
+    dm = ImageFolderDataModule(str(cifar_tiny), augment="gpu", **small())
+    (x_a, x_b), y = fit_one_step_and_grab_batch(dm, precision="64-true")
+    assert x_a.dtype == x_b.dtype == torch.float64 and y.dtype == torch.int64
 
 
 def test_resident_cifar_draws_images_by_index(cifar_jpg_root, tmp_path, monkeypatch):

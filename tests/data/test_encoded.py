@@ -407,6 +407,8 @@ def test_a_skipped_slot_gets_its_substitutes_label_with_its_pixels(cifar_jpg_roo
     not what the pixels show), as the CPU path serves its substitute with its own label."""
     from types import SimpleNamespace
 
+    from lightning.pytorch.plugins import Precision
+
     from simclr_lightning.data.encoded import collate_encoded
 
     for name in ("airplane", "automobile"):
@@ -443,7 +445,9 @@ def test_a_skipped_slot_gets_its_substitutes_label_with_its_pixels(cifar_jpg_roo
 
     # what the training hook serves with the views: each slot's label is its pixels' file's
     cpu = SimpleNamespace(root_device=torch.device("cpu"))
-    data.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0, strategy=cpu)
+    data.trainer = SimpleNamespace(
+        training=True, world_size=1, global_rank=0, strategy=cpu, precision_plugin=Precision()
+    )
     data.setup("fit")
     (view_a, _), labels = data.on_after_batch_transfer(batch, 0)
     assert view_a.shape == (4, 3, 16, 16)

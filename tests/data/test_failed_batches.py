@@ -87,6 +87,8 @@ def test_device_decoded_training_batches_are_checked_once_each_after_decoding(
     decoder could not read. (The 2-process stop: tests/data/test_corrupt.py.)"""
     from types import SimpleNamespace
 
+    from lightning.pytorch.plugins import Precision
+
     from simclr_lightning import ImageFolderDataModule, SimCLRAugmentation
     from simclr_lightning.data.encoded import collate_encoded
 
@@ -102,7 +104,9 @@ def test_device_decoded_training_batches_are_checked_once_each_after_decoding(
         augmentation=SimCLRAugmentation(image_size=16),
     )
     cpu = SimpleNamespace(root_device=torch.device("cpu"))
-    data.trainer = SimpleNamespace(training=True, world_size=2, global_rank=0, strategy=cpu)
+    data.trainer = SimpleNamespace(
+        training=True, world_size=2, global_rank=0, strategy=cpu, precision_plugin=Precision()
+    )
     data.setup("fit")
     checked: list = []
     monkeypatch.setattr(data._stop_together, "check", lambda batch, _: checked.append(batch))

@@ -10,7 +10,8 @@ same order: random resized crop + flip; colour jitter with its four ops in a ran
 per sample; grayscale; Gaussian blur; solarize; normalize.
 
 Everything works on float32 in [0, 1]; the CPU pipeline works on uint8 until the end, so
-it additionally rounds to multiples of 1/255 after each op (at most 0.5/255 per op).
+it additionally truncates to a multiple of 1/255 after each op (torchvision's uint8 blends
+and grayscale round down: about 1/255 darker at most per op, half that on average).
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ class GPUAugment(nn.Module):
         views read, and per view one resize with the antialiased bilinear ``interpolate``
         torchvision uses; scaling, flips and everything after run on the whole batch.
         """
-        if len({tuple(im.shape) for im in images}) == 1:
+        if len({(tuple(im.shape), im.dtype) for im in images}) == 1:  # uint8 stays uint8
             return self.two_views(torch.stack(list(images)))
         for image in images:
             _check_dtype(image.dtype)

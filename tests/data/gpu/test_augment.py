@@ -66,6 +66,17 @@ def test_integer_images_other_than_uint8_are_refused() -> None:
         aug.two_views_of_list([deep[0], deep[1, :, :20]])
 
 
+def test_a_float_image_among_uint8_ones_of_the_same_size_keeps_its_range() -> None:
+    """Stacked together, uint8 images became floats of 0-255 and were clamped to white.
+    Reference: the same list all in uint8, from a generator seeded the same."""
+    images = list(torch.randint(0, 256, (3, 3, 20, 20), dtype=torch.uint8))
+    mixed = [images[0], images[1].float() / 255, images[2]]
+    want = GPUAugment(config(3), torch.Generator().manual_seed(2)).two_views_of_list(images)
+    got = GPUAugment(config(3), torch.Generator().manual_seed(2)).two_views_of_list(mixed)
+    for view, wanted in zip(got, want, strict=True):
+        torch.testing.assert_close(view, wanted, rtol=0, atol=1e-5)
+
+
 def test_identical_images_get_independent_views() -> None:
     image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     batch = image.expand(32, -1, -1, -1).contiguous()
