@@ -142,7 +142,8 @@ def weighted_knn_top1(train_x, train_y, test_x, test_y, k: int = 200, temperatur
 
 def weighted_knn_scores(query, bank, labels, num_classes, k, temperature):
     """InstDisc's weighted vote, one query and one bank row at a time, in float64; among equal
-    similarities the lower bank index counts as nearer."""
+    similarities the lower bank index counts as nearer. Each query's scores are divided by its
+    nearest neighbour's weight exp(max sim / temperature)."""
     query, bank, labels = query.double().tolist(), bank.double().tolist(), labels.tolist()
 
     def unit(v):
@@ -157,7 +158,7 @@ def weighted_knn_scores(query, bank, labels, num_classes, k, temperature):
         nearest = sorted(range(len(bank)), key=lambda j: (-sims[j], j))[:k]
         scores = [0.0] * num_classes
         for j in nearest:
-            scores[labels[j]] += math.exp(sims[j] / temperature)
+            scores[labels[j]] += math.exp(sims[j] / temperature - sims[nearest[0]] / temperature)
         out.append(scores)
     return torch.tensor(out, dtype=torch.float64)
 

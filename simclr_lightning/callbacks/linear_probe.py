@@ -100,6 +100,8 @@ class OnlineLinearProbe(L.Callback):
                 "training_step returns"
             )
         self.num_classes = self._given_num_classes or _datamodule_classes(trainer)
+        if stage == "fit":  # a new fit starts the probe's schedule again, as its module's
+            self.steps, self._saved_per_epoch = 0, 0  # (a checkpoint's state comes after)
         classifier = self.classifier
         if classifier is not None and (classifier.in_features, classifier.out_features) == (
             dim,
@@ -145,7 +147,7 @@ class OnlineLinearProbe(L.Callback):
         classifier, optimizer = self.classifier, self.optimizer
         device = classifier.weight.device
         features = outputs["features"].detach().to(device, torch.float32)
-        labels = outputs["labels"].to(device)
+        labels = outputs["labels"].to(device, torch.long)  # a user's int32 labels too
         # Unlabelled rows (label < 0) get weight 0 rather than being indexed out: a boolean
         # index would make the host wait for the GPU at every step.
         keep = labels >= 0
@@ -212,7 +214,7 @@ class OnlineLinearProbe(L.Callback):
                 "OnlineLinearProbe needs validation_step to return {'features', 'labels'}"
             )
         features = outputs["features"].to(self.classifier.weight.device, torch.float32)
-        labels = outputs["labels"].to(features.device)
+        labels = outputs["labels"].to(features.device, torch.long)
         loader = validation_loader(trainer, dataloader_idx)
         keep = (labels >= 0) & real_rows(loader, batch_idx, len(labels), labels.device)
         if not keep.any():

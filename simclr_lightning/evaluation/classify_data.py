@@ -79,4 +79,4 @@ def classify_batch(batch) -> tuple[Tensor, Tensor]:
         raise SettingError(
             "LinearEval got two views per image: set data.task=classify for linear evaluation"
         )
-    return x, y
+    return x, y.long()  # cross_entropy takes int64 targets, a user's dataset may give int32

@@ -20,7 +20,8 @@ def knn_predict(
     chunk_size: int = 1024,
 ) -> Tensor:
     """Class scores ``[Q, num_classes]`` of weighted kNN: the ``k`` most cosine-similar bank rows
-    vote for their label with weight ``exp(sim / temperature)``.
+    vote for their label with weight ``exp(sim / temperature)``, each row of scores divided by
+    its nearest neighbour's weight (which then weighs 1), so no temperature overflows.
 
     ``query`` and ``bank`` need not be normalised. At most ``chunk_size`` query rows are scored
     at a time, so memory stays at ``chunk_size x len(bank)`` similarities. ``k`` larger than the
@@ -87,7 +88,9 @@ def sharded_knn_predict(
         candidates = candidates.gather(1, _argsort(candidates[..., 1]).expand(-1, -1, 3))
         order = _argsort(candidates[..., 0], descending=True)[:, :k]
         top = candidates.gather(1, order.expand(-1, -1, 3))
-        weights = (top[..., 0].float() / temperature).exp()
+        # exp((sim - nearest) / T): the ranking of exp(sim / T), which float32 overflows
+        # from T < 1/88 (every class with a neighbour would score inf)
+        weights = ((top[..., 0] - top[:, :1, 0]) / temperature).exp().float()
         scores[start : start + chunk_size].scatter_add_(1, top[..., 2].long(), weights)
     return scores
 

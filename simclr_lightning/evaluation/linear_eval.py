@@ -212,6 +212,9 @@ class LinearEval(L.LightningModule):
         return loss
 
     def on_train_start(self) -> None:
+        # Lightning keeps the mode the module had before fit (load_from_checkpoint gives eval):
+        # fine-tuning would then run with frozen BatchNorm. train() keeps a frozen encoder frozen.
+        self.train()
         list(self._reads.drain())  # nothing of an earlier fit
         self._bar_loss = None
         carry_schedule_over(self)  # resumed with another global batch

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from simclr_lightning.callbacks import OnlineLinearProbe
 from simclr_lightning.module import SimCLR
 from tests.helpers import EpochMetrics, FeatureData, FeatureModule, quiet_trainer
+from tests.reference import cosine_schedule_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -290,3 +291,45 @@ def test_a_second_fit_with_the_same_probe_reports_only_its_own_epoch():
                 want = (probe.classifier(x).argmax(1) == y).double().mean().item()
     assert top1[0] != pytest.approx(want)  # the two fits' figures differ
     assert top1[1] == pytest.approx(want, abs=1e-6)
+
+
+class ProbeRates(L.Callback):
+    """The probe's learning rate at each of its steps (this callback runs after the probe)."""
+
+    def __init__(self, probe: OnlineLinearProbe) -> None:
+        self.probe, self.rates = probe, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rates.append(self.probe.optimizer.param_groups[0]["lr"])
+
+
+def test_a_second_fit_starts_the_probes_cosine_schedule_again():
+    """As the module's own schedule does: a second ``fit`` with the same probe ran its whole
+    second run at learning rate 0 (the end of the first run's cosine). Reference: the paper's
+    cosine without warmup, in float64, for each fit's 2 epochs of 4 batches."""
+    data = FeatureData(separable(32, seed=4), separable(16, seed=5), batch_size=8)
+    probe = OnlineLinearProbe(num_classes=4, optimizer="sgd", lr=0.5, schedule="cosine")
+    want = [0.5 * cosine_schedule_reference(step, 0, 8, 0.0) for step in range(8)]
+    for _ in range(2):
+        rates = ProbeRates(probe)
+        trainer = quiet_trainer(max_epochs=2, callbacks=[probe, rates], limit_val_batches=0)
+        trainer.fit(FeatureModule(16), datamodule=data)
+        assert rates.rates == pytest.approx(want, rel=1e-12)
+
+
+def test_int32_labels_train_and_score_the_probe():
+    """A user's dataset may give int32 labels (numpy's default on some platforms): the probe
+    trains and scores as with int64. Reference: the same run with int64 labels."""
+    (train_x, train_y), (val_x, val_y) = separable(64, seed=6), separable(32, seed=7)
+    results = []
+    for dtype in (torch.int64, torch.int32):
+        probe = OnlineLinearProbe(num_classes=4, optimizer="sgd", lr=0.5)
+        metrics = EpochMetrics()
+        data = FeatureData((train_x, train_y.to(dtype)), (val_x, val_y.to(dtype)), batch_size=16)
+        trainer = quiet_trainer(max_epochs=1, callbacks=[probe, metrics])
+        torch.manual_seed(0)  # the same shuffled order
+        trainer.fit(FeatureModule(16), datamodule=data)
+        results.append((probe.classifier.weight.detach().clone(), metrics.epochs[-1]))
+    (w64, m64), (w32, m32) = results
+    assert torch.equal(w32, w64) and m32 == m64
+    assert m64["probe/val_top1"] > 0.5  # the probe learned something to compare

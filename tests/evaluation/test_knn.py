@@ -73,9 +73,21 @@ def test_knn_predict_bank_smaller_than_k_and_classes():
     query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     bank = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
     scores = knn_predict(query, bank, torch.tensor([0, 6]), num_classes=8, k=200, temperature=1)
-    e = math.e
-    want = torch.tensor([[e, 0, 0, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, 0, e, 0]])
+    e = math.e  # similarities 1 and 0: weights e and 1, divided by the nearest's e
+    want = torch.tensor([[e, 0, 0, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, 0, e, 0]]) / e
     torch.testing.assert_close(scores, want)
+
+
+@pytest.mark.parametrize("temperature", [0.01, 0.002])
+def test_small_temperatures_vote_without_overflow(temperature):
+    """exp(1 / 0.01) overflows float32: every class with a neighbour would score inf."""
+    gen = torch.Generator().manual_seed(5)
+    query, bank = torch.randn(20, 8, generator=gen), torch.randn(50, 8, generator=gen)
+    labels = torch.randint(0, 4, (50,), generator=gen)
+    got = knn_predict(query, bank, labels, 4, k=10, temperature=temperature)
+    want = weighted_knn_scores(query, bank, labels, 4, 10, temperature)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
 
 
 def sharded_scores(query, unit_bank, labels, shards: list[torch.Tensor], **kwargs) -> list:

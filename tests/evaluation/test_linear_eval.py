@@ -86,9 +86,14 @@ def test_frozen_encoder_is_exactly_the_pretrained_one(simclr_ckpt):
     assert all(not p.requires_grad for p in model.backbone.parameters())
 
 
-def test_finetuning_trains_the_encoder_at_its_own_rate(simclr_ckpt):
+@pytest.mark.parametrize("mode", ["as built", "left in eval mode"])
+def test_finetuning_trains_the_encoder_at_its_own_rate(simclr_ckpt, mode):
+    """Also from a module left in eval mode (``load_from_checkpoint`` gives one, and Lightning
+    keeps the mode a module had before fit): fine-tuning ran with frozen BatchNorm."""
     path, pretrained = simclr_ckpt
     model = LinearEval(str(path), num_classes=3, finetune=True, lr=0.1, backbone_lr=0.01)
+    if mode == "left in eval mode":
+        model.eval()
     spy = Spy()
     fit(model, epochs=1, spy=spy)
     changed = [
@@ -394,3 +399,18 @@ def test_a_second_fit_of_the_module_counts_only_its_own_epoch(simclr_ckpt):
         trainer.fit(model, DataLoader(labelled(24, seed=1), batch_size=8))
         logged = float(trainer.callback_metrics["train/top1"])
         assert logged == pytest.approx(scores.hits / scores.rows, abs=1e-6)
+
+
+def test_int32_labels_train_as_int64_ones(simclr_ckpt):
+    """A user's dataset may give int32 labels: cross-entropy takes int64 targets. Reference:
+    the same run with int64 labels."""
+    path, _ = simclr_ckpt
+    heads = []
+    for dtype in (torch.int64, torch.int32):
+        model = LinearEval(str(path), num_classes=3, lr=0.1)
+        rows = [(x, y.to(dtype)) for x, y in labelled(24, seed=1)]
+        trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
+        trainer.fit(model, DataLoader(rows, batch_size=8))
+        heads.append(model.head.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
+    assert not torch.equal(heads[0], LinearEval(str(path), num_classes=3).head.weight)
