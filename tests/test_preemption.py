@@ -3,6 +3,7 @@ finishes its step, saves it, exits 143, and resuming reaches the end of the run.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -128,3 +129,33 @@ def test_corrupt_file_stops_the_run_after_saving_its_last_step(tmp_path):
     assert saved["global_step"] == max(weights.after) == 4  # batches 0-3 trained
     for name, value in weights.after[4].items():
         assert torch.equal(saved["state_dict"][name], value), name
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_stop_before_any_step_keeps_the_checkpoint_resumed_from(tmp_path, caplog):
+    """A resumed run whose first batch holds a corrupt file (or that a data check, setup or a
+    SIGTERM stops before a step) has nothing new to save: writing one replaced the trained
+    last.ckpt with the state before training. Reference: the file's bytes before the run."""
+
+    def fit(bad: int, ckpt_path=None, steps: int = 2) -> None:
+        L.seed_everything(0, verbose=False)
+        model = SimCLR(cifar_stem=False, head_hidden_dim=32, head_output_dim=16, warmup_epochs=0)
+        trainer = quiet_trainer(
+            max_steps=steps,
+            precision="32-true",
+            enable_checkpointing=True,
+            callbacks=[Preemption(), ModelCheckpoint(tmp_path, save_last=True)],
+        )
+        trainer.fit(model, DataLoader(BadFileAt(24, bad=bad), batch_size=3), ckpt_path=ckpt_path)
+
+    fit(bad=-1)  # no bad file: 2 steps, saved
+    last = tmp_path / "last.ckpt"
+    trained = last.read_bytes()
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    # resumed (a plain loader starts its epoch again: its first batch); a fresh run
+    for bad, ckpt_path in ((1, last), (1, None)):
+        caplog.clear()
+        with pytest.raises(CorruptImageError, match=f"{bad}.jpg"), caplog.at_level(logging.INFO):
+            fit(bad, ckpt_path, steps=4)
+        assert last.read_bytes() == trained
+        assert "no checkpoint written" in caplog.text

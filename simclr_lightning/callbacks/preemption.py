@@ -55,11 +55,13 @@ class Preemption(Callback):
     def __init__(self) -> None:
         self.saved_path: str | None = None
         self._resumed_from: str | None = None
+        self._first_step: int | None = None  # global_step when this fit's training started
         self._signals = SignalAgreement()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
+        first_step, self._first_step = self._first_step, None  # (no teardown after this)
         if trainer.state.fn != TrainerFn.FITTING:
             return
         alone = not isinstance(exception, CorruptImageStop)
@@ -71,6 +73,15 @@ class Preemption(Callback):
             return
         if not isinstance(exception, (SIGTERMException, CorruptImageError)):
             return
+        if first_step in (None, trainer.global_step):
+            # Stopped in setup (data.verify, the resident store), the checkpoint's restore, the
+            # sanity check or the first step: saving now would write untrained weights over
+            # the checkpoint resumed from, or over an earlier run's last.ckpt.
+            rank_zero_info(
+                "simclr-lightning: stopped before this run finished a step: no checkpoint "
+                "written (nothing new to save; the checkpoints already there are kept)"
+            )
+            return
         self.saved_path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(self.saved_path)
         rank_zero_info(
@@ -80,15 +91,18 @@ class Preemption(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._resumed_from = trainer.ckpt_path
+        self._first_step = None  # set once the checkpoint is restored and training starts
 
     # Lightning registers its SIGTERM handler after on_fit_start, before the sanity check.
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._signals.install(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_step = trainer.global_step
         self._signals.install(trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._first_step = None
         self._signals.uninstall(trainer)
 
     def on_train_batch_end(
