@@ -4,6 +4,7 @@ For ImageNet-size data the CPU cost is JPEG decoding plus per-image augmentation
 ``augment: gpu`` and ``decode: gpu`` the workers only read file bytes; the whole batch is
 decoded on the device (nvJPEG through ``torchvision.io.decode_jpeg(device=...)``) and the
 views are cropped from each full image, exactly as the CPU pipeline would crop them.
+Formats torchvision does not decode (BMP, TIFF, PPM/PGM) are read by PIL in the workers.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-from torchvision.transforms.v2.functional import to_dtype
+from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype
 
-from simclr_lightning.data.corrupt import DeviceSkips
+from simclr_lightning.data.corrupt import DeviceSkips, load_rgb
 from simclr_lightning.errors import CorruptImageError
 
 _JPEG_MAGIC = b"\xff\xd8"
 _JPEG_END = b"\xff\xd9"
+# the signatures torchvision's decode_image tells formats by (decode_image.cpp): it reads
+# JPEG, PNG, GIF and WebP, and calls any other file unsupported, however valid
+_TORCHVISION_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF87a", b"GIF89a")
 
 
 @dataclass
@@ -42,8 +46,9 @@ def read_encoded(path: str, decode: bool) -> EncodedImage:
     Bytes left for the device are first checked here, where a bad file can still be named
     and skipped (``data.skip_corrupt``): a file that does not end in JPEG's end marker (a
     truncated one does not) is decoded on the CPU to tell damage from harmless trailing
-    bytes; an empty or non-JPEG file is decoded here anyway. Either failure raises
-    :class:`CorruptImageError` naming the file."""
+    bytes; an empty or non-JPEG file is decoded here anyway. A format torchvision does not
+    read (BMP, TIFF, PPM, ...) is decoded by PIL's :func:`load_rgb`, as the CPU path reads it,
+    rather than called corrupt. Any failure raises :class:`CorruptImageError` naming the file."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -54,10 +59,19 @@ def read_encoded(path: str, decode: bool) -> EncodedImage:
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         intact = raw[:2] == _JPEG_MAGIC and raw.rstrip(b"\0")[-2:] == _JPEG_END
         if decode or not intact:  # PNG & co. and doubtful JPEGs are decoded here, on the CPU
+            if not torchvision_decodes(raw):  # PIL's pixels, or its reason for a bad file
+                return EncodedImage(path, pil_to_tensor(load_rgb(path)).contiguous(), True)
             return EncodedImage(path, decode_rgb8(data), True)
+    except CorruptImageError:
+        raise
     except Exception as err:
         raise CorruptImageError(path, _reason(err)) from err
     return EncodedImage(path, data, False)
+
+
+def torchvision_decodes(raw: bytes) -> bool:
+    """Whether ``raw`` starts with the signature of a format torchvision's decoders read."""
+    return raw.startswith(_TORCHVISION_MAGIC) or (raw[:4] == b"RIFF" and raw[8:15] == b"WEBPVP8")
 
 
 def decode_rgb8(data: Tensor) -> Tensor:
