@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from simclr_lightning.data.class_names import dataset_class_names  # noqa: F401 (notebook)
+from simclr_lightning.data.corrupt import substitutes_within
 from simclr_lightning.data.device_store import DeviceImageStore, IndexDataset
 from simclr_lightning.data.device_views import DeviceViews
 from simclr_lightning.data.failed_batches import (
@@ -222,17 +223,18 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
             self.val_set = self.make_dataset("val", self.eval_transform())
 
     def _labelled(self, dataset: Dataset) -> Dataset:
-        """The training split, or its labelled subset for semi-supervised fine-tuning."""
+        """The training split, or its labelled subset for semi-supervised fine-tuning (whose
+        bad files, with ``skip_corrupt``, get substitutes from the subset: no other labels)."""
         if self.label_subset is not None:
-            return Subset(dataset, listed_subset(dataset, self.label_subset))
-        if self.label_fraction is not None:
+            indices = listed_subset(dataset, self.label_subset)
+        elif self.label_fraction is not None:
             indices = class_balanced_subset(dataset, self.label_fraction, self.label_seed)
-            return Subset(dataset, indices)
-        return dataset
+        else:
+            return dataset
+        return Subset(dataset, substitutes_within(dataset, indices))
 
     def device_collate_fn(self):
-        """How workers' samples form a batch when views are made on the device (None:
-        PyTorch's default stacking)."""
+        """How workers' samples form a batch for views made on the device (None: stacking)."""
         return None
 
     @property
@@ -313,19 +315,16 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
         aug = self.gpu_augment
         if aug is None or self.trainer is None:
             return {}
-        pairs = {
-            "gpu_augment_generator": aug.generator,
-            "gpu_augment_box_generator": aug.box_generator,
-        }
+        pairs = {"gpu_augment_generator": aug.generator}
+        pairs["gpu_augment_box_generator"] = aug.box_generator
         return {key: gen for key, gen in pairs.items() if gen is not None}
 
     def val_sample(self) -> Dataset:
         """The validation images in :func:`stratified_order` (the first ``val_subset``)."""
         labels = dataset_labels(self.val_set)
         if labels is None:  # no labels to stratify by: a seeded random order
-            order = torch.randperm(
-                len(self.val_set), generator=torch.Generator().manual_seed(self.val_seed)
-            )
+            generator = torch.Generator().manual_seed(self.val_seed)
+            order = torch.randperm(len(self.val_set), generator=generator)
         else:
             order = stratified_order(labels, self.val_seed)
         return Subset(self.val_set, order[: self.val_subset].tolist())

@@ -82,8 +82,9 @@ def _is_empty(path: str) -> bool:
 
 
 def substitute(index: int, attempt: int, size: int) -> int:
-    """The ``attempt``-th image served in place of a bad ``index``: a function of the two
-    alone (not of any RNG state), so a resumed run and every worker draw the same."""
+    """The ``attempt``-th image served in place of a bad ``index``, as a position in the
+    ``size`` images substitutes are drawn from: a function of the three alone (not of any RNG
+    state), so a resumed run, every worker and every rank draw the same."""
     return random.Random(index * 1_000_003 + attempt).randrange(size)
 
 
@@ -169,11 +170,16 @@ class SkipCorrupt(SkippedFiles):
         super().__init__(files)
         self.max_tries = max_tries
 
-    def fetch(self, get: Callable[[int], T], index: int) -> T:
-        size = len(self.files)
+    def fetch(self, get: Callable[[int], T], index: int, pool: Sequence[int] | None = None) -> T:
+        """``get(index)``, or a substitute's: drawn from ``pool`` (indices of ``files``, the
+        view a loader indexes, such as a labelled subset), or from all files if None."""
+        size = len(self.files) if pool is None else len(pool)
         last: CorruptImageError | None = None
         for attempt in range(self.max_tries):
-            i = index if attempt == 0 else substitute(index, attempt, size)
+            i = index
+            if attempt > 0:
+                i = substitute(index, attempt, size)
+                i = i if pool is None else pool[i]
             if self.is_bad(i):
                 continue
             try:
@@ -195,6 +201,8 @@ class SkipsCorruptFiles:
     ``skip`` set, an undecodable file's sample is replaced by :class:`SkipCorrupt`'s choice."""
 
     skip: SkipCorrupt | None = None
+    # the indices substitutes come from (None: all); see :func:`substitutes_within`
+    substitutes: Sequence[int] | None = None
 
     def read_item(self, index: int):
         raise NotImplementedError
@@ -202,7 +210,16 @@ class SkipsCorruptFiles:
     def __getitem__(self, index: int):
         if self.skip is None:
             return self.read_item(index)
-        return self.skip.fetch(self.read_item, index)
+        return self.skip.fetch(self.read_item, index, self.substitutes)
+
+
+def substitutes_within(dataset: Dataset, indices: list[int]) -> list[int]:
+    """``indices``, the only images of ``dataset`` a loader will index (a labelled subset),
+    once a dataset that skips bad files draws their substitutes from them alone: an image
+    outside the subset, and its label, must not be served in a bad one's place."""
+    if isinstance(dataset, SkipsCorruptFiles):
+        dataset.substitutes = tuple(indices)
+    return indices
 
 
 class _Decodes(Dataset):
@@ -272,6 +289,7 @@ def verify_files(files: Sequence[str], workers: int, trainer=None) -> None:
         listing = root / "corrupt_files.txt"
         if rank == 0:
             try:
+                listing.parent.mkdir(parents=True, exist_ok=True)  # a run's root not made yet
                 listing.write_text("".join(f"{path}\t{reason}\n" for path, reason in bad))
             except OSError:
                 listing = None
