@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from torch.utils.data import Subset
+
 
 def dataset_class_names(datamodule) -> list[str] | None:
     """Class names of a data module's datasets (an ImageFolder's ``classes``), if it has any."""
     for attr in ("train_set", "val_set"):
-        names = getattr(getattr(datamodule, attr, None), "classes", None)
+        dataset = getattr(datamodule, attr, None)
+        while isinstance(dataset, Subset):  # a labelled subset (data.label_fraction)
+            dataset = dataset.dataset
+        names = getattr(dataset, "classes", None)
         if names:
             return [str(n) for n in names]
     return None

@@ -29,6 +29,13 @@ from simclr_lightning.errors import SettingError, require
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def class_folders(folder: Path) -> list[str]:
+    """The class folders of a split, sorted, leaving out hidden ones (``.ipynb_checkpoints``
+    that Jupyter leaves, ``.DS_Store`` folders ...): torchvision's ImageFolder counts them as
+    classes, which shifts every label after them."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def listed(names: list[str], at_most: int = 10) -> str:
     """``names`` for a one-line message: the first ``at_most`` and how many there are."""
     shown = ", ".join(names[:at_most])
@@ -40,7 +47,7 @@ class ImageFolderFiles(SkipsCorruptFiles, datasets.ImageFolder):
 
     ``class_to_idx`` numbers the classes as given (the training split's) instead of from the
     folder's own sub-folders: ``val/`` without one training class must not shift the labels
-    of the classes sorted after it."""
+    of the classes sorted after it. Hidden folders are no classes (:func:`class_folders`)."""
 
     read_item = datasets.ImageFolder.__getitem__
 
@@ -49,9 +56,9 @@ class ImageFolderFiles(SkipsCorruptFiles, datasets.ImageFolder):
         super().__init__(root, *args, **kwargs)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        if self.given_class_to_idx is None:
-            return super().find_classes(directory)
-        mapping = dict(self.given_class_to_idx)
+        mapping = self.given_class_to_idx
+        if mapping is None:
+            mapping = {name: i for i, name in enumerate(class_folders(Path(directory)))}
         return sorted(mapping, key=mapping.__getitem__), mapping
 
 
@@ -139,10 +146,14 @@ class ImageFolderDataModule(SimCLRDataModule):
     def num_classes(self) -> int | None:
         """The class folders of ``train/`` (None for unlabeled images), as ImageFolder finds
         them: known before any image is read."""
-        classes = [p for p in (self.root / "train").iterdir() if p.is_dir()]
-        return len(classes) or None
+        return len(class_folders(self.root / "train")) or None
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.task == "classify" and self.num_classes is None:
+            raise SettingError(
+                f"data.task=classify needs labelled images, and data.root={str(self.root)!r} "
+                f"has none: train/ holds no class folders (train/<class>/<image>)"
+            )
         if self.verify:
             self.verify_splits(["train", "val"] if stage == "fit" else ["val"])
         super().setup(stage)
@@ -187,7 +198,7 @@ class ImageFolderDataModule(SimCLRDataModule):
             for image in batch.images:
                 first = first or image
                 if image.data.shape != first.data.shape:
-                    raise ValueError(
+                    raise SettingError(
                         f"data.resident=true needs training images of one size: {image.path} "
                         f"is {tuple(image.data.shape)}, {first.path} is "
                         f"{tuple(first.data.shape)}; set data.resident=false"
@@ -206,10 +217,10 @@ class ImageFolderDataModule(SimCLRDataModule):
         ``train/`` has no class folders): a class folder training lacks is an error, a
         training class the split lacks a warning (once per data module)."""
         train = self.root / "train"
-        if not any(p.is_dir() for p in train.iterdir()):
+        classes, here = class_folders(train), class_folders(folder)
+        if not classes:
             return None
-        classes, class_to_idx = datasets.folder.find_classes(str(train))
-        here = [p.name for p in sorted(folder.iterdir()) if p.is_dir()]
+        class_to_idx = {name: i for i, name in enumerate(classes)}
         extra = [name for name in here if name not in class_to_idx]
         if extra:
             raise SettingError(
@@ -236,7 +247,7 @@ class ImageFolderDataModule(SimCLRDataModule):
         loader = load_rgb
         if transform is None:  # the device path: bytes or uint8 pixels, made into views later
             loader = partial(read_encoded, decode=self.decode == "cpu" or self.resident)
-        if any(p.is_dir() for p in folder.iterdir()):
+        if class_folders(folder):
             class_to_idx = None if split == "train" else self.split_classes(folder)
             try:
                 dataset = ImageFolderFiles(

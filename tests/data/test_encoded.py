@@ -24,6 +24,7 @@ from simclr_lightning import (
 from simclr_lightning.data.corrupt import load_image, load_rgb
 from simclr_lightning.data.encoded import ImageBatch, read_encoded
 from simclr_lightning.data.gpu import GPUAugment, sample_crop_boxes, sample_pixel_params
+from simclr_lightning.errors import SettingError
 from tests.data.test_datamodules import fit_one_step_and_grab_batch
 from tests.helpers import gpu_waits_raise
 
@@ -258,7 +259,7 @@ def test_resident_needs_one_image_size(mixed_size_folder):
     data = ImageFolderDataModule(
         str(mixed_size_folder), augment="gpu", resident=True, batch_size=4, num_workers=0
     )
-    with pytest.raises(ValueError, match="data.resident=true needs training images of one size"):
+    with pytest.raises(SettingError, match="data.resident=true needs training images of one size"):
         data.setup("fit")
 
 

@@ -1,0 +1,72 @@
+"""What an image folder's layout means: hidden folders are no classes, a labelled subset keeps
+its class names, and a task that needs labels refuses a folder without them before any work."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from simclr_lightning import ImageFolderDataModule, SimCLRAugmentation
+from simclr_lightning.data.class_names import dataset_class_names
+from simclr_lightning.errors import SettingError
+from simclr_lightning.evaluation.classify_data import classify_data
+
+
+def write_images(folder: Path, count: int, seed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def data(root: Path, **kwargs) -> ImageFolderDataModule:
+    settings = dict(batch_size=2, num_workers=0, augmentation=SimCLRAugmentation(image_size=8))
+    return ImageFolderDataModule(str(root), **(settings | kwargs))
+
+
+@pytest.mark.parametrize("task", ["pretrain", "classify"])
+def test_hidden_folders_are_not_classes(tmp_path, task):
+    """Jupyter leaves ``.ipynb_checkpoints`` in folders it opened: torchvision's ImageFolder
+    made it class 0 and moved every real class up by one. Reference: each file's label is
+    its class folder's position among the visible folders."""
+    for split in ("train", "val"):
+        for i, name in enumerate(["cat", "dog", ".ipynb_checkpoints"]):
+            write_images(tmp_path / split / name, 2, seed=i)
+    dm = data(tmp_path, task=task)
+    assert dm.num_classes == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "val has no folder for training class" warning
+        dm.setup("fit")
+    for dataset in (dm.train_set, dm.val_set):
+        assert dataset.classes == ["cat", "dog"]
+        assert len(dataset.samples) == 4
+        for path, label in dataset.samples:
+            assert label == ["cat", "dog"].index(Path(path).parent.name)
+
+
+def test_classify_on_images_without_class_folders_is_refused_before_reading(tmp_path):
+    """Linear evaluation on a folder of unlabelled images trained on nothing (every label -1)
+    and exited 0."""
+    write_images(tmp_path / "train", 4, seed=0)
+    with pytest.raises(SettingError, match=r"data.task=classify needs labelled images.*train/"):
+        data(tmp_path, task="classify").setup("fit")
+    data(tmp_path).setup("fit")  # pretraining on them is what they are for
+
+
+def test_a_labelled_subset_keeps_the_class_names_for_the_class_count_check(tmp_path):
+    """With ``label_fraction`` the training split is a Subset, without ``classes``: with no
+    val/ the class-count check was skipped and the first step failed on a label out of range."""
+    for i, name in enumerate(["bird", "cat", "dog"]):
+        write_images(tmp_path / "train" / name, 4, seed=i)
+    dm = data(tmp_path, task="classify", label_fraction=0.5)
+    with pytest.warns(UserWarning, match="no validation"):
+        dm.setup("fit")
+    assert len(dm.train_set) == 6
+    assert dataset_class_names(dm) == ["bird", "cat", "dog"]
+    with pytest.raises(SettingError, match=r"model.num_classes=2 but the data has 3 classes"):
+        classify_data(dm, 2, {})
