@@ -122,6 +122,18 @@ CASES = [
     ("task", fit("--data.task=foo"), 2, ["data.task='foo'"]),
     ("workers", fit("--data.num_workers=-1"), 2, ["data.num_workers=-1", ">= 0"]),
     (
+        "mean of 2 channels",
+        fit("--data.augmentation.mean=[0.5,0.5]", "--data.augmentation.std=[0.2,0.2]"),
+        2,
+        ["data.augmentation.mean=(0.5, 0.5)", "3 values (one per channel"],
+    ),
+    (
+        "blur kernel wider than the views",
+        fit("--data.augmentation.blur_kernel_size=99"),
+        2,
+        ["data.augmentation.blur_kernel_size=99", "[1, 31]"],
+    ),
+    (
         "jitter strength",
         fit("--data.augmentation.jitter_strength=3"),
         2,

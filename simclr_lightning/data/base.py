@@ -127,8 +127,7 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
         )
         self.batch_size = batch_size
         aug = augmentation or SimCLRAugmentation()
-        mean, std = self.channel_stats()
-        self.augmentation = aug.replace(mean=aug.mean or mean, std=aug.std or std)
+        self.augmentation = aug.normalised_as(*self.channel_stats())
         self.task = task
         self.augment = augment
         self.num_workers = num_workers

@@ -68,7 +68,10 @@ class SimCLRAugmentation:
         _check(0 < lo <= hi, "blur_sigma", self.blur_sigma, "0 < min <= max")
         if self.blur_kernel_size is not None:
             k = self.blur_kernel_size
-            _check(k >= 1 and k % 2 == 1, "blur_kernel_size", k, "an odd integer >= 1")
+            # the blur pads each view by reflection, which needs k // 2 < the view's side
+            size = self.image_size
+            ok = k >= 1 and k % 2 == 1 and k // 2 < size
+            _check(ok, "blur_kernel_size", k, f"an odd integer in [1, {2 * size - 1}]")
         if self.mean is not None and self.std is not None:
             _check(
                 len(self.mean) == len(self.std) and all(s > 0 for s in self.std),
@@ -101,6 +104,20 @@ class SimCLRAugmentation:
         """(brightness, contrast, saturation, hue) bounds for the jitter strength."""
         s = self.jitter_strength
         return 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s
+
+    def normalised_as(self, mean: Sequence[float], std: Sequence[float]) -> SimCLRAugmentation:
+        """These views with the data's ``mean``/``std`` where they name none. One given for
+        another number of channels than the data's images have is refused here: the first
+        batch would fail on it."""
+        for name, given in (("mean", self.mean), ("std", self.std)):
+            allowed = f"{len(mean)} values (one per channel of the images) or null"
+            require(
+                given is None or len(given) == len(mean),
+                f"data.augmentation.{name}",
+                given,
+                allowed,
+            )
+        return self.replace(mean=self.mean or tuple(mean), std=self.std or tuple(std))
 
     def replace(self, **changes) -> SimCLRAugmentation:
         return dataclasses.replace(self, **changes)
