@@ -3,6 +3,7 @@ for the cost of one matrix product per batch."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import lightning as L
@@ -192,8 +193,13 @@ class OnlineLinearProbe(L.Callback):
     def _set_lr(self, trainer: L.Trainer) -> None:
         if self.schedule == "constant":
             return
-        steps = schedule_steps(trainer, "OnlineLinearProbe")
-        total = max(1, steps * trainer.accumulate_grad_batches)
+        # the probe steps at every batch: the run's batches, which the optimizer steps times
+        # accumulate_grad_batches exceed where an epoch's last step accumulates fewer
+        total = schedule_steps(trainer, "OnlineLinearProbe") * trainer.accumulate_grad_batches
+        batches, epochs = trainer.num_training_batches, trainer.max_epochs or -1
+        if epochs > 0 and not math.isinf(batches):
+            total = min(total, int(batches) * epochs)
+        total = max(1, total)
         lr = self.lr * warmup_cosine(self.steps, 0, total)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

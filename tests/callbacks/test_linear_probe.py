@@ -317,6 +317,21 @@ def test_a_second_fit_starts_the_probes_cosine_schedule_again():
         assert rates.rates == pytest.approx(want, rel=1e-12)
 
 
+def test_the_probes_cosine_spans_the_runs_batches_under_accumulation():
+    """The probe steps at every batch: 2 epochs of 4 batches are 8 probe steps, which the
+    optimizer's 2 x ceil(4 / 3) steps times 3 overcounted as 12 (the cosine ended at 7% of
+    the rate, not at 0). Reference: the cosine in float64 over 8 steps."""
+    data = FeatureData(separable(32, seed=4), separable(16, seed=5), batch_size=8)
+    probe = OnlineLinearProbe(num_classes=4, optimizer="sgd", lr=0.5, schedule="cosine")
+    rates = ProbeRates(probe)
+    trainer = quiet_trainer(
+        max_epochs=2, accumulate_grad_batches=3, callbacks=[probe, rates], limit_val_batches=0
+    )
+    trainer.fit(FeatureModule(16), datamodule=data)
+    want = [0.5 * cosine_schedule_reference(step, 0, 8, 0.0) for step in range(8)]
+    assert rates.rates == pytest.approx(want, rel=1e-12)
+
+
 def test_int32_labels_train_and_score_the_probe():
     """A user's dataset may give int32 labels (numpy's default on some platforms): the probe
     trains and scores as with int64. Reference: the same run with int64 labels."""
