@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from numbers import Integral, Real
 from pathlib import Path
 
 import lightning as L
@@ -48,6 +49,11 @@ def list_images(paths: str | Sequence[str]) -> list[str]:
 
 
 LEFT_OUT = "no prediction for it"
+
+
+def _number(value: object, kind: type) -> bool:
+    """``value`` is a ``kind`` (``Integral``, ``Real``) and not a bool."""
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 class ImageFiles(Dataset):
@@ -122,6 +128,19 @@ class ImageFilesDataModule(L.LightningDataModule):
         super().__init__()
         require(batch_size >= 1, "data.batch_size", batch_size, ">= 1")
         require(num_workers >= 0, "data.num_workers", num_workers, ">= 0")
+        require(
+            image_size is None or (_number(image_size, Integral) and image_size >= 1),
+            "data.image_size",
+            image_size,
+            "an integer >= 1 (pixels), or null for the model's recorded size (else 224)",
+        )
+        require(
+            resize_ratio is None or (_number(resize_ratio, Real) and 0 < resize_ratio <= 1),
+            "data.resize_ratio",
+            resize_ratio,
+            "in (0, 1], the share of the resized side the centre crop keeps (0.875: resize "
+            "256, crop 224; 1: no crop), or null for the model's recorded ratio",
+        )
         self.files = list_images(paths)
         self.batch_size = batch_size
         self.num_workers = num_workers
