@@ -141,6 +141,14 @@ class ImageFolderDataModule(SimCLRDataModule):
                 f"(ImageNet layout) or {root}/train/<image> for unlabeled images"
             )
         super().__init__(augmentation=augmentation, **kwargs)
+        if (decode == "gpu" or resident) and not self.on_device:
+            warnings.warn(
+                f"data.decode={decode} and data.resident={str(resident).lower()} apply to views "
+                f"made on the device (data.augment=gpu, data.task=pretrain), not to "
+                f"data.augment={self.augment}, data.task={self.task}: images are decoded and "
+                f"transformed on the CPU",
+                stacklevel=2,
+            )
 
     @property
     def num_classes(self) -> int | None:

@@ -70,3 +70,22 @@ def test_a_labelled_subset_keeps_the_class_names_for_the_class_count_check(tmp_p
     assert dataset_class_names(dm) == ["bird", "cat", "dog"]
     with pytest.raises(SettingError, match=r"model.num_classes=2 but the data has 3 classes"):
         classify_data(dm, 2, {})
+
+
+@pytest.mark.parametrize(
+    ("settings", "applies"),
+    [
+        (dict(decode="gpu"), False),
+        (dict(resident=True, task="classify", augment="gpu"), False),
+        (dict(decode="gpu", augment="gpu"), True),
+    ],
+)
+def test_device_only_settings_say_when_they_do_not_apply(tmp_path, settings, applies):
+    """decode and resident shape the device path only: with CPU views they did nothing, with
+    no word of it."""
+    write_images(tmp_path / "train" / "cat", 2, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data(tmp_path, **settings)
+    said = [str(w.message) for w in caught if "apply to views made on the device" in str(w.message)]
+    assert len(said) == (0 if applies else 1), said
