@@ -101,4 +101,6 @@ def _timm_backbone(
         )
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise SettingError(f"model.backbone={name!r} is not a timm model: {err}") from err
-    return net, int(net.num_features)
+    # with num_classes=0 a model with a pre-logits layer (MobileNetV3, GhostNet, LCNet, HGNet)
+    # outputs head_hidden_size features, not num_features
+    return net, int(getattr(net, "head_hidden_size", None) or net.num_features)

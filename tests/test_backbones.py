@@ -41,6 +41,20 @@ def test_timm_encoder_trains_exports_and_reloads(tmp_path):
         torch.testing.assert_close(linear.backbone(x), model.backbone(x))
 
 
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "lcnet_050"])
+def test_a_timm_encoder_with_pre_logits_gets_a_head_of_its_output_width(name):
+    """These give num_features (288, 256) but output their pre-logits layer's 1024 or 1280
+    features: the head was built for num_features and the first step failed. Reference: the
+    width timm's own model outputs."""
+    model = SimCLR(backbone=f"timm:{name}", cifar_stem=False, optimizer="sgd", warmup_epochs=0)
+    reference = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    with torch.no_grad():
+        width = reference(torch.randn(2, 3, 32, 32)).shape[1]
+    assert width != reference.num_features  # the case that went wrong
+    assert model.feature_dim == width
+    quiet_trainer(max_steps=1).fit(model, DataLoader(pairs(8), batch_size=8))
+
+
 def test_timm_kwargs_reach_the_model():
     model = SimCLR(backbone="timm:test_vit", cifar_stem=False, timm_kwargs={"img_size": 32})
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, model.feature_dim)
