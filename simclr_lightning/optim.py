@@ -134,14 +134,19 @@ class LARS(Optimizer):
 def param_groups(model: nn.Module, weight_decay: float, exclude_bn_bias: bool = True) -> list[dict]:
     """Two groups: weights that are decayed (and LARS-adapted), and BatchNorm/bias parameters
     that are not, as in SimCLR. One-dimensional parameters are exactly the BN and bias ones
-    in the ResNet + MLP head this library builds."""
+    in the ResNet + MLP head this library builds; a timm encoder's ``no_weight_decay()``
+    names (a ViT's ``cls_token`` and ``pos_embed``) join them, as timm's optimizers do."""
     if not exclude_bn_bias:
         params = [p for p in model.parameters() if p.requires_grad]
         return [{"params": params, "weight_decay": weight_decay, "lars_adaptation": True}]
+    exempt = set()
+    for prefix, module in model.named_modules():
+        if callable(names := getattr(module, "no_weight_decay", None)):
+            exempt |= {f"{prefix}.{name}" if prefix else name for name in names()}
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if p.ndim <= 1 or name in exempt else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "lars_adaptation": True},
         {"params": no_decay, "weight_decay": 0.0, "lars_adaptation": False},

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from simclr_lightning import LinearEval, SimCLR, export_backbone
+from simclr_lightning.optim import param_groups
 from tests.helpers import quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,6 +59,19 @@ def test_a_timm_encoder_with_pre_logits_gets_a_head_of_its_output_width(name):
 def test_timm_kwargs_reach_the_model():
     model = SimCLR(backbone="timm:test_vit", cifar_stem=False, timm_kwargs={"img_size": 32})
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, model.feature_dim)
+
+
+def test_a_vits_tokens_and_position_embedding_are_not_decayed():
+    """timm lists them in no_weight_decay(), as its own optimizer factory exempts them; by
+    shape alone (3-D) they were decayed and LARS-adapted. Reference: timm's list."""
+    model = SimCLR(backbone="timm:test_vit", cifar_stem=False, timm_kwargs={"img_size": 32})
+    listed = {f"backbone.{name}" for name in model.backbone.no_weight_decay()}
+    shapes = {name: p.ndim for name, p in model.named_parameters()}
+    want = {name for name, ndim in shapes.items() if ndim <= 1 or name in listed}
+    assert {"backbone.cls_token", "backbone.pos_embed"} <= want
+    names = {id(p): name for name, p in model.named_parameters()}
+    _, no_decay = param_groups(model, weight_decay=1e-4)
+    assert {names[id(p)] for p in no_decay["params"]} == want
 
 
 def test_timm_errors_name_the_setting(monkeypatch):
