@@ -294,7 +294,7 @@ class SimCLR(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        check_accumulation(self.trainer.accumulate_grad_batches)
+        check_accumulation(self.trainer)
         lr = scaled_learning_rate(hp.base_lr, self.global_batch_size(), hp.lr_scaling)
         groups = param_groups(self, hp.weight_decay, hp.exclude_bn_bias)
         optimizer = build_optimizer(hp.optimizer, groups, lr, hp.momentum, hp.lars_eta)

@@ -8,6 +8,7 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -44,13 +45,20 @@ def check_warmup(
     )
 
 
-def check_accumulation(accumulate_grad_batches: int) -> None:
-    """Refuse gradient accumulation: the learning rate would scale with the accumulated batch
+def check_accumulation(trainer: L.Trainer) -> None:
+    """Refuse gradient accumulation, also one that Lightning's ``GradientAccumulationScheduler``
+    would switch on at a later epoch: the learning rate would scale with the accumulated batch
     while each loss still sees only one batch's negatives."""
-    if accumulate_grad_batches > 1:
-        k = accumulate_grad_batches
+    asked = [("trainer.accumulate_grad_batches=", trainer.accumulate_grad_batches)]
+    for callback in trainer.callbacks:
+        if isinstance(callback, GradientAccumulationScheduler):
+            most = max(callback.scheduling.values())
+            asked.append(("GradientAccumulationScheduler's accumulation of up to ", most))
+    for setting, k in asked:
+        if k <= 1:
+            continue
         raise SettingError(
-            f"trainer.accumulate_grad_batches={k} is invalid: must be 1 for SimCLR: "
+            f"{setting}{k} is invalid: must be 1 for SimCLR: "
             f"accumulation adds no negatives (each loss still contrasts one batch) while the "
             f"learning-rate rule would scale for {k}x the batch. For a {k}x larger batch in "
             f"the same memory multiply data.batch_size by {k} and set "

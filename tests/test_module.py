@@ -186,3 +186,16 @@ def test_an_endless_run_is_refused_before_training():
     with pytest.raises(SettingError, match=r"SimCLR's cosine schedule needs a run of known"):
         trainer.fit(model, DataLoader(pairs(8), batch_size=4))
     assert trainer.global_step == 0
+
+
+def test_accumulation_a_scheduler_would_start_later_is_refused_before_training():
+    """Lightning's GradientAccumulationScheduler sets trainer.accumulate_grad_batches at the
+    start of the epoch it names, after the optimizer's check: the run accumulated without the
+    refusal (and its cosine, planned for one batch a step, never ended)."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    model = SimCLR(head_hidden_dim=16, head_output_dim=8)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[GradientAccumulationScheduler({1: 2})])
+    with pytest.raises(SettingError, match="accumulation of up to 2 is invalid: must be 1"):
+        trainer.fit(model, DataLoader(pairs(8), batch_size=4))
+    assert trainer.global_step == 0
