@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,27 +153,34 @@ def head_config_of(layers: dict[str, Tensor]) -> tuple[dict[str, Any], int]:
 
 
 def export_backbone(
-    checkpoint_path: str | os.PathLike, output_path: str | os.PathLike, head_layers: int = 0
+    checkpoint_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    head_layers: int = 0,
+    setting: str = "head_layers",
 ) -> dict[str, Any]:
     """Write the encoder of a SimCLR (or LinearEval) checkpoint to ``output_path``.
 
     The file is a state dict with the backbone's own names: ``torchvision.models.<backbone>()``
     (after ``apply_stem(net, cifar_stem, in_channels)`` when those were used) or
     ``timm.create_model(name, num_classes=0, in_chans=in_channels, **timm_kwargs)`` loads it.
-    With ``head_layers`` k > 0 it also holds the first k projection-head layers as ``fc`` (an
-    ``nn.Sequential``), the features SimCLR v2 fine-tunes from: set ``net.fc`` to that
-    Sequential (``arch["fc"]`` spells it) and it loads strictly; otherwise only torchvision's
-    ``fc`` is missing. Written to a temporary file then renamed, so a crash never leaves a
-    truncated file at ``output_path``. Returns the architecture to rebuild (``backbone``,
+    With ``head_layers`` k > 0 it also holds the first k projection-head layers as ``fc.*`` (an
+    ``nn.Sequential``, ``arch["fc"]`` spells it), the features SimCLR v2 fine-tunes from: set
+    a torchvision ResNet's ``net.fc`` to that Sequential and it loads strictly (otherwise only
+    its ``fc`` is missing); a timm encoder's forward may not call ``fc``, so load the ``fc.*``
+    tensors into the Sequential and run ``nn.Sequential(net, head)`` (:func:`rebuild_code`).
+    Written to a temporary file then renamed, so a crash never leaves a truncated file at
+    ``output_path``. ``setting`` names ``head_layers`` in errors (the command passes
+    ``--head-layers``). Returns the architecture to rebuild (``backbone``,
     ``cifar_stem``, ``in_channels``, ``timm_kwargs``, ``head_layers``, ``fc``).
     """
+    require(head_layers >= 0, setting, head_layers, ">= 0")
     checkpoint = load_checkpoint(checkpoint_path, "checkpoint")
     state, arch = load_backbone_state(checkpoint, "checkpoint")
     defaults = {"backbone": "resnet18", "cifar_stem": False, "in_channels": 3, "timm_kwargs": None}
     arch = defaults | arch
     arch.update(head_layers=head_layers, fc=None)
     if head_layers:
-        layers, _ = projection_layers(checkpoint, head_layers)
+        layers, _ = projection_layers(checkpoint, head_layers, setting)
         state.update({f"fc.{k}": v for k, v in layers.state_dict().items()})
         arch["fc"] = sequential_code(layers)
     state = {k: v.detach().clone().contiguous() for k, v in state.items()}
@@ -180,25 +188,26 @@ def export_backbone(
     return arch
 
 
-def projection_layers(path: Source, k: int) -> tuple[nn.Sequential, dict[str, Any]]:
+def projection_layers(
+    path: Source, k: int, setting: str = "model.head_layers"
+) -> tuple[nn.Sequential, dict[str, Any]]:
     """The first ``k`` pretrained projection-head layers in ``path`` and the config of the head
-    they come from: a SimCLR checkpoint's head, or the layers a LinearEval checkpoint kept."""
+    they come from: a SimCLR checkpoint's head, or the layers a LinearEval checkpoint kept.
+    ``setting`` is the name ``k`` is given by, for errors."""
     path = load_checkpoint(path)
     head = load_projection_head(path)
     if head is not None:
-        require(
-            k <= head.num_layers, "model.head_layers", k, f"<= {head.num_layers}, the head's depth"
-        )
+        require(k <= head.num_layers, setting, k, f"<= {head.num_layers}, the head's depth")
         return head.first_layers(k), head.config
     state, hparams = _read(path)
     # simclr-lightning-export --head-layers: fc.<index>.* (a torchvision classifier is fc.weight)
     exported = {n[3:]: v for n, v in state.items() if re.match(r"fc\.\d+\.", n)}
     if not hparams and exported:
-        return exported_layers(path.path, exported, k)
+        return exported_layers(path.path, exported, k, setting)
     kept = hparams.get("head_layers", 0)
     require(
         0 < k == kept,
-        "model.head_layers",
+        setting,
         k,
         f"0 for {path.path}: it holds no projection head"
         if not kept
@@ -212,12 +221,12 @@ def projection_layers(path: Source, k: int) -> tuple[nn.Sequential, dict[str, An
 
 
 def exported_layers(
-    path: str | os.PathLike, fc: dict[str, Tensor], k: int
+    path: str | os.PathLike, fc: dict[str, Tensor], k: int, setting: str = "model.head_layers"
 ) -> tuple[nn.Sequential, dict[str, Any]]:
     """The head layers ``export_backbone`` wrote as ``fc.*``, and a head config that rebuilds
     them (:func:`head_config_of`)."""
     config, kept = head_config_of(fc)
-    require(k == kept, "model.head_layers", k, f"{kept}, the layers {path} holds")
+    require(k == kept, setting, k, f"{kept}, the layers {path} holds")
     layers = ProjectionHead(**config).first_layers(k)
     layers.load_state_dict(fc)
     return layers, config
@@ -239,6 +248,10 @@ def sequential_code(layers: nn.Sequential) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``simclr-lightning-export``: an error a user can fix (a missing or truncated checkpoint,
+    a bad ``--head-layers``) is one line on stderr and a non-zero exit, as for
+    ``simclr-lightning`` (:mod:`simclr_lightning.cli_errors`; ``SIMCLR_DEBUG=1`` keeps the
+    traceback)."""
     parser = argparse.ArgumentParser(
         prog="simclr-lightning-export",
         description="Write a checkpoint's encoder (and projection layers) as a plain state dict.",
@@ -252,7 +265,15 @@ def main(argv: list[str] | None = None) -> None:
         help="also export the first k projection-head layers as fc (SimCLR v2 fine-tunes from 1)",
     )
     args = parser.parse_args(argv)
-    arch = export_backbone(args.checkpoint, args.output, args.head_layers)
+    from simclr_lightning.cli_errors import report  # lightning.pytorch.cli: only when run
+
+    try:
+        arch = export_backbone(args.checkpoint, args.output, args.head_layers, "--head-layers")
+    except Exception as err:
+        code = report(err)
+        if code is None:
+            raise
+        sys.exit(code)
     print(f"wrote {args.output}; load it with:\n{rebuild_code(arch, str(args.output))}")
 
 
@@ -276,8 +297,18 @@ def rebuild_code(arch: dict[str, Any], output: str) -> str:
                 f"in_channels={arch['in_channels']})  # from simclr_lightning import apply_stem"
             )
     load = ""
+    scale = "  # ScaleBatchNorm1d: from simclr_lightning.heads"
+    scale = scale if "Scale" in str(arch["fc"]) else ""
+    if arch["fc"] and arch["backbone"].startswith("timm:"):  # its forward may not call fc
+        return (
+            f"    {build}\n    head = {arch['fc']}{scale}\n"
+            f"    state = torch.load({output!r})\n"
+            f"    head.load_state_dict({{k[3:]: state.pop(k) for k in list(state) "
+            f"if k.startswith('fc.')}})\n"
+            f"    net.load_state_dict(state)\n"
+            f"    net = nn.Sequential(net, head)  # the encoder, then the first head layers"
+        )
     if arch["fc"]:
-        scale = "  # ScaleBatchNorm1d: from simclr_lightning.heads" if "Scale" in arch["fc"] else ""
         load = f"    net.fc = {arch['fc']}{scale}\n"
     if strict:
         load += f"    net.load_state_dict(torch.load({output!r}))"

@@ -24,11 +24,20 @@ from simclr_lightning.errors import CheckpointError
 UNREADABLE = (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
 
 
+def local_path(path: str | os.PathLike) -> str | os.PathLike:
+    """``path`` without a ``file://`` (or ``file:``) scheme, as fsspec reads it: ``Path`` of
+    ``file:///tmp/x.ckpt`` would be a relative folder ``file:``."""
+    text = os.fspath(path)
+    if isinstance(text, str) and text.startswith("file:"):
+        return text.removeprefix("file://") if text.startswith("file://") else text[5:]
+    return path
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in ``path``'s own folder, fsync it, rename it over
     ``path`` and fsync the folder: a reader sees the old file or the new one, never part of
     one, even if the process is killed or the machine loses power."""
-    path = Path(path)
+    path = Path(local_path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     # Not named after the checkpoint: a writer killed mid-save leaves it behind, and Lightning's
     # SLURM resume reads the digits after "hpc_ckpt_" in any file name as a checkpoint number.
@@ -69,7 +78,9 @@ def read_checkpoint(
     path: str | os.PathLike, setting: str, load: Callable[..., Any] = torch.load, **kwargs: Any
 ) -> Any:
     """``load(path, **kwargs)`` (``torch.load``), with a :class:`CheckpointError` naming
-    ``setting`` and the file when it is missing, empty, truncated or corrupt."""
+    ``setting`` and the file when it is missing, empty, truncated or corrupt. A ``file://``
+    URL is read as the local path it names."""
+    path = local_path(path)
     if not Path(path).is_file():
         raise CheckpointError(setting, path, "does not exist: give the path of a .ckpt file")
     if Path(path).stat().st_size == 0:
@@ -129,7 +140,7 @@ def check_ckpt_path(path: str | os.PathLike | None, model_class_path: str | None
     """Before LightningCLI reads ``--ckpt_path`` (it loads the hyperparameters with a bare
     ``torch.load``): a truncated file, or one of another model class, is a one-line error.
     Only files are checked; ``last``/``best`` and missing paths are the Trainer's to resolve."""
-    if not path or not Path(path).is_file():
+    if not path or not Path(local_path(path)).is_file():
         return
     load = {"map_location": "cpu", "weights_only": True, "mmap": True}  # mmap: reads no tensors
     checkpoint = read_checkpoint(path, "ckpt_path", **load)
