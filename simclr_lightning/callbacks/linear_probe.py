@@ -85,6 +85,7 @@ class OnlineLinearProbe(L.Callback):
         self.steps = 0
         self._per_epoch = 0  # training batches (probe steps) per epoch; 0: unknown
         self._saved_per_epoch = 0  # of the run a checkpoint was saved by
+        self._total_steps = 1  # of the cosine, planned in on_train_start
         self._pending_state: dict[str, Any] | None = None
         self._val_rows = 0
 
@@ -134,6 +135,8 @@ class OnlineLinearProbe(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         batches = trainer.num_training_batches
         self._per_epoch = int(batches) if batches != float("inf") else 0
+        if self.schedule == "cosine":  # planned once, not at every batch
+            self._total_steps = probe_steps(trainer)
         saved, self._saved_per_epoch = self._saved_per_epoch, 0
         if trainer.estimated_stepping_batches != trainer.max_steps:  # a run of epochs
             # resumed with another global batch: the same epoch of this run's schedule
@@ -193,14 +196,7 @@ class OnlineLinearProbe(L.Callback):
     def _set_lr(self, trainer: L.Trainer) -> None:
         if self.schedule == "constant":
             return
-        # the probe steps at every batch: the run's batches, which the optimizer steps times
-        # accumulate_grad_batches exceed where an epoch's last step accumulates fewer
-        total = schedule_steps(trainer, "OnlineLinearProbe") * trainer.accumulate_grad_batches
-        batches, epochs = trainer.num_training_batches, trainer.max_epochs or -1
-        if epochs > 0 and not math.isinf(batches):
-            total = min(total, int(batches) * epochs)
-        total = max(1, total)
-        lr = self.lr * warmup_cosine(self.steps, 0, total)
+        lr = self.lr * warmup_cosine(self.steps, 0, self._total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -267,6 +263,16 @@ class OnlineLinearProbe(L.Callback):
         self._saved_per_epoch = int(state_dict.get("batches_per_epoch", 0))
         self._train_sums.load_state_dict(state_dict)
         self._pending_state = None
+
+
+def probe_steps(trainer: L.Trainer) -> int:
+    """The probe's steps in this run, one per training batch: the optimizer's steps times
+    accumulate_grad_batches, fewer where an epoch's last step accumulates fewer batches."""
+    total = schedule_steps(trainer, "OnlineLinearProbe") * trainer.accumulate_grad_batches
+    batches, epochs = trainer.num_training_batches, trainer.max_epochs or -1
+    if epochs > 0 and not math.isinf(batches):
+        total = min(total, int(batches) * epochs)
+    return max(1, total)
 
 
 def _datamodule_classes(trainer: L.Trainer) -> int:
