@@ -247,13 +247,16 @@ def sequential_code(layers: nn.Sequential) -> str:
     return f"nn.Sequential({', '.join(parts)})"
 
 
+EXPORT_PROG = "simclr-lightning-export"
+
+
 def main(argv: list[str] | None = None) -> None:
     """``simclr-lightning-export``: an error a user can fix (a missing or truncated checkpoint,
     a bad ``--head-layers``) is one line on stderr and a non-zero exit, as for
     ``simclr-lightning`` (:mod:`simclr_lightning.cli_errors`; ``SIMCLR_DEBUG=1`` keeps the
     traceback)."""
     parser = argparse.ArgumentParser(
-        prog="simclr-lightning-export",
+        prog=EXPORT_PROG,
         description="Write a checkpoint's encoder (and projection layers) as a plain state dict.",
     )
     parser.add_argument("checkpoint", help="SimCLR or LinearEval checkpoint (.ckpt)")
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         arch = export_backbone(args.checkpoint, args.output, args.head_layers, "--head-layers")
     except Exception as err:
-        code = report(err)
+        code = report(err, EXPORT_PROG)
         if code is None:
             raise
         sys.exit(code)

@@ -38,10 +38,14 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     ``path`` and fsync the folder: a reader sees the old file or the new one, never part of
     one, even if the process is killed or the machine loses power."""
     path = Path(local_path(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not named after the checkpoint: a writer killed mid-save leaves it behind, and Lightning's
-    # SLURM resume reads the digits after "hpc_ckpt_" in any file name as a checkpoint number.
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Not named after the checkpoint: a writer killed mid-save leaves it behind, and
+        # Lightning's SLURM resume reads the digits after "hpc_ckpt_" in any file name as a
+        # checkpoint number.
+        fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _naming(err, path) from err
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() follows the umask
         with os.fdopen(fd, "wb") as f:
@@ -49,10 +53,23 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _naming(err, path) from err
         raise
     _fsync_dir(path.parent)
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` naming the file being saved rather than the temporary one, or than no file at
+    all: a full disk surfaces from ``torch.save`` as a bare ``OSError(28, '...')``."""
+    if err.errno is None:
+        return err
+    name = os.fspath(err.filename) if isinstance(err.filename, (str, os.PathLike)) else ""
+    if name and not os.path.basename(name).startswith(".partial-"):  # e.g. a folder above
+        return OSError(err.errno, f"{err.strerror} (saving {path})", err.filename)
+    return OSError(err.errno, err.strerror, str(path))  # OSError(errno) picks the subclass
 
 
 def _umask() -> int:

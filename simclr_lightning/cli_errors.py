@@ -1,15 +1,18 @@
 """One line on stderr for every error a user can fix, instead of the 70-80 lines of chained
 tracebacks jsonargparse and Lightning print around it.
 
-The real message is found by walking the exception chain (``__cause__``/``__context__``):
-jsonargparse wraps an error raised in a class's ``__init__`` in a union-validation
-``ValueError`` whose text ends with the whole parsed ``Namespace``. Exit codes: 2 for usage
+The real message is found by walking the chain of ``raise ... from`` causes: jsonargparse wraps
+an error raised in a class's ``__init__`` in a union-validation ``ValueError`` whose text ends
+with the whole parsed ``Namespace``. An error raised *while handling* another (``__context__``
+only) is a new failure, not a wrapper: it decides, so a bug in a failure path keeps its
+traceback instead of hiding behind the user error it was handling. Exit codes: 2 for usage
 errors (a bad setting or argument), 1 for the others (missing or corrupt data, an unusable
-checkpoint, a NaN loss). ``SIMCLR_DEBUG=1`` keeps the full traceback. Anything else is a bug
-and keeps its traceback too."""
+checkpoint, a NaN loss, a full disk or a folder that cannot be written). ``SIMCLR_DEBUG=1``
+keeps the full traceback. Anything else is a bug and keeps its traceback too."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -31,6 +34,12 @@ RUN_ERRORS: tuple[type[BaseException], ...] = (
     FloatingPointError,  # SimCLR.training_step's non-finite loss
     FileNotFoundError,
 )
+# Errors of the machine a user fixes (a full disk, a folder they cannot write); an OSError
+# with another errno may be a bug and keeps its traceback.
+USER_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOSPC,
+     errno.EDQUOT, errno.EROFS, errno.EEXIST, errno.ENAMETOOLONG}
+)  # fmt: skip
 PROG = "simclr-lightning"
 
 
@@ -40,38 +49,70 @@ def debug() -> bool:
 
 
 def exception_chain(err: BaseException | None) -> Iterator[BaseException]:
-    """``err`` and the exceptions it was raised from or during, outermost first."""
+    """``err`` and the exceptions it was raised ``from``, outermost first."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         yield err
-        err = err.__cause__ or err.__context__
+        err = err.__cause__
 
 
 def user_error(err: BaseException) -> tuple[str, int] | None:
-    """The one-line message and exit code for an error a user can fix; None for a bug."""
-    for exc in exception_chain(err):
-        if isinstance(exc, USAGE_ERRORS):
-            return one_line(str(exc)), EXIT_USAGE
-        if isinstance(exc, RUN_ERRORS):
-            return one_line(str(exc)), EXIT_FAILURE
+    """The one-line message and exit code for an error a user can fix; None for a bug. A user
+    error raised while handling another names that one too (a full disk while saving the
+    checkpoint of a run stopped by a corrupt image)."""
+    chain = list(exception_chain(err))
+    found = next((own for exc in chain if (own := _own_message(exc)) is not None), None)
+    if found is None:
+        return None
+    message, code = found
+    handled = next(
+        (e.__context__ for e in chain if e.__context__ is not None and not e.__suppress_context__),
+        None,
+    )
+    earlier = user_error(handled) if handled is not None else None
+    if earlier is not None and earlier[0] != message:
+        message = f"{message} (raised while handling: {earlier[0]})"
+    return message, code
+
+
+def _own_message(exc: BaseException) -> tuple[str, int] | None:
+    if isinstance(exc, USAGE_ERRORS):
+        return one_line(worker_message(str(exc))), EXIT_USAGE
+    if isinstance(exc, RUN_ERRORS) or (isinstance(exc, OSError) and exc.errno in USER_ERRNOS):
+        return one_line(worker_message(str(exc))), EXIT_FAILURE
     return None
 
 
-def report(err: BaseException) -> int | None:
-    """Print ``err``'s one line on stderr and return the exit code; None (print nothing) for a
-    bug or under ``SIMCLR_DEBUG=1``, where the caller re-raises for the traceback."""
+def worker_message(text: str) -> str:
+    """The error's own message from the text torch re-raises a DataLoader worker's error with
+    (``Caught <type> in DataLoader worker process <n>. Original Traceback ...``): the lines
+    after the last frame of the traceback, less the ``module.Type: `` they start with."""
+    if not re.match(r"Caught \w+ in DataLoader worker process \d+\.\s*\nOriginal Trace", text):
+        return text
+    lines = text.rstrip().splitlines()
+    last_frame = max(
+        (i for i, line in enumerate(lines) if line[:1].isspace() or not line), default=0
+    )
+    own = "\n".join(lines[last_frame + 1 :])
+    return re.sub(r"^[\w.]+: ", "", own, count=1) or text
+
+
+def report(err: BaseException, prog: str = PROG) -> int | None:
+    """Print ``err``'s one line on stderr as ``<prog>: error: ...`` and return the exit code;
+    None (print nothing) for a bug or under ``SIMCLR_DEBUG=1``, where the caller re-raises for
+    the traceback."""
     found = None if debug() else user_error(err)
     if found is None:
         return None
     message, code = found
-    print_error(message)
+    print_error(message, prog)
     return code
 
 
-def print_error(message: str) -> None:
+def print_error(message: str, prog: str = PROG) -> None:
     rank = getattr(rank_zero_only, "rank", 0) or 0
-    where = f"{PROG} [rank {rank}]" if rank else PROG
+    where = f"{prog} [rank {rank}]" if rank else prog
     print(f"{where}: error: {message}", file=sys.stderr, flush=True)
 
 
