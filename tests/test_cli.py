@@ -91,7 +91,7 @@ def test_console_entry_points_print_the_config(entry):
 
 def test_cli_resumes_a_checkpoint_of_a_model_built_in_python(cifar_tiny, tmp_path):
 
-    from simclr_lightning import ImageFolderDataModule
+    from simclr_lightning import ImageFolderDataModule, SimCLRAugmentation
 
     model = SimCLR(
         backbone="resnet18",
@@ -100,7 +100,11 @@ def test_cli_resumes_a_checkpoint_of_a_model_built_in_python(cifar_tiny, tmp_pat
         head_hidden_dim=64,
         head_output_dim=32,
     )
-    data = ImageFolderDataModule(str(cifar_tiny), batch_size=32, num_workers=0)
+    # 32 px, as the CLI run below (the module's default is the paper's 224 px ImageNet crop)
+    augmentation = SimCLRAugmentation(image_size=32, blur_prob=0.0)
+    data = ImageFolderDataModule(
+        str(cifar_tiny), batch_size=32, num_workers=0, augmentation=augmentation
+    )
     trainer = quiet_trainer(
         max_epochs=1,
         limit_train_batches=2,
