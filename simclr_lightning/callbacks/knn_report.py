@@ -26,11 +26,12 @@ def encode(trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader)
 class KNNReport(L.Callback):
     """Measures weighted kNN (cosine, ``k`` neighbours voting with ``exp(sim / temperature)``,
     as :class:`KNNMonitor`) of the held-out split against the un-augmented training split, once
-    when ``fit`` starts (the encoder as initialised) and once when training ends (also after an
+    when training starts (the encoder as initialised) and once when it ends (also after an
     early stop; not after an error or a preemption, which raise), and prints both beside
-    chance. Every held-out image counts, whatever ``limit_val_batches`` or ``data.val_subset``
-    say. Results are kept in ``self.results`` and sent to the loggers as
-    ``knn_report/init_top1`` and ``knn_report/final_top1``.
+    chance; a fit that trains nothing (resumed at its end) measures nothing. Every held-out
+    image counts, whatever ``limit_val_batches`` or ``data.val_subset`` say. Results are kept
+    in ``self.results`` and sent to the loggers as ``knn_report/init_top1`` and
+    ``knn_report/final_top1``.
 
     The first figure is kept in checkpoints: a resumed run reports the encoder as the run
     began, not as it was when resumed. (Resumed from a checkpoint written without this
@@ -91,7 +92,9 @@ class KNNReport(L.Callback):
         self._init = None  # a checkpoint's figure, if any, is loaded after this
         self._start = "randomly initialised encoder"
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Not on_fit_start: a fit that trains nothing (resumed at max_epochs, as a requeued job
+        # that had finished) would encode both splits for a report it never prints.
         if self._init is None:
             self._init = self.measure(trainer, pl_module)
             if trainer.ckpt_path:

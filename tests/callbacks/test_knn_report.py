@@ -89,6 +89,28 @@ def test_a_resumed_run_reports_the_encoder_the_run_began_with(tmp_path, capsys):
     assert "encoder resumed from bare.ckpt" in capsys.readouterr().out
 
 
+def test_a_fit_resumed_at_its_end_encodes_nothing(tmp_path, capsys):
+    """A requeued job that had already finished trains nothing: no pass over either split
+    (hours on ImageNet) for a report that is never printed."""
+    data = HeldOutData(noisy(40, 0), noisy(20, 1), batch_size=10)
+    first = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[KNNReport(k=5)])
+    first.fit(Drift(8), datamodule=data)
+    first.save_checkpoint(tmp_path / "done.ckpt")
+    capsys.readouterr()
+    measured: list[int] = []
+
+    class Counting(KNNReport):
+        def measure(self, trainer, pl_module):
+            measured.append(trainer.global_step)
+            return super().measure(trainer, pl_module)
+
+    again = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[Counting(k=5)])
+    again.fit(Drift(8), datamodule=data, ckpt_path=tmp_path / "done.ckpt")
+    assert again.global_step == first.global_step  # nothing was trained...
+    assert measured == []  # ...and nothing encoded
+    assert "kNN top-1" not in capsys.readouterr().out
+
+
 def test_the_final_measurement_comes_before_the_strategy_tears_down(monkeypatch):
     """Lightning tears the strategy down (the module moved to the CPU, DDP's process group
     gone) before on_fit_end: a final pass there would encode a GPU run's data on the CPU."""
