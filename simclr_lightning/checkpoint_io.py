@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import socket
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -40,10 +43,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     path = Path(local_path(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Not named after the checkpoint: a writer killed mid-save leaves it behind, and
-        # Lightning's SLURM resume reads the digits after "hpc_ckpt_" in any file name as a
-        # checkpoint number.
-        fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=path.parent)
+        remove_stale_partials(path.parent)
+        # Not named after the checkpoint: Lightning's SLURM resume reads the digits after
+        # "hpc_ckpt_" in any file name as a checkpoint number.
+        fd, tmp = tempfile.mkstemp(prefix=_partial_prefix(), suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise _naming(err, path) from err
     try:
@@ -59,6 +62,43 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             raise _naming(err, path) from err
         raise
     _fsync_dir(path.parent)
+
+
+STALE_AFTER_S = 300.0
+
+
+def _partial_prefix() -> str:
+    """``.partial-<host>-<pid>-``: whose temporary file it is, so a later save can tell one
+    left by a writer that was killed (SIGKILL, a node's OOM killer) from one being written."""
+    return f".partial-{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_stale_partials(folder: Path) -> None:
+    """Delete the temporary files of killed writers on this host in ``folder`` (their process
+    is gone and the file untouched for ``STALE_AFTER_S``): each is as large as a checkpoint,
+    and a job preempted many times would otherwise fill the disk with them. Files of other
+    hosts (a shared filesystem) and of live processes are left alone."""
+    pattern = re.compile(rf"\.partial-{re.escape(socket.gethostname())}-(\d+)-\w+\.tmp")
+    now = time.time()
+    for entry in os.scandir(folder):
+        found = pattern.fullmatch(entry.name)
+        if found is None or _alive(int(found.group(1))):
+            continue
+        try:
+            if now - entry.stat().st_mtime > STALE_AFTER_S:
+                os.unlink(entry.path)
+        except OSError:  # removed by another process first, or not ours to remove: no matter
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: another user's live process
+        return True
+    return True
 
 
 def _naming(err: OSError, path: Path) -> OSError:

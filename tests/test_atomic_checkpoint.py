@@ -1,11 +1,13 @@
 """Checkpoints are never half written: a writer killed mid-save leaves the previous file whole
-and no partial file at the destination, the temporary file lies in the destination's folder
-whatever TMPDIR is, and the CLI uses the plugin by default."""
+and no partial file at the destination (the next save deletes the one it left), the temporary
+file lies in the destination's folder whatever TMPDIR is, and the CLI uses the plugin by
+default."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import torch
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
 from simclr_lightning import AtomicCheckpointIO
+from simclr_lightning.checkpoint_io import STALE_AFTER_S
 from simclr_lightning.cli import add_atomic_checkpoint_io
 from tests.helpers import REPO
 
@@ -60,6 +63,23 @@ def test_killed_writer_leaves_the_old_checkpoint_whole(tmp_path):
     writer.wait(timeout=30)
     assert ckpt.read_bytes() == before
     assert AtomicCheckpointIO().load_checkpoint(ckpt) == {"step": 1}
+    assert partial[0].name.startswith(f".partial-{socket.gethostname()}-{writer.pid}-")
+
+    # The next save leaves a fresh one alone (its writer may be on a slow disk), then deletes
+    # it once it is STALE_AFTER_S old; another host's and a live process's are kept.
+    live = ckpt.parent / f".partial-{socket.gethostname()}-{os.getpid()}-abc123.tmp"
+    elsewhere = ckpt.parent / f".partial-other-node-{writer.pid}-abc123.tmp"
+    for other in (live, elsewhere):
+        other.write_bytes(b"PK")
+    AtomicCheckpointIO().save_checkpoint({"step": 2}, ckpt)
+    assert partial[0].exists()
+    old = time.time() - STALE_AFTER_S - 5
+    for leftover in (partial[0], live, elsewhere):
+        os.utime(leftover, (old, old))
+    AtomicCheckpointIO().save_checkpoint({"step": 3}, ckpt)
+    assert not partial[0].exists()
+    assert live.exists() and elsewhere.exists()
+    assert AtomicCheckpointIO().load_checkpoint(ckpt) == {"step": 3}
 
 
 def test_a_killed_slurm_save_leaves_lightnings_resume_on_the_last_whole_checkpoint(tmp_path):
