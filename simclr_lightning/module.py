@@ -25,7 +25,7 @@ from simclr_lightning.optim import (
     scaled_learning_rate,
 )
 from simclr_lightning.run_checks import StepWatch, check_accumulation
-from simclr_lightning.schedule import carry_schedule_over, step_schedule, training_batches
+from simclr_lightning.schedule import carry_schedule_over, global_batch_size, step_schedule
 from simclr_lightning.supcon import SupConLoss
 
 LossName = Literal["ntxent", "supcon"]
@@ -274,23 +274,9 @@ class SimCLR(L.LightningModule):
         if self._preprocessing is not None:
             checkpoint["pretraining"] = {"preprocessing": self._preprocessing}
 
-    def _train_loader(self):
-        training_batches(self.trainer)  # loads the loader, which Lightning does lazily
-        return self.trainer.train_dataloader
-
     def global_batch_size(self) -> int:
         """Images per optimizer step over all processes: what the learning-rate rule scales by."""
-        per_device = self.hparams.batch_size
-        if per_device is None:
-            per_device = getattr(self.trainer.datamodule, "batch_size", None)
-        if per_device is None:
-            per_device = getattr(self._train_loader(), "batch_size", None)
-        if per_device is None:
-            raise ValueError(
-                "cannot tell the per-device batch size for the learning-rate rule: "
-                "set model.batch_size"
-            )
-        return per_device * self.trainer.world_size
+        return global_batch_size(self.trainer, self.hparams.batch_size)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -179,3 +179,26 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     raise ValueError(f"optimizer={name!r} is unknown: choose one of lars, sgd, adamw")
+
+
+def classifier_optimizer(
+    name: Literal["sgd", "lars"],
+    head: nn.Module,
+    encoders: list[nn.Module],
+    lr: float,
+    encoder_lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+) -> Optimizer:
+    """Linear evaluation's optimizer (fine-tuning's when ``encoders`` are given): as
+    google-research/simclr's ``head_supervised``, no LARS trust ratio on the classifier (at
+    eta 0.001 it would barely move) and L2 decay on its weight only; the encoders at
+    ``encoder_lr``, LARS-adapted except biases and BatchNorm."""
+    groups = [dict(g, lr=lr, lars_adaptation=False) for g in param_groups(head, weight_decay)]
+    for encoder in encoders:
+        groups += [dict(g, lr=encoder_lr) for g in param_groups(encoder, weight_decay)]
+    groups = [g for g in groups if g["params"]]
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)

@@ -132,6 +132,22 @@ def training_batches(trainer: L.Trainer) -> float:
     return trainer.num_training_batches
 
 
+def global_batch_size(trainer: L.Trainer, per_device: int | None = None) -> int:
+    """Images per optimizer step over all processes (devices x nodes): what a learning-rate
+    rule scales by. ``per_device`` None reads the data module's, else the train loader's."""
+    if per_device is None:
+        per_device = getattr(trainer.datamodule, "batch_size", None)
+    if per_device is None:
+        training_batches(trainer)  # loads the loader, which Lightning does lazily
+        per_device = getattr(trainer.train_dataloader, "batch_size", None)
+    if per_device is None:
+        raise ValueError(
+            "cannot tell the per-device batch size model.lr_scaling scales by: use a data "
+            "module or DataLoader with a batch_size (SimCLR: or set model.batch_size)"
+        )
+    return per_device * trainer.world_size
+
+
 def plan_schedule(
     trainer: L.Trainer,
     who: str,

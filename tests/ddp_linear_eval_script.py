@@ -60,7 +60,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     L.seed_everything(0, verbose=False)
-    model = LinearEval(num_classes=CLASSES, cifar_stem=True, lr=0.5, zero_init_classifier=False)
+    # 0.5 at the global batch of 12 (2 x 6, or 12 on one process): the rule must read the
+    # global batch, not the per-process one, for the runs to match
+    lr = 0.5 * 256 / (WORLD * PER_RANK)
+    model = LinearEval(
+        num_classes=CLASSES, cifar_stem=True, lr=lr, lr_scaling="linear", zero_init_classifier=False
+    )
     trainer = ddp_trainer(
         args.devices,
         [],
@@ -85,6 +90,7 @@ def main() -> None:
             "val_labels": y,
             "head": {k: v.clone() for k, v in model.head.state_dict().items()},
             "steps": trainer.global_step,
+            "peak_lr": trainer.lr_scheduler_configs[0].scheduler.base_lrs,
             "world": trainer.world_size,
         },
         args.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt",

@@ -24,8 +24,8 @@ from simclr_lightning.errors import CheckpointError, SettingError, require
 from simclr_lightning.evaluation.classify_data import classify_batch, classify_data, is_pretraining
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.lagged_reads import LaggedReads
-from simclr_lightning.optim import LARS, param_groups
-from simclr_lightning.schedule import carry_schedule_over, step_schedule
+from simclr_lightning.optim import LRScaling, classifier_optimizer, scaled_learning_rate
+from simclr_lightning.schedule import carry_schedule_over, global_batch_size, step_schedule
 
 
 class LinearEval(L.LightningModule):
@@ -56,8 +56,11 @@ class LinearEval(L.LightningModule):
         optimizer: sgd (Nesterov momentum) or lars (SimCLR's linear evaluation); LARS skips
             biases and BatchNorm, which are never weight-decayed either, and the classifier
             (the official ``head_supervised``), whose weight is.
-        lr: peak learning rate of the head (no batch-size scaling).
-        backbone_lr: of the encoder (and kept head layers) when fine-tuning; None means ``lr``.
+        lr: peak learning rate of the head, scaled by ``lr_scaling``.
+        lr_scaling: ``linear`` (``lr * B / 256``, the paper's linear evaluation), ``sqrt``
+            (``lr * sqrt(B)``, v2's fine-tuning) or ``none``, B the global batch (all devices).
+        backbone_lr: of the encoder (and kept head layers) when fine-tuning, scaled as ``lr``;
+            None means ``lr``.
         head_layers: pretrained projection-head layers kept under the classifier (0: none).
         zero_init_classifier: start the classifier at zero, as the official fine-tuning does.
         head_config: recorded from ``checkpoint`` so this module's own checkpoints rebuild the
@@ -71,6 +74,7 @@ class LinearEval(L.LightningModule):
         finetune: bool = False,
         optimizer: Literal["sgd", "lars"] = "sgd",
         lr: float = 0.1,
+        lr_scaling: LRScaling = "none",
         backbone_lr: float | None = None,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
@@ -88,6 +92,7 @@ class LinearEval(L.LightningModule):
         require(optimizer in ("sgd", "lars"), "model.optimizer", optimizer, "sgd or lars")
         require(num_classes >= 2, "model.num_classes", num_classes, ">= 2")
         require(lr > 0, "model.lr", lr, "> 0")
+        scaled_learning_rate(lr, 256, lr_scaling)  # model.lr_scaling is checked here, now
         require(backbone_lr is None or backbone_lr >= 0, "model.backbone_lr", backbone_lr, ">= 0")
         require(
             not nesterov or momentum > 0, "model.momentum", momentum, "> 0 with model.nesterov=true"
@@ -286,24 +291,16 @@ class LinearEval(L.LightningModule):
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        # As google-research/simclr's ``head_supervised``: no LARS trust ratio on the
-        # classifier (at eta 0.001 it would barely move), L2 decay on its weight only.
-        groups = [
-            dict(g, lr=hp.lr, lars_adaptation=False)
-            for g in param_groups(self.head, hp.weight_decay)
-        ]
-        if hp.finetune:
-            backbone_lr = hp.lr if hp.backbone_lr is None else hp.backbone_lr
-            for encoder in (self.backbone, self.projection):
-                groups += [dict(g, lr=backbone_lr) for g in param_groups(encoder, hp.weight_decay)]
-        groups = [g for g in groups if g["params"]]
-        if hp.optimizer == "lars":
-            optimizer = LARS(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
-        else:
-            optimizer = torch.optim.SGD(
-                groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov
-            )
-        schedule = step_schedule(self, optimizer, "LinearEval", hp.lr)
+        # The rule scales both rates by the global batch (devices x nodes x data.batch_size).
+        scale = scaled_learning_rate(1.0, global_batch_size(self.trainer), hp.lr_scaling)
+        lr = hp.lr * scale
+        encoder_lr = (hp.lr if hp.backbone_lr is None else hp.backbone_lr) * scale
+        encoders = [self.backbone, self.projection] if hp.finetune else []
+        optimizer = classifier_optimizer(
+            hp.optimizer, self.head, encoders, lr, encoder_lr, hp.weight_decay, hp.momentum,
+            hp.nesterov,
+        )  # fmt: skip
+        schedule = step_schedule(self, optimizer, "LinearEval", lr)
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     # -- what prediction needs later ------------------------------------------------------------

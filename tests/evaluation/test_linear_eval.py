@@ -107,6 +107,26 @@ def test_finetuning_trains_the_encoder_at_its_own_rate(simclr_ckpt, mode):
     assert sorted(set(spy.lrs[0])) == [0.01, 0.1]
 
 
+@pytest.mark.parametrize(
+    ("scaling", "factor"), [("linear", 8 / 256), ("sqrt", math.sqrt(8)), ("none", 1.0)]
+)
+def test_learning_rates_scale_with_the_batch_as_the_paper(simclr_ckpt, scaling, factor):
+    """google-research/simclr scales fine-tuning's and linear evaluation's rates as
+    pretraining's: lr x B/256 (linear) or lr x sqrt(B), B the global batch (8 here)."""
+    path, _ = simclr_ckpt
+    model = LinearEval(
+        str(path), num_classes=3, finetune=True, lr=0.1, backbone_lr=0.01, lr_scaling=scaling
+    )
+    spy = Spy()
+    fit(model, epochs=1, spy=spy)
+    assert sorted(set(spy.lrs[0])) == pytest.approx([0.01 * factor, 0.1 * factor], rel=1e-12)
+
+
+def test_an_unknown_learning_rate_rule_is_refused_when_built():
+    with pytest.raises(SettingError, match=r"model\.lr_scaling='cubic' is invalid"):
+        LinearEval(num_classes=3, lr_scaling="cubic")
+
+
 @pytest.mark.parametrize("epochs", [2, 5])
 def test_cosine_is_per_iteration_over_the_whole_run(simclr_ckpt, epochs):
     path, _ = simclr_ckpt

@@ -34,6 +34,8 @@ def test_two_processes_train_and_report_as_one_holding_both_batches(tmp_path):
     ranks = run_ddp_script("ddp_linear_eval_script.py", 2, tmp_path / "2dev")
     assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
     assert single["steps"] == STEPS * EPOCHS and [r["steps"] for r in ranks] == [6, 6]
+    for run in (single, *ranks):  # model.lr_scaling=linear on the global batch of 12
+        assert run["peak_lr"] == pytest.approx([0.5, 0.5], rel=1e-12)
 
     # The classifier: the same on both ranks, and the single process's (a mean per process
     # would weigh each rank's labelled rows by how few it holds).
