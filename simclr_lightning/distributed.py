@@ -245,6 +245,11 @@ def pick_loader(loaders, dataloader_idx: int = 0) -> DataLoader | None:
     return loaders if isinstance(loaders, DataLoader) else None
 
 
+def loader_count(loaders) -> int:
+    """How many loaders ``trainer.val_dataloaders`` (or ``test_dataloaders``) holds."""
+    return len(loaders) if isinstance(loaders, (list, tuple, dict)) else int(loaders is not None)
+
+
 def validation_loader(trainer: L.Trainer, dataloader_idx: int = 0) -> DataLoader | None:
     return pick_loader(trainer.val_dataloaders, dataloader_idx)
 

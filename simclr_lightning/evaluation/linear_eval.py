@@ -8,12 +8,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from simclr_lightning import checkpoint as checkpoints
 from simclr_lightning.backbones import build_backbone
 from simclr_lightning.distributed import (
     already_synced,
+    loader_count,
     pick_loader,
     rank_and_world_size,
     real_rows,
@@ -22,6 +22,7 @@ from simclr_lightning.distributed import (
 from simclr_lightning.epoch_sums import EpochSums
 from simclr_lightning.errors import CheckpointError, SettingError, require
 from simclr_lightning.evaluation.classify_data import classify_batch, classify_data, is_pretraining
+from simclr_lightning.evaluation.eval_figures import StageFigures
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.lagged_reads import LaggedReads
 from simclr_lightning.optim import LRScaling, classifier_optimizer, scaled_learning_rate
@@ -47,7 +48,9 @@ class LinearEval(L.LightningModule):
 
     Logs ``train/loss``, ``train/top1``, ``val/top1``, ``val/top5``, ``val/loss``,
     ``test/top1``, ``test/top5``, ``test/loss``, each over the labelled images of all
-    processes (under DDP the same as one process holding every batch).
+    processes (under DDP the same as one process holding every batch); several val/test
+    loaders have their own figures (``val/top1/dataloader_idx_1``), a loader without a
+    labelled image none.
     ``predict_step`` returns class probabilities. Class names
     (from an ImageFolder's ``classes``, or ``class_names``) and the evaluation preprocessing
     are stored in the checkpoint for prediction.
@@ -154,15 +157,10 @@ class LinearEval(L.LightningModule):
             nn.init.zeros_(self.head.bias)
         self.class_names = list(class_names) if class_names is not None else None
         self.preprocessing: dict[str, Any] | None = None
-        top5 = min(5, num_classes)
-        for stage in ("val", "test"):  # micro: the fraction of images, as papers report
-            setattr(self, f"{stage}_top1", MulticlassAccuracy(num_classes, 1, average="micro"))
-            setattr(self, f"{stage}_top5", MulticlassAccuracy(num_classes, top5, average="micro"))
-        # Training hits and labelled rows over all processes (the same on every one);
-        # validation and test: loss sum and labelled rows of this process. Float32 tensors,
-        # not buffers, which a bf16-true run would round.
+        self.val_figures = StageFigures("val", num_classes)
+        self.test_figures = StageFigures("test", num_classes)
+        # Training hits and labelled rows over all processes (the same on every one).
         self._train_sums = EpochSums(2)
-        self._eval_sums = torch.zeros(2)
         self._reads, self._bar_loss = LaggedReads(), None
 
     def train(self, mode: bool = True) -> LinearEval:
@@ -247,34 +245,28 @@ class LinearEval(L.LightningModule):
         loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
         loader = pick_loader(loaders, dataloader_idx)
         keep = (y >= 0) & real_rows(loader, batch_idx, len(y), y.device)
-        logits, y = logits[keep], y[keep]
-        top1, top5 = getattr(self, f"{stage}_top1"), getattr(self, f"{stage}_top5")
-        if len(y):  # torchmetrics cannot take an empty update
-            top1.update(logits, y)
-            top5.update(logits, y)
-        self.log(f"{stage}/top1", top1, prog_bar=True)
-        self.log(f"{stage}/top5", top5)
-        loss_sum = F.cross_entropy(logits, y, reduction="sum").float()
-        sums = torch.stack([loss_sum, loss_sum.new_tensor(len(y))])
-        self._eval_sums = self._eval_sums.to(sums.device) + sums  # on the CPU before any epoch
+        getattr(self, f"{stage}_figures").update(dataloader_idx, logits[keep], y[keep])
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_sums = torch.zeros(2, device=self.device)
+        self.val_figures.start(loader_count(self.trainer.val_dataloaders), self.device)
 
-    on_test_epoch_start = on_validation_epoch_start
+    def on_test_epoch_start(self) -> None:
+        self.test_figures.start(loader_count(self.trainer.test_dataloaders), self.device)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_eval_loss("val")
+        self._log_figures(self.val_figures)
 
     def on_test_epoch_end(self) -> None:
-        self._log_eval_loss("test")
+        self._log_figures(self.test_figures)
 
-    def _log_eval_loss(self, stage: str) -> None:
-        """The mean over every labelled image of all processes (without DistributedSampler's
-        padding repeats); ``sync_dist`` would average the processes' means instead, which
-        differ in size. Every process logs it, as DDP needs the same keys everywhere."""
-        loss_sum, rows = sum_over_processes(self._eval_sums)
-        self.log(f"{stage}/loss", loss_sum / rows.clamp(min=1))
+    def _log_figures(self, figures: StageFigures) -> None:
+        """Over every labelled image of all processes (without DistributedSampler's padding
+        repeats); ``sync_dist`` would average the processes' means instead, which differ in
+        size. Every process logs them, as DDP needs the same keys everywhere."""
+        for name, value in figures.results().items():
+            already_synced(name)
+            top1 = name.startswith(f"{figures.stage}/top1")
+            self.log(name, value, prog_bar=top1, add_dataloader_idx=False)  # named already
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities in float32 whatever the run's precision: the encoder may run
@@ -306,7 +298,7 @@ class LinearEval(L.LightningModule):
     # -- what prediction needs later ------------------------------------------------------------
     def setup(self, stage: str) -> None:
         # logged without sync_dist: their values are already over all processes
-        already_synced("train/loss", "train/top1", "val/loss", "test/loss")
+        already_synced("train/loss", "train/top1")
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None or stage != "fit":
             return

@@ -1,0 +1,74 @@
+"""LinearEval's validation and test figures, per dataloader: each loader of a stage is its own
+split (a user's ``[val_a, val_b]``), so its top-1 must not pool another's images."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from simclr_lightning.distributed import sum_over_processes
+
+
+class StageFigures(nn.Module):
+    """Top-1/top-5 (torchmetrics, micro: the fraction of images, as papers report) and the mean
+    loss of one evaluation stage for each of its loaders, over the labelled images of every
+    process, each counted once (the caller drops DistributedSampler's padding rows). A loader
+    without a labelled image has no figures: 0% and a loss of 0 would read as a result (a
+    perfect one to ``ModelCheckpoint(monitor="val/loss")``)."""
+
+    def __init__(self, stage: str, num_classes: int) -> None:
+        super().__init__()
+        self.stage = stage
+        self.num_classes = num_classes
+        self.loaders = nn.ModuleList()
+        # loss sum and labelled rows per loader, this process's; a tensor, not a buffer, which
+        # a bf16-true run would round
+        self.sums = torch.zeros(0, 2)
+        self._warned: set[int] = set()
+
+    def start(self, loaders: int, device: torch.device) -> None:
+        """Reset for an epoch over ``loaders`` loaders (every process has them all)."""
+        top5 = min(5, self.num_classes)
+        while len(self.loaders) < loaders:
+            pair = {k: MulticlassAccuracy(self.num_classes, k, average="micro") for k in (1, top5)}
+            self.loaders.append(nn.ModuleList(pair.values()).to(device))
+        for metric in self.loaders.modules():
+            if isinstance(metric, MulticlassAccuracy):
+                metric.reset()
+        self.sums = torch.zeros(loaders, 2, device=device)
+
+    def update(self, loader: int, logits: Tensor, y: Tensor) -> None:
+        """Labelled rows only (``y >= 0``); counted on the device, never read on the host."""
+        if loader >= len(self.sums):  # a step called outside Lightning's loop
+            self.start(loader + 1, logits.device)
+        if len(y):  # torchmetrics cannot take an empty update
+            for metric in self.loaders[loader]:
+                metric.update(logits, y)
+        loss_sum = F.cross_entropy(logits, y, reduction="sum").float()
+        self.sums[loader] += torch.stack([loss_sum, loss_sum.new_tensor(len(y))])
+
+    def results(self) -> dict[str, Tensor]:
+        """``{stage}/top1``, ``/top5``, ``/loss`` (suffixed ``/dataloader_idx_<i>``, as
+        Lightning names per-loader figures, when the stage has several loaders). Call on
+        every process: the sums are all-reduced and the metrics synchronised."""
+        out: dict[str, Tensor] = {}
+        sums = sum_over_processes(self.sums)
+        several = len(sums) > 1
+        for i, (loss_sum, rows) in enumerate(sums.tolist()):  # one read per epoch
+            suffix = f"/dataloader_idx_{i}" if several else ""
+            if rows == 0:
+                if i not in self._warned:
+                    self._warned.add(i)
+                    rank_zero_warn(
+                        f"LinearEval: the {self.stage} split{suffix} holds no labelled image "
+                        f"(all labels are -1): its {self.stage}/top1, top5 and loss are not logged"
+                    )
+                continue
+            top1, top5 = self.loaders[i]
+            out[f"{self.stage}/top1{suffix}"] = top1.compute()
+            out[f"{self.stage}/top5{suffix}"] = top5.compute()
+            out[f"{self.stage}/loss{suffix}"] = torch.tensor(loss_sum / rows)
+        return out
