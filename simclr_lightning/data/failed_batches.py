@@ -16,6 +16,11 @@ Lightning rebuilds them from their arguments to add its ``DistributedSampler``, 
 callbacks rebuild them again; so their dataset hands on a :class:`FailedSample`
 (:class:`CatchFailedSamples`) and their ``collate_fn`` makes the batch a
 :class:`FailedBatch` (:class:`CollateOrFail`), both of which survive a rebuild.
+
+Prediction takes no part: Lightning does not pad its shards
+(``UnrepeatedDistributedSamplerWrapper``), so one process may have a batch more than another,
+which would wait alone in the agreement; and there is no step to save. A prediction batch that
+could not be read raises its error in the process that read it.
 """
 
 from __future__ import annotations
@@ -109,9 +114,9 @@ class StopTogether:
 
     def check(self, batch: Any, trainer: L.Trainer) -> None:
         """Raise :class:`CorruptImageStop` in every process when any process holds a
-        :class:`FailedBatch`; call it in every process for every batch of a loader (each
-        process's loader has as many batches: Lightning's and this library's samplers pad
-        the shards to one length)."""
+        :class:`FailedBatch`; call it in every process for every batch of a loader whose
+        shards are padded to one length, so that each process has as many batches (this
+        library's training sampler, Lightning's for validation and test; not for predict)."""
         failed = isinstance(batch, FailedBatch)
         if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
             if failed:
@@ -156,6 +161,11 @@ class ChecksBatches:
         return self.reads_image_files and distributed
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # unpadded shards: no agreement (see the module); a stand-in trainer may lack the flag
+        if getattr(self.trainer, "predicting", False):
+            if isinstance(batch, FailedBatch):
+                raise batch.error
+            return batch
         training = self.trainer.training
         # views made on the device: checked after the transfer, once decoded there
         if not (training and self.on_device):
@@ -164,9 +174,10 @@ class ChecksBatches:
 
     def check_batch(self, batch, training: bool = False) -> None:
         """Under DDP, stop every process together at a batch one of them could not read.
-        Every process calls it for every batch of one of this module's loaders: Lightning's
-        loops through :meth:`on_before_batch_transfer` (training batches whose views are made
-        on the device through ``on_after_batch_transfer``, once decoded), the kNN callbacks
-        for the bank."""
+        Every process calls it for every batch of one of this module's padded loaders:
+        Lightning's training, validation and test loops through :meth:`on_before_batch_transfer`
+        (training batches whose views are made on the device through
+        ``on_after_batch_transfer``, once decoded), the kNN callbacks for the bank; not
+        predict's loop, whose shards may differ in length."""
         if self.stops_together if training else self.evaluation_stops_together:
             self._stop_together.check(batch, self.trainer)

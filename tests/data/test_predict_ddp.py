@@ -1,0 +1,54 @@
+"""``trainer.predict`` under real 2-process DDP (gloo) over an image folder whose images do not
+fill the same number of batches on both ranks (Lightning does not pad prediction shards): it
+finishes, and the two ranks together predict every image once, as one process does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.ddp_helpers import run_ddp_script
+from tests.ddp_predict_script import BATCH, CLASSES, N_IMAGES, model, predict
+
+WORLD = 2
+
+
+@pytest.fixture
+def uneven_folder(tmp_path) -> Path:
+    """9 random 16x16 images in val/ (and a few in train/): 5 for rank 0, 4 for rank 1."""
+    gen = np.random.default_rng(0)
+    for split, n in (("train", CLASSES), ("val", N_IMAGES)):
+        for i in range(n):
+            folder = tmp_path / "data" / split / f"c{i % CLASSES}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(gen.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                folder / f"{i}.png"
+            )
+    return tmp_path / "data"
+
+
+@pytest.mark.slow
+def test_uneven_shards_predict_every_image_once_as_one_process(uneven_folder, tmp_path):
+    assert N_IMAGES % (WORLD * BATCH)  # the case under test: ranks with unequal batches
+    ranks = run_ddp_script(
+        "ddp_predict_script.py", WORLD, tmp_path / "out", "--root", str(uneven_folder)
+    )
+    assert [r["world"] for r in ranks] == [WORLD] * WORLD
+    assert [r["batches"] for r in ranks] == [2, 1]
+
+    indices = [i for r in ranks for i in r["indices"]]
+    assert sorted(indices) == list(range(N_IMAGES))  # every image, once
+
+    single = model()
+    single.load_state_dict(ranks[0]["state_dict"])
+    reference = predict(single, str(uneven_folder), devices=1)
+    assert reference.indices == list(range(N_IMAGES))
+    expected = torch.cat(reference.predictions)
+    assert expected.shape == (N_IMAGES, CLASSES)
+    assert len({tuple(row) for row in expected.tolist()}) == N_IMAGES  # one row per image
+    got = torch.cat([r["predictions"] for r in ranks])
+    torch.testing.assert_close(got, expected[indices], rtol=1e-5, atol=1e-6)

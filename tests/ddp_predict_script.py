@@ -1,0 +1,96 @@
+"""``trainer.predict`` of a LinearEval over an image folder, saving each rank's predictions with
+the dataset indices of their images (and rank 0 the model's weights).
+
+Run as a script: Lightning's "ddp" strategy relaunches it once per extra device. Lightning
+shards prediction data without padding, so with 9 images in batches of 4 rank 0 gets 5 images
+(2 batches) and rank 1 gets 4 (1 batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import BasePredictionWriter  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
+
+from simclr_lightning import ImageFolderDataModule, SimCLRAugmentation  # noqa: E402
+from simclr_lightning.evaluation import LinearEval  # noqa: E402
+
+N_IMAGES, BATCH, CLASSES = 9, 4, 3
+
+
+class RecordPredictions(BasePredictionWriter):
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch")
+        self.indices: list[int] = []
+        self.predictions: list[torch.Tensor] = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, *args) -> None:
+        self.indices += [int(i) for i in batch_indices]
+        self.predictions.append(prediction.detach().cpu())
+
+
+def data_module(root: str) -> ImageFolderDataModule:
+    augmentation = SimCLRAugmentation(image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    return ImageFolderDataModule(
+        root, augmentation=augmentation, task="classify", batch_size=BATCH, num_workers=0
+    )
+
+
+def model() -> LinearEval:
+    L.seed_everything(0, verbose=False)
+    # a random classifier, not zeros: every image gets its own probabilities
+    return LinearEval(
+        num_classes=CLASSES,
+        backbone="timm:test_resnet",
+        cifar_stem=False,
+        zero_init_classifier=False,
+    )
+
+
+def predict(linear_eval: LinearEval, root: str, devices: int) -> RecordPredictions:
+    record = RecordPredictions()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        # a rank left alone in a collective fails in seconds, not after gloo's 30 minutes
+        strategy=DDPStrategy(timeout=datetime.timedelta(seconds=30)) if devices > 1 else "auto",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
+    trainer.predict(linear_eval, datamodule=data_module(root), return_predictions=False)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    linear_eval = model()
+    record = predict(linear_eval, args.root, args.devices)
+    rank, world = linear_eval.trainer.global_rank, linear_eval.trainer.world_size
+    torch.save(
+        {
+            "indices": record.indices,
+            "predictions": torch.cat(record.predictions),
+            "batches": len(record.predictions),
+            "state_dict": linear_eval.state_dict(),
+            "world": world,
+        },
+        args.out / f"rank{rank}_of{world}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main()
