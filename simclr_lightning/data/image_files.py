@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from simclr_lightning.data.corrupt import SkippedFiles, load_image, verify_files
-from simclr_lightning.data.image_folder import IMAGE_EXTENSIONS
+from simclr_lightning.data.image_folder import IMAGE_EXTENSIONS, visible_image
 from simclr_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -32,9 +32,7 @@ def list_images(paths: str | Sequence[str]) -> list[str]:
     for entry in map(Path, paths):
         if entry.is_dir():
             files += sorted(
-                str(p)
-                for p in entry.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                str(p) for p in entry.rglob("*") if visible_image(p, entry) and p.is_file()
             )
         elif entry.is_file():
             files.append(str(entry))

@@ -36,6 +36,16 @@ def class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def visible_image(path: str | Path, root: str | Path) -> bool:
+    """An image file under ``root`` with no hidden part in its path below ``root``: not
+    Jupyter's ``.ipynb_checkpoints/*-checkpoint.jpg`` copies (duplicates) nor macOS's ``._x.jpg``
+    resource forks (not images: they would stop the run as corrupt)."""
+    parts = Path(path).relative_to(root).parts
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS and not any(
+        part.startswith(".") for part in parts
+    )
+
+
 def listed(names: list[str], at_most: int = 10) -> str:
     """``names`` for a one-line message: the first ``at_most`` and how many there are."""
     shown = ", ".join(names[:at_most])
@@ -47,12 +57,14 @@ class ImageFolderFiles(SkipsCorruptFiles, datasets.ImageFolder):
 
     ``class_to_idx`` numbers the classes as given (the training split's) instead of from the
     folder's own sub-folders: ``val/`` without one training class must not shift the labels
-    of the classes sorted after it. Hidden folders are no classes (:func:`class_folders`)."""
+    of the classes sorted after it. Hidden folders are no classes (:func:`class_folders`),
+    and hidden files or folders inside a class hold no images (:func:`visible_image`)."""
 
     read_item = datasets.ImageFolder.__getitem__
 
     def __init__(self, root: str, *args, class_to_idx: dict[str, int] | None = None, **kwargs):
         self.given_class_to_idx = class_to_idx
+        kwargs.setdefault("is_valid_file", partial(visible_image, root=root))
         super().__init__(root, *args, **kwargs)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
@@ -67,7 +79,7 @@ class UnlabeledImages(SkipsCorruptFiles, Dataset):
 
     def __init__(self, root: Path, transform=None, loader=load_rgb) -> None:
         self.files = sorted(
-            str(p) for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            str(p) for p in root.iterdir() if visible_image(p, root) and p.is_file()
         )
         self.transform = transform
         self.loader = loader

@@ -115,6 +115,12 @@ class TrainOrder:
         sampler.seed = self.seed if self.seed is not None else sampler.seed
         if self.resume is not None:
             sampler.resume_at(*self.resume, loader.batch_size)
+            sampler.on_resumed = self._spent
+
+    def _spent(self) -> None:
+        """The resumed epoch has started: a loader built later (a fresh fit of this data
+        module) starts its epoch from the beginning, not after the checkpoint's batches."""
+        self.resume = None
 
     def loader(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,7 @@ class ResumableSampler(DistributedSampler):
             range(dataset_size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed
         )
         self._skip: tuple[int, int] | None = None  # (epoch, samples to skip in it)
+        self.on_resumed: Callable[[], None] | None = None  # called once the skip is applied
         self.single_last_of = single_last_of
 
     @property
@@ -76,6 +77,8 @@ class ResumableSampler(DistributedSampler):
         if self._skip is not None and self._skip[0] == self.epoch:
             indices = indices[self._skip[1] :]
             self._skip = None
+            if self.on_resumed is not None:
+                self.on_resumed()
         seed, epoch = self.seed, self.epoch
         return ((i, sample_seed(seed, epoch, i)) for i in indices)  # hashed as consumed
 
@@ -100,7 +103,9 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
+    def __getitem__(self, key: tuple[int, int] | int) -> Any:
+        if not isinstance(key, tuple):  # Lightning's own sampler (overfit_batches): unseeded
+            return self.dataset[key]
         index, seed = key
         if not self.seeded:
             return self.dataset[index]

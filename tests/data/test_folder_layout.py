@@ -49,6 +49,36 @@ def test_hidden_folders_are_not_classes(tmp_path, task):
             assert label == ["cat", "dog"].index(Path(path).parent.name)
 
 
+def test_hidden_files_and_folders_inside_a_split_hold_no_images(tmp_path):
+    """Jupyter's ``cat/.ipynb_checkpoints/0-checkpoint.png`` copies were trained on twice and
+    macOS's ``._0.png`` resource forks (not images) stopped the run as corrupt files, in class
+    folders, in a folder of unlabelled images, and among ``ImageFilesDataModule``'s paths."""
+    from simclr_lightning.data.image_files import list_images
+
+    write_images(tmp_path / "labelled" / "train" / "cat", 2, seed=0)
+    write_images(tmp_path / "unlabelled" / "train", 2, seed=1)
+    for folder in (tmp_path / "labelled" / "train" / "cat", tmp_path / "unlabelled" / "train"):
+        write_images(folder / ".ipynb_checkpoints", 2, seed=2)
+        (folder / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not a PNG")
+    wanted = {"0.png", "1.png"}
+    labelled = data(tmp_path / "labelled")
+    labelled.setup("fit")
+    assert sorted(Path(p).relative_to(tmp_path) for p, _ in labelled.train_set.samples) == [
+        Path("labelled/train/cat") / name for name in sorted(wanted)
+    ]
+    unlabelled = data(tmp_path / "unlabelled")
+    unlabelled.setup("fit")
+    assert {Path(f).name for f in unlabelled.train_set.files} == wanted
+    assert len(unlabelled.train_set) == 2
+    found = list_images(str(tmp_path / "unlabelled"))
+    assert {Path(f).relative_to(tmp_path / "unlabelled").as_posix() for f in found} == {
+        f"train/{name}" for name in wanted
+    }
+    for dataset in (labelled.train_set, unlabelled.train_set):
+        for i in range(len(dataset)):
+            dataset[i]  # every listed file decodes: no stop at a resource fork
+
+
 def test_classify_on_images_without_class_folders_is_refused_before_reading(tmp_path):
     """Linear evaluation on a folder of unlabelled images trained on nothing (every label -1)
     and exited 0."""

@@ -1,0 +1,87 @@
+"""A data module's training order across fits: a resume point loaded from a checkpoint serves
+the fit that resumed, not a later fresh fit of the same module (it skipped that many batches),
+and Lightning's own sampler (``overfit_batches``) can read the library's training sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
+
+from simclr_lightning import ImageFolderDataModule, SimCLRAugmentation
+from tests.helpers import quiet_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IMAGES, BATCH = 28, 4  # 7 batches an epoch
+
+
+class Recorder(L.LightningModule):
+    """Records the labels (here each image's own id) of every training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch, batch_idx):
+        (view_a, _), labels = batch[0], batch[1]
+        self.seen.append(labels.tolist())
+        return (self.weight * view_a.float().mean()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.fixture
+def one_image_per_class(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(IMAGES):
+        folder = tmp_path / "data" / "train" / f"c{i:02d}"
+        folder.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / "0.png")
+    return tmp_path / "data"
+
+
+def module(root: Path, augment: str = "cpu") -> ImageFolderDataModule:
+    augmentation = SimCLRAugmentation(image_size=8, blur_prob=0.0)
+    return ImageFolderDataModule(
+        str(root), augmentation=augmentation, augment=augment, batch_size=BATCH, num_workers=0
+    )
+
+
+def test_a_fresh_fit_after_a_resumed_one_trains_the_whole_epoch(one_image_per_class, tmp_path):
+    L.seed_everything(0)
+    full = Recorder()
+    saver = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = quiet_trainer(
+        max_epochs=1, limit_val_batches=0, enable_checkpointing=True, callbacks=[saver]
+    )
+    trainer.fit(full, module(one_image_per_class))
+    assert len(full.seen) == IMAGES // BATCH
+    step2 = next((tmp_path / "ckpt").glob("*step=2.ckpt"))
+
+    data = module(one_image_per_class)
+    resumed = Recorder()
+    quiet_trainer(max_epochs=1, limit_val_batches=0).fit(resumed, data, ckpt_path=step2)
+    assert resumed.seen == full.seen[2:]  # the resumed fit skips the 2 trained batches
+
+    fresh = Recorder()
+    quiet_trainer(max_epochs=1, limit_val_batches=0).fit(fresh, data)
+    assert len(fresh.seen) == IMAGES // BATCH  # not 5: the old resume point is spent
+    assert sorted(i for batch in fresh.seen for i in batch) == list(range(IMAGES))
+
+
+@pytest.mark.parametrize("augment", ["cpu", "gpu"])
+def test_overfit_batches_trains_on_the_same_first_batches(one_image_per_class, augment):
+    """Lightning swaps in a SequentialSampler of plain indices; the (index, seed) keys the
+    library's sampler yields were unpacked from an int and every fit crashed."""
+    model = Recorder()
+    trainer = quiet_trainer(max_epochs=2, overfit_batches=2, limit_val_batches=0)
+    trainer.fit(model, module(one_image_per_class, augment))
+    assert model.seen == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
