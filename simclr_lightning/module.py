@@ -152,6 +152,8 @@ class SimCLR(L.LightningModule):
             "one of " + ", ".join(COMPILE_MODES),
         )
         require(grad_cache_chunks >= 1, "model.grad_cache_chunks", grad_cache_chunks, ">= 1")
+        hidden_ok = head_hidden_dim is None or head_hidden_dim >= 1  # 0 meant the encoder's width
+        require(hidden_ok, "model.head_hidden_dim", head_hidden_dim, ">= 1, or null for the width")
         self.backbone, self.feature_dim = build_backbone(
             backbone, cifar_stem, in_channels, zero_init_residual, timm_kwargs
         )
@@ -207,7 +209,8 @@ class SimCLR(L.LightningModule):
         else:
             loss, stats = self.criterion.forward_with_stats(z_a, z_b)
         # No host read here: the watch checks the loss (and z_std) two steps late on a GPU.
-        logging_step = self.global_step % self.trainer.log_every_n_steps == 0
+        every = self.trainer.log_every_n_steps  # 0: Lightning never logs
+        logging_step = every > 0 and self.global_step % every == 0
         # The mean over processes (non-finite on every process as soon as on one, so all of
         # them stop at the same step), from one all-reduce queued on the device: not
         # sync_dist, whose barrier would make the host wait for the GPU at every step.

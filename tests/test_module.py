@@ -64,6 +64,7 @@ def test_cifar_stem_keeps_resolution():
         ({"optimizer": "adam"}, "optimizer"),
         ({"lr_scaling": "log"}, "lr_scaling"),
         ({"head_layers": 0}, "head_layers"),
+        ({"head_hidden_dim": 0}, "head_hidden_dim"),
     ],
 )
 def test_bad_hyperparameters_fail_fast(kwargs, setting):
@@ -129,6 +130,15 @@ def test_training_step_returns_features_for_callbacks_and_logs_health():
         assert key in logged, key
     assert float(logged["train/loss"]) == pytest.approx(seen["reference_loss"], rel=1e-4)
     assert float(logged["train/pos_cos"]) == pytest.approx(seen["reference_pos_cos"], abs=1e-4)
+
+
+def test_a_trainer_that_never_logs_still_trains():
+    """``Trainer(log_every_n_steps=0)`` is Lightning's way to log nothing per step; the
+    collapse watch divided the step by it."""
+    model = SimCLR(head_hidden_dim=16, head_output_dim=8)
+    trainer = tiny_trainer(max_steps=2, log_every_n_steps=0)
+    trainer.fit(model, DataLoader(pairs(6), batch_size=6))
+    assert trainer.global_step == 2
 
 
 def test_loss_reduction_mean_logs_the_papers_mean():
