@@ -23,6 +23,7 @@ from simclr_lightning.callbacks import Preemption, RNGState
 from simclr_lightning.callbacks.preemption import SIGTERM_EXIT_CODE
 from simclr_lightning.checkpoint_io import check_ckpt_path
 from simclr_lightning.cli_errors import OneLineErrorParser, report
+from simclr_lightning.last_checkpoint import earlier_runs_last
 
 # Warnings a user of this command cannot act on (the library already chose for them).
 QUIET = (
@@ -174,6 +175,32 @@ class SimCLRCLI(LightningCLI):
             trainer.benchmark = True
             rank_zero_info("simclr-lightning: trainer.benchmark=true (cuDNN autotuning on CUDA)")
         add_atomic_checkpoint_io(trainer)
+
+    def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        found = earlier_runs_last(self.trainer)
+        if found is not None:
+            config["ckpt_path"] = found
+            rank_zero_info(f"simclr-lightning: --ckpt_path last is {found}, the newest run's")
+
+    before_validate = before_test = before_predict = before_fit
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
+        # The always-on callbacks (trainer_defaults) only where the config has none of their
+        # kind: a second RNGState is refused by Lightning (one state key per stateful callback)
+        # and a second Preemption would save every stop twice.
+        given = config.get("callbacks") or []
+        given = [*(given if isinstance(given, list) else [given]), *callbacks]
+        defaults = self.trainer_defaults.get("callbacks", [])
+        self.trainer_defaults["callbacks"] = [
+            d for d in defaults if not any(isinstance(c, type(d)) for c in given)
+        ]
+        try:
+            return super()._instantiate_trainer(config, callbacks)
+        finally:
+            self.trainer_defaults["callbacks"] = defaults
 
 
 class ConfigToLoggers(SaveConfigCallback):

@@ -49,6 +49,14 @@ def test_fit_imagefolder_config_writes_a_checkpoint_that_reloads(cifar_100_per_c
         torch.testing.assert_close(loaded(images), trained(images), rtol=0, atol=0)
     assert not torch.equal(loaded(images), SimCLR(backbone="resnet18").eval()(images))
 
+    # --ckpt_path last resumes it, though this run logs (and checkpoints) in a new version
+    # folder of the logger: Lightning looked only there, found nothing and started afresh
+    more = [f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2", "--ckpt_path=last"]
+    resumed = cli_main(args + FAST_CPU + more)
+    assert Path(resumed.trainer.ckpt_path) == last
+    assert resumed.trainer.global_step == 6
+    assert Path(resumed.trainer.checkpoint_callback.dirpath) != last.parent  # a new version
+
 
 @pytest.mark.parametrize(
     "override,message",
@@ -225,6 +233,23 @@ def test_monitors_overlay_extends_every_config(name, cifar_tiny):
     assert (
         "num_classes" not in (REPO / "configs" / "monitors.yaml").read_text().split("trainer:")[1]
     )
+
+
+def test_always_on_callbacks_are_added_only_where_the_config_has_none(tmp_path):
+    """The command adds Preemption and RNGState to every run; a config (or Python user's
+    habit) listing them too got two RNGStates, which Lightning refuses, and two Preemptions."""
+    base = ["--config", str(REPO / "configs" / "quickstart.yaml"), "--trainer.accelerator=cpu"]
+    base += [f"--trainer.default_root_dir={tmp_path}"]
+    names = [type(c).__name__ for c in cli_main(base, run=False).trainer.callbacks]
+    assert names.count("Preemption") == names.count("RNGState") == 1
+    listed = base + [
+        "--trainer.callbacks+=simclr_lightning.RNGState",
+        "--trainer.callbacks+=simclr_lightning.Preemption",
+    ]
+    callbacks = cli_main(listed, run=False).trainer.callbacks
+    names = [type(c).__name__ for c in callbacks]
+    assert names.count("Preemption") == names.count("RNGState") == 1
+    assert names.index("RNGState") < names.index("Preemption")  # the config's own, in its order
 
 
 def test_batch_counts_read_as_in_python(tmp_path, capsys):

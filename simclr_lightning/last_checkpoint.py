@@ -1,0 +1,31 @@
+"""What ``--ckpt_path last`` resumes when the checkpoints live in a logger's versioned folder.
+
+Lightning looks for ``last.ckpt`` only in this run's own ``ModelCheckpoint`` folder. Without a
+``dirpath`` that folder is the logger's: ``lightning_logs/version_<N>/checkpoints``, or
+``<project>/<run id>/checkpoints`` under W&B, a new and empty one for every run. The stopped
+run's ``last.ckpt`` sits in the previous version's folder, and a "resumed" run silently
+trained from scratch (Lightning only warns)."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+def earlier_runs_last(trainer: L.Trainer) -> str | None:
+    """The newest ``last*.ckpt`` in the checkpoint folders of earlier runs logged like this one
+    (``<save_dir>/<name>/*/checkpoints/``), or None where Lightning's own rule finds it: a
+    ``ModelCheckpoint`` with a fixed ``dirpath``, or no logger (``<default_root_dir>/
+    checkpoints``, the same folder every run)."""
+    callbacks = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    if not callbacks or any(c.dirpath is not None for c in callbacks) or not trainer.loggers:
+        return None
+    logger = trainer.loggers[0]
+    save_dir = logger.save_dir or trainer.default_root_dir
+    last = callbacks[0].CHECKPOINT_NAME_LAST
+    pattern = os.path.join(save_dir, str(logger.name or ""), "*", "checkpoints", f"{last}*.ckpt")
+    found = [path for path in glob.glob(pattern) if os.path.isfile(path)]
+    return max(found, key=os.path.getmtime) if found else None
