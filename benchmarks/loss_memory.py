@@ -9,7 +9,7 @@ Embeddings are [N, 128] per view (2N in all), one process. Rows:
 * ``tiled``: ``NTXentLoss.forward``, the loss alone;
 * ``untiled``: the plain formulation (the whole [2N, 2N] matrix, ``cross_entropy``);
 * ``untiled + stats``: the same with the collapse statistics computed on the full matrix,
-  as simclr-lightning 0.2's training path did;
+  as the training path did before tiled NT-Xent;
 * ``lightly``: lightly's ``NTXentLoss``, when lightly is installed.
 
 Each configuration runs in a fresh subprocess (``--tiny``, a smoke run of the code paths: all
@@ -51,7 +51,7 @@ ISOLATION = {False: "fresh process", True: "one process (--tiny)"}
 
 
 def untiled_loss(z_a: torch.Tensor, z_b: torch.Tensor, with_stats: bool):
-    """NT-Xent on the whole similarity matrix at once (simclr-lightning 0.2's code)."""
+    """NT-Xent on the whole similarity matrix at once (the code before tiled NT-Xent)."""
     n = len(z_a)
     z = F.normalize(torch.cat([z_a, z_b]), dim=1)
     cos = z @ z.T

@@ -22,7 +22,7 @@ VAL_PER_CLASS = 50
 EPOCHS = 4
 BATCH = 64
 # Random-init ResNet-18 features already give 22-24% weighted kNN top-1 here (colour
-# statistics). 4 epochs in batches of 64 (125 steps) on 2,000 images measured +11.4, +9.8 and
+# statistics). 4 epochs in batches of 64 (124 steps) on 2,000 images measured +11.4, +9.8 and
 # +8.8 points for seeds 0-2 (fit about 45 s each on 2 shared CPU cores); the 8 epochs in
 # batches of 128 (128 steps) this test ran before measured +7.4, +10.6 and +13.4 on the same
 # machine, in 75-80 s each.
