@@ -41,6 +41,11 @@ class Preemption(Callback):
       from without any ``--ckpt_path`` (Lightning's own HPC resume takes the highest n).
       SLURM's requeue signal (``--signal=USR1@90``) saves one too, at the end of the step it
       arrives in (Lightning's own handler saves in the middle of it), then requeues the job.
+      Once a requeued job finishes, its ``hpc_ckpt_<n>.ckpt`` files are removed: the next
+      job in that folder would resume from them.
+
+    With gradient accumulation the stop waits for the batch that steps the optimizer: no
+    checkpoint holds the gradients accumulated so far.
 
     On :class:`~simclr_lightning.errors.CorruptImageError` (a file that cannot be decoded,
     without ``data.skip_corrupt``) it saves the same checkpoint. Under DDP it can do so when
@@ -56,6 +61,7 @@ class Preemption(Callback):
         self.saved_path: str | None = None
         self._resumed_from: str | None = None
         self._first_step: int | None = None  # global_step when this fit's training started
+        self._requeued = False  # this fit saved an hpc_ckpt and requeued the job
         self._signals = SignalAgreement()
 
     def on_exception(
@@ -83,6 +89,7 @@ class Preemption(Callback):
             )
             return
         self.saved_path = self.checkpoint_path(trainer)
+        claim_last(trainer, self.saved_path)
         trainer.save_checkpoint(self.saved_path)
         rank_zero_info(
             f"simclr-lightning: stopped after step {trainer.global_step}; saved "
@@ -92,6 +99,7 @@ class Preemption(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._resumed_from = trainer.ckpt_path
         self._first_step = None  # set once the checkpoint is restored and training starts
+        self._requeued = False
 
     # Lightning registers its SIGTERM handler after on_fit_start, before the sanity check.
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -119,6 +127,7 @@ class Preemption(Callback):
         path = hpc_save_path(trainer)
         trainer.save_checkpoint(path)
         rank_zero_info(f"simclr-lightning: SLURM's requeue signal: saved {path}")
+        self._requeued = True
         if trainer.is_global_zero:
             requeue_slurm_job()
 
@@ -128,6 +137,11 @@ class Preemption(Callback):
         # ModelCheckpoint keeps last.ckpt itself (then it holds the final step).
         resumed = self._resumed_from
         if not resumed or trainer.interrupted:
+            return
+        if self.requeues(trainer):
+            # (a job this fit requeued comes back, and resumes from the newest of them)
+            if not self._requeued:
+                remove_hpc_checkpoints(trainer, resumed)
             return
         checkpoint = trainer.checkpoint_callback
         keeps_last = isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last
@@ -161,6 +175,43 @@ class Preemption(Callback):
         return f"resume with --ckpt_path {self.saved_path}"
 
 
+def claim_last(trainer: L.Trainer, path: str) -> None:
+    """Make ``ModelCheckpoint(save_last=True)`` take the stop's ``last.ckpt`` for its own. A
+    stop before its first save of the run leaves its ``last_model_path`` empty; the resumed
+    run, finding a ``last.ckpt`` that is not its, wrote the final step to ``last-v1.ckpt``
+    and left ``last.ckpt`` at the stop. Set before the save: its state is in the checkpoint."""
+    checkpoint = trainer.checkpoint_callback
+    if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.save_last:
+        return
+    name = checkpoint.CHECKPOINT_NAME_LAST
+    if checkpoint.dirpath and "{" not in name:  # (a templated name is never the stop's)
+        own = os.path.join(checkpoint.dirpath, name + checkpoint.FILE_EXTENSION)
+        if os.path.abspath(own) == os.path.abspath(path):
+            checkpoint.last_model_path = own
+
+
+HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
+
+
+def remove_hpc_checkpoints(trainer: L.Trainer, resumed: str) -> None:
+    """A requeued job resumed from ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` finished:
+    remove it and the earlier ones there (its predecessors' stops), or the next SLURM job in
+    that folder would silently resume from the newest (Lightning's own HPC resume)."""
+    folder = trainer.default_root_dir
+    resumed_from = HPC_CHECKPOINT.fullmatch(os.path.basename(resumed))
+    # (the same answer in every process: only rank 0 reads the folder)
+    here = os.path.abspath(os.path.dirname(resumed)) == os.path.abspath(folder)
+    if resumed_from is None or not here:
+        return
+    if trainer.is_global_zero and os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            found = HPC_CHECKPOINT.fullmatch(name)
+            if found and int(found[1]) <= int(resumed_from[1]):
+                trainer.strategy.remove_checkpoint(os.path.join(folder, name))
+    # every rank returns once they are gone: a next fit must not find them
+    trainer.strategy.barrier("simclr_lightning.remove_hpc_checkpoints")
+
+
 # Lightning's helper for the next name is private: read defensively, as the cluster
 # environment (signal_agreement.cluster_environment).
 def hpc_save_path(trainer: L.Trainer) -> str:
@@ -171,7 +222,7 @@ def hpc_save_path(trainer: L.Trainer) -> str:
     if callable(getattr(connector, "hpc_save_path", None)):
         return connector.hpc_save_path(folder)
     names = os.listdir(folder) if os.path.isdir(folder) else []
-    numbers = [int(m[1]) for name in names if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", name))]
+    numbers = [int(m[1]) for name in names if (m := HPC_CHECKPOINT.fullmatch(name))]
     return os.path.join(folder, f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")
 
 

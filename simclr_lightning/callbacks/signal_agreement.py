@@ -18,13 +18,18 @@ each other, never for the GPU) which signals reached any of them, and then act t
 Lightning's stop flag set on every rank at once (it stops all of them after that step, as in
 one process), or the requeue's checkpoint saved at a step's end; Lightning's per-step
 broadcast has then nothing left to do and is skipped. One process has nothing to
-agree with, and keeps Lightning's SIGTERM handler; its requeue checkpoint also waits for the
-step's end, so that it holds a finished step.
+agree with: its handler sets Lightning's flag at once, as Lightning's own; its requeue
+checkpoint also waits for the step's end, so that it holds a finished step.
+
+Under gradient accumulation every process acts only after a batch that stepped the optimizer
+(the epoch's last one steps too): no checkpoint holds ``.grad``, and a run stopped in the
+middle of an accumulation resumed with only its later batches' gradients.
 """
 
 from __future__ import annotations
 
 import signal
+import weakref
 from types import FrameType
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -52,6 +57,7 @@ class SignalAgreement:
         self.received = 0  # the signals (STOP | REQUEUE) that reached this process
         self.handles = 0  # those whose Lightning handler this one replaced, this fit
         self._launcher: Any = None
+        self._alone: weakref.ref[L.Trainer] | None = None  # a one-process run's trainer
         self._group = HostGroup()
 
     def install(self, trainer: L.Trainer) -> None:
@@ -59,9 +65,7 @@ class SignalAgreement:
         the previous ones at its teardown). Call it before the sanity check and before
         training: the second call finds them in place."""
         distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
-        signals = {REQUEUE: requeue_signal(trainer)}
-        if distributed:
-            signals[STOP] = signal.SIGTERM
+        signals = {REQUEUE: requeue_signal(trainer), STOP: signal.SIGTERM}
         connector = getattr(trainer, "_signal_connector", None)
         ours = {STOP: self.note_stop, REQUEUE: self.note_requeue}
         handles = 0
@@ -95,15 +99,20 @@ class SignalAgreement:
             if callable(getattr(loop, BROADCAST, None)):
                 setattr(loop, BROADCAST, _skip_broadcast)
         self._launcher = trainer.strategy.launcher
+        self._alone = None if distributed else weakref.ref(trainer)
         if distributed:
             self._group.get()  # made now, in every process at the same point
 
     def note_stop(self, signum: int, frame: FrameType | None) -> None:
         """SIGTERM's handler: pass it on to the processes Lightning started (as Lightning's
-        does), once, and note it."""
+        does), once, and note it. One process stops at once (a validation at its next batch),
+        as with Lightning's handler, unless in the middle of an accumulation."""
         if not self.received & STOP and self._launcher is not None:
             self._launcher.kill(signum)
         self.received |= STOP
+        trainer = self._alone() if self._alone is not None else None
+        if trainer is not None and not accumulating(trainer):
+            trainer._signal_connector.received_sigterm = True
 
     def note_requeue(self, signum: int, frame: FrameType | None) -> None:
         self.received |= REQUEUE
@@ -111,8 +120,11 @@ class SignalAgreement:
     def agree(self, trainer: L.Trainer) -> int:
         """Call at the same point of every training step in every process: the signals that
         reached any process since the last call (STOP | REQUEUE), the same in all of them.
-        On STOP, Lightning's own flag is set: it stops every process after this step."""
+        On STOP, Lightning's own flag is set: it stops every process after this step. In the
+        middle of an accumulation, none: they wait for the batch that steps."""
         flags = self.pending(trainer)
+        if accumulating(trainer):
+            return 0
         if flags & REQUEUE:
             # SLURM warns a job once, each task at about the same moment: a task whose
             # signal comes a step later than the others' must not requeue the job again.
@@ -129,19 +141,32 @@ class SignalAgreement:
             found = torch.tensor([flags & STOP, flags & REQUEUE], dtype=torch.int32)
             dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self._group.get())
             flags = int(found[0]) | int(found[1])
-        if flags & STOP:
-            trainer._signal_connector.received_sigterm = True
+        if flags & STOP:  # (held back, and set again at the batch that steps)
+            trainer._signal_connector.received_sigterm = not accumulating(trainer)
         return flags
 
     def uninstall(self, trainer: L.Trainer) -> None:
         """The fit is over (Lightning has restored the handlers it replaced)."""
         self.handles = 0
+        self._alone = None
         _INSTALLED.pop(trainer, None)
         vars(trainer.fit_loop.epoch_loop).pop(BROADCAST, None)
 
 
 def _skip_broadcast() -> None:
     pass
+
+
+# Lightning's test is private: read defensively (also from a signal handler).
+def accumulating(trainer: L.Trainer) -> bool:
+    """Whether the training batch in progress (or just finished) leaves its gradients for a
+    later batch's optimizer step (Lightning's own test), the same in every process."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    should_accumulate = getattr(loop, "_should_accumulate", None)
+    try:
+        return callable(should_accumulate) and bool(should_accumulate())
+    except Exception:  # (a loop not set up yet)
+        return False
 
 
 # The agreement installed in each running trainer (the Preemption callback's).
