@@ -196,7 +196,7 @@ class SimCLR(L.LightningModule):
             self._compiled = True
 
     def training_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
-        (x_a, x_b), labels = batch
+        (x_a, x_b), labels = two_views(batch)
         if self.hparams.grad_cache_chunks > 1:
             features, z = embed_in_chunks(
                 self._encode, x_a, x_b, self.hparams.grad_cache_chunks, self
@@ -247,6 +247,8 @@ class SimCLR(L.LightningModule):
         self.train()
         already_synced("train/loss")
         carry_schedule_over(self)  # resumed with another global batch
+        # nothing of an earlier fit: its non-finite loss would stop this one at its first step
+        self._watch = StepWatch(self.hparams.head_output_dim)
 
     def on_train_epoch_end(self) -> None:
         self._watch.flush()
@@ -289,3 +291,25 @@ class SimCLR(L.LightningModule):
         optimizer = build_optimizer(hp.optimizer, groups, lr, hp.momentum, hp.lars_eta)
         schedule = step_schedule(self, optimizer, "SimCLR", lr, hp.warmup_epochs, hp.final_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+def two_views(batch: Any) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    """``batch`` as ``((view_a, view_b), labels)``; any other shape (lightly's ``(views,
+    targets, filenames)``, a dict, views without labels) is one clear error, not an unpacking
+    error deep in the step or a convolution of two stacked views."""
+    views = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
+    ok = isinstance(views, (tuple, list)) and len(views) == 2
+    if not ok or not all(isinstance(v, Tensor) for v in (*views, batch[1])):
+        raise TypeError(
+            "SimCLR takes training batches ((view_a, view_b), labels) as this library's data "
+            f"modules make them (labels -1 when unknown); got {_shape_of(batch)}"
+        )
+    return (views[0], views[1]), batch[1]
+
+
+def _shape_of(batch: Any) -> str:
+    if isinstance(batch, Tensor):
+        return f"a tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, (tuple, list)):
+        return f"({', '.join(_shape_of(b) for b in batch)})" if len(batch) <= 4 else "a long list"
+    return type(batch).__name__

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, TensorDataset
 
 from simclr_lightning import Preemption
+from tests.helpers import quiet_trainer
 
 BATCHES = 5  # per epoch and process, 2 epochs
 ACCUMULATE = 3  # steps after batches 3, 5 (the epoch's partial accumulation), 8, 10
@@ -52,17 +53,12 @@ def loader(processes: int = 1) -> DataLoader:
 
 def ddp_fit(folder: Path, at: int | None) -> None:
     model = Weight(at=at, rank=1)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp",
         max_epochs=2,
         accumulate_grad_batches=ACCUMULATE,
         default_root_dir=folder,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[Preemption()],
     )
     resume = None if at else str(folder / "last.ckpt")

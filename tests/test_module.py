@@ -188,6 +188,33 @@ def test_nan_loss_stops_training_with_a_clear_error():
     trainer = tiny_trainer(max_steps=2)
     with pytest.raises(FloatingPointError, match="train/loss is nan"):
         trainer.fit(model, DataLoader(pairs(4, value=float("nan")), batch_size=4))
+    # the module goes on to a fit of finite data (its weights are still finite: the step of
+    # the NaN loss made NaN gradients, and the check stopped the run before the next one)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    again = tiny_trainer(max_steps=2)
+    again.fit(model, DataLoader(pairs(4), batch_size=4))
+    assert again.global_step == 2
+
+
+@pytest.mark.parametrize(
+    ("batch", "shown"),
+    [
+        ([torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8)], "(a tensor of shape (4, 3, 8, 8), a"),
+        (((torch.zeros(4, 3, 8, 8),) * 2, torch.zeros(4), ["a.jpg"] * 4), "(("),  # lightly's
+        ({"views": torch.zeros(4, 3, 8, 8)}, "dict"),
+        (((torch.zeros(4, 3, 8, 8),) * 2, None), "NoneType"),
+    ],
+    ids=["views-only", "with-filenames", "dict", "no-labels"],
+)
+def test_a_batch_of_another_shape_is_one_clear_error(batch, shown):
+    """A user's own loader: the step unpacked any 2-item batch as two views and failed deep
+    inside (too many values to unpack; 6 channels for a convolution made for 3)."""
+    model = SimCLR(head_hidden_dim=16, head_output_dim=8)
+    with pytest.raises(
+        TypeError, match=r"SimCLR takes training batches \(\(view_a, view_b\)"
+    ) as err:
+        model.training_step(batch, 0)
+    assert shown in str(err.value)
 
 
 def test_an_endless_run_is_refused_before_training():

@@ -4,7 +4,7 @@ own, so it tracks representation quality from the first epoch."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -86,6 +86,8 @@ class KNNMonitor(L.Callback):
             trainer.datamodule, "num_classes", None
         )
         datamodule = trainer.datamodule
+        if stage in ("fit", "validate"):  # before any work, not at the first kNN epoch
+            require_bank(datamodule)
         if self.num_classes is None and datamodule is not None and _says_unlabeled(datamodule):
             raise SettingError(
                 f"KNNMonitor needs labelled images, and the data module "
@@ -165,12 +167,7 @@ class KNNMonitor(L.Callback):
         """This rank's shard of the bank: unit features in ``bank_dtype``, labels, and their
         positions in the bank's dataset."""
         if self._bank_loader is None:
-            datamodule = trainer.datamodule
-            if datamodule is None or not hasattr(datamodule, "eval_train_dataloader"):
-                raise RuntimeError(
-                    "KNNMonitor needs a datamodule with eval_train_dataloader() (every "
-                    "SimCLRDataModule has one): the training images without augmentation"
-                )
+            datamodule = require_bank(trainer.datamodule)
             self._bank_loader = shard_loader(datamodule.eval_train_dataloader(), trainer)
         rows = RowCollector(self.bank_dtype)
         # a pass over the whole training set: cut short when the run is being stopped
@@ -190,3 +187,14 @@ def _stacking_all_gather(trainer: L.Trainer):
     if trainer.world_size == 1:
         return lambda t: t[None]
     return trainer.strategy.all_gather
+
+
+def require_bank(datamodule: Any) -> Any:
+    """The data module, which must serve the memory bank (the un-augmented training images)."""
+    if datamodule is None or not hasattr(datamodule, "eval_train_dataloader"):
+        raise SettingError(
+            "KNNMonitor needs a data module with eval_train_dataloader() (every "
+            "SimCLRDataModule has one: the training images without augmentation): pass "
+            "datamodule= to the Trainer's fit/validate, not dataloaders"
+        )
+    return datamodule

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_lightning.data.failed_batches import CatchFailedBatches
@@ -100,6 +101,12 @@ class TrainOrder:
         self.resume: tuple[int, int] | None = None  # (epoch, batches trained on)
 
     def state_dict(self) -> dict[str, int]:
+        if self.trainer is None and self.seed is not None:
+            rank_zero_warn(
+                "the training loader was built without a Trainer (dm.train_dataloader() passed "
+                "as train_dataloaders): a checkpoint in the middle of an epoch resumes at its "
+                "start; pass the data module (datamodule=dm) to resume at the batch"
+            )
         if self.trainer is None or self.seed is None:
             return {}
         epoch, batches = training_position(self.trainer)

@@ -16,7 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler, get_worker_info
+
+from simclr_lightning.errors import SettingError
 
 
 def seed_all(seed: int) -> None:
@@ -73,6 +76,13 @@ class ResumableSampler(DistributedSampler):
         self._skip = (epoch, batches * batch_size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
+        if world not in (None, self.num_replicas):  # Lightning keeps a DistributedSampler
+            raise SettingError(
+                f"the training loader was built for {self.num_replicas} process(es) but this run "
+                f"has {world}: every process would train on the same batches; pass the data "
+                f"module (trainer.fit(model, datamodule=dm)) so that each reads its own shard"
+            )
         indices = list(super().__iter__())[: self.kept]
         if self._skip is not None and self._skip[0] == self.epoch:
             indices = indices[self._skip[1] :]

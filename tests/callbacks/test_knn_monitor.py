@@ -81,6 +81,18 @@ def test_monitor_under_bf16_true_matches_brute_force_knn_of_the_bf16_features():
     assert metrics.epochs[0]["knn/val_top1"] == pytest.approx(want_top1, abs=1e-6)
 
 
+def test_plain_dataloaders_are_refused_before_training():
+    """Without a data module there is no memory bank: the error came at the first kNN epoch,
+    after one (or every_n_epochs) epochs of training."""
+    x, y = torch.randn(16, 6), torch.randint(0, 2, (16,))
+    loader = DataLoader(list(zip(x, y, strict=True)), batch_size=8)
+    trainer = quiet_trainer(max_epochs=5, callbacks=[KNNMonitor(k=3, every_n_epochs=5)])
+    model = FeatureModule(6)
+    with pytest.raises(SettingError, match=r"KNNMonitor needs a data module .* pass datamodule="):
+        trainer.fit(model, loader, loader)
+    assert trainer.global_step == 0
+
+
 def test_bad_bank_dtype_is_rejected():
     with pytest.raises(SettingError, match=r"^KNNMonitor\.bank_dtype='float8' is invalid: must"):
         KNNMonitor(bank_dtype="float8")

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
 from simclr_lightning import ImageFolderDataModule, SimCLRAugmentation
+from simclr_lightning.errors import SettingError
 from tests.helpers import quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,3 +86,37 @@ def test_overfit_batches_trains_on_the_same_first_batches(one_image_per_class, a
     trainer = quiet_trainer(max_epochs=2, overfit_batches=2, limit_val_batches=0)
     trainer.fit(model, module(one_image_per_class, augment))
     assert model.seen == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
+
+
+def _iterate_in_a_group(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from simclr_lightning.data.sampler import ResumableSampler
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        shard = [i for i, _ in ResumableSampler(8, num_replicas=2, rank=rank)]
+        try:
+            list(ResumableSampler(8))  # built without a Trainer: for one process
+            outcome = "no error"
+        except SettingError as err:
+            outcome = str(err)
+        torch.save({"shard": shard, "outcome": outcome}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_loader_built_for_one_process_is_refused_in_two(tmp_path):
+    """``trainer.fit(model, train_dataloaders=dm.train_dataloader())`` under DDP: the loader,
+    built before any Trainer, held a sampler for one process, which Lightning keeps (it is a
+    DistributedSampler): every process trained on the same batches, with the same views."""
+    torch.multiprocessing.spawn(
+        _iterate_in_a_group, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2
+    )
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert sorted(results[0]["shard"] + results[1]["shard"]) == list(range(8))  # as built
+    for result in results:
+        assert result["outcome"].startswith(
+            "the training loader was built for 1 process(es) but this run has 2"
+        )
+        assert "datamodule=dm" in result["outcome"]
