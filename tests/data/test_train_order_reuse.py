@@ -120,3 +120,15 @@ def test_a_loader_built_for_one_process_is_refused_in_two(tmp_path):
             "the training loader was built for 1 process(es) but this run has 2"
         )
         assert "datamodule=dm" in result["outcome"]
+
+
+def test_a_loader_built_without_a_trainer_warns_that_it_resumes_at_the_epochs_start(
+    one_image_per_class, tmp_path
+):
+    """It checkpointed no position (its TrainOrder had no Trainer to read), so a mid-epoch
+    resume replayed the epoch from its first batch without a word."""
+    data = module(one_image_per_class)
+    saver = ModelCheckpoint(tmp_path, every_n_train_steps=2)
+    trainer = quiet_trainer(max_steps=2, enable_checkpointing=True, callbacks=[saver])
+    with pytest.warns(UserWarning, match=r"built without a Trainer .* pass the data module"):
+        trainer.fit(Recorder(), train_dataloaders=data.train_dataloader())
