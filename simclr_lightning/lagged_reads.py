@@ -84,6 +84,10 @@ class LaggedReads:
             self._pending.popleft()
             yield key, host.tolist()
 
+    def clear(self) -> None:
+        """Forget every pair still waiting, unread (an earlier fit's)."""
+        self._pending.clear()
+
     def drain(self) -> Iterator[tuple[Hashable, list[float]]]:
         """Every pair still waiting, oldest first, waiting for the device as needed."""
         while self._pending:

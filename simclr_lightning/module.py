@@ -248,7 +248,7 @@ class SimCLR(L.LightningModule):
         already_synced("train/loss")
         carry_schedule_over(self)  # resumed with another global batch
         # nothing of an earlier fit: its non-finite loss would stop this one at its first step
-        self._watch = StepWatch(self.hparams.head_output_dim)
+        self._watch.reset()
 
     def on_train_epoch_end(self) -> None:
         self._watch.flush()

@@ -115,6 +115,12 @@ class StepWatch:
         self.reads.push((step, watch_collapse), loss, z_std)
         self._check(self.reads.ready())
 
+    def reset(self) -> None:
+        """Forget an earlier fit: its failure (raised again at every check) and its queue."""
+        self.reads.clear()
+        self.failure, self.loss = None, None
+        self.collapse.warned = False
+
     def flush(self) -> None:
         """Check every queued step, waiting for the device."""
         self._check(self.reads.drain())
