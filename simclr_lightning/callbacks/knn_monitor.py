@@ -29,7 +29,8 @@ BankDtype = Literal["float32", "float16", "bfloat16"]
 class KNNMonitor(L.Callback):
     """Weighted kNN top-1/top-5 of validation features against the labelled training split.
 
-    Every ``every_n_epochs`` validation epochs, it encodes the datamodule's
+    At the validations of every ``every_n_epochs``-th training epoch (and of the last), it
+    encodes the datamodule's
     ``eval_train_dataloader()`` (training images, no augmentation) with the module's
     ``forward`` as the memory bank and scores the features ``validation_step`` returned
     (dataloader 0) by weighted kNN (:func:`knn_predict`); logged as ``knn/val_top1`` and
@@ -38,7 +39,9 @@ class KNNMonitor(L.Callback):
     features are gathered, scored by every rank against its shard, and the per-rank top-k
     merged with one all-gather of k entries per query (:func:`sharded_knn_predict`).
     DistributedSampler's padding repeats are dropped, so the metrics equal a single
-    process's. Rows labelled -1 are ignored.
+    process's. Rows labelled -1 are ignored. Under ``fast_dev_run`` it measures nothing: the
+    bank pass covers the whole training set (on ImageNet, an hour), which such a run is meant
+    to avoid, as Lightning leaves out checkpoints and loggers there.
 
     Args:
         num_classes: None reads the data module's ``num_classes``, else 1 + the largest bank
@@ -97,7 +100,7 @@ class KNNMonitor(L.Callback):
             )
 
     def _due(self, trainer: L.Trainer) -> bool:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or trainer.fast_dev_run:
             return False
         if trainer.state.fn != "fit":
             return True

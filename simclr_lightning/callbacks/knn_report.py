@@ -28,7 +28,8 @@ class KNNReport(L.Callback):
     as :class:`KNNMonitor`) of the held-out split against the un-augmented training split, once
     when training starts (the encoder as initialised) and once when it ends (also after an
     early stop; not after an error or a preemption, which raise), and prints both beside
-    chance; a fit that trains nothing (resumed at its end) measures nothing. Every held-out
+    chance; a fit that trains nothing (resumed at its end) or runs under ``fast_dev_run`` (each
+    measurement encodes both whole splits) measures nothing. Every held-out
     image counts, whatever ``limit_val_batches`` or ``data.val_subset`` say. Results are kept
     in ``self.results`` and sent to the loggers as ``knn_report/init_top1`` and
     ``knn_report/final_top1``.
@@ -95,6 +96,8 @@ class KNNReport(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # Not on_fit_start: a fit that trains nothing (resumed at max_epochs, as a requeued job
         # that had finished) would encode both splits for a report it never prints.
+        if trainer.fast_dev_run:
+            return
         if self._init is None:
             self._init = self.measure(trainer, pl_module)
             if trainer.ckpt_path:
@@ -103,6 +106,8 @@ class KNNReport(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         # Not on_fit_end: Lightning tears the strategy down before it, moving the module to the
         # CPU (a pass over ImageNet there takes hours) and leaving DDP unable to gather.
+        if trainer.fast_dev_run:
+            return
         assert self._init is not None
         final = self.measure(trainer, pl_module)
         chance = 1.0 / final["num_classes"]

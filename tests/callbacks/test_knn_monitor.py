@@ -93,6 +93,21 @@ def test_plain_dataloaders_are_refused_before_training():
     assert trainer.global_step == 0
 
 
+def test_fast_dev_run_makes_no_bank_pass():
+    """A pass over the whole training set, in a run meant to check the code in one batch."""
+    passes: list[int] = []
+
+    class Counting(KNNMonitor):
+        def _encode_bank(self, trainer, pl_module):
+            passes.append(trainer.current_epoch)
+            return super()._encode_bank(trainer, pl_module)
+
+    x, y = torch.randn(16, 6), torch.randint(0, 2, (16,))
+    trainer = quiet_trainer(fast_dev_run=True, callbacks=[Counting(k=3)])
+    trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))
+    assert trainer.global_step == 1 and passes == []
+
+
 def test_bad_bank_dtype_is_rejected():
     with pytest.raises(SettingError, match=r"^KNNMonitor\.bank_dtype='float8' is invalid: must"):
         KNNMonitor(bank_dtype="float8")

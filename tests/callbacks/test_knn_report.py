@@ -111,6 +111,23 @@ def test_a_fit_resumed_at_its_end_encodes_nothing(tmp_path, capsys):
     assert "kNN top-1" not in capsys.readouterr().out
 
 
+def test_fast_dev_run_encodes_nothing(capsys):
+    """fast_dev_run is a one-batch check of the code: each measurement encodes both whole
+    splits (on ImageNet, an hour)."""
+    measured: list[int] = []
+
+    class Counting(KNNReport):
+        def measure(self, trainer, pl_module):
+            measured.append(trainer.global_step)
+            return super().measure(trainer, pl_module)
+
+    data = HeldOutData(noisy(40, 0), noisy(20, 1), batch_size=10)
+    trainer = quiet_trainer(fast_dev_run=True, callbacks=[Counting(k=5)])
+    trainer.fit(Drift(8), datamodule=data)
+    assert trainer.global_step == 1 and measured == []
+    assert "kNN top-1" not in capsys.readouterr().out
+
+
 def test_the_final_measurement_comes_before_the_strategy_tears_down(monkeypatch):
     """Lightning tears the strategy down (the module moved to the CPU, DDP's process group
     gone) before on_fit_end: a final pass there would encode a GPU run's data on the CPU."""
