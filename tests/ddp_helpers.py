@@ -131,6 +131,16 @@ def script_runs(parser: argparse.ArgumentParser) -> list[argparse.Namespace]:
     return namespaces
 
 
+def image_folder_args() -> argparse.Namespace:
+    """``--devices N --root FOLDER --out DIR``: the command line of the scripts that read an
+    image folder."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    return parser.parse_args()
+
+
 def random_images(n: int, seed: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` seeded 3x16x16 images and labels: the same in every process that asks."""
     gen = torch.Generator().manual_seed(seed)

@@ -8,7 +8,6 @@ shards prediction data without padding, so with 9 images in batches of 4 rank 0 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
 from simclr_lightning import ImageFolderDataModule, SimCLRAugmentation  # noqa: E402
 from simclr_lightning.evaluation import LinearEval  # noqa: E402
+from tests.ddp_helpers import image_folder_args  # noqa: E402
 
 N_IMAGES, BATCH, CLASSES = 9, 4, 3
 
@@ -72,11 +72,7 @@ def predict(linear_eval: LinearEval, root: str, devices: int) -> RecordPredictio
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, required=True)
-    parser.add_argument("--root", required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = image_folder_args()
     linear_eval = model()
     record = predict(linear_eval, args.root, args.devices)
     rank, world = linear_eval.trainer.global_rank, linear_eval.trainer.world_size

@@ -3,7 +3,6 @@ Each rank saves the error it raised and how many files it decoded itself."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch  # noqa: E402
 
 import simclr_lightning.data.corrupt as corrupt  # noqa: E402
 from simclr_lightning import ImageFolderDataModule, SimCLR, SimCLRAugmentation  # noqa: E402
-from tests.ddp_helpers import ddp_trainer  # noqa: E402
+from tests.ddp_helpers import ddp_trainer, image_folder_args  # noqa: E402
 
 decoded: list[str] = []
 _getitem = corrupt._Decodes.__getitem__
@@ -26,11 +25,7 @@ def counting_getitem(self, index):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, required=True)
-    parser.add_argument("--root", required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = image_folder_args()
     corrupt._Decodes.__getitem__ = counting_getitem
     L.seed_everything(0, verbose=False)
     data = ImageFolderDataModule(
