@@ -215,14 +215,19 @@ def loader_rows(dm: ImageFolderDataModule, step, batch_size: int, a, name: str, 
             x_b = x_b.to(a.device, non_blocking=True)
         step(x_a, x_b)
 
-    rows.append((name, *timed(batches, work, batch_size, a)))
+    keep(rows, name, timed(batches, work, batch_size, a))
 
 
 def model_alone_row(step, batch_size: int, size: int, a, name: str, rows: list):
     views = torch.randn(2, batch_size, 3, size, size, device=a.device)
-    rows.append(
-        (name, *timed(iter(lambda: views, None), lambda v: step(v[0], v[1]), batch_size, a))
-    )
+    keep(rows, name, timed(iter(lambda: views, None), lambda v: step(v[0], v[1]), batch_size, a))
+
+
+def keep(rows: list, name: str, figures: tuple[float, float | None]) -> None:
+    """Add a row, and print it at once: a run its time guard kills keeps the rows it measured
+    in its log (the table and the JSON come at the end)."""
+    rows.append((name, *figures))
+    print(f"measured: {name}: {figures[0]:.1f} images/s", flush=True)
 
 
 # -- workloads -----------------------------------------------------------------------------------
@@ -256,9 +261,8 @@ def cifar_rows(a: argparse.Namespace, tmp: Path) -> list:
         idx = torch.randint(0, len(store), (bs,), device=a.device)
         augment.two_views(store.gather(idx)[0])
 
-    rows.append(
-        ("CIFAR: GPUAugment alone (two views)", *timed(iter(lambda: 0, None), augment_only, bs, a))
-    )
+    name = "CIFAR: GPUAugment alone (two views)"
+    keep(rows, name, timed(iter(lambda: 0, None), augment_only, bs, a))
     return rows + kornia_row(a)
 
 
