@@ -13,7 +13,7 @@ from simclr_lightning.backbones import build_backbone
 from simclr_lightning.checkpoint import with_class_path
 from simclr_lightning.data.transforms import preprocessing_of
 from simclr_lightning.distributed import already_synced, mean_over_processes
-from simclr_lightning.errors import require
+from simclr_lightning.errors import SettingError, require
 from simclr_lightning.grad_cache import embed_in_chunks
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.loss import LossReduction, NTXentLoss
@@ -239,6 +239,16 @@ class SimCLR(L.LightningModule):
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x)
+
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if self.hparams.get("loss") == "supcon" and getattr(datamodule, "num_classes", 0) is None:
+            raise SettingError(
+                f"model.loss='supcon' needs labelled images, and the data module "
+                f"({type(datamodule).__name__}) has none (num_classes=None, e.g. data.root/train "
+                f"without class folders): every image would be its own class, which is NT-Xent; "
+                f"use model.loss=ntxent, or give class folders (train/<class>/<image>)"
+            )
 
     def on_train_start(self) -> None:
         # Lightning keeps whatever train/eval mode the module had before fit; a model left in

@@ -160,3 +160,26 @@ def test_ddp_equals_one_process_holding_the_whole_batch(tmp_path):
     for r in ranks:  # DDP averaged the gradients of the per-rank means
         for got, want in zip(r["grads"], [p.grad for p in model.parameters()], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_supcon_on_images_without_labels_is_refused_before_training(tmp_path):
+    """Every image of an unlabelled folder is label -1, its own class: SupCon silently became
+    NT-Xent."""
+    import numpy as np
+    from PIL import Image
+
+    from simclr_lightning import ImageFolderDataModule, SettingError, SimCLR, SimCLRAugmentation
+    from tests.helpers import quiet_trainer
+
+    (tmp_path / "train").mkdir()
+    for i in range(4):
+        pixels = np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "train" / f"{i}.png")
+    data = ImageFolderDataModule(
+        str(tmp_path), SimCLRAugmentation(image_size=8), batch_size=2, num_workers=0
+    )
+    model = SimCLR(backbone="timm:test_resnet", cifar_stem=False, loss="supcon")
+    trainer = quiet_trainer(max_steps=1)
+    with pytest.raises(SettingError, match=r"model\.loss='supcon' needs labelled images"):
+        trainer.fit(model, data)
+    assert trainer.global_step == 0
