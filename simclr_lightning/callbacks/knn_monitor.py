@@ -29,11 +29,11 @@ BankDtype = Literal["float32", "float16", "bfloat16"]
 class KNNMonitor(L.Callback):
     """Weighted kNN top-1/top-5 of validation features against the labelled training split.
 
-    At the validations of every ``every_n_epochs``-th training epoch (and of the last), it
-    encodes the datamodule's
-    ``eval_train_dataloader()`` (training images, no augmentation) with the module's
-    ``forward`` as the memory bank and scores the features ``validation_step`` returned
-    (dataloader 0) by weighted kNN (:func:`knn_predict`); logged as ``knn/val_top1`` and
+    At the end-of-epoch validation of every ``every_n_epochs``-th training epoch (and of the
+    last; validations inside an epoch, ``val_check_interval < 1``, are left out), it encodes
+    the datamodule's ``eval_train_dataloader()`` (training images, no augmentation) with the
+    module's ``forward`` as the memory bank and scores the features ``validation_step``
+    returned (dataloader 0) by weighted kNN (:func:`knn_predict`); logged as ``knn/val_top1`` and
     ``knn/val_top5``. Under DDP each rank encodes its shard of the bank and keeps only that
     shard, normalised once, in ``bank_dtype`` (memory per rank: bank / W); the validation
     features are gathered, scored by every rank against its shard, and the per-rank top-k
@@ -104,6 +104,9 @@ class KNNMonitor(L.Callback):
             return False
         if trainer.state.fn != "fit":
             return True
+        within = not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if within and trainer.check_val_every_n_epoch is not None:
+            return False  # val_check_interval < 1: one bank pass an epoch, at its end
         epoch = trainer.current_epoch + 1  # the last epoch too: a short run still gets a figure
         return epoch % self.every_n_epochs == 0 or epoch == trainer.max_epochs
 

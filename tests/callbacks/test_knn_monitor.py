@@ -108,6 +108,28 @@ def test_fast_dev_run_makes_no_bank_pass():
     assert trainer.global_step == 1 and passes == []
 
 
+def test_validations_inside_an_epoch_make_no_bank_pass():
+    """val_check_interval=0.5 validated twice an epoch, and each made a pass over the whole
+    training set (on ImageNet, each an hour): the figure comes at the epoch's end only."""
+    passes: list[tuple[int, bool]] = []
+
+    class Counting(KNNMonitor):
+        def _encode_bank(self, trainer, pl_module):
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            passes.append((trainer.current_epoch, progress.is_last_batch))
+            return super()._encode_bank(trainer, pl_module)
+
+    x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
+    metrics = EpochMetrics()
+    trainer = quiet_trainer(
+        max_epochs=2, val_check_interval=0.5, callbacks=[Counting(k=3), metrics]
+    )
+    trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))
+    assert passes == [(0, True), (1, True)]
+    assert len(metrics.epochs) == 4  # validated twice an epoch
+    assert "knn/val_top1" not in metrics.epochs[0] and "knn/val_top1" in metrics.epochs[1]
+
+
 def test_bad_bank_dtype_is_rejected():
     with pytest.raises(SettingError, match=r"^KNNMonitor\.bank_dtype='float8' is invalid: must"):
         KNNMonitor(bank_dtype="float8")
