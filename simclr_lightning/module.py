@@ -11,6 +11,7 @@ from torch import Tensor
 
 from simclr_lightning.backbones import build_backbone
 from simclr_lightning.checkpoint import with_class_path
+from simclr_lightning.data.class_names import says_unlabeled
 from simclr_lightning.data.transforms import preprocessing_of
 from simclr_lightning.distributed import already_synced, mean_over_processes
 from simclr_lightning.errors import SettingError, require
@@ -242,7 +243,7 @@ class SimCLR(L.LightningModule):
 
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule
-        if self.hparams.get("loss") == "supcon" and getattr(datamodule, "num_classes", 0) is None:
+        if self.hparams.get("loss") == "supcon" and says_unlabeled(datamodule):
             raise SettingError(
                 f"model.loss='supcon' needs labelled images, and the data module "
                 f"({type(datamodule).__name__}) has none (num_classes=None, e.g. data.root/train "

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from simclr_lightning.callbacks.signal_agreement import stop_requested
+from simclr_lightning.data.class_names import says_unlabeled
 from simclr_lightning.distributed import (
     PassCutShort,
     RowCollector,
@@ -91,7 +92,7 @@ class KNNMonitor(L.Callback):
         datamodule = trainer.datamodule
         if stage in ("fit", "validate"):  # before any work, not at the first kNN epoch
             require_bank(datamodule)
-        if self.num_classes is None and datamodule is not None and _says_unlabeled(datamodule):
+        if self.num_classes is None and datamodule is not None and says_unlabeled(datamodule):
             raise SettingError(
                 f"KNNMonitor needs labelled images, and the data module "
                 f"({type(datamodule).__name__}) has none (num_classes=None, e.g. data.root/train "
@@ -180,11 +181,6 @@ class KNNMonitor(L.Callback):
         stop = partial(stop_requested, trainer)
         encode_rows(trainer, pl_module, self._bank_loader, rows, normalize=True, stop=stop)
         return rows.shard(trainer, pl_module.device)
-
-
-def _says_unlabeled(datamodule: L.LightningDataModule) -> bool:
-    """The data module has a ``num_classes`` and it is None: it holds no class labels."""
-    return hasattr(datamodule, "num_classes") and datamodule.num_classes is None
 
 
 def _stacking_all_gather(trainer: L.Trainer):

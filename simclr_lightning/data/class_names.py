@@ -15,3 +15,9 @@ def dataset_class_names(datamodule) -> list[str] | None:
         if names:
             return [str(n) for n in names]
     return None
+
+
+def says_unlabeled(datamodule) -> bool:
+    """The data module has a ``num_classes`` and it is None: it holds no class labels (an image
+    folder without class folders). One without the attribute says nothing either way."""
+    return hasattr(datamodule, "num_classes") and datamodule.num_classes is None

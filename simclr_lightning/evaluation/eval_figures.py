@@ -31,19 +31,25 @@ class StageFigures(nn.Module):
 
     def start(self, loaders: int, device: torch.device) -> None:
         """Reset for an epoch over ``loaders`` loaders (every process has them all)."""
+        for metric in self.loaders.modules():
+            if isinstance(metric, MulticlassAccuracy):
+                metric.reset()
+        self.sums = torch.zeros(0, 2, device=device)
+        self._cover(loaders, device)
+
+    def _cover(self, loaders: int, device: torch.device) -> None:
+        """Metrics and sums for loaders ``0 .. loaders - 1``, keeping those already counted."""
         top5 = min(5, self.num_classes)
         while len(self.loaders) < loaders:
             pair = {k: MulticlassAccuracy(self.num_classes, k, average="micro") for k in (1, top5)}
             self.loaders.append(nn.ModuleList(pair.values()).to(device))
-        for metric in self.loaders.modules():
-            if isinstance(metric, MulticlassAccuracy):
-                metric.reset()
-        self.sums = torch.zeros(loaders, 2, device=device)
+        if loaders > len(self.sums):
+            more = torch.zeros(loaders - len(self.sums), 2, device=device)
+            self.sums = torch.cat([self.sums.to(device), more])
 
     def update(self, loader: int, logits: Tensor, y: Tensor) -> None:
         """Labelled rows only (``y >= 0``); counted on the device, never read on the host."""
-        if loader >= len(self.sums):  # a step called outside Lightning's loop
-            self.start(loader + 1, logits.device)
+        self._cover(loader + 1, logits.device)  # (more only for a step called by hand)
         if len(y):  # torchmetrics cannot take an empty update
             for metric in self.loaders[loader]:
                 metric.update(logits, y)

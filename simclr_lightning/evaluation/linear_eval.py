@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -95,7 +95,8 @@ class LinearEval(L.LightningModule):
         require(optimizer in ("sgd", "lars"), "model.optimizer", optimizer, "sgd or lars")
         require(num_classes >= 2, "model.num_classes", num_classes, ">= 2")
         require(lr > 0, "model.lr", lr, "> 0")
-        scaled_learning_rate(lr, 256, lr_scaling)  # model.lr_scaling is checked here, now
+        scalings = get_args(LRScaling)
+        require(lr_scaling in scalings, "model.lr_scaling", lr_scaling, f"one of {scalings}")
         require(backbone_lr is None or backbone_lr >= 0, "model.backbone_lr", backbone_lr, ">= 0")
         require(
             not nesterov or momentum > 0, "model.momentum", momentum, "> 0 with model.nesterov=true"
@@ -284,7 +285,9 @@ class LinearEval(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         # The rule scales both rates by the global batch (devices x nodes x data.batch_size).
-        scale = scaled_learning_rate(1.0, global_batch_size(self.trainer), hp.lr_scaling)
+        scale = 1.0
+        if hp.lr_scaling != "none":
+            scale = scaled_learning_rate(1.0, global_batch_size(self.trainer), hp.lr_scaling)
         lr = hp.lr * scale
         encoder_lr = (hp.lr if hp.backbone_lr is None else hp.backbone_lr) * scale
         encoders = [self.backbone, self.projection] if hp.finetune else []

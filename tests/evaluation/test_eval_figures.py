@@ -77,3 +77,24 @@ def test_a_split_without_labels_logs_no_figures():
         )
     assert first["test/top1/dataloader_idx_0"] == pytest.approx(reference(net, labelled)["top1"])
     assert not any("dataloader_idx_1" in name for name in second), second
+
+
+def test_steps_called_by_hand_count_each_loader_apart():
+    """Outside Lightning's loop (no epoch start): a first step of loader 1 reset loader 0's
+    counts. Reference: hits and cross-entropy counted by hand in float64."""
+    from simclr_lightning.evaluation.eval_figures import StageFigures
+
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(n, CLASSES, generator=gen) for n in (5, 7)]
+    labels = [torch.randint(0, CLASSES, (n,), generator=gen) for n in (5, 7)]
+    figures = StageFigures("val", CLASSES)
+    figures.update(0, logits[0][:3], labels[0][:3])  # loader 0 in two steps, around loader 1's
+    figures.update(1, logits[1], labels[1])
+    figures.update(0, logits[0][3:], labels[0][3:])
+    got = figures.results()
+    for i in (0, 1):
+        x, y = logits[i].double(), labels[i]
+        top1 = (x.argmax(1) == y).double().mean().item()
+        loss = (torch.logsumexp(x, 1) - x[torch.arange(len(y)), y]).mean().item()
+        assert got[f"val/top1/dataloader_idx_{i}"] == pytest.approx(top1, abs=1e-6)
+        assert got[f"val/loss/dataloader_idx_{i}"] == pytest.approx(loss, abs=1e-5)

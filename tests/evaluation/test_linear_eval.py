@@ -122,6 +122,23 @@ def test_learning_rates_scale_with_the_batch_as_the_paper(simclr_ckpt, scaling, 
     assert sorted(set(spy.lrs[0])) == pytest.approx([0.01 * factor, 0.1 * factor], rel=1e-12)
 
 
+def test_without_a_rule_no_batch_size_is_needed(simclr_ckpt):
+    """A loader with a batch sampler has no batch_size: only a learning-rate rule needs one
+    (model.lr_scaling=none trained, the other rules say what is missing)."""
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    path, _ = simclr_ckpt
+    rows = labelled(16, seed=1)
+    loader = DataLoader(rows, batch_sampler=BatchSampler(SequentialSampler(rows), 8, False))
+    spy = Spy()
+    trainer = quiet_trainer(max_steps=2, callbacks=[spy])
+    trainer.fit(LinearEval(str(path), num_classes=3, lr=0.1), loader)
+    assert trainer.global_step == 2 and spy.lrs[0] == [0.1] * len(spy.lrs[0])
+    with pytest.raises(ValueError, match=r"cannot tell the per-device batch size"):
+        model = LinearEval(str(path), num_classes=3, lr=0.1, lr_scaling="linear")
+        quiet_trainer(max_steps=1).fit(model, loader)
+
+
 def test_an_unknown_learning_rate_rule_is_refused_when_built():
     with pytest.raises(SettingError, match=r"model\.lr_scaling='cubic' is invalid"):
         LinearEval(num_classes=3, lr_scaling="cubic")
