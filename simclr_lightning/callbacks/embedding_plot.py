@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from simclr_lightning.callbacks.validation_due import validation_due, within_epoch
 from simclr_lightning.data.class_names import dataset_class_names
 from simclr_lightning.distributed import RowCollector, validation_loader
 from simclr_lightning.errors import require
@@ -111,13 +112,16 @@ def render_scatter(
 
 
 class EmbeddingPlot(L.Callback):
-    """Every ``every_n_epochs`` (and at the last epoch, and in a ``validate`` run), a 2-D
+    """Every ``every_n_epochs`` (at the epoch's end; at the run's last validation; in a
+    ``validate`` run), a 2-D
     scatter of up to ``max_points`` validation features (``validation_step``'s ``features``,
     dataloader 0, gathered over ranks), L2-normalised, coloured by class, logged as an image to
     each active logger: TensorBoard
     ``add_image``, W&B ``log_image``, any other logger with a ``log_dir`` (CSV) gets
-    ``<log_dir>/embeddings/epoch=NNN.png``. The last picture is kept in ``self.image`` (a PIL
-    image), its coordinates and labels in ``self.points`` / ``self.labels``.
+    ``<log_dir>/embeddings/epoch=NNN.png`` (``epoch=NNN-step=SSSSSSS.png`` for a validation
+    inside an epoch, when validation is counted in steps). The last picture is kept in
+    ``self.image`` (a PIL image), its coordinates and labels in ``self.points`` /
+    ``self.labels``.
 
     Args:
         projection: ``pca`` (linear, fast, shows global spread) or ``tsne`` (scikit-learn's
@@ -156,13 +160,8 @@ class EmbeddingPlot(L.Callback):
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.rows.reset()
-        epoch = trainer.current_epoch + 1
         # outside fit (``validate``) the picture is what was asked for, whatever the epoch
-        self.active = not trainer.sanity_checking and (
-            trainer.state.fn != "fit"
-            or epoch % self.every_n_epochs == 0
-            or epoch == trainer.max_epochs
-        )
+        self.active = validation_due(trainer, self.every_n_epochs)
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
@@ -192,12 +191,17 @@ class EmbeddingPlot(L.Callback):
         points = project_2d(features, self.projection)  # rank 0 only: the others would drop it
         self.points, self.labels = points, labels
         epoch = trainer.current_epoch
-        names = dataset_class_names(trainer.datamodule)
-        method = "t-SNE" if self.projection == "tsne" else "PCA"
-        title = f"{self.tag}  epoch {epoch}  ({method} of unit features, {len(points)} points)"
-        self.image = render_scatter(points, labels, names, self.size, title)
         # The step Lightning logs this epoch's validation metrics at: the picture lines up.
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        # a validation inside the epoch gets its own file (named as ModelCheckpoint would),
+        # not the end-of-epoch one's name
+        when = f"epoch={epoch:03d}"
+        if trainer.state.fn == "fit" and within_epoch(trainer):
+            when += f"-step={trainer.global_step:07d}"
+        names = dataset_class_names(trainer.datamodule)
+        method = "t-SNE" if self.projection == "tsne" else "PCA"
+        title = f"{self.tag}  {when}  ({method} of unit features, {len(points)} points)"
+        self.image = render_scatter(points, labels, names, self.size, title)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 chw = torch.from_numpy(np.array(self.image)).permute(2, 0, 1)
@@ -205,6 +209,6 @@ class EmbeddingPlot(L.Callback):
             elif isinstance(logger, WandbLogger):
                 logger.log_image(key=self.tag, images=[self.image], step=step)
             elif getattr(logger, "log_dir", None):
-                out = Path(logger.log_dir) / "embeddings" / f"epoch={epoch:03d}.png"
+                out = Path(logger.log_dir) / "embeddings" / f"{when}.png"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 self.image.save(out)

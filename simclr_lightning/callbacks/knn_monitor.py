@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from simclr_lightning.callbacks.signal_agreement import stop_requested
+from simclr_lightning.callbacks.validation_due import validation_due
 from simclr_lightning.data.class_names import says_unlabeled
 from simclr_lightning.distributed import (
     PassCutShort,
@@ -101,15 +102,9 @@ class KNNMonitor(L.Callback):
             )
 
     def _due(self, trainer: L.Trainer) -> bool:
-        if trainer.sanity_checking or trainer.fast_dev_run:
-            return False
-        if trainer.state.fn != "fit":
-            return True
-        within = not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        if within and trainer.check_val_every_n_epoch is not None:
-            return False  # val_check_interval < 1: one bank pass an epoch, at its end
-        epoch = trainer.current_epoch + 1  # the last epoch too: a short run still gets a figure
-        return epoch % self.every_n_epochs == 0 or epoch == trainer.max_epochs
+        # val_check_interval < 1: one bank pass an epoch, at its end; the run's last
+        # validation too: a short run still gets a figure
+        return not trainer.fast_dev_run and validation_due(trainer, self.every_n_epochs)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.val_rows.reset()

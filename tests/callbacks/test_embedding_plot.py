@@ -119,3 +119,54 @@ def test_a_validate_run_plots_whatever_the_epoch():
     trainer = quiet_trainer(max_epochs=5, callbacks=[plot])
     trainer.validate(FeatureModule(10), datamodule=FeatureData(clusters(30, 0), clusters(60, 1)))
     assert plot.image is not None and len(plot.points) == 60
+
+
+class CountingPlot(EmbeddingPlot):
+    """Records the step of every picture drawn."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.steps: list[int] = []
+
+    def _plot(self, trainer, features, labels) -> None:
+        self.steps.append(trainer.global_step)
+        super()._plot(trainer, features, labels)
+
+
+def csv_pngs(logger: CSVLogger) -> list[str]:
+    return sorted(p.name for p in (Path(logger.log_dir) / "embeddings").glob("*.png"))
+
+
+def test_a_run_bounded_by_max_steps_gets_its_picture(tmp_path):
+    """max_epochs=-1 with max_steps: no epoch is "the last" by count, and a run shorter than
+    every_n_epochs ended without a picture."""
+    plot, logger = CountingPlot(every_n_epochs=10), CSVLogger(tmp_path)
+    trainer = quiet_trainer(max_epochs=-1, max_steps=8, logger=logger, callbacks=[plot])
+    trainer.fit(FeatureModule(10), datamodule=FeatureData(clusters(30, 0), clusters(60, 1)))
+    assert plot.steps == [8]  # 4 batches an epoch: the end of the second, the run's end
+    assert csv_pngs(logger) == ["epoch=001.png"]
+
+
+def test_validations_inside_an_epoch_draw_once_an_epoch(tmp_path):
+    """val_check_interval=0.5 drew twice an epoch, the second picture over the first's file."""
+    plot, logger = CountingPlot(every_n_epochs=1), CSVLogger(tmp_path)
+    trainer = quiet_trainer(max_epochs=2, val_check_interval=0.5, logger=logger, callbacks=[plot])
+    trainer.fit(FeatureModule(10), datamodule=FeatureData(clusters(32, 0), clusters(60, 1)))
+    assert plot.steps == [4, 8]
+    assert csv_pngs(logger) == ["epoch=000.png", "epoch=001.png"]
+
+
+def test_validations_counted_in_steps_each_get_a_file(tmp_path):
+    """check_val_every_n_epoch=None: validation every 3 steps across epochs, never at an
+    epoch's end; each picture is kept, under its step."""
+    plot, logger = CountingPlot(every_n_epochs=1), CSVLogger(tmp_path)
+    trainer = quiet_trainer(
+        max_steps=8,
+        val_check_interval=3,
+        check_val_every_n_epoch=None,
+        logger=logger,
+        callbacks=[plot],
+    )
+    trainer.fit(FeatureModule(10), datamodule=FeatureData(clusters(32, 0), clusters(60, 1)))
+    assert plot.steps == [3, 6]
+    assert csv_pngs(logger) == ["epoch=000-step=0000003.png", "epoch=001-step=0000006.png"]

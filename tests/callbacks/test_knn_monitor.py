@@ -180,3 +180,17 @@ def test_sigterm_in_the_bank_pass_cuts_it_short_and_the_run_stops_after_saving(t
     assert "knn/val_top1" not in trainer.callback_metrics
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert saved["global_step"] == trainer.global_step == 10  # epoch 0: 40 images, batches of 4
+
+
+def test_a_run_bounded_by_max_steps_reports_at_its_last_validation():
+    """max_epochs=-1 and max_steps: no epoch is "the last" by count, and a run shorter than
+    every_n_epochs ended without any kNN figure."""
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(32, 6, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+    metrics = EpochMetrics()
+    trainer = quiet_trainer(
+        max_epochs=-1, max_steps=8, callbacks=[KNNMonitor(k=5, every_n_epochs=10), metrics]
+    )
+    trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))
+    assert trainer.global_step == 8 and len(metrics.epochs) == 2  # 4 batches an epoch
+    assert "knn/val_top1" not in metrics.epochs[0] and "knn/val_top1" in metrics.epochs[1]
