@@ -88,6 +88,7 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
     """
 
     reads_image_files = False
+    default_views = SimCLRAugmentation()  # the paper's CIFAR views; subclasses set their own
 
     def __init__(
         self,
@@ -126,7 +127,7 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
             ">= 1",
         )
         self.batch_size = batch_size
-        aug = augmentation or SimCLRAugmentation()
+        aug = augmentation or self.default_views  # None (from Python): the data's own
         self.augmentation = aug.normalised_as(*self.channel_stats())
         self.task = task
         self.augment = augment

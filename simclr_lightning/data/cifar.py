@@ -39,6 +39,8 @@ class CIFARDataModule(SimCLRDataModule):
         **kwargs: see :class:`SimCLRDataModule`.
     """
 
+    default_views = CIFAR_VIEWS
+
     def __init__(
         self,
         data_dir: str = "data",

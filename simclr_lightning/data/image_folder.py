@@ -121,6 +121,7 @@ class ImageFolderDataModule(SimCLRDataModule):
     """
 
     reads_image_files = True  # under DDP, a bad file stops every process at one step
+    default_views = IMAGENET_VIEWS
 
     def __init__(
         self,

@@ -83,6 +83,8 @@ class MNISTDataModule(SimCLRDataModule):
         **kwargs: see :class:`SimCLRDataModule`.
     """
 
+    default_views = MNIST_VIEWS
+
     def __init__(
         self,
         data_dir: str = "data",

@@ -36,6 +36,8 @@ class SampleDataModule(ImageFolderDataModule):
         **kwargs: see :class:`ImageFolderDataModule` and :class:`SimCLRDataModule`.
     """
 
+    default_views = SAMPLE_VIEWS
+
     def __init__(self, augmentation: SimCLRAugmentation = SAMPLE_VIEWS, **kwargs) -> None:
         super().__init__(root=str(sample_root()), augmentation=augmentation, **kwargs)
 

@@ -324,3 +324,19 @@ def test_predicting_with_a_grayscale_models_preprocessing_serves_one_channel(
     one_value = r"data.std=\(0.5, 0.5\) is invalid: must be 1 value\(s\), as data.mean"
     with pytest.raises(ValueError, match=one_value):
         ImageFilesDataModule(str(tmp_path), mean=(0.5,), std=(0.5, 0.5)).predict_dataloader()
+
+
+def test_augmentation_none_from_python_means_the_datas_own_views(cifar_tiny, tmp_path):
+    """``augmentation=None`` (Python) gave every data module the base 32 px CIFAR views: an
+    ImageNet folder then trained on 32 px crops without blur."""
+    from simclr_lightning import SampleDataModule
+
+    folder = ImageFolderDataModule(str(cifar_tiny), augmentation=None, batch_size=8)
+    views = folder.augmentation  # the paper's ImageNet views
+    assert (views.image_size, views.jitter_strength, views.blur_prob) == (224, 1.0, 0.5)
+    mnist = MNISTDataModule(data_dir=str(tmp_path), augmentation=None, batch_size=8)
+    assert mnist.augmentation.image_size == 28
+    cifar = CIFARDataModule(data_dir=str(tmp_path), augmentation=None, batch_size=8)
+    assert (cifar.augmentation.image_size, cifar.augmentation.jitter_strength) == (32, 0.5)
+    sample = SampleDataModule(augmentation=None, batch_size=8)
+    assert sample.augmentation.crop_scale == (0.2, 1.0)
