@@ -104,12 +104,17 @@ def run_ddp_script_runs(
 
 
 def _launch(script: str, devices: int, out: Path, args: list[str]) -> None:
+    proc = launch(script, devices, out, args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def launch(script: str, devices: int, out: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """``tests/<script> --devices N --out OUT ARGS``, whatever its exit code."""
     cmd = [sys.executable, str(Path(__file__).with_name(script)), "--devices", str(devices)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 shared cores: no spinning thread pairs
-    proc = subprocess.run(
+    return subprocess.run(
         cmd + ["--out", str(out), *args], capture_output=True, text=True, timeout=300, env=env
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def script_runs(parser: argparse.ArgumentParser) -> list[argparse.Namespace]:

@@ -17,10 +17,12 @@ callbacks rebuild them again; so their dataset hands on a :class:`FailedSample`
 (:class:`CatchFailedSamples`) and their ``collate_fn`` makes the batch a
 :class:`FailedBatch` (:class:`CollateOrFail`), both of which survive a rebuild.
 
-Prediction takes no part: Lightning does not pad its shards
+Prediction has no per-batch agreement: Lightning does not pad its shards
 (``UnrepeatedDistributedSamplerWrapper``), so one process may have a batch more than another,
-which would wait alone in the agreement; and there is no step to save. A prediction batch that
-could not be read raises its error in the process that read it.
+which would wait alone in it; and there is no step to save. A prediction batch that could not
+be read raises its error in the process that read it, and the processes agree once, at the
+end of predict: the others then raise :class:`~simclr_lightning.errors.CorruptImageStop`
+naming the file, so no process exits as if the run had succeeded with a shard missing.
 """
 
 from __future__ import annotations
@@ -122,13 +124,18 @@ class StopTogether:
             if failed:
                 raise batch.error
             return
+        self.agree(batch.error if failed else None, trainer)
+
+    def agree(self, error: CorruptImageError | None, trainer: L.Trainer) -> None:
+        """Raise :class:`CorruptImageStop` in every process when any process brings an
+        ``error``; every process must call it at the same point."""
         group = self._group.get()
-        flag = torch.tensor([int(failed)], dtype=torch.int32)
+        flag = torch.tensor([int(error is not None)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         if not int(flag[0]):
             return
         found: list[Any] = [None] * dist.get_world_size()
-        mine = (trainer.global_rank, batch.error.path, batch.error.reason) if failed else None
+        mine = (trainer.global_rank, error.path, error.reason) if error is not None else None
         dist.all_gather_object(found, mine, group=group)
         rank, path, reason = next(f for f in found if f is not None)
         if rank != trainer.global_rank:
@@ -159,6 +166,25 @@ class ChecksBatches:
         """Whether evaluation batches read files under DDP (they never live on the device)."""
         distributed = self.trainer is not None and self.trainer.world_size > 1
         return self.reads_image_files and distributed
+
+    def _agrees_after_predict(self) -> bool:
+        trainer = self.trainer
+        distributed = dist.is_available() and dist.is_initialized()
+        return distributed and self.evaluation_stops_together and trainer.state.fn == "predict"
+
+    def on_exception(self, exception: BaseException) -> None:
+        # the process whose prediction batch failed joins the agreement the others make at
+        # the end of predict; its own error goes on
+        failed = isinstance(exception, CorruptImageError)
+        if failed and not isinstance(exception, CorruptImageStop) and self._agrees_after_predict():
+            try:
+                self._stop_together.agree(exception, self.trainer)
+            except CorruptImageStop:
+                pass
+
+    def teardown(self, stage: str) -> None:
+        if stage == "predict" and self._agrees_after_predict():
+            self._stop_together.agree(None, self.trainer)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         # unpadded shards: no agreement (see the module); a stand-in trainer may lack the flag

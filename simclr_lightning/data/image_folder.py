@@ -196,6 +196,7 @@ class ImageFolderDataModule(SimCLRDataModule):
 
     def teardown(self, stage: str) -> None:
         self.report_skipped()
+        super().teardown(stage)
 
     def report_skipped(self) -> None:
         """Warn here about files the loader workers skipped (their own warnings are lost)."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.ddp_helpers import run_ddp_script
+from tests.ddp_helpers import launch, run_ddp_script
 from tests.ddp_predict_script import BATCH, CLASSES, N_IMAGES, model, predict
 
 WORLD = 2
@@ -52,3 +52,21 @@ def test_uneven_shards_predict_every_image_once_as_one_process(uneven_folder, tm
     assert len({tuple(row) for row in expected.tolist()}) == N_IMAGES  # one row per image
     got = torch.cat([r["predictions"] for r in ranks])
     torch.testing.assert_close(got, expected[indices], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_corrupt_file_on_rank_1_fails_every_rank(uneven_folder, tmp_path):
+    """A prediction batch is read by one process alone (no padded shards, no per-batch
+    agreement): rank 1 raised on its corrupt file while rank 0 finished, wrote its predictions
+    and exited 0, so a script saw success with a quarter of the images missing."""
+    from torchvision import datasets
+
+    # Lightning's unpadded predict shards: rank r gets the images r, r + 2, ... in folder order
+    bad = Path(datasets.ImageFolder(str(uneven_folder / "val")).samples[3][0])
+    bad.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = launch("ddp_predict_script.py", WORLD, out, ["--root", str(uneven_folder)])
+    assert proc.returncode != 0
+    assert f"{bad}" in proc.stderr and "read by process 1 of 2" in proc.stderr
+    assert not list(out.glob("rank*.pt"))  # no rank went on as if it had succeeded
