@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import lightning as L
@@ -24,19 +25,23 @@ def rank_and_world_size() -> tuple[int, int]:
 
 class HostGroup:
     """A gloo process group for agreements between hosts (a flag per step): gloo all-reduces
-    host tensors, so no process waits for its GPU. The run's own group when it is gloo; else
-    one made on first use, which every process must reach at the same point. Made again
-    for a new process group (a later fit in the same process)."""
+    host tensors, so no process waits for its GPU. The run's own group when it is gloo and no
+    ``timeout`` of its own is asked for; else one made on first use, which every process must
+    reach at the same point (it waits up to ``timeout`` there too). Made again for a new
+    process group (a later fit in the same process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: timedelta | None = None) -> None:
         self._group: Any = None
         self._world: Any = None
+        self.timeout = timeout
 
     def get(self) -> Any:
         world = dist.group.WORLD
         if self._group is None or self._world is not world:
-            gloo = dist.get_backend() == "gloo"
-            self._group = world if gloo else dist.new_group(backend="gloo")
+            if dist.get_backend() == "gloo" and self.timeout is None:
+                self._group = world
+            else:
+                self._group = dist.new_group(backend="gloo", timeout=self.timeout)
             self._world = world
         return self._group
 

@@ -136,10 +136,10 @@ def script_runs(parser: argparse.ArgumentParser) -> list[argparse.Namespace]:
     return namespaces
 
 
-def image_folder_args() -> argparse.Namespace:
+def image_folder_args(parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """``--devices N --root FOLDER --out DIR``: the command line of the scripts that read an
-    image folder."""
-    parser = argparse.ArgumentParser()
+    image folder (and ``parser``'s own options)."""
+    parser = parser or argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--root", required=True)
     parser.add_argument("--out", type=Path, required=True)

@@ -3,13 +3,17 @@ the dataset indices of their images (and rank 0 the model's weights).
 
 Run as a script: Lightning's "ddp" strategy relaunches it once per extra device. Lightning
 shards prediction data without padding, so with 9 images in batches of 4 rank 0 gets 5 images
-(2 batches) and rank 1 gets 4 (1 batch).
+(2 batches) and rank 1 gets 4 (1 batch). ``--files`` predicts ``ROOT/val`` through
+``ImageFilesDataModule``; ``--csv`` adds a ``PredictionWriter``; ``--slow-rank0 S`` makes rank
+0 take S seconds a batch, under a process-group timeout of 5 s.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -19,7 +23,12 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import BasePredictionWriter  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
-from simclr_lightning import ImageFolderDataModule, SimCLRAugmentation  # noqa: E402
+from simclr_lightning import (  # noqa: E402
+    ImageFilesDataModule,
+    ImageFolderDataModule,
+    PredictionWriter,
+    SimCLRAugmentation,
+)
 from simclr_lightning.evaluation import LinearEval  # noqa: E402
 from tests.ddp_helpers import image_folder_args  # noqa: E402
 
@@ -37,7 +46,21 @@ class RecordPredictions(BasePredictionWriter):
         self.predictions.append(prediction.detach().cpu())
 
 
-def data_module(root: str) -> ImageFolderDataModule:
+class SlowRank0(L.Callback):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_predict_batch_end(self, trainer, *args) -> None:
+        if trainer.global_rank == 0:
+            time.sleep(self.seconds)
+
+
+def data_module(root: str, files: bool = False) -> L.LightningDataModule:
+    if files:
+        stats = dict(mean=(0.5,) * 3, std=(0.5,) * 3)
+        return ImageFilesDataModule(
+            str(Path(root) / "val"), batch_size=BATCH, image_size=16, **stats
+        )
     augmentation = SimCLRAugmentation(image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
     return ImageFolderDataModule(
         root, augmentation=augmentation, task="classify", batch_size=BATCH, num_workers=0
@@ -55,26 +78,40 @@ def model() -> LinearEval:
     )
 
 
-def predict(linear_eval: LinearEval, root: str, devices: int) -> RecordPredictions:
-    record = RecordPredictions()
+def predict(
+    linear_eval: LinearEval, root: str, devices: int, args: argparse.Namespace | None = None
+) -> RecordPredictions:
+    record, callbacks, timeout = RecordPredictions(), [], 30
+    if args is not None and args.csv:
+        callbacks.append(PredictionWriter(args.csv))
+    if args is not None and args.slow_rank0:
+        callbacks.append(SlowRank0(args.slow_rank0))
+        timeout = 5
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
         # a rank left alone in a collective fails in seconds, not after gloo's 30 minutes
-        strategy=DDPStrategy(timeout=datetime.timedelta(seconds=30)) if devices > 1 else "auto",
+        strategy=DDPStrategy(timeout=datetime.timedelta(seconds=timeout))
+        if devices > 1
+        else "auto",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[record],
+        callbacks=[record, *callbacks],
     )
-    trainer.predict(linear_eval, datamodule=data_module(root), return_predictions=False)
+    data = data_module(root, files=args is not None and args.files)
+    trainer.predict(linear_eval, datamodule=data, return_predictions=False)
     return record
 
 
 def main() -> None:
-    args = image_folder_args()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--files", action="store_true")
+    parser.add_argument("--csv")
+    parser.add_argument("--slow-rank0", type=float, default=0.0)
+    args = image_folder_args(parser)
     linear_eval = model()
-    record = predict(linear_eval, args.root, args.devices)
+    record = predict(linear_eval, args.root, args.devices, args)
     rank, world = linear_eval.trainer.global_rank, linear_eval.trainer.world_size
     torch.save(
         {

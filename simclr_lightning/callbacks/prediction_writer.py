@@ -90,10 +90,13 @@ class PredictionWriter(BasePredictionWriter):
                     self._csv.writerow(["file", "prediction"] + [f"prob_{n}" for n in names])
                 self._csv.writerow([file, names[k]] + [f"{p:.6g}" for p in row])
 
-    def on_predict_end(self, trainer, pl_module) -> None:
-        self._file.close()
-        os.replace(self._tmp, self.path)
-        self._file = None
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        # Not at on_predict_end: the data module's end-of-predict agreement (under DDP, a
+        # file another process could not read) comes after it, and may still fail the run.
+        if stage == "predict" and self._file is not None:
+            self._file.close()
+            os.replace(self._tmp, self.path)
+            self._file = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self._file is not None:

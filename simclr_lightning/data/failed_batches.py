@@ -28,6 +28,7 @@ naming the file, so no process exits as if the run had succeeded with a shard mi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import lightning as L
@@ -37,6 +38,9 @@ from torch.utils.data import Dataset, default_collate
 
 from simclr_lightning.distributed import HostGroup
 from simclr_lightning.errors import CorruptImageError, CorruptImageStop
+
+# how long the process whose prediction batch failed waits for the others to finish theirs
+PREDICT_WAIT = timedelta(days=1)
 
 
 class FailedBatch:
@@ -111,8 +115,8 @@ class CollateOrFail:
 class StopTogether:
     """The per-step agreement of :mod:`this module <simclr_lightning.data.failed_batches>`."""
 
-    def __init__(self) -> None:
-        self._group = HostGroup()
+    def __init__(self, timeout: timedelta | None = None) -> None:
+        self._group = HostGroup(timeout)
 
     def check(self, batch: Any, trainer: L.Trainer) -> None:
         """Raise :class:`CorruptImageStop` in every process when any process holds a
@@ -143,7 +147,43 @@ class StopTogether:
         raise CorruptImageStop(path, reason)
 
 
-class ChecksBatches:
+class AgreesAfterPredict:
+    """A data module's agreement at the end of a distributed ``predict`` over image files:
+    the process whose batch failed joins it at once (``on_exception``), the others when
+    they have predicted their whole shard (``teardown``); then all of them fail, naming the
+    file. Its gloo group waits as long as the others take (a process group's timeout, 30
+    minutes by default, would end the wait before an ImageNet-size shard is done)."""
+
+    trainer: L.Trainer | None
+    reads_image_files: bool
+
+    def _agrees_after_predict(self) -> bool:
+        trainer = self.trainer
+        distributed = dist.is_available() and dist.is_initialized()
+        if not (distributed and trainer is not None and trainer.world_size > 1):
+            return False
+        return self.reads_image_files and trainer.state.fn == "predict"
+
+    def _predict_agreement(self) -> StopTogether:
+        if "_after_predict" not in self.__dict__:
+            self._after_predict = StopTogether(timeout=PREDICT_WAIT)
+        return self._after_predict
+
+    def on_exception(self, exception: BaseException) -> None:
+        # the process whose prediction batch failed; its own error goes on
+        failed = isinstance(exception, CorruptImageError)
+        if failed and not isinstance(exception, CorruptImageStop) and self._agrees_after_predict():
+            try:
+                self._predict_agreement().agree(exception, self.trainer)
+            except CorruptImageStop:
+                pass
+
+    def teardown(self, stage: str) -> None:
+        if stage == "predict" and self._agrees_after_predict():
+            self._predict_agreement().agree(None, self.trainer)
+
+
+class ChecksBatches(AgreesAfterPredict):
     """The data module's side of :class:`StopTogether`: which of its batches every process
     checks together, and where (a mixin of :class:`~simclr_lightning.data.SimCLRDataModule`,
     which provides the attributes below)."""
@@ -166,25 +206,6 @@ class ChecksBatches:
         """Whether evaluation batches read files under DDP (they never live on the device)."""
         distributed = self.trainer is not None and self.trainer.world_size > 1
         return self.reads_image_files and distributed
-
-    def _agrees_after_predict(self) -> bool:
-        trainer = self.trainer
-        distributed = dist.is_available() and dist.is_initialized()
-        return distributed and self.evaluation_stops_together and trainer.state.fn == "predict"
-
-    def on_exception(self, exception: BaseException) -> None:
-        # the process whose prediction batch failed joins the agreement the others make at
-        # the end of predict; its own error goes on
-        failed = isinstance(exception, CorruptImageError)
-        if failed and not isinstance(exception, CorruptImageStop) and self._agrees_after_predict():
-            try:
-                self._stop_together.agree(exception, self.trainer)
-            except CorruptImageStop:
-                pass
-
-    def teardown(self, stage: str) -> None:
-        if stage == "predict" and self._agrees_after_predict():
-            self._stop_together.agree(None, self.trainer)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         # unpadded shards: no agreement (see the module); a stand-in trainer may lack the flag

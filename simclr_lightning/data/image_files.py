@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from simclr_lightning.data.corrupt import SkippedFiles, load_image, verify_files
+from simclr_lightning.data.failed_batches import AgreesAfterPredict
 from simclr_lightning.data.image_folder import IMAGE_EXTENSIONS, visible_image
 from simclr_lightning.data.transforms import (
     IMAGENET_MEAN,
@@ -94,7 +95,7 @@ def collate_present(samples: list, shape: tuple[int, ...]) -> tuple[Tensor, list
     return images, list(paths)
 
 
-class ImageFilesDataModule(L.LightningDataModule):
+class ImageFilesDataModule(AgreesAfterPredict, L.LightningDataModule):
     """Serves ``predict_dataloader()`` over image files with the evaluation transform.
 
     ``image_size``/``mean``/``std``/``resize_ratio`` left None are taken from the model being
@@ -102,7 +103,8 @@ class ImageFilesDataModule(L.LightningDataModule):
     checkpoint does), so predictions see images prepared as in training; otherwise 224 px
     with ImageNet statistics. One ``mean`` value (an MNIST model's) reads the images as
     grayscale, three as RGB. An unreadable image raises
-    :class:`~simclr_lightning.errors.CorruptImageError` naming the file.
+    :class:`~simclr_lightning.errors.CorruptImageError` naming the file (under DDP in
+    every process, once the others have predicted their shards).
 
     Args:
         paths: image files and/or folders (searched recursively).
@@ -110,6 +112,8 @@ class ImageFilesDataModule(L.LightningDataModule):
         verify: decode every file once at setup and raise one error listing all
             undecodable ones before predicting.
     """
+
+    reads_image_files = True  # under DDP, a file one process cannot read fails them all
 
     def __init__(
         self,
@@ -161,6 +165,7 @@ class ImageFilesDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         self.report_skipped()
+        super().teardown(stage)
 
     def report_skipped(self) -> None:
         """Warn here about files the loader workers left out (their own warnings are lost)."""

@@ -182,15 +182,47 @@ def test_sigterm_in_the_bank_pass_cuts_it_short_and_the_run_stops_after_saving(t
     assert saved["global_step"] == trainer.global_step == 10  # epoch 0: 40 images, batches of 4
 
 
-def test_a_run_bounded_by_max_steps_reports_at_its_last_validation():
-    """max_epochs=-1 and max_steps: no epoch is "the last" by count, and a run shorter than
-    every_n_epochs ended without any kNN figure."""
+@pytest.mark.parametrize(
+    ("limits", "validations", "reported"),
+    [
+        (dict(max_epochs=-1, max_steps=8), 2, [False, True]),  # ends at an epoch's end
+        (dict(max_epochs=-1, max_steps=6), 1, [True]),  # mid-epoch 2, which never validates
+        (dict(max_epochs=4, check_val_every_n_epoch=3), 1, [True]),  # epoch 4 does not either
+    ],
+)
+def test_the_runs_last_validation_reports(limits, validations, reported):
+    """A run bounded by max_steps (max_epochs=-1: no epoch is "the last" by count), or whose
+    last epochs do not validate, ended without any kNN figure when shorter than every_n_epochs."""
     gen = torch.Generator().manual_seed(2)
     x, y = torch.randn(32, 6, generator=gen), torch.randint(0, 3, (32,), generator=gen)
     metrics = EpochMetrics()
+    trainer = quiet_trainer(callbacks=[KNNMonitor(k=5, every_n_epochs=10), metrics], **limits)
+    trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))  # 4 batches an epoch
+    assert len(metrics.epochs) == validations
+    assert ["knn/val_top1" in m for m in metrics.epochs] == reported
+
+
+def test_early_stopping_held_back_by_min_epochs_makes_no_extra_bank_pass():
+    """EarlyStopping asks to stop at once, but min_epochs keeps the run going: should_stop
+    stays set, and each of those validations is not the last."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    class Constant(FeatureModule):
+        def validation_step(self, batch, batch_idx):
+            self.log("v", 1.0)
+            return super().validation_step(batch, batch_idx)
+
+    passes: list[int] = []
+
+    class Counting(KNNMonitor):
+        def _encode_bank(self, trainer, pl_module):
+            passes.append(trainer.current_epoch)
+            return super()._encode_bank(trainer, pl_module)
+
+    x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
+    stop = EarlyStopping("v", patience=0, check_finite=False)
     trainer = quiet_trainer(
-        max_epochs=-1, max_steps=8, callbacks=[KNNMonitor(k=5, every_n_epochs=10), metrics]
+        max_epochs=20, min_epochs=4, callbacks=[Counting(k=3, every_n_epochs=10), stop]
     )
-    trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))
-    assert trainer.global_step == 8 and len(metrics.epochs) == 2  # 4 batches an epoch
-    assert "knn/val_top1" not in metrics.epochs[0] and "knn/val_top1" in metrics.epochs[1]
+    trainer.fit(Constant(6), datamodule=FeatureData((x, y), (x, y)))
+    assert trainer.current_epoch == 4 and passes == []  # stopped after min_epochs, no pass

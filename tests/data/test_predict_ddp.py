@@ -55,10 +55,19 @@ def test_uneven_shards_predict_every_image_once_as_one_process(uneven_folder, tm
 
 
 @pytest.mark.slow
-def test_a_corrupt_file_on_rank_1_fails_every_rank(uneven_folder, tmp_path):
+@pytest.mark.parametrize(
+    "options",
+    [
+        # rank 0 predicts for 2 x 4 s, past the process group's 5 s timeout
+        ["--slow-rank0", "4"],
+        ["--files"],  # ImageFilesDataModule, the README's predict command's data module
+    ],
+)
+def test_a_corrupt_file_on_rank_1_fails_every_rank(uneven_folder, tmp_path, options):
     """A prediction batch is read by one process alone (no padded shards, no per-batch
     agreement): rank 1 raised on its corrupt file while rank 0 finished, wrote its predictions
-    and exited 0, so a script saw success with a quarter of the images missing."""
+    and exited 0, so a script saw success with half the images missing. Now rank 1 waits,
+    however long rank 0 takes, and both fail naming the file, leaving no predictions file."""
     from torchvision import datasets
 
     # Lightning's unpadded predict shards: rank r gets the images r, r + 2, ... in folder order
@@ -66,7 +75,10 @@ def test_a_corrupt_file_on_rank_1_fails_every_rank(uneven_folder, tmp_path):
     bad.write_bytes(b"not a png")
     out = tmp_path / "out"
     out.mkdir()
-    proc = launch("ddp_predict_script.py", WORLD, out, ["--root", str(uneven_folder)])
+    csv = out / "predictions.csv"
+    args = ["--root", str(uneven_folder), "--csv", str(csv), *options]
+    proc = launch("ddp_predict_script.py", WORLD, out, args)
     assert proc.returncode != 0
     assert f"{bad}" in proc.stderr and "read by process 1 of 2" in proc.stderr
-    assert not list(out.glob("rank*.pt"))  # no rank went on as if it had succeeded
+    assert "Timed out" not in proc.stderr
+    assert not list(out.iterdir())  # no rank went on as if it had succeeded
