@@ -29,3 +29,17 @@ def earlier_runs_last(trainer: L.Trainer) -> str | None:
     pattern = os.path.join(save_dir, str(logger.name or ""), "*", "checkpoints", f"{last}*.ckpt")
     found = [path for path in glob.glob(pattern) if os.path.isfile(path)]
     return max(found, key=os.path.getmtime) if found else None
+
+
+# the step-0 states Lightning's batch-size and learning-rate finders save, restore and delete
+TUNER_CHECKPOINTS = (".scale_batch_size_", ".lr_find_")
+
+
+def resumed_checkpoint(trainer: L.Trainer) -> str | None:
+    """The checkpoint this fit resumed from: ``trainer.ckpt_path``, unless it is a tuner's
+    own restore of the step-0 state it saved (a run tuned by ``BatchSizeFinder`` started
+    afresh)."""
+    path = trainer.ckpt_path
+    if not path or os.path.basename(str(path)).startswith(TUNER_CHECKPOINTS):
+        return None
+    return str(path)

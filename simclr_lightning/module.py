@@ -26,7 +26,12 @@ from simclr_lightning.optim import (
     scaled_learning_rate,
 )
 from simclr_lightning.run_checks import StepWatch, check_accumulation
-from simclr_lightning.schedule import carry_schedule_over, global_batch_size, step_schedule
+from simclr_lightning.schedule import (
+    carry_schedule_over,
+    global_batch_size,
+    replan_if_tuned,
+    step_schedule,
+)
 from simclr_lightning.supcon import SupConLoss
 
 LossName = Literal["ntxent", "supcon"]
@@ -257,6 +262,7 @@ class SimCLR(L.LightningModule):
         # statistics. Every part of SimCLR trains, so make that explicit.
         self.train()
         already_synced("train/loss")
+        replan_if_tuned(self, self.lr, "SimCLR")  # BatchSizeFinder, LearningRateFinder
         carry_schedule_over(self)  # resumed with another global batch
         # nothing of an earlier fit: its non-finite loss would stop this one at its first step
         self._watch.reset()
@@ -294,10 +300,25 @@ class SimCLR(L.LightningModule):
         """Images per optimizer step over all processes: what the learning-rate rule scales by."""
         return global_batch_size(self.trainer, self.hparams.batch_size)
 
+    @property
+    def lr(self) -> float:
+        """The peak learning rate, ``base_lr`` scaled for the global batch: the rate
+        Lightning's learning-rate finder sweeps, reads and sets (setting it sets ``base_lr``).
+        Needs the trainer, which knows the global batch."""
+        if self._trainer is None:
+            raise AttributeError("SimCLR.lr needs a trainer (the global batch): see base_lr")
+        hp = self.hparams
+        return scaled_learning_rate(hp.base_lr, self.global_batch_size(), hp.lr_scaling)
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        hp = self.hparams
+        hp.base_lr = value / scaled_learning_rate(1.0, self.global_batch_size(), hp.lr_scaling)
+
     def configure_optimizers(self):
         hp = self.hparams
         check_accumulation(self.trainer)
-        lr = scaled_learning_rate(hp.base_lr, self.global_batch_size(), hp.lr_scaling)
+        lr = self.lr
         groups = param_groups(self, hp.weight_decay, hp.exclude_bn_bias)
         optimizer = build_optimizer(hp.optimizer, groups, lr, hp.momentum, hp.lars_eta)
         schedule = step_schedule(self, optimizer, "SimCLR", lr, hp.warmup_epochs, hp.final_lr_ratio)

@@ -217,3 +217,37 @@ def carry_schedule_over(module: L.LightningModule) -> None:
             f"{planned['peak_lr']:.4g}; continuing at step {schedule.last_epoch} of "
             f"{planned['total_steps']}"
         )
+
+
+def replan_if_tuned(module: L.LightningModule, peak_lr: float, who: str) -> None:
+    """Plan the optimizer and schedule again when the run's global batch or peak rate
+    (``peak_lr``, as it stands now) is no longer the one ``configure_optimizers`` planned them
+    for: Lightning's ``BatchSizeFinder`` and ``LearningRateFinder`` callbacks change them
+    after it, and the run would otherwise train with the old peak rate and an epoch of the
+    old length (a cosine that reached 0 a quarter into the run). Only before the first step
+    (the tuners restore the step-0 state they saved): a run resumed later carries its plan
+    over (:func:`carry_schedule_over`) with its optimizer's state. Call in
+    ``on_train_start``."""
+    trainer = module.trainer
+    if trainer.global_step > 0:
+        return
+    schedule = module.lr_schedulers()
+    live = getattr(schedule, "lr_lambdas", [None])[0]
+    if not isinstance(live, WarmupCosine):
+        return  # a tuner's own schedule (the learning-rate finder's sweep)
+    batches = training_batches(trainer)
+    accumulate = trainer.accumulate_grad_batches
+    per_epoch = 0 if math.isinf(batches) else max(1, math.ceil(batches / accumulate))
+    same = (
+        per_epoch == live.steps_per_epoch
+        and schedule_steps(trainer, who) == live.total_steps
+        and math.isclose(peak_lr, live.peak_lr, rel_tol=1e-9)
+    )
+    if same:
+        return
+    trainer.strategy.setup_optimizers(trainer)
+    rank_zero_info(
+        f"{who}: the batch or learning rate changed after the optimizer was planned (a tuner "
+        f"callback): planned again for {per_epoch} steps per epoch at a peak learning rate of "
+        f"{peak_lr:.4g} (it was {live.steps_per_epoch} at {live.peak_lr:.4g})"
+    )

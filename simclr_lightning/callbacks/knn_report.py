@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from simclr_lightning.distributed import RowCollector, encode_rows, shard_loader
 from simclr_lightning.errors import require
 from simclr_lightning.evaluation.knn import knn_predict, top_k_accuracy
+from simclr_lightning.last_checkpoint import resumed_checkpoint
 
 
 def encode(trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader):
@@ -100,8 +101,9 @@ class KNNReport(L.Callback):
             return
         if self._init is None:
             self._init = self.measure(trainer, pl_module)
-            if trainer.ckpt_path:
-                self._start = f"encoder resumed from {os.path.basename(trainer.ckpt_path)}"
+            resumed = resumed_checkpoint(trainer)
+            if resumed:
+                self._start = f"encoder resumed from {os.path.basename(resumed)}"
 
     def on_train_end(self, trainer, pl_module) -> None:
         # Not on_fit_end: Lightning tears the strategy down before it, moving the module to the

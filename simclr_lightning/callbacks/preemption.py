@@ -20,6 +20,7 @@ from simclr_lightning.callbacks.signal_agreement import (
     cluster_environment,
 )
 from simclr_lightning.errors import CorruptImageError, CorruptImageStop
+from simclr_lightning.last_checkpoint import resumed_checkpoint
 
 # What a process killed by SIGTERM reports (128 + 15): the code schedulers and shells expect
 # from a run that was stopped, not finished.
@@ -97,7 +98,7 @@ class Preemption(Callback):
         )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._resumed_from = trainer.ckpt_path
+        self._resumed_from = resumed_checkpoint(trainer)
         self._first_step = None  # set once the checkpoint is restored and training starts
         self._requeued = False
 

@@ -26,7 +26,12 @@ from simclr_lightning.evaluation.eval_figures import StageFigures
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.lagged_reads import LaggedReads
 from simclr_lightning.optim import LRScaling, classifier_optimizer, scaled_learning_rate
-from simclr_lightning.schedule import carry_schedule_over, global_batch_size, step_schedule
+from simclr_lightning.schedule import (
+    carry_schedule_over,
+    global_batch_size,
+    replan_if_tuned,
+    step_schedule,
+)
 
 
 class LinearEval(L.LightningModule):
@@ -221,6 +226,7 @@ class LinearEval(L.LightningModule):
         self.train()
         list(self._reads.drain())  # nothing of an earlier fit
         self._bar_loss = None
+        replan_if_tuned(self, self._peak_lrs()[0], "LinearEval")  # e.g. BatchSizeFinder
         carry_schedule_over(self)  # resumed with another global batch
 
     def on_train_end(self) -> None:
@@ -282,14 +288,18 @@ class LinearEval(L.LightningModule):
             return F.linear(features.float(), weight, bias).softmax(dim=1)
 
     # -- optimisation ---------------------------------------------------------------------------
-    def configure_optimizers(self):
+    def _peak_lrs(self) -> tuple[float, float]:
+        """The classifier's and the encoder's peak rates: the rule scales both by the global
+        batch (devices x nodes x data.batch_size)."""
         hp = self.hparams
-        # The rule scales both rates by the global batch (devices x nodes x data.batch_size).
         scale = 1.0
         if hp.lr_scaling != "none":
             scale = scaled_learning_rate(1.0, global_batch_size(self.trainer), hp.lr_scaling)
-        lr = hp.lr * scale
-        encoder_lr = (hp.lr if hp.backbone_lr is None else hp.backbone_lr) * scale
+        return hp.lr * scale, (hp.lr if hp.backbone_lr is None else hp.backbone_lr) * scale
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        lr, encoder_lr = self._peak_lrs()
         encoders = [self.backbone, self.projection] if hp.finetune else []
         optimizer = classifier_optimizer(
             hp.optimizer, self.head, encoders, lr, encoder_lr, hp.weight_decay, hp.momentum,

@@ -162,3 +162,17 @@ def test_the_report_reaches_the_logger_and_is_printed_once(tmp_path, capsys):
     for key in ("init_top1", "final_top1"):
         assert float(rows[0][f"knn_report/{key}"]) == pytest.approx(report.results[key])
     assert capsys.readouterr().out.count("kNN top-1 on all 20 held-out images") == 1
+
+
+def test_a_run_tuned_by_the_batch_size_finder_reports_a_random_start(capsys):
+    """The finder restores the step-0 state it saved (``trainer.ckpt_path`` becomes its
+    temporary file): the report called the untrained encoder "resumed from
+    .scale_batch_size_<uuid>.ckpt"."""
+    from lightning.pytorch.callbacks import BatchSizeFinder
+
+    report = KNNReport(k=5)
+    finder = BatchSizeFinder(mode="power", init_val=4, max_trials=0, steps_per_trial=1)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=1, callbacks=[finder, report])
+    trainer.fit(Drift(8), datamodule=HeldOutData(noisy(40, 0), noisy(20, 1), batch_size=10))
+    out = capsys.readouterr().out
+    assert "randomly initialised encoder" in out and "resumed" not in out
