@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.utils import skip_init
 from torchmetrics.classification import MulticlassAccuracy
@@ -231,6 +232,15 @@ class OnlineLinearProbe(L.Callback):
         if self.classifier is None or trainer.sanity_checking:
             return
         if not trainer.strategy.reduce_boolean_decision(self._val_rows > 0, all=False):
+            return
+        if self.steps == 0:  # the same on every rank
+            # ``validate`` of a checkpoint written without the probe: its zero classifier
+            # would score chance, logged as if measured
+            rank_zero_warn(
+                "OnlineLinearProbe has not trained (no training step yet, and no probe state "
+                "in the checkpoint): probe/val_top1 and probe/val_top5 are not logged",
+                category=UserWarning,
+            )
             return
         # compute() all-gathers the metric states: exact global accuracy on every rank.
         top1, top5 = self.val_top1.compute(), self.val_top5.compute()

@@ -348,3 +348,30 @@ def test_int32_labels_train_and_score_the_probe():
     (w64, m64), (w32, m32) = results
     assert torch.equal(w32, w64) and m32 == m64
     assert m64["probe/val_top1"] > 0.5  # the probe learned something to compare
+
+
+def test_validate_with_a_probe_that_never_trained_logs_no_probe_figures(tmp_path):
+    """``validate --ckpt_path`` of a checkpoint written without the probe: its zero classifier
+    scored chance, reported as probe/val_top1 as if measured."""
+    train, val = separable(64, seed=2), separable(16, seed=3)
+    data = FeatureData(train, val, batch_size=16)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(FeatureModule(16), datamodule=data)
+    ckpt = tmp_path / "no_probe.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    metrics = EpochMetrics()
+    trainer = quiet_trainer(callbacks=[OnlineLinearProbe(num_classes=4), metrics])
+    with pytest.warns(UserWarning, match="OnlineLinearProbe has not trained"):
+        trainer.validate(FeatureModule(16), datamodule=data, ckpt_path=ckpt)
+    assert metrics.epochs and not any(k.startswith("probe/") for k in metrics.epochs[0])
+
+    # a checkpoint with a trained probe: validate reports it
+    probe = OnlineLinearProbe(num_classes=4, lr=0.05)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[probe])
+    trainer.fit(FeatureModule(16), datamodule=data)
+    trainer.save_checkpoint(ckpt)
+    metrics = EpochMetrics()
+    trainer = quiet_trainer(callbacks=[OnlineLinearProbe(num_classes=4), metrics])
+    trainer.validate(FeatureModule(16), datamodule=data, ckpt_path=ckpt)
+    assert metrics.epochs[0]["probe/val_top1"] > 0.9
