@@ -193,14 +193,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         )
 
 
-def check_ckpt_path(path: str | os.PathLike | None, model_class_path: str | None) -> None:
+def check_ckpt_path(
+    path: str | os.PathLike | None, model_class_path: str | None, fit: bool = False
+) -> None:
     """Before LightningCLI reads ``--ckpt_path`` (it loads the hyperparameters with a bare
-    ``torch.load``): a truncated file, or one of another model class, is a one-line error.
-    Only files are checked; ``last``/``best`` and missing paths are the Trainer's to resolve."""
+    ``torch.load``): a truncated file, one of another model class, or for ``fit`` one without
+    the optimizer's state, is a one-line error. Only files are checked; ``last``/``best`` and
+    missing paths are the Trainer's to resolve."""
     if not path or not Path(local_path(path)).is_file():
         return
     load = {"map_location": "cpu", "weights_only": True, "mmap": True}  # mmap: reads no tensors
     checkpoint = read_checkpoint(path, "ckpt_path", **load)
+    if fit and isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
+        raise CheckpointError(
+            "ckpt_path",
+            path,
+            "holds only the weights (ModelCheckpoint's save_weights_only), which cannot resume "
+            "a fit: resume from a full checkpoint (last.ckpt), or use these weights elsewhere "
+            "(validate, simclr-lightning-export, LinearEval's --model.checkpoint)",
+        )
     hparams = (checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
     saved = hparams.get("_class_path")
     if not saved or not model_class_path or _short(saved) == _short(model_class_path):

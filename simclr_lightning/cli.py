@@ -23,6 +23,7 @@ from simclr_lightning.callbacks import Preemption, RNGState
 from simclr_lightning.callbacks.preemption import SIGTERM_EXIT_CODE
 from simclr_lightning.checkpoint_io import check_ckpt_path
 from simclr_lightning.cli_errors import OneLineErrorParser, report
+from simclr_lightning.errors import SettingError
 from simclr_lightning.last_checkpoint import earlier_runs_last
 
 # Warnings a user of this command cannot act on (the library already chose for them).
@@ -156,7 +157,8 @@ class SimCLRCLI(LightningCLI):
         config = self.config.get(self.config.get("subcommand") or "") or self.config
         model = config.get("model")
         class_path = model.get("class_path") if hasattr(model, "get") else None
-        check_ckpt_path(config.get("ckpt_path"), class_path)
+        fit = self.config.get("subcommand") == "fit"
+        check_ckpt_path(config.get("ckpt_path"), class_path, fit)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -199,6 +201,10 @@ class SimCLRCLI(LightningCLI):
         ]
         try:
             return super()._instantiate_trainer(config, callbacks)
+        except ValueError as err:  # Lightning's check of its arguments: a setting to change
+            if isinstance(err, SettingError):
+                raise
+            raise SettingError("trainer: " + " ".join(str(err).split())) from err
         finally:
             self.trainer_defaults["callbacks"] = defaults
 

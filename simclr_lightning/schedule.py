@@ -141,7 +141,7 @@ def global_batch_size(trainer: L.Trainer, per_device: int | None = None) -> int:
         training_batches(trainer)  # loads the loader, which Lightning does lazily
         per_device = getattr(trainer.train_dataloader, "batch_size", None)
     if per_device is None:
-        raise ValueError(
+        raise SettingError(
             "cannot tell the per-device batch size model.lr_scaling scales by: use a data "
             "module or DataLoader with a batch_size (SimCLR: or set model.batch_size)"
         )

@@ -76,6 +76,10 @@ def files(cifar_jpg_root, tmp_path_factory) -> dict[str, Path]:
     (root / "truncated.ckpt").write_bytes(blob[: len(blob) // 2])
     (root / "empty.ckpt").write_bytes(b"")
     torch.save({"weight": torch.zeros(3)}, root / "other.pt")
+    full = torch.load(simclr, map_location="cpu", weights_only=False)
+    saved_keys = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
+    weights = {k: v for k, v in full.items() if k not in saved_keys}  # save_weights_only's
+    torch.save(weights, root / "weights.ckpt")
     return {
         "data": data,
         "unlabeled": unlabeled.parent,
@@ -84,6 +88,7 @@ def files(cifar_jpg_root, tmp_path_factory) -> dict[str, Path]:
         "empty": root / "empty.ckpt",
         "other": root / "other.pt",
         "missing": root / "missing.ckpt",
+        "weights": root / "weights.ckpt",
         "root": root,
     }
 
@@ -206,6 +211,12 @@ CASES = [
     ),
     ("resume empty", fit("--ckpt_path={empty}"), 1, ["empty.ckpt", "is empty (0 bytes)"]),
     (
+        "resume weights only",
+        fit("--ckpt_path={weights}"),
+        1,
+        ["ckpt_path=", "weights.ckpt", "holds only the weights", "last.ckpt"],
+    ),
+    (
         "eval checkpoint missing",
         evaluate("--model.checkpoint={missing}"),
         1,
@@ -234,6 +245,25 @@ CASES = [
         evaluate("--ckpt_path={simclr}"),
         1,
         ["ckpt_path=", ".ckpt", "checkpoint of simclr_lightning.SimCLR", "--model.checkpoint"],
+    ),
+    # callbacks' and the trainer's own settings
+    (
+        "plot every 0 epochs",
+        fit("--trainer.callbacks+=EmbeddingPlot", "--trainer.callbacks.every_n_epochs=0"),
+        2,
+        ["EmbeddingPlot.every_n_epochs=0 is invalid: must be >= 1"],
+    ),
+    (
+        "predictions to a .txt file",
+        fit("--trainer.callbacks+=PredictionWriter", "--trainer.callbacks.output=p.txt"),
+        2,
+        ["PredictionWriter.output='p.txt' is invalid", ".csv"],
+    ),
+    (
+        "barebones with logging",
+        fit("--trainer.barebones=true", "--trainer.log_every_n_steps=1"),
+        2,
+        ["trainer: ", "barebones=True", "log_every_n_steps=1"],
     ),
     # a loss that overflows in the first step
     (

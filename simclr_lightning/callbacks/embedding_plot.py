@@ -136,8 +136,8 @@ class EmbeddingPlot(L.Callback):
         tag: str = "embeddings/val",
         projection: Projection = "pca",
     ) -> None:
-        if every_n_epochs < 1 or max_points < 3:
-            raise ValueError("every_n_epochs must be >= 1 and max_points >= 3")
+        require(every_n_epochs >= 1, "EmbeddingPlot.every_n_epochs", every_n_epochs, ">= 1")
+        require(max_points >= 3, "EmbeddingPlot.max_points", max_points, ">= 3")
         require(
             projection in ("pca", "tsne"), "EmbeddingPlot.projection", projection, "pca or tsne"
         )

@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
+
+from simclr_lightning.errors import SettingError, require
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
 
@@ -32,10 +35,8 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, output: str, class_names: list[str] | None = None) -> None:
         super().__init__(write_interval="batch")
         suffix = Path(output).suffix.lower()
-        if suffix not in FORMATS:
-            raise ValueError(
-                f"output={output!r}: unknown format {suffix!r}, use one of {sorted(FORMATS)}"
-            )
+        allowed = "a file name ending in " + ", ".join(sorted(FORMATS))
+        require(suffix in FORMATS, "PredictionWriter.output", output, allowed)
         self.output = Path(output)
         self.format = FORMATS[suffix]
         self.class_names = class_names
@@ -66,14 +67,13 @@ class PredictionWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         probs = prediction.detach().float().cpu()
-        if probs.ndim != 2:
-            raise ValueError(
-                f"PredictionWriter expects [batch, classes] probabilities from predict_step, "
-                f"got shape {tuple(probs.shape)}"
-            )
+        check_probabilities(probs, type(pl_module).__name__)
         names = self._names or [str(i) for i in range(probs.shape[1])]
         if len(names) != probs.shape[1]:
-            raise ValueError(f"{len(names)} class names for {probs.shape[1]} probabilities")
+            raise SettingError(
+                f"PredictionWriter.class_names has {len(names)} names for the model's "
+                f"{probs.shape[1]} classes: give one name per class, or leave it out"
+            )
         files = _row_ids(batch, batch_indices, len(probs))
         best = probs.argmax(dim=1).tolist()
         for file, row, k in zip(files, probs.tolist(), best, strict=True):
@@ -103,6 +103,24 @@ class PredictionWriter(BasePredictionWriter):
             self._file.close()
             self._tmp.unlink(missing_ok=True)
             self._file = None
+
+
+def check_probabilities(probs: Tensor, model: str) -> None:
+    """Refuse what is not ``[batch, classes]`` probabilities: a pretraining checkpoint's
+    ``predict_step`` returns the encoder's features, which would be written as a class
+    "prediction" (the largest feature) with 512 "probabilities"."""
+    if probs.ndim == 2 and len(probs):
+        rows_ok = torch.allclose(probs.sum(dim=1), torch.ones(len(probs)), atol=1e-2)
+        if rows_ok and bool((probs >= 0).all()):
+            return
+    elif probs.ndim == 2:
+        return
+    raise SettingError(
+        f"PredictionWriter writes class probabilities, and {model}.predict_step returned "
+        f"values of shape {tuple(probs.shape)} that are not (each row must be >= 0 and sum to "
+        f"1): predict with a LinearEval checkpoint, a classifier; a SimCLR checkpoint predicts "
+        f"the encoder's features (leave PredictionWriter out)"
+    )
 
 
 def _row_ids(batch, batch_indices, n: int) -> list[str]:

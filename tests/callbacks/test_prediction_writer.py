@@ -142,3 +142,38 @@ def test_missing_path_is_named(classifier, tmp_path):
     # jsonargparse reports the data module's FileNotFoundError as a ValueError, message kept.
     with pytest.raises((FileNotFoundError, ValueError), match="nowhere does not exist"):
         predict(classifier, [tmp_path / "nowhere"], tmp_path / "p.csv")
+
+
+class Features(L.LightningModule):
+    """predict_step as SimCLR's: the encoder's features (post-ReLU), not probabilities."""
+
+    def predict_step(self, batch, batch_idx):
+        return torch.relu(batch[0] @ torch.ones(4, 6))
+
+
+def test_features_are_refused_not_written_as_probabilities(tmp_path):
+    """A pretraining checkpoint under PredictionWriter wrote a "prediction" (the largest
+    feature) and one "probability" per feature."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from simclr_lightning import PredictionWriter, SettingError
+
+    out = tmp_path / "predictions.csv"
+    loader = DataLoader(TensorDataset(torch.rand(5, 4)), batch_size=2)
+    trainer = quiet_trainer(callbacks=[PredictionWriter(str(out))])
+    with pytest.raises(SettingError, match=r"Features.predict_step returned values of shape "):
+        trainer.predict(Features(), loader)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left
+    with pytest.raises(SettingError, match=r"^PredictionWriter\.output='p\.txt' is invalid"):
+        PredictionWriter("p.txt")
+
+    class Probabilities(L.LightningModule):
+        def predict_step(self, batch, batch_idx):
+            return batch[0][:, :3].softmax(dim=1)
+
+    trainer = quiet_trainer(callbacks=[PredictionWriter(str(out), class_names=["a", "b"])])
+    with pytest.raises(SettingError, match=r"class_names has 2 names for the model's 3 classes"):
+        trainer.predict(Probabilities(), loader)
+    trainer = quiet_trainer(callbacks=[PredictionWriter(str(out), class_names=["a", "b", "c"])])
+    trainer.predict(Probabilities(), loader)
+    assert out.read_text().splitlines()[0] == "file,prediction,prob_a,prob_b,prob_c"
