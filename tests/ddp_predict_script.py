@@ -5,7 +5,7 @@ Run as a script: Lightning's "ddp" strategy relaunches it once per extra device.
 shards prediction data without padding, so with 9 images in batches of 4 rank 0 gets 5 images
 (2 batches) and rank 1 gets 4 (1 batch). ``--files`` predicts ``ROOT/val`` through
 ``ImageFilesDataModule``; ``--csv`` adds a ``PredictionWriter``; ``--slow-rank0 S`` makes rank
-0 take S seconds a batch, under a process-group timeout of 5 s.
+0 take S seconds a batch, under a process-group timeout of 5 s once started.
 """
 
 from __future__ import annotations
@@ -47,8 +47,14 @@ class RecordPredictions(BasePredictionWriter):
 
 
 class SlowRank0(L.Callback):
+    """Rank 0 predicts slowly, past a process-group timeout of 5 s set once the processes
+    have started (on a loaded machine, starting them takes longer than that)."""
+
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        torch.distributed.set_timeout(datetime.timedelta(seconds=5))
 
     def on_predict_batch_end(self, trainer, *args) -> None:
         if trainer.global_rank == 0:
@@ -81,19 +87,16 @@ def model() -> LinearEval:
 def predict(
     linear_eval: LinearEval, root: str, devices: int, args: argparse.Namespace | None = None
 ) -> RecordPredictions:
-    record, callbacks, timeout = RecordPredictions(), [], 30
+    record, callbacks = RecordPredictions(), []
     if args is not None and args.csv:
         callbacks.append(PredictionWriter(args.csv))
     if args is not None and args.slow_rank0:
         callbacks.append(SlowRank0(args.slow_rank0))
-        timeout = 5
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
         # a rank left alone in a collective fails in seconds, not after gloo's 30 minutes
-        strategy=DDPStrategy(timeout=datetime.timedelta(seconds=timeout))
-        if devices > 1
-        else "auto",
+        strategy=DDPStrategy(timeout=datetime.timedelta(seconds=30)) if devices > 1 else "auto",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
