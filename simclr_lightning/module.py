@@ -180,6 +180,12 @@ class SimCLR(L.LightningModule):
         self._watch = StepWatch(head_output_dim)
         self._preprocessing: dict | None = None  # the data's, recorded in checkpoints
 
+    @property
+    def preprocessing(self) -> dict | None:
+        """The data's evaluation preprocessing, as checkpoints record it: what
+        ``ImageFilesDataModule`` prepares images to predict with."""
+        return self._preprocessing
+
     def forward(self, x: Tensor) -> Tensor:
         """Encoder features h = f(x): the representation used downstream."""
         return self.backbone(self._layout(x))
@@ -302,9 +308,8 @@ class SimCLR(L.LightningModule):
 
     @property
     def lr(self) -> float:
-        """The peak learning rate, ``base_lr`` scaled for the global batch: the rate
-        Lightning's learning-rate finder sweeps, reads and sets (setting it sets ``base_lr``).
-        Needs the trainer, which knows the global batch."""
+        """The peak learning rate, ``base_lr`` scaled for the global batch (the trainer's):
+        what Lightning's learning-rate finder sweeps and sets (setting it sets ``base_lr``)."""
         if self._trainer is None:
             raise AttributeError("SimCLR.lr needs a trainer (the global batch): see base_lr")
         hp = self.hparams

@@ -236,3 +236,32 @@ def test_accumulation_a_scheduler_would_start_later_is_refused_before_training()
     with pytest.raises(SettingError, match="accumulation of up to 2 is invalid: must be 1"):
         trainer.fit(model, DataLoader(pairs(8), batch_size=4))
     assert trainer.global_step == 0
+
+
+def test_predicting_with_a_pretraining_checkpoint_prepares_images_as_pretraining_did(tmp_path):
+    """ImageFilesDataModule read a model's ``preprocessing``, which SimCLR kept private: the
+    features of a CIFAR checkpoint were computed on 224 px crops with ImageNet statistics."""
+    import numpy as np
+    from PIL import Image
+
+    from simclr_lightning import ImageFilesDataModule, SampleDataModule
+    from simclr_lightning.data.sample import sample_root
+
+    trainer = tiny_trainer(max_steps=1, default_root_dir=tmp_path)
+    model = SimCLR(head_hidden_dim=16, head_output_dim=8)
+    trainer.fit(model, datamodule=SampleDataModule(batch_size=8, num_workers=0))
+    trainer.save_checkpoint(tmp_path / "pretrain.ckpt")
+
+    files = sorted((sample_root() / "val" / "cat").iterdir())[:3]
+    loaded = SimCLR.load_from_checkpoint(tmp_path / "pretrain.ckpt").eval()
+    got = torch.cat(
+        quiet_trainer().predict(loaded, datamodule=ImageFilesDataModule([str(f) for f in files]))
+    )
+    # CIFAR-10's statistics at 32 px, as the sample's data module trains with them
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(3, 1, 1)
+    rgb = [np.asarray(Image.open(f).convert("RGB"), np.float32) / 255 for f in files]
+    x = (torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2) - mean) / std
+    with torch.no_grad():
+        want = loaded(x)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
