@@ -9,6 +9,7 @@ import sys
 import warnings
 from typing import Any
 
+import lightning as L
 import torch
 import yaml
 from jsonargparse import Namespace
@@ -21,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import simclr_lightning  # noqa: F401  (imports the classes so short names like SimCLR resolve)
 from simclr_lightning.callbacks import Preemption, RNGState
 from simclr_lightning.callbacks.preemption import SIGTERM_EXIT_CODE
-from simclr_lightning.checkpoint_io import check_ckpt_path
+from simclr_lightning.checkpoint_io import check_ckpt_path, read_checkpoint
 from simclr_lightning.cli_errors import OneLineErrorParser, report
 from simclr_lightning.errors import SettingError
 from simclr_lightning.last_checkpoint import earlier_runs_last
@@ -159,6 +160,9 @@ class SimCLRCLI(LightningCLI):
         class_path = model.get("class_path") if hasattr(model, "get") else None
         fit = self.config.get("subcommand") == "fit"
         check_ckpt_path(config.get("ckpt_path"), class_path, fit)
+        # the model's settings as given, before LightningCLI puts a --ckpt_path file's over them
+        init_args = model.get("init_args") if hasattr(model, "get") else None
+        self._given_model = dict(vars(init_args)) if init_args is not None else {}
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -180,12 +184,17 @@ class SimCLRCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") != "last":
-            return
-        found = earlier_runs_last(self.trainer)
-        if found is not None:
+        if config.get("ckpt_path") == "last":
+            found = earlier_runs_last(self.trainer)
+            if found is None:
+                return  # Lightning's own rule finds it (ModelCheckpoint's fixed folder)
             config["ckpt_path"] = found
             rank_zero_info(f"simclr-lightning: --ckpt_path last is {found}, the newest run's")
+            class_path = f"{type(self.model).__module__}.{type(self.model).__qualname__}"
+            check_ckpt_path(found, class_path, self.subcommand == "fit")
+            self.model = with_checkpoint_settings(self.model, found)
+        if config.get("ckpt_path"):
+            say_checkpoint_settings(getattr(self, "_given_model", {}), self.model)
 
     before_validate = before_test = before_predict = before_fit
 
@@ -219,6 +228,34 @@ class ConfigToLoggers(SaveConfigCallback):
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": config})
+
+
+def with_checkpoint_settings(model: L.LightningModule, path: str) -> L.LightningModule:
+    """``model`` built again with the settings ``path`` records, as LightningCLI builds it
+    for a ``--ckpt_path`` file it is given (``last`` is found after the model is built: its
+    architecture from the config failed to load the weights of another)."""
+    load = {"map_location": "cpu", "weights_only": True, "mmap": True}
+    saved = read_checkpoint(path, "ckpt_path", **load).get("hyper_parameters") or {}
+    current = {k: v for k, v in model.hparams.items() if not k.startswith("_")}  # init args
+    settings = {k: v for k, v in saved.items() if k in current}
+    if all(current[k] == v for k, v in settings.items()):
+        return model
+    return type(model)(**{**current, **settings})
+
+
+def say_checkpoint_settings(given: dict[str, Any], model: L.LightningModule) -> None:
+    """Say which settings given for the model its checkpoint's replaced (silently, before)."""
+    used = dict(getattr(model, "hparams", {}))
+    changed = [
+        f"model.{k}={used[k]!r} (given {v!r})"
+        for k, v in given.items()
+        if k in used and used[k] != v
+    ]
+    if changed:
+        rank_zero_info(
+            "simclr-lightning: the model is built with its checkpoint's settings: "
+            + ", ".join(changed)
+        )
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

@@ -32,7 +32,9 @@ def cifar_100_per_class(cifar_jpg_root, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_fit_imagefolder_config_writes_a_checkpoint_that_reloads(cifar_100_per_class, tmp_path):
+def test_fit_imagefolder_config_writes_a_checkpoint_that_reloads(
+    cifar_100_per_class, tmp_path, caplog
+):
     config = str(REPO / "configs" / "imagefolder.yaml")
     args = ["fit", "--config", config, "--data.root", str(cifar_100_per_class)]
     cli = cli_main(args + FAST_CPU + [f"--trainer.default_root_dir={tmp_path}"])
@@ -56,6 +58,22 @@ def test_fit_imagefolder_config_writes_a_checkpoint_that_reloads(cifar_100_per_c
     assert Path(resumed.trainer.ckpt_path) == last
     assert resumed.trainer.global_step == 6
     assert Path(resumed.trainer.checkpoint_callback.dirpath) != last.parent  # a new version
+
+    # Settings given for the model give way to the checkpoint's, for `last` as for a path
+    # (the model was built from the config before `last` was found: a CIFAR stem then failed
+    # to load this checkpoint's weights); a line says which.
+    newest = next(Path(resumed.trainer.checkpoint_callback.dirpath).glob("last.ckpt"))
+    stem = ["--model.init_args.cifar_stem=true", "--model.init_args.temperature=0.3"]
+    for path in ("last", str(newest)):
+        more = [f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=3"]
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            again = cli_main(args + FAST_CPU + more + stem + [f"--ckpt_path={path}"])
+        assert Path(again.trainer.ckpt_path) == newest and again.trainer.global_step == 9
+        assert not again.model.hparams.cifar_stem and again.model.hparams.temperature == 0.1
+        said = caplog.text
+        assert "the model is built with its checkpoint's settings: model.cifar_stem=False" in said
+        assert "model.temperature=0.1 (given 0.3)" in said
 
 
 @pytest.mark.parametrize(
