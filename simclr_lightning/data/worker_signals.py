@@ -30,6 +30,28 @@ STOP_SIGNALS = frozenset(
 )  # Windows has SIGTERM alone (and no sigwaitinfo: the shield is off there)
 
 
+# Imported in the fork server, not in each worker: see preload_in_forkserver.
+FORKSERVER_PRELOAD = ("numpy", "torch", "lightning", __name__)
+
+
+def preload_in_forkserver() -> None:
+    """Under the "forkserver" start method (Python 3.14's default on Linux) a worker imports
+    numpy, torch and lightning itself, and numpy's OpenBLAS starts its thread pool there
+    before ``worker_init_fn`` runs: those threads do not block the stop signals, and one they
+    take ends the worker (the shield's mask is per thread). Imported once in the fork server,
+    they are in every worker it forks, with no thread of theirs (a fork copies one thread).
+    Keeps any preload already asked for; no effect on a fork server already running."""
+    try:
+        from multiprocessing import forkserver
+    except ImportError:  # no fork server on this platform
+        return
+    asked = list(getattr(forkserver._forkserver, "_preload_modules", ["__main__"]))
+    forkserver.set_forkserver_preload(asked + [m for m in FORKSERVER_PRELOAD if m not in asked])
+
+
+preload_in_forkserver()
+
+
 def shield_from_stop_signals(worker_id: int = 0) -> None:
     """A ``worker_init_fn``: from here on, stop signals from any process but the parent are
     ignored. They are blocked in this (the worker's main) thread, which threads started later
