@@ -11,7 +11,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from simclr_lightning.data.class_names import dataset_class_names  # noqa: F401 (notebook)
-from simclr_lightning.data.corrupt import substitutes_within
 from simclr_lightning.data.device_store import DeviceImageStore, IndexDataset
 from simclr_lightning.data.device_views import DeviceViews
 from simclr_lightning.data.failed_batches import (
@@ -25,8 +24,10 @@ from simclr_lightning.data.loaders import TrainOrder, check_batch_size
 from simclr_lightning.data.subsets import (
     class_balanced_subset,
     dataset_labels,
+    leaves_out_corrupt,
     listed_subset,
     stratified_order,
+    substitutes_within,
 )
 from simclr_lightning.data.transforms import (
     IMAGENET_MEAN,
@@ -246,12 +247,13 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
         return min(MAX_AUTO_WORKERS, suggested_max_num_workers(devices))
 
     def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
-        """An evaluation loader: in order, every image. Under DDP, a batch with a file that
-        cannot be read arrives as a :class:`FailedBatch` (see :meth:`check_batch`)."""
+        """An evaluation loader: in order, every image (with ``skip_corrupt``, but the bad
+        ones). Under DDP, a batch with a file that cannot be read arrives as a
+        :class:`FailedBatch` (see :meth:`check_batch`)."""
         workers = self.workers
-        collate_fn = None
+        collate_fn = leaves_out_corrupt(dataset)
         if self.evaluation_stops_together:
-            dataset, collate_fn = CatchFailedSamples(dataset), CollateOrFail()
+            dataset, collate_fn = CatchFailedSamples(dataset), CollateOrFail(collate_fn)
         return DataLoader(
             dataset,
             batch_size=batch_size,

@@ -16,6 +16,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
@@ -60,17 +61,25 @@ def load_image(path: str, mode: str) -> Image.Image:
 
 
 def to_8_bit(image: Image.Image) -> Image.Image:
-    """A 16- or 32-bit integer grayscale image (PIL modes ``I;16*``, ``I``) as 8-bit ``L``,
-    scaled to its top 8 bits as the device path's decoder scales it (``encoded.to_uint8``);
-    PIL's own ``convert`` clips such values at 255 (a near-white image). Mode ``I`` from a
-    PNG holds 16-bit values, from other formats signed 32-bit ones."""
-    if image.mode.startswith("I;16"):
-        shift = 8
+    """A grayscale image deeper than 8 bits as 8-bit ``L``. 16-bit values (PIL modes ``I;16*``,
+    and ``I`` from a PNG or PGM) keep their top 8 bits, as the device path's decoder scales
+    them (``encoded.to_uint8``). 32-bit ones (``I`` from a TIFF, ``F``) are scaled by the
+    image's own largest value, since the type's range says nothing of the values used (12-bit
+    counts, 0..1 floats) and PIL's ``convert`` clips at 0 and 255 (a black or white image):
+    integers keep the top 8 of the bits that value uses (a full-range int32 image bits 23-30,
+    as torchvision scales int32), floats map 0..max(1, largest) onto 0..255. Negative values,
+    NaN and infinities are black."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM")):
+        pixels = np.asarray(image).astype(np.int64) >> 8
     elif image.mode == "I":
-        shift = 8 if image.format == "PNG" else 23  # int32 has 31 value bits, as torch counts
+        pixels = np.asarray(image).astype(np.int64).clip(min=0)
+        pixels >>= max(int(pixels.max()).bit_length() - 8, 0)
+    elif image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), posinf=0.0, neginf=0.0)
+        values = values.clip(min=0)
+        pixels = np.rint(values * (255 / max(float(values.max()), 1.0)))
     else:
         return image
-    pixels = np.asarray(image).astype(np.int64) >> shift
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))  # 2-D uint8: mode L
 
 
@@ -88,38 +97,66 @@ def substitute(index: int, attempt: int, size: int) -> int:
     return random.Random(index * 1_000_003 + attempt).randrange(size)
 
 
+SUBSTITUTED = "another image is served in its place"
+LEFT_OUT = "it is left out, with no image in its place"
+IN_BATCH = "no decoder reads it on the device; the next image of its batch takes its slot"
+
+
 class SkippedFiles:
     """Which of a dataset's files were skipped, and the one warning for each.
 
     The flags live in shared memory, so loader workers see each other's finds (a file is
     reported once, and not read again). A worker's own warnings go nowhere the user sees
     reliably, so the process that trains warns: at once without workers, else in
-    :meth:`report`, which the data module calls on each batch it receives."""
+    :meth:`report`, which the data module calls on each batch it receives. A file is either
+    replaced (training) or left out (``left_out`` says what then happens, e.g. no
+    prediction); the flag a worker sets says which, for the warning."""
 
-    FOUND, REPORTED = 1, 2
+    FOUND, REPORTED, FOUND_LEFT_OUT = 1, 2, 3
 
-    def __init__(self, files: Sequence[str]) -> None:
+    def __init__(self, files: Sequence[str], left_out: str = LEFT_OUT) -> None:
         self.files = list(files)
+        self.left_out = left_out
         self.flags = torch.zeros(len(self.files), dtype=torch.uint8).share_memory_()
 
     def is_bad(self, index: int) -> bool:
         return bool(self.flags[index])
 
-    def mark(self, index: int, err: CorruptImageError, what: str) -> None:
-        """Record that file ``index`` failed with ``err``; ``what`` says what happens instead."""
+    def mark(self, index: int, err: CorruptImageError, left_out: bool = False) -> None:
+        """Record that file ``index`` failed with ``err``, and was left out or replaced."""
         if self.flags[index]:
             return
         if get_worker_info() is not None:
-            self.flags[index] = self.FOUND
+            self.flags[index] = self.FOUND_LEFT_OUT if left_out else self.FOUND
             return
         self.flags[index] = self.REPORTED
-        _warn(err.path, err.reason, what)
+        _warn(err.path, err.reason, self.left_out if left_out else SUBSTITUTED)
 
-    def report(self, what: str) -> None:
+    def known_bad(self, paths: Sequence[str]) -> None:
+        """Flag ``paths`` (found bad and named already, by ``data.verify``): not read again."""
+        bad = set(paths)
+        for index, path in enumerate(self.files):
+            if path in bad:
+                self.flags[index] = self.REPORTED
+
+    def read_or_leave_out(self, get: Callable[[int], T], index: int) -> T | None:
+        """``get(index)``, or None for a file that cannot be read (named once): an evaluation
+        row, a prediction, must be of the file it stands for, never of a substitute."""
+        if self.is_bad(index):
+            return None
+        try:
+            return get(index)
+        except CorruptImageError as err:
+            self.mark(index, err, left_out=True)
+            return None
+
+    def report(self) -> None:
         """Warn, in this process, about the files workers found bad since the last call."""
-        if get_worker_info() is not None or not bool((self.flags == self.FOUND).any()):
+        found = (self.flags == self.FOUND) | (self.flags == self.FOUND_LEFT_OUT)
+        if get_worker_info() is not None or not bool(found.any()):
             return
-        for index in (self.flags == self.FOUND).nonzero().flatten().tolist():
+        for index in found.nonzero().flatten().tolist():
+            left_out = int(self.flags[index]) == self.FOUND_LEFT_OUT
             self.flags[index] = self.REPORTED
             path = self.files[index]
             try:
@@ -127,7 +164,7 @@ class SkippedFiles:
                 reason = "unreadable when served"
             except CorruptImageError as err:
                 reason = err.reason
-            _warn(path, reason, what)
+            _warn(path, reason, self.left_out if left_out else SUBSTITUTED)
 
 
 def _warn(path: str, reason: str, what: str) -> None:
@@ -136,10 +173,6 @@ def _warn(path: str, reason: str, what: str) -> None:
         CorruptImageWarning,
         stacklevel=3,
     )
-
-
-SUBSTITUTED = "another image is served in its place"
-IN_BATCH = "no decoder reads it on the device; the next image of its batch takes its slot"
 
 
 class DeviceSkips:
@@ -186,7 +219,7 @@ class SkipCorrupt(SkippedFiles):
                 return get(i)
             except CorruptImageError as err:
                 last = err
-                self.mark(i, err, SUBSTITUTED)
+                self.mark(i, err)
         n_bad = int((self.flags > 0).sum())
         raise CorruptImageError(
             last.path if last else self.files[index],
@@ -194,32 +227,6 @@ class SkipCorrupt(SkippedFiles):
             f"drawn in its place were all unreadable ({n_bad} bad files found so far), so "
             f"data.skip_corrupt gave up: too much of the data is damaged",
         )
-
-
-class SkipsCorruptFiles:
-    """Mixin for a map-style dataset of image files whose ``read_item`` reads one sample: with
-    ``skip`` set, an undecodable file's sample is replaced by :class:`SkipCorrupt`'s choice."""
-
-    skip: SkipCorrupt | None = None
-    # the indices substitutes come from (None: all); see :func:`substitutes_within`
-    substitutes: Sequence[int] | None = None
-
-    def read_item(self, index: int):
-        raise NotImplementedError
-
-    def __getitem__(self, index: int):
-        if self.skip is None:
-            return self.read_item(index)
-        return self.skip.fetch(self.read_item, index, self.substitutes)
-
-
-def substitutes_within(dataset: Dataset, indices: list[int]) -> list[int]:
-    """``indices``, the only images of ``dataset`` a loader will index (a labelled subset),
-    once a dataset that skips bad files draws their substitutes from them alone: an image
-    outside the subset, and its label, must not be served in a bad one's place."""
-    if isinstance(dataset, SkipsCorruptFiles):
-        dataset.substitutes = tuple(indices)
-    return indices
 
 
 class _Decodes(Dataset):
@@ -240,19 +247,25 @@ class _Decodes(Dataset):
         return path, None
 
 
+def found_bad(bad: Sequence[tuple[str, str]], total: int, listing: Path | None) -> str:
+    """What ``data.verify`` found, in one line: the first :data:`LISTED` files and reasons."""
+    shown = "; ".join(f"{path!r} ({reason})" for path, reason in bad[:LISTED])
+    more = f"; and {len(bad) - LISTED} more" if len(bad) > LISTED else ""
+    where = f" (all listed in {str(listing)!r})" if listing is not None else ""
+    return (
+        f"data.verify=true found {len(bad)} of {total} image files undecodable{where}: "
+        f"{shown}{more}"
+    )
+
+
 class CorruptFilesError(CorruptImageError):
     """``data.verify`` found undecodable files: all of them in one message (the first
     :data:`LISTED`; with more, every one in a text file the message names)."""
 
     def __init__(self, bad: Sequence[tuple[str, str]], total: int, listing: Path | None) -> None:
-        shown = "; ".join(f"{path!r} ({reason})" for path, reason in bad[:LISTED])
-        more = f"; and {len(bad) - LISTED} more" if len(bad) > LISTED else ""
-        where = f" (all listed in {str(listing)!r})" if listing is not None else ""
-        ValueError.__init__(
-            self,
-            f"data.verify=true found {len(bad)} of {total} image files undecodable{where}: "
-            f"{shown}{more}. Remove or replace them, or set data.skip_corrupt=true to skip them",
-        )
+        found = found_bad(bad, total, listing)
+        fix = "Remove or replace them, or set data.skip_corrupt=true to skip them"
+        ValueError.__init__(self, f"{found}. {fix}")
         self.path, self.reason = bad[0]
         self.bad, self.total, self.listing = list(bad), total, listing
 
@@ -260,11 +273,12 @@ class CorruptFilesError(CorruptImageError):
         return type(self), (self.bad, self.total, self.listing)
 
 
-def verify_files(files: Sequence[str], workers: int, trainer=None) -> None:
+def verify_files(files: Sequence[str], workers: int, trainer=None, skip: bool = False) -> list[str]:
     """Decode every file once (``workers`` loader processes) and raise one
     :class:`CorruptFilesError` naming all that fail; when more than :data:`LISTED` do, the full
     list goes to ``corrupt_files.txt`` in the trainer's root folder (or the current one), if it
-    can be written.
+    can be written. With ``skip`` (``data.skip_corrupt`` is set) the list is a warning instead,
+    and the bad files are returned, for the run to skip without reading them again.
 
     Under DDP each process decodes its own share (every world-th file) and the finds are
     gathered, so W processes check the data W times faster instead of W times over, and
@@ -282,7 +296,7 @@ def verify_files(files: Sequence[str], workers: int, trainer=None) -> None:
         found = sorted(row for share in shares for row in share)
     bad = [(path, reason) for _, path, reason in found]
     if not bad:
-        return
+        return []
     listing: Path | None = None
     if len(bad) > LISTED:
         root = Path(trainer.default_root_dir) if trainer is not None else Path.cwd()
@@ -297,7 +311,11 @@ def verify_files(files: Sequence[str], workers: int, trainer=None) -> None:
             written = [listing is not None]
             dist.broadcast_object_list(written, src=0)
             listing = listing if written[0] else None
-    raise CorruptFilesError(bad, len(files), listing)
+    if not skip:
+        raise CorruptFilesError(bad, len(files), listing)
+    found_text = found_bad(bad, len(files), listing)
+    rank_zero_warn(f"{found_text}: data.skip_corrupt=true skips them", category=CorruptImageWarning)
+    return [path for path, _ in bad]
 
 
 def _as_list(rows: list) -> list:

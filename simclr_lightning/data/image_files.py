@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from functools import partial
 from numbers import Integral, Real
@@ -21,7 +22,7 @@ from simclr_lightning.data.transforms import (
     eval_crop_ratio,
     eval_transform,
 )
-from simclr_lightning.errors import CorruptImageError, require
+from simclr_lightning.errors import require
 
 
 def list_images(paths: str | Sequence[str]) -> list[str]:
@@ -32,9 +33,7 @@ def list_images(paths: str | Sequence[str]) -> list[str]:
     files: list[str] = []
     for entry in map(Path, paths):
         if entry.is_dir():
-            files += sorted(
-                str(p) for p in entry.rglob("*") if visible_image(p, entry) and p.is_file()
-            )
+            files += sorted(folder_images(entry, entry, frozenset()))
         elif entry.is_file():
             files.append(str(entry))
         else:
@@ -44,6 +43,25 @@ def list_images(paths: str | Sequence[str]) -> list[str]:
             f"data.paths={list(map(str, paths))} holds no images "
             f"(looked for {', '.join(IMAGE_EXTENSIONS)})"
         )
+    return files
+
+
+def folder_images(folder: Path, root: Path, above: frozenset[str]) -> list[str]:
+    """The images under ``folder`` (in ``root``), through symlinked folders as training's
+    ImageFolder goes (``os.walk(followlinks=True)``), but not into a folder it is already
+    inside (``above``: real paths), which a link to a parent would repeat without end. A
+    dangling link named as an image is kept: reading it names it, as training does."""
+    real = os.path.realpath(folder)
+    if real in above:
+        return []
+    files = []
+    for entry in os.scandir(folder):
+        path = Path(entry.path)
+        if entry.is_dir():  # follows a link
+            if not entry.name.startswith("."):
+                files += folder_images(path, root, above | {real})
+        elif (entry.is_file() or entry.is_symlink()) and visible_image(path, root):
+            files.append(str(path))
     return files
 
 
@@ -69,21 +87,19 @@ class ImageFiles(Dataset):
         self.files = list(files)
         self.transform = transform
         self.mode = mode
-        self.skipped = SkippedFiles(self.files) if skip_corrupt else None
+        self.skipped = SkippedFiles(self.files, LEFT_OUT) if skip_corrupt else None
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
+        if self.skipped is None:
+            return self.read(index)
+        return self.skipped.read_or_leave_out(self.read, index)
+
+    def read(self, index: int) -> tuple[Tensor, str]:
         path = self.files[index]
-        try:
-            image = load_image(path, self.mode)
-        except CorruptImageError as err:
-            if self.skipped is None:
-                raise
-            self.skipped.mark(index, err, LEFT_OUT)
-            return None
-        return self.transform(image), path
+        return self.transform(load_image(path, self.mode)), path
 
 
 def collate_present(samples: list, shape: tuple[int, ...]) -> tuple[Tensor, list[str]]:
@@ -110,7 +126,7 @@ class ImageFilesDataModule(AgreesAfterPredict, L.LightningDataModule):
         paths: image files and/or folders (searched recursively).
         skip_corrupt: leave undecodable files out (one warning each, no prediction row).
         verify: decode every file once at setup and raise one error listing all
-            undecodable ones before predicting.
+            undecodable ones before predicting; with ``skip_corrupt``, warn with that list.
     """
 
     reads_image_files = True  # under DDP, a file one process cannot read fails them all
@@ -153,10 +169,11 @@ class ImageFilesDataModule(AgreesAfterPredict, L.LightningDataModule):
         self.skip_corrupt = skip_corrupt
         self.verify = verify
         self._verified = False
+        self._bad: list[str] = []  # found by verify: left out without being read (or named) again
 
     def setup(self, stage: str) -> None:
         if self.verify and not self._verified:
-            verify_files(self.files, self.num_workers, self.trainer)
+            self._bad = verify_files(self.files, self.num_workers, self.trainer, self.skip_corrupt)
             self._verified = True
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
@@ -171,7 +188,7 @@ class ImageFilesDataModule(AgreesAfterPredict, L.LightningDataModule):
         """Warn here about files the loader workers left out (their own warnings are lost)."""
         skipped = getattr(getattr(self, "dataset", None), "skipped", None)
         if skipped is not None:
-            skipped.report(LEFT_OUT)
+            skipped.report()
 
     def size_channels_and_transform(self):
         """``(image_size, channels, transform)``: the model's recorded preprocessing, with this
@@ -199,6 +216,8 @@ class ImageFilesDataModule(AgreesAfterPredict, L.LightningDataModule):
         size, channels, transform = self.size_channels_and_transform()
         mode = "L" if channels == 1 else "RGB"
         self.dataset = ImageFiles(self.files, transform, self.skip_corrupt, mode)
+        if self.dataset.skipped is not None:
+            self.dataset.skipped.known_bad(self._bad)
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,

@@ -13,16 +13,15 @@ from torchvision import datasets
 
 from simclr_lightning.data.base import SimCLRDataModule
 from simclr_lightning.data.corrupt import (
-    SUBSTITUTED,
     DeviceSkips,
     SkipCorrupt,
-    SkipsCorruptFiles,
     dataset_files,
     load_rgb,
     verify_files,
 )
 from simclr_lightning.data.device_store import DeviceImageStore
 from simclr_lightning.data.encoded import collate_encoded, read_encoded
+from simclr_lightning.data.subsets import SkipsCorruptFiles
 from simclr_lightning.data.transforms import IMAGENET_VIEWS, SimCLRAugmentation
 from simclr_lightning.errors import SettingError, require
 
@@ -44,6 +43,21 @@ def visible_image(path: str | Path, root: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS and not any(
         part.startswith(".") for part in parts
     )
+
+
+def check_layout(folder: Path) -> list[str]:
+    """The class folders of a split, once sure that no image lies beside them: ImageFolder
+    would drop it unseen (and a folder of unlabeled images holding a subfolder would become
+    one class of the subfolder's images alone)."""
+    classes = class_folders(folder)
+    loose = sorted(p.name for p in folder.iterdir() if visible_image(p, folder) and not p.is_dir())
+    if classes and loose:
+        raise SettingError(
+            f"{folder} holds {len(loose)} image(s) (e.g. {loose[0]}) beside its class folder(s) "
+            f"({listed(classes)}): put all images of a split inside class folders (labelled), "
+            f"or none (unlabeled images: move the subfolder(s) out)"
+        )
+    return classes
 
 
 def listed(names: list[str], at_most: int = 10) -> str:
@@ -111,12 +125,13 @@ class ImageFolderDataModule(SimCLRDataModule):
             the device as uint8 (all images must share one size, e.g. the CIFAR-10 JPEG
             copy: 150 MB); batches are then drawn by index, with no loader workers.
         skip_corrupt: an image file that cannot be decoded is skipped with a warning (once
-            per file) and a seeded substitute served in its place, so batches stay full and
-            a resumed run draws the same; without it such a file stops the run with a
+            per file): in training a seeded substitute is served in its place, so batches stay
+            full and a resumed run draws the same; validation, test, predict and the kNN bank
+            leave it out (no row). Without it such a file stops the run with a
             :class:`~simclr_lightning.errors.CorruptImageError` naming it.
         verify: decode every image of the splits a stage uses once at setup (in
             ``num_workers`` processes) and raise one error listing all undecodable files
-            before any training.
+            before any training; with ``skip_corrupt``, warn with that list and skip them.
         **kwargs: see :class:`SimCLRDataModule`.
     """
 
@@ -187,7 +202,10 @@ class ImageFolderDataModule(SimCLRDataModule):
         if not splits:
             return
         files = [f for s in splits for f in dataset_files(self.make_dataset(s, None))]
-        verify_files(files, self.workers, self.trainer)
+        bad = verify_files(files, self.workers, self.trainer, skip=self.skip_corrupt)
+        for split in splits:  # named already: skipped without being read, or named, again
+            if split in self._skips:
+                self._skips[split].known_bad(bad)
         self._verified.update(splits)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
@@ -201,7 +219,7 @@ class ImageFolderDataModule(SimCLRDataModule):
     def report_skipped(self) -> None:
         """Warn here about files the loader workers skipped (their own warnings are lost)."""
         for skip in self._skips.values():
-            skip.report(SUBSTITUTED)
+            skip.report()
 
     def device_input_transform(self):
         return None  # make_dataset then hands over bytes or decoded uint8 images as they are
@@ -212,11 +230,12 @@ class ImageFolderDataModule(SimCLRDataModule):
     def make_device_store(self, dataset) -> DeviceImageStore | None:
         if not self.resident:
             return None
+        dataset.leave_out = True  # a bad file has no row in the store (nor a substitute's)
         loader = DataLoader(
-            dataset, batch_size=512, num_workers=self.workers, collate_fn=collate_encoded
+            dataset, batch_size=512, num_workers=self.workers, collate_fn=collate_kept
         )
         images, labels, first = [], [], None
-        for batch, batch_labels in loader:
+        for batch, batch_labels in filter(None, loader):
             for image in batch.images:
                 first = first or image
                 if image.data.shape != first.data.shape:
@@ -227,12 +246,8 @@ class ImageFolderDataModule(SimCLRDataModule):
                     )
                 images.append(image.data)
             labels.append(batch_labels)
-        images, labels = torch.stack(images), torch.cat(labels)
-        if dataset.skip is not None:  # a skipped file's row holds its substitute: drop it
-            keep = dataset.skip.flags == 0
-            dataset.skip.report(SUBSTITUTED)
-            images, labels = images[keep], labels[keep]
-        return DeviceImageStore(images, labels)
+        self.report_skipped()
+        return DeviceImageStore(torch.stack(images), torch.cat(labels))
 
     def split_classes(self, folder: Path) -> dict[str, int] | None:
         """The training split's class numbering, for a split of ``folder`` (None when
@@ -269,7 +284,7 @@ class ImageFolderDataModule(SimCLRDataModule):
         loader = load_rgb
         if transform is None:  # the device path: bytes or uint8 pixels, made into views later
             loader = partial(read_encoded, decode=self.decode == "cpu" or self.resident)
-        if class_folders(folder):
+        if check_layout(folder):
             class_to_idx = None if split == "train" else self.split_classes(folder)
             try:
                 dataset = ImageFolderFiles(
@@ -294,3 +309,9 @@ class ImageFolderDataModule(SimCLRDataModule):
                 skip = self._skips[split] = SkipCorrupt(files)
             dataset.skip = skip
         return dataset
+
+
+def collate_kept(samples: list) -> tuple | None:
+    """:func:`collate_encoded` of the samples not left out (None), or None if all were."""
+    kept = [sample for sample in samples if sample is not None]
+    return collate_encoded(kept) if kept else None

@@ -1,15 +1,23 @@
 """Which images a run uses, drawn the same way on every rank: seeded class-balanced orders of a
-validation split, and labelled training subsets for semi-supervised fine-tuning (SimCLR's
-Table 7 protocol: 1% / 10% of the ImageNet labels)."""
+validation split, labelled training subsets for semi-supervised fine-tuning (SimCLR's
+Table 7 protocol: 1% / 10% of the ImageNet labels), and what a file that cannot be decoded
+gives with ``data.skip_corrupt``: a substitute in training, no row in evaluation."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset, default_collate
 
+from simclr_lightning.data.corrupt import SkipCorrupt
 from simclr_lightning.errors import SettingError, require
 
 
@@ -63,7 +71,9 @@ def class_balanced_subset(dataset: Dataset, fraction: float, seed: int) -> list[
 
 def listed_subset(dataset: Dataset, list_file: str) -> list[int]:
     """Indices of the images whose file names are listed in ``list_file`` (one per line), such
-    as google-research/simclr's ``imagenet_subsets/1percent.txt``."""
+    as google-research/simclr's ``imagenet_subsets/1percent.txt``. Names are matched without
+    their folder, so a listed name that matches no file, or several (in different classes),
+    is warned about: either means the list is not of this folder."""
     path = Path(list_file)
     require(path.is_file(), "data.label_subset", list_file, "an existing text file of file names")
     wanted = {line.strip() for line in path.read_text().splitlines() if line.strip()}
@@ -71,4 +81,93 @@ def listed_subset(dataset: Dataset, list_file: str) -> list[int]:
     require(samples is not None, "data.label_subset", list_file, "used with an image folder")
     keep = [i for i, (file, _) in enumerate(samples) if Path(file).name in wanted]
     require(bool(keep), "data.label_subset", list_file, "a list naming images of data.root/train")
+    counts = Counter(Path(samples[i][0]).name for i in keep)
+    unmatched = sorted(wanted - set(counts))
+    repeated = sorted(name for name, count in counts.items() if count > 1)
+    if unmatched or repeated:
+        rank_zero_warn(
+            f"data.label_subset={list_file!r}: {name_problems(unmatched, repeated, counts)}"
+        )
     return keep
+
+
+def name_problems(unmatched: list[str], repeated: list[str], counts: Counter) -> str:
+    """One line on the listed names that match no file and those that match several."""
+    parts = []
+    if unmatched:
+        parts.append(
+            f"{len(unmatched)} of its names match no image of data.root/train "
+            f"(e.g. {unmatched[0]!r}) and are not trained on"
+        )
+    if repeated:
+        parts.append(
+            f"{len(repeated)} match more than one image (e.g. {repeated[0]!r}: "
+            f"{counts[repeated[0]]} files), all of which are trained on"
+        )
+    return "; ".join(parts)
+
+
+class SkipsCorruptFiles:
+    """Mixin for a map-style dataset of image files whose ``read_item`` reads one sample: with
+    ``skip`` set, an undecodable file's sample is replaced by :class:`SkipCorrupt`'s choice,
+    or with ``leave_out`` (evaluation, :func:`leaves_out_corrupt`) is None: no row."""
+
+    skip: SkipCorrupt | None = None
+    # the indices substitutes come from (None: all); see :func:`substitutes_within`
+    substitutes: Sequence[int] | None = None
+    leave_out = False
+    transform: Callable | None = None
+
+    def read_item(self, index: int):
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        if self.skip is None:
+            return self.read_item(index)
+        if self.leave_out:
+            return self.skip.read_or_leave_out(self.read_item, index)
+        return self.skip.fetch(self.read_item, index, self.substitutes)
+
+
+class CollateLeavingOut:
+    """An evaluation loader's ``collate_fn``: the batch of the samples that are not None (files
+    left out); when all are, an empty one shaped as ``transform`` makes images (labels -1)."""
+
+    def __init__(self, transform: Callable | None) -> None:
+        self.transform = transform
+
+    def __call__(self, samples: list) -> Any:
+        kept = [sample for sample in samples if sample is not None]
+        if kept:
+            return default_collate(kept)
+        blank = Image.new("RGB", (8, 8))
+        image = self.transform(blank) if self.transform else torch.from_numpy(np.asarray(blank))
+        return tuple(part[:0] for part in default_collate([(image, -1)]))
+
+
+def leaves_out_corrupt(dataset: Dataset) -> CollateLeavingOut | None:
+    """The ``collate_fn`` of an evaluation loader over ``dataset`` (or a Subset of it), which
+    from now on leaves its bad files out instead of replacing them: a validation, test or
+    kNN-bank row must be of its own file (a substitute would count another image, with its
+    label, twice) and a prediction row too. None (the default collate) for other datasets.
+
+    Rows are dropped from their batch, so within that batch the rows after a dropped one are
+    given positions one lower by ``distributed.sample_positions``: order and uniqueness hold
+    (each batch starts at ``batch_idx * batch_size``); only under DDP can a padding repeat in
+    such a batch be counted once more."""
+    inner = dataset
+    while isinstance(inner, Subset):
+        inner = inner.dataset
+    if not isinstance(inner, SkipsCorruptFiles) or inner.skip is None:
+        return None
+    inner.leave_out = True
+    return CollateLeavingOut(inner.transform)
+
+
+def substitutes_within(dataset: Dataset, indices: list[int]) -> list[int]:
+    """``indices``, the only images of ``dataset`` a loader will index (a labelled subset),
+    once a dataset that skips bad files draws their substitutes from them alone: an image
+    outside the subset, and its label, must not be served in a bad one's place."""
+    if isinstance(dataset, SkipsCorruptFiles):
+        dataset.substitutes = tuple(indices)
+    return indices

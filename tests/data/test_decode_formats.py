@@ -98,3 +98,37 @@ def test_gpu_augment_and_decode_train_on_bmp_files(tmp_path):
     assert x_a.shape == x_b.shape == (4, 3, 16, 16) and x_a.dtype == torch.float32
     assert torch.isfinite(x_a).all() and not torch.equal(x_a, x_b)
     assert set(labels.tolist()) <= {0, 1}
+
+
+def deep_cases() -> dict[str, tuple[np.ndarray, str, np.ndarray]]:
+    """``(values, suffix, expected 8-bit pixels)``: expectations worked out by hand from the
+    documented rule (the image's own largest value fits 8 bits; negatives black)."""
+    counts = np.array([[0, 16, 255], [4095, 2048, -3]], dtype=np.int32)  # 12-bit counts
+    small = np.array([[0, 1, 100], [200, 255, 7]], dtype=np.int32)  # already 8-bit values
+    unit = np.array([[0.0, 0.25, 0.5], [1.0, -0.5, 0.1]], dtype=np.float32)
+    wide = np.array([[0.0, 500.0, 1000.0], [250.0, 1.0, 999.0]], dtype=np.float32)
+    sixteen = np.array([[0, 256, 1000], [65535, 40000, 255]], dtype=np.uint16)
+    return {
+        "int32 12-bit counts": (counts, ".tif", np.array([[0, 1, 15], [255, 128, 0]])),
+        "int32 small values": (small, ".tif", small),
+        "float 0..1": (unit, ".tif", np.array([[0, 64, 128], [255, 0, 26]])),
+        "float 0..1000": (wide, ".tif", np.array([[0, 128, 255], [64, 0, 255]])),
+        "16-bit pgm": (sixteen, ".pgm", np.array([[0, 1, 3], [255, 156, 0]])),
+    }
+
+
+@pytest.mark.parametrize("decode", [False, True])
+@pytest.mark.parametrize(
+    "case",
+    ["int32 12-bit counts", "int32 small values", "float 0..1", "float 0..1000", "16-bit pgm"],
+)
+def test_32_bit_and_float_images_are_not_blank(tmp_path, case, decode):
+    """PIL opens a 32-bit integer TIFF as mode I and a float one as F: I was shifted by 23
+    bits and F clipped by convert("RGB"), so both came out all black; a 16-bit PGM (mode I,
+    not PNG) too."""
+    values, suffix, expected = deep_cases()[case]
+    path = tmp_path / f"deep{suffix}"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode in ("I", "F")
+    image = read_encoded(str(path), decode=decode)
+    np.testing.assert_array_equal(image.data.numpy(), np.repeat(expected[None], 3, axis=0))

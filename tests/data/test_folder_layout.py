@@ -119,3 +119,62 @@ def test_device_only_settings_say_when_they_do_not_apply(tmp_path, settings, app
         data(tmp_path, **settings)
     said = [str(w.message) for w in caught if "apply to views made on the device" in str(w.message)]
     assert len(said) == (0 if applies else 1), said
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_images_beside_class_folders_are_refused(tmp_path, split):
+    """train/{a,b}/ plus 5 loose train/*.png trained on 6 images of 2 classes, the loose ones
+    dropped unseen."""
+    for i, name in enumerate(["a", "b"]):
+        write_images(tmp_path / "train" / name, 3, seed=i)
+        write_images(tmp_path / "val" / name, 1, seed=i)
+    write_images(tmp_path / split, 5, seed=5)
+    (tmp_path / split / "._0.png").write_bytes(b"resource fork")  # hidden: not counted
+    with pytest.raises(SettingError) as failure:
+        data(tmp_path).setup("fit")
+    message = str(failure.value)
+    assert message.startswith(f"{tmp_path / split} holds 5 image(s) (e.g. 0.png) beside its ")
+    assert "class folder(s) (a, b)" in message and "\n" not in message
+    assert "inside class folders (labelled), or none (unlabeled" in message
+
+
+def test_unlabeled_images_beside_a_subfolder_are_refused(tmp_path):
+    """6 loose train/*.png and train/sub/*.png (2): only the 2 were used, as one class."""
+    write_images(tmp_path / "train", 6, seed=0)
+    write_images(tmp_path / "train" / "sub", 2, seed=1)
+    with pytest.raises(SettingError, match=r"train holds 6 image\(s\) .*\(sub\).*move the sub"):
+        data(tmp_path).setup("fit")
+    (tmp_path / "train" / "sub" / "0.png").rename(tmp_path / "train" / "sub0.png")
+    (tmp_path / "train" / "sub" / "1.png").rename(tmp_path / "train" / "sub1.png")
+    (tmp_path / "train" / "sub").rmdir()
+    dm = data(tmp_path)
+    dm.setup("fit")
+    assert len(dm.train_set) == 8 and dm.num_classes is None
+
+
+def test_predict_paths_follow_symlinked_folders_and_keep_dangling_links(tmp_path):
+    """rglob did not enter a symlinked folder (Python 3.11) and dropped a dangling link
+    unnamed; training's ImageFolder follows the one and names the other as a bad file."""
+    from simclr_lightning import CorruptImageError, CorruptImageWarning, ImageFilesDataModule
+    from simclr_lightning.data.image_files import list_images
+
+    write_images(tmp_path / "elsewhere", 2, seed=0)
+    write_images(tmp_path / "photos" / "own", 1, seed=1)
+    (tmp_path / "photos" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "photos" / "own" / "loop").symlink_to(tmp_path / "photos")  # a cycle
+    (tmp_path / "photos" / "gone.png").symlink_to(tmp_path / "missing.png")
+    found = list_images(str(tmp_path / "photos"))
+    assert [Path(f).relative_to(tmp_path / "photos").as_posix() for f in found] == [
+        "gone.png",
+        "linked/0.png",
+        "linked/1.png",
+        "own/0.png",  # not own/loop/...: a link to a folder it is inside is not entered
+    ]
+    dm = ImageFilesDataModule([str(tmp_path / "photos")], image_size=8)
+    with pytest.raises(CorruptImageError) as failure:
+        list(dm.predict_dataloader())
+    assert failure.value.path == str(tmp_path / "photos" / "gone.png")
+    dm = ImageFilesDataModule([str(tmp_path / "photos")], image_size=8, skip_corrupt=True)
+    with pytest.warns(CorruptImageWarning, match="gone.png"):
+        paths = [p for _, batch in dm.predict_dataloader() for p in batch]
+    assert len(paths) == 3 and not any(p.endswith("gone.png") for p in paths)

@@ -6,6 +6,7 @@ imagenet_subsets/*.txt."""
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -131,3 +132,34 @@ def test_subsets_are_for_classification_only(cifar_tiny, tmp_path):
     data = folder_module(cifar_tiny, label_subset=str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="data.label_subset=.*missing.txt"):
         data.setup("fit")
+
+
+def test_label_subset_warns_of_names_matching_no_file_or_several(tmp_path):
+    """Names are matched without their folder: ones matching nothing were ignored, and one
+    name could pick images of several classes, without a word."""
+    from PIL import Image
+
+    for name, files in (("a", ["0", "1", "2"]), ("b", ["0", "3"])):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for file in files:
+            Image.new("RGB", (8, 8), (int(file) * 40, 0, 0)).save(
+                tmp_path / "train" / name / f"{file}.png"
+            )
+    listing = tmp_path / "subset.txt"
+    listing.write_text("1.png\n0.png\n9.png\na/2.png\n")
+    data = folder_module(tmp_path, label_subset=str(listing))
+    with pytest.warns(UserWarning) as caught:
+        data.setup("fit")
+    said = [str(w.message) for w in caught if "data.label_subset" in str(w.message)]
+    assert len(said) == 1 and "\n" not in said[0]
+    assert "2 of its names match no image of data.root/train (e.g. '9.png')" in said[0]
+    assert "1 match more than one image (e.g. '0.png': 2 files)" in said[0]
+    chosen = sorted(data.train_set.dataset.samples[i][0] for i in data.train_set.indices)
+    expected = [tmp_path / "train" / "a" / "0.png", tmp_path / "train" / "a" / "1.png"]
+    assert chosen == sorted(map(str, expected + [tmp_path / "train" / "b" / "0.png"]))
+
+    listing.write_text("1.png\n3.png\n")  # every name matches one image: no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folder_module(tmp_path, label_subset=str(listing)).setup("fit")
+    assert not [w for w in caught if "data.label_subset" in str(w.message)]
