@@ -1,24 +1,26 @@
 """What this library reads from and writes to checkpoints beyond Lightning's own: the class path
 LightningCLI needs, the encoder and projection head inside a checkpoint, and their export as a
-plain state dict (no Lightning, no optimizer state):
+plain state dict (no Lightning, no optimizer state) with the command in
+:mod:`simclr_lightning.export_cli`:
 
     simclr-lightning-export last.ckpt resnet18_simclr.pt [--head-layers 1]
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch import Tensor, nn
 
-from simclr_lightning.checkpoint_io import atomic_save, read_checkpoint
+from simclr_lightning.backbones import RESNETS, build_backbone, is_timm
+from simclr_lightning.checkpoint_io import atomic_save, describe, local_path, read_checkpoint
 from simclr_lightning.errors import CheckpointError, require
 from simclr_lightning.heads import ProjectionHead
 
@@ -50,6 +52,7 @@ class LoadedCheckpoint:
 
     path: str
     content: Any
+    setting: str = SETTING  # the setting that gave the file, for errors
 
 
 Source = str | os.PathLike | LoadedCheckpoint
@@ -60,15 +63,39 @@ def load_checkpoint(source: Source, setting: str = SETTING) -> LoadedCheckpoint:
     if isinstance(source, LoadedCheckpoint):
         return source
     content = read_checkpoint(source, setting, map_location="cpu", weights_only=True)
-    return LoadedCheckpoint(str(source), content)
+    return LoadedCheckpoint(str(source), content, setting)
+
+
+# Where plain-PyTorch training scripts keep the state dict: {"model": model.state_dict(), ...}
+WRAPPERS = ("model", "model_state_dict", "module", "net", "network")
+
+
+def _is_state(content: Any) -> bool:
+    return isinstance(content, dict) and all(isinstance(v, Tensor) for v in content.values())
 
 
 def _read(source: Source, setting: str = SETTING) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """A checkpoint's state dict and hyperparameters (a plain state dict has none)."""
-    ckpt = load_checkpoint(source, setting).content
+    """A checkpoint's state dict and hyperparameters (a plain state dict has none): Lightning's
+    ``state_dict``, a state dict of tensors, or one under a single key of :data:`WRAPPERS`.
+    Anything else (a dict of other things, a list) is a :class:`CheckpointError` naming what
+    the file holds."""
+    loaded = load_checkpoint(source, setting)
+    ckpt, hparams = loaded.content, {}
     if isinstance(ckpt, dict) and "state_dict" in ckpt:
-        return dict(ckpt["state_dict"]), dict(ckpt.get("hyper_parameters") or {})
-    return dict(ckpt), {}
+        ckpt, hparams = ckpt["state_dict"], dict(ckpt.get("hyper_parameters") or {})
+    elif isinstance(ckpt, dict) and not _is_state(ckpt):
+        inner = [k for k in WRAPPERS if _is_state(ckpt.get(k))]
+        ckpt = ckpt[inner[0]] if len(inner) == 1 else ckpt
+    if not _is_state(ckpt):
+        raise CheckpointError(
+            loaded.setting,
+            loaded.path,
+            f"holds {describe(loaded.content)}, not a state dict of tensors: expected a "
+            f"SimCLR/LinearEval checkpoint or a state dict (name -> tensor, as "
+            f"simclr-lightning-export writes), at the top level or under 'state_dict' or "
+            f"'model'",
+        )
+    return dict(ckpt), hparams
 
 
 def load_backbone_state(
@@ -85,6 +112,7 @@ def load_backbone_state(
     whether the rest fits the encoder is for ``load_state_dict`` to say."""
     path = load_checkpoint(path, setting)
     state, hparams = _read(path)
+    setting = path.setting
     if hparams or any(k.startswith("backbone.") for k in state):
         state = {
             k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
@@ -169,23 +197,101 @@ def export_backbone(
     its ``fc`` is missing); a timm encoder's forward may not call ``fc``, so load the ``fc.*``
     tensors into the Sequential and run ``nn.Sequential(net, head)`` (:func:`rebuild_code`).
     Written to a temporary file then renamed, so a crash never leaves a truncated file at
-    ``output_path``. ``setting`` names ``head_layers`` in errors (the command passes
-    ``--head-layers``). Returns the architecture to rebuild (``backbone``,
-    ``cifar_stem``, ``in_channels``, ``timm_kwargs``, ``head_layers``, ``fc``).
+    ``output_path``. The pretraining preprocessing the checkpoint records (image size,
+    normalisation) goes to :func:`preprocessing_path` as JSON, the same way (a stale one of an
+    earlier export is removed); the state dict itself stays plain. ``setting`` names
+    ``head_layers`` in errors (the command passes ``--head-layers``). Returns the architecture
+    to rebuild (``backbone``, ``cifar_stem``, ``in_channels``, ``timm_kwargs``, ``head_layers``,
+    ``fc``, ``inferred``: read from the shapes of a file that records none, :func:`infer_arch`;
+    ``backbone`` None where they tell nothing) and the ``preprocessing`` (None if unrecorded).
     """
+    from simclr_lightning.export_cli import sequential_code  # the command's, which imports this
+
     require(head_layers >= 0, setting, head_layers, ">= 0")
     checkpoint = load_checkpoint(checkpoint_path, "checkpoint")
     state, arch = load_backbone_state(checkpoint, "checkpoint")
-    defaults = {"backbone": "resnet18", "cifar_stem": False, "in_channels": 3, "timm_kwargs": None}
-    arch = defaults | arch
-    arch.update(head_layers=head_layers, fc=None)
+    inferred = infer_arch(state) if not arch else None
+    unknown = {"backbone": None, "cifar_stem": False, "in_channels": 3, "timm_kwargs": None}
+    arch = (inferred or unknown) | arch
+    arch.update(head_layers=head_layers, fc=None, inferred=inferred is not None)
     if head_layers:
         layers, _ = projection_layers(checkpoint, head_layers, setting)
         state.update({f"fc.{k}": v for k, v in layers.state_dict().items()})
         arch["fc"] = sequential_code(layers)
     state = {k: v.detach().clone().contiguous() for k, v in state.items()}
     atomic_save(state, Path(output_path))
+    arch["preprocessing"] = pretraining_record(checkpoint)["preprocessing"]
+    sidecar = preprocessing_path(output_path)
+    if arch["preprocessing"]:
+        atomic_save(arch["preprocessing"], sidecar, _write_json)
+    else:  # it described the file just replaced
+        sidecar.unlink(missing_ok=True)
     return arch
+
+
+def preprocessing_path(output_path: str | os.PathLike) -> Path:
+    """Where :func:`export_backbone` writes the pretraining preprocessing of ``output_path``:
+    ``<output_path>.preprocessing.json``."""
+    return Path(local_path(f"{os.fspath(output_path)}.preprocessing.json"))
+
+
+def _write_json(obj: Any, f: Any) -> None:
+    f.write((json.dumps(obj, indent=2) + "\n").encode())
+
+
+def infer_arch(state: dict[str, Tensor]) -> dict[str, Any] | None:
+    """The torchvision ResNet (``RESNETS``) and stem whose encoder state dict ``state`` is, from
+    its names and shapes (the ``fc.*`` of a classifier or exported head aside): the 3x3 first
+    convolution is the CIFAR stem, its input channels ``in_channels``. None where no such
+    network has exactly these tensors (a timm model, another network)."""
+    conv1 = state.get("conv1.weight")
+    if conv1 is None or conv1.ndim != 4:
+        return None
+    shapes = {k: v.shape for k, v in state.items() if not k.startswith("fc.")}
+    arch = {"cifar_stem": conv1.shape[-1] == 3, "in_channels": conv1.shape[1], "timm_kwargs": None}
+    for name in RESNETS:
+        with torch.device("meta"):  # the shapes alone, no memory or initialisation
+            net, _ = build_backbone(name, arch["cifar_stem"], arch["in_channels"])
+        if {k: v.shape for k, v in net.state_dict().items()} == shapes:
+            return {"backbone": name, **arch}
+    return None
+
+
+def unfit_problem(
+    checkpoint: Source, encoder: nn.Module, state: dict[str, Tensor], arch: dict[str, Any]
+) -> str:
+    """Why the encoder ``state`` of ``checkpoint`` does not load into ``encoder``, built with
+    ``arch``, in one line: its first difference and, for a plain state dict (which records no
+    architecture), the settings to give, with those its shapes point to (:func:`infer_arch`)."""
+    own = encoder.state_dict()
+    resized = [k for k in state if k in own and state[k].shape != own[k].shape]
+    found = [f"{k} is {list(state[k].shape)} in the file, {list(own[k].shape)} in the encoder"
+             for k in resized[:1]]  # fmt: skip
+    for what, keys in (("missing", [k for k in own if k not in state]),
+                       ("unexpected", [k for k in state if k not in own])):  # fmt: skip
+        found += [f"{len(keys)} keys {what}, e.g. {keys[0]!r}"] if keys else []
+    built = f"cifar_stem={arch['cifar_stem']}, in_channels={arch['in_channels']}"
+    if is_timm(arch["backbone"]):
+        built = f"timm_kwargs={arch['timm_kwargs']}, in_channels={arch['in_channels']}"
+    problem = f"does not fit a {arch['backbone']} encoder with {built} ({'; '.join(found)}): "
+    if _read(checkpoint)[1]:  # a Lightning checkpoint, with its settings
+        return problem + (
+            "expected a SimCLR/LinearEval checkpoint or a state dict written by "
+            "simclr-lightning-export"
+        )
+    guess = infer_arch(state)
+    hint = (
+        f" (its shapes are those of --model.backbone={guess['backbone']} "
+        f"--model.cifar_stem={str(guess['cifar_stem']).lower()} "
+        f"--model.in_channels={guess['in_channels']})"
+        if guess
+        else ""
+    )
+    return problem + (
+        "a plain state dict (as simclr-lightning-export writes) does not record the "
+        "architecture: give the pretraining run's --model.backbone, --model.cifar_stem, "
+        f"--model.in_channels and --model.timm_kwargs{hint}"
+    )
 
 
 def projection_layers(
@@ -232,95 +338,11 @@ def exported_layers(
     return layers, config
 
 
-def sequential_code(layers: nn.Sequential) -> str:
-    """Python that builds an empty ``layers`` (for a user with only torch and torchvision)."""
-    parts = []
-    for m in layers:
-        if isinstance(m, nn.Linear):
-            parts.append(f"nn.Linear({m.in_features}, {m.out_features}, bias={m.bias is not None})")
-        elif isinstance(m, nn.BatchNorm1d) and m.bias is None:  # the official scale-only BN
-            parts.append(f"ScaleBatchNorm1d({m.num_features})")
-        elif isinstance(m, nn.BatchNorm1d):
-            parts.append(f"nn.BatchNorm1d({m.num_features})")
-        else:
-            parts.append(f"nn.{type(m).__name__}()")
-    return f"nn.Sequential({', '.join(parts)})"
+def __getattr__(name: str) -> Any:
+    """The export command lived here before :mod:`simclr_lightning.export_cli`: ``from
+    simclr_lightning.checkpoint import main`` (older console scripts) still finds it."""
+    if name in ("main", "rebuild_code", "sequential_code", "EXPORT_PROG"):
+        from simclr_lightning import export_cli
 
-
-EXPORT_PROG = "simclr-lightning-export"
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``simclr-lightning-export``: an error a user can fix (a missing or truncated checkpoint,
-    a bad ``--head-layers``) is one line on stderr and a non-zero exit, as for
-    ``simclr-lightning`` (:mod:`simclr_lightning.cli_errors`; ``SIMCLR_DEBUG=1`` keeps the
-    traceback)."""
-    parser = argparse.ArgumentParser(
-        prog=EXPORT_PROG,
-        description="Write a checkpoint's encoder (and projection layers) as a plain state dict.",
-    )
-    parser.add_argument("checkpoint", help="SimCLR or LinearEval checkpoint (.ckpt)")
-    parser.add_argument("output", help="where to write the state dict (.pt)")
-    parser.add_argument(
-        "--head-layers",
-        type=int,
-        default=0,
-        help="also export the first k projection-head layers as fc (SimCLR v2 fine-tunes from 1)",
-    )
-    args = parser.parse_args(argv)
-    from simclr_lightning.cli_errors import report  # lightning.pytorch.cli: only when run
-
-    try:
-        arch = export_backbone(args.checkpoint, args.output, args.head_layers, "--head-layers")
-    except Exception as err:
-        code = report(err, EXPORT_PROG)
-        if code is None:
-            raise
-        sys.exit(code)
-    print(f"wrote {args.output}; load it with:\n{rebuild_code(arch, str(args.output))}")
-
-
-def rebuild_code(arch: dict[str, Any], output: str) -> str:
-    """Python (indented 4) that builds the encoder ``export_backbone`` wrote to ``output`` and
-    loads it: the timm model with the run's ``timm_kwargs`` (``img_size`` sets a ViT's position
-    embedding, which the file's must match), or torchvision's."""
-    strict = arch["fc"] or arch["backbone"].startswith("timm:")  # timm's has no fc to miss
-    if arch["backbone"].startswith("timm:"):
-        name = arch["backbone"].removeprefix("timm:")
-        kwargs = "".join(f", {k}={v!r}" for k, v in (arch["timm_kwargs"] or {}).items())
-        build = (
-            f"net = timm.create_model({name!r}, num_classes=0, "
-            f"in_chans={arch['in_channels']}{kwargs})"
-        )
-    else:
-        build = f"net = torchvision.models.{arch['backbone']}()"
-        if arch["cifar_stem"] or arch["in_channels"] != 3:
-            build += (
-                f"\n    apply_stem(net, cifar_stem={arch['cifar_stem']}, "
-                f"in_channels={arch['in_channels']})  # from simclr_lightning import apply_stem"
-            )
-    load = ""
-    scale = "  # ScaleBatchNorm1d: from simclr_lightning.heads"
-    scale = scale if "Scale" in str(arch["fc"]) else ""
-    if arch["fc"] and arch["backbone"].startswith("timm:"):  # its forward may not call fc
-        return (
-            f"    {build}\n    head = {arch['fc']}{scale}\n"
-            f"    state = torch.load({output!r})\n"
-            f"    head.load_state_dict({{k[3:]: state.pop(k) for k in list(state) "
-            f"if k.startswith('fc.')}})\n"
-            f"    net.load_state_dict(state)\n"
-            f"    net = nn.Sequential(net, head)  # the encoder, then the first head layers"
-        )
-    if arch["fc"]:
-        load = f"    net.fc = {arch['fc']}{scale}\n"
-    if strict:
-        load += f"    net.load_state_dict(torch.load({output!r}))"
-    else:
-        load += (
-            f"    net.load_state_dict(torch.load({output!r}), strict=False)  # only fc is missing"
-        )
-    return f"    {build}\n{load}"
-
-
-if __name__ == "__main__":
-    main()
+        return getattr(export_cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

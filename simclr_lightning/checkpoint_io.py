@@ -10,6 +10,8 @@ import os
 import pickle
 import re
 import socket
+import struct
+import sys
 import tempfile
 import time
 import zipfile
@@ -23,8 +25,13 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
 from simclr_lightning.errors import CheckpointError
 
-# What torch.load raises on a truncated or garbled file (zip reader, legacy pickle format).
-UNREADABLE = (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
+# What torch.load raises on a truncated or garbled file: the zip reader's RuntimeError, and for
+# anything else (the legacy pickle format, text) what the weights-only unpickler meets in garbage:
+# a memo index never stored (KeyError: 101 for "hello"), a short read (struct.error)...
+UNREADABLE = (
+    EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
+    IndexError, struct.error,
+)  # fmt: skip
 
 
 def local_path(path: str | os.PathLike) -> str | os.PathLike:
@@ -36,10 +43,13 @@ def local_path(path: str | os.PathLike) -> str | os.PathLike:
     return path
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in ``path``'s own folder, fsync it, rename it over
-    ``path`` and fsync the folder: a reader sees the old file or the new one, never part of
-    one, even if the process is killed or the machine loses power."""
+def atomic_save(
+    obj: Any, path: str | os.PathLike, write: Callable[[Any, Any], Any] | None = None
+) -> None:
+    """``torch.save`` (or ``write(obj, binary_file)``) to a temporary file in ``path``'s own
+    folder, fsync it, rename it over ``path`` and fsync the folder: a reader sees the old file
+    or the new one, never part of one, even if the process is killed or the machine loses
+    power."""
     path = Path(local_path(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +62,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() follows the umask
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            (write or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -145,12 +155,50 @@ def read_checkpoint(
     try:
         return load(path, **kwargs)
     except UNREADABLE as err:
-        if isinstance(err, pickle.UnpicklingError) and "Weights only load" in str(err):
-            raise  # a complete file holding objects weights_only refuses: not corruption
-        first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
+        if kwargs.get("mmap") and "mmap can only be used" in str(err):  # not a zip: read it all
+            return read_checkpoint(path, setting, load, **{**kwargs, "mmap": False})
+        refused = refused_global(err)
+        if refused is not None:  # a whole file, holding more than tensors and plain values
+            problem = (
+                f"holds objects the weights-only loader refuses ({refused}: e.g. a pickled "
+                f"model or optimizer): expected tensors and plain values, a checkpoint Lightning "
+                f"wrote or a state dict (torch.save(model.state_dict(), path))"
+            )
+            raise CheckpointError(setting, path, problem) from err
+        text = str(err).split("WeightsUnpickler error:")[-1].strip()  # not torch's advice
+        first = text.splitlines()[0].split(". ")[0] if text else ""
         why = f"{type(err).__name__}: {first}" if first else type(err).__name__
-        problem = _unreadable(f"is truncated or corrupt ({why})")
+        problem = _unreadable(f"is truncated or corrupt, or not a file torch.save wrote ({why})")
         raise CheckpointError(setting, path, problem) from err
+
+
+def refused_global(err: BaseException) -> str | None:
+    """The class or function a whole file holds that the weights-only unpickler refuses
+    (``torch.nn.modules.linear.Linear`` for a pickled model), or None when ``err`` is one of
+    garbage's: a truncated legacy file cuts the name of a global short (``torch._utils.``,
+    ``collections.O``), leaving one that is empty or missing from its loaded module."""
+    if not isinstance(err, pickle.UnpicklingError):
+        return None
+    if "must be imported to load" in str(err):  # nested jagged tensors, DTensors
+        return "nested or distributed tensors"
+    found = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", str(err))
+    if found is None:  # "Unsupported operand 123" and the like: not a pickle torch wrote
+        return None
+    module, _, name = found.group(1).rpartition(".")
+    owner = sys.modules.get(module or "builtins")  # torch names builtins without the module
+    if not name.isidentifier() or (owner is not None and not hasattr(owner, name)):
+        return None
+    return found.group(1)
+
+
+def describe(content: Any) -> str:
+    """What a loaded file holds, for errors: a dict's first keys, or the type of anything
+    else."""
+    if not isinstance(content, dict):
+        return f"a {type(content).__name__}"
+    keys = ", ".join(repr(k) for k in list(content)[:4])
+    more = f", ... ({len(content)} keys)" if len(content) > 4 else ""
+    return f"a dict with keys {keys}{more}" if content else "an empty dict"
 
 
 def _unreadable(problem: str) -> str:
@@ -197,13 +245,16 @@ def check_ckpt_path(
     path: str | os.PathLike | None, model_class_path: str | None, fit: bool = False
 ) -> None:
     """Before LightningCLI reads ``--ckpt_path`` (it loads the hyperparameters with a bare
-    ``torch.load``): a truncated file, one of another model class, or for ``fit`` one without
-    the optimizer's state, is a one-line error. Only files are checked; ``last``/``best`` and
-    missing paths are the Trainer's to resolve."""
+    ``torch.load``): a truncated file, one Lightning did not write (an exported state dict,
+    which it fails on with a bare KeyError), one of another model class, or for ``fit`` one
+    without the optimizer's state, is a one-line error. Only files are checked;
+    ``last``/``best`` and missing paths are the Trainer's to resolve."""
     if not path or not Path(local_path(path)).is_file():
         return
     load = {"map_location": "cpu", "weights_only": True, "mmap": True}  # mmap: reads no tensors
     checkpoint = read_checkpoint(path, "ckpt_path", **load)
+    if not isinstance(checkpoint, dict) or not {"state_dict", LIGHTNING_VERSION} <= set(checkpoint):
+        raise CheckpointError("ckpt_path", path, _not_lightning(checkpoint))
     if fit and isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
         raise CheckpointError(
             "ckpt_path",
@@ -225,6 +276,24 @@ def check_ckpt_path(
     raise CheckpointError(
         "ckpt_path", path, f"is a checkpoint of {saved}, not of --model {model_class_path}: {fix}"
     )
+
+
+LIGHTNING_VERSION = "pytorch-lightning_version"  # in every checkpoint Lightning writes
+
+
+def _not_lightning(content: Any) -> str:
+    """Why ``content`` cannot be a ``--ckpt_path`` (Lightning reads it with a bare KeyError)."""
+    fix = (
+        "give it to LinearEval as --model.checkpoint; --ckpt_path takes Lightning checkpoints "
+        "(.ckpt)"
+    )
+    if isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
+        what = "a plain state dict, e.g. from simclr-lightning-export"
+    else:
+        what = f"it holds {describe(content)}"
+        fix = "--ckpt_path takes checkpoints Lightning wrote (.ckpt); an encoder's weights go to "
+        fix += "LinearEval as --model.checkpoint"
+    return f"is not a checkpoint Lightning wrote ({what}): {fix}"
 
 
 def _short(class_path: str) -> str:

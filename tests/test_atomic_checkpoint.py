@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+from torch import nn
 
 from simclr_lightning import AtomicCheckpointIO
-from simclr_lightning.checkpoint_io import STALE_AFTER_S
+from simclr_lightning.checkpoint_io import STALE_AFTER_S, check_ckpt_path
 from simclr_lightning.cli import add_atomic_checkpoint_io
+from simclr_lightning.errors import CheckpointError
 from tests.helpers import REPO
 
 # Writes a 40 MB checkpoint through the plugin, slowly (each storage is written in chunks
@@ -181,3 +183,61 @@ def test_cli_training_saves_through_the_plugin(tmp_path, monkeypatch):
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert len(saved) == 1 and saved[0].is_file() and saved[0].parent.parent == tmp_path
     assert time.time() - saved[0].stat().st_mtime < 600
+
+
+def _garbage(tmp_path: Path) -> dict[str, bytes]:
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"w": torch.zeros(10)}, whole)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(10)}, legacy, _use_new_zipfile_serialization=False)
+    blob = legacy.read_bytes()
+    return {
+        "text": b"hello\n",  # the weights-only unpickler: KeyError: 101
+        "json": b'{"a": 1}\n',
+        "3 bytes of a checkpoint": whole.read_bytes()[:3],
+        "legacy format cut short": blob[: blob.index(b"_rebuild_tensor") + 5],  # a global's name
+    }
+
+
+@pytest.mark.parametrize(
+    "kind", ["text", "json", "3 bytes of a checkpoint", "legacy format cut short"]
+)
+def test_a_file_that_is_no_checkpoint_is_named_as_corrupt(tmp_path, kind):
+    ckpt = tmp_path / "bad.ckpt"
+    ckpt.write_bytes(_garbage(tmp_path)[kind])
+    with pytest.raises(CheckpointError) as failure:
+        AtomicCheckpointIO().load_checkpoint(ckpt)
+    message = str(failure.value)
+    assert message.startswith(f"ckpt_path={str(ckpt)!r} is truncated or corrupt"), message
+    assert "\n" not in message and "Weights only load failed" not in message
+
+
+def test_a_whole_file_of_pickled_objects_says_what_it_holds(tmp_path):
+    """A pickled module is a complete file the weights-only loader refuses: not 'corrupt'."""
+    torch.save(nn.Linear(2, 2), tmp_path / "module.pt")
+    with pytest.raises(CheckpointError) as failure:
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "module.pt")
+    message = str(failure.value)
+    assert "\n" not in message and "truncated" not in message
+    assert "holds objects the weights-only loader refuses" in message
+    assert "torch.nn.modules.linear.Linear" in message and "state_dict()" in message
+
+
+def test_ckpt_path_check_reads_a_whole_legacy_format_checkpoint(tmp_path):
+    """mmap reads only zip checkpoints: a whole legacy-format one is read without it."""
+    checkpoint = {"state_dict": {"w": torch.zeros(2)}, "pytorch-lightning_version": "2.5.0"}
+    checkpoint["optimizer_states"] = []
+    torch.save(checkpoint, tmp_path / "old.ckpt", _use_new_zipfile_serialization=False)
+    check_ckpt_path(tmp_path / "old.ckpt", "simclr_lightning.SimCLR", fit=True)  # no error
+
+
+@pytest.mark.parametrize("fit", [False, True])
+def test_ckpt_path_of_a_plain_state_dict_is_refused_before_lightning_reads_it(tmp_path, fit):
+    """An exported encoder as --ckpt_path: Lightning fails on it with KeyError
+    'pytorch-lightning_version'; in fit it is no save_weights_only checkpoint either."""
+    torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "encoder.pt")
+    with pytest.raises(CheckpointError) as failure:
+        check_ckpt_path(tmp_path / "encoder.pt", "simclr_lightning.SimCLR", fit=fit)
+    message = str(failure.value)
+    assert "is not a checkpoint Lightning wrote (a plain state dict" in message
+    assert "--model.checkpoint" in message and "save_weights_only" not in message

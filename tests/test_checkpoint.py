@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from simclr_lightning.checkpoint import export_backbone, main
+from simclr_lightning.errors import CheckpointError
 from simclr_lightning.evaluation import LinearEval
 from simclr_lightning.module import SimCLR
 from tests.helpers import quiet_trainer
@@ -258,3 +259,47 @@ def test_linear_eval_and_export_read_the_checkpoint_file_once(tmp_path, monkeypa
     reads.clear()
     export_backbone(tmp_path / "simclr.ckpt", tmp_path / "v2.pt", head_layers=1)
     assert reads == [str(tmp_path / "simclr.ckpt")]
+
+
+def test_a_state_dict_under_model_is_an_encoder(tmp_path):
+    """``{"model": net.state_dict(), "optimizer": ..., "epoch": n}``, how plain PyTorch
+    training scripts save: the export crashed on ``.detach`` of the inner dict."""
+    net = torchvision.models.resnet18()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    run = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3}
+    torch.save(run, tmp_path / "run.pth")
+    linear = LinearEval(str(tmp_path / "run.pth"), num_classes=3, cifar_stem=False)
+    export_backbone(tmp_path / "run.pth", tmp_path / "encoder.pt")
+    state = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert state.keys() == {k for k in net.state_dict() if not k.startswith("fc.")}
+    net.fc = nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(linear.backbone.eval()(x), net.eval()(x), rtol=0, atol=0)
+
+
+def test_a_dict_of_other_things_is_refused_by_what_it_holds(tmp_path):
+    torch.save({"weights": nn.Linear(2, 2).state_dict(), "step": 3}, tmp_path / "run.pt")
+    held = r"holds a dict with keys 'weights', 'step', not a state dict of tensors"
+    with pytest.raises(CheckpointError, match=rf"^model\.checkpoint='.*run\.pt' {held}"):
+        LinearEval(str(tmp_path / "run.pt"), num_classes=3)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint='.*run\.pt' {held}"):
+        export_backbone(tmp_path / "run.pt", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_an_export_that_does_not_fit_names_the_difference_and_the_settings(tmp_path):
+    """The quick start's encoder (standard stem), exported, given to LinearEval built with
+    its default CIFAR stem: the error said only 'Error(s) in loading state_dict for ResNet:'
+    and asked for a state dict written by simclr-lightning-export, which it was."""
+    save_simclr_checkpoint(tmp_path / "simclr.ckpt", cifar_stem=False, in_channels=3)
+    export_backbone(tmp_path / "simclr.ckpt", tmp_path / "encoder.pt")
+    with pytest.raises(CheckpointError) as failure:
+        LinearEval(str(tmp_path / "encoder.pt"), num_classes=3)
+    message = str(failure.value)
+    assert "\n" not in message
+    assert "conv1.weight is [64, 3, 7, 7] in the file, [64, 3, 3, 3] in the encoder" in message
+    for setting in ("--model.backbone", "--model.cifar_stem", "--model.timm_kwargs"):
+        assert setting in message
+    assert "--model.backbone=resnet18 --model.cifar_stem=false" in message  # its shapes'
+    LinearEval(str(tmp_path / "encoder.pt"), num_classes=3, cifar_stem=False)  # which fit

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from simclr_lightning.checkpoint import export_backbone
 from simclr_lightning.cli import cli_main, main
 from tests.helpers import REPO, make_subset
 
@@ -80,6 +81,8 @@ def files(cifar_jpg_root, tmp_path_factory) -> dict[str, Path]:
     saved_keys = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
     weights = {k: v for k, v in full.items() if k not in saved_keys}  # save_weights_only's
     torch.save(weights, root / "weights.ckpt")
+    export_backbone(simclr, root / "exported.pt")  # a plain state dict
+    (root / "text.ckpt").write_text("hello\n")
     return {
         "data": data,
         "unlabeled": unlabeled.parent,
@@ -89,6 +92,8 @@ def files(cifar_jpg_root, tmp_path_factory) -> dict[str, Path]:
         "other": root / "other.pt",
         "missing": root / "missing.ckpt",
         "weights": root / "weights.ckpt",
+        "exported": root / "exported.pt",
+        "text": root / "text.ckpt",
         "root": root,
     }
 
@@ -101,6 +106,10 @@ def fit_on(data: str, *extra: str) -> list[str]:
     """``fit`` on another data module than the image folder (its own location setting)."""
     tiny = [a for a in TINY if not a.startswith("--data")]
     return ["fit", *tiny, f"--data={data}", "--data.batch_size=8", "--data.num_workers=0", *extra]
+
+
+def validate(*extra: str) -> list[str]:
+    return ["validate", *TINY, "--data.root={data}", "--trainer.default_root_dir={root}/v", *extra]
 
 
 def evaluate(*extra: str) -> list[str]:
@@ -217,6 +226,37 @@ CASES = [
         ["ckpt_path=", "weights.ckpt", "holds only the weights", "last.ckpt"],
     ),
     (
+        "resume an exported encoder",
+        fit("--ckpt_path={exported}"),
+        1,
+        ["ckpt_path=", "exported.pt", "is not a checkpoint Lightning wrote", "--model.checkpoint"],
+    ),
+    (
+        "validate an exported encoder",
+        validate("--ckpt_path={exported}"),
+        1,
+        ["ckpt_path=", "exported.pt", "is not a checkpoint Lightning wrote (a plain state dict"],
+    ),
+    (
+        "eval checkpoint of text",
+        evaluate("--model.checkpoint={text}"),
+        1,
+        ["model.checkpoint=", "text.ckpt", "truncated or corrupt"],
+    ),
+    (
+        "eval checkpoint exported from another encoder",
+        evaluate("--model.checkpoint={exported}"),
+        1,
+        [
+            "model.checkpoint=",
+            "exported.pt",
+            "does not fit a resnet18",
+            "keys missing, e.g.",
+            "--model.backbone",
+            "--model.timm_kwargs",
+        ],
+    ),  # fmt: skip
+    (
         "eval checkpoint missing",
         evaluate("--model.checkpoint={missing}"),
         1,
@@ -232,7 +272,7 @@ CASES = [
         "eval checkpoint not SimCLR",
         evaluate("--model.checkpoint={other}"),
         1,
-        ["model.checkpoint=", "other.pt", "does not fit a resnet18 encoder"],
+        ["model.checkpoint=", "other.pt", "does not fit a resnet18 encoder", "--model.cifar_stem"],
     ),
     (
         "eval head_layers too deep",

@@ -1,32 +1,52 @@
 """simclr-lightning-export as a user meets it: one-line errors from a real process, printed
-loading code that gives a timm encoder's head features, and file:// checkpoint paths."""
+loading code that gives a timm encoder's head features, or a re-exported file's network, the
+pretraining preprocessing printed and saved beside the file, and file:// checkpoint paths."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torchvision
+from PIL import Image
 from torch import nn
 
 import simclr_lightning
-from simclr_lightning.checkpoint import main
+from simclr_lightning import SampleDataModule, SimCLR, apply_stem
+from simclr_lightning.backbones import build_backbone
 from simclr_lightning.checkpoint_io import AtomicCheckpointIO
+from simclr_lightning.data.sample import sample_root
 from simclr_lightning.heads import ScaleBatchNorm1d
+from tests.helpers import quiet_trainer
 from tests.test_checkpoint import save_simclr_checkpoint
+
+try:  # the export command's module; before it, simclr_lightning.checkpoint held the command
+    from simclr_lightning.export_cli import main
+except ImportError:
+    from simclr_lightning.checkpoint import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(simclr_lightning.__file__).resolve().parent.parent
+# [project.scripts] in pyproject.toml (tomllib is Python 3.11+)
+ENTRY_POINT = re.search(
+    r'^simclr-lightning-export = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M
+).group(1)
 
 
 def export(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """The console script's entry point (``simclr_lightning.checkpoint:main``), in a process."""
-    script = "import sys; from simclr_lightning.checkpoint import main; sys.exit(main())"
+    """The console script's entry point (``[project.scripts]`` in pyproject.toml), in a
+    process."""
+    module, _, function = ENTRY_POINT.partition(":")
+    script = f"import sys; from {module} import {function}; sys.exit({function}())"
     pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     return subprocess.run(
         [sys.executable, "-c", script, *args],
@@ -65,6 +85,94 @@ def test_user_errors_are_one_line_with_a_nonzero_exit(tmp_path):
     negative = one_error_line(export(str(ckpt), "out.pt", "--head-layers", "-1", cwd=tmp_path))
     assert "--head-layers=-1 is invalid" in negative
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_files_that_are_no_checkpoint_are_one_line_errors(tmp_path):
+    """Text, a pickled module and a dict of other things: each named for what it is, not a
+    KeyError, UnpicklingError or AttributeError traceback."""
+    (tmp_path / "hello.ckpt").write_text("hello\n")
+    garbage = one_error_line(export("hello.ckpt", "out.pt", cwd=tmp_path))
+    assert "checkpoint='hello.ckpt' is truncated or corrupt" in garbage
+
+    torch.save(nn.Linear(2, 2), tmp_path / "module.pt")
+    module = one_error_line(export("module.pt", "out.pt", cwd=tmp_path))
+    assert "module.pt' holds objects the weights-only loader refuses" in module
+    assert "torch.nn.modules.linear.Linear" in module and "truncated" not in module
+
+    torch.save({"weights": nn.Linear(2, 2).state_dict(), "step": 3}, tmp_path / "run.pt")
+    other = one_error_line(export("run.pt", "out.pt", cwd=tmp_path))
+    assert "run.pt' holds a dict with keys 'weights', 'step', not a state dict of tensors" in other
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_the_console_script_is_the_export_command():
+    module, _, function = ENTRY_POINT.partition(":")
+    assert getattr(__import__(module, fromlist=[function]), function) is main
+
+
+def test_export_prints_and_saves_the_pretraining_preprocessing(tmp_path, capsys):
+    """A CIFAR encoder fed torchvision's usual ImageNet statistics gives other features: the
+    printed code prepares images as pretraining did, the JSON beside the file records it, and
+    the file itself stays a plain state dict."""
+    model = SimCLR(head_hidden_dim=16, head_output_dim=8, warmup_epochs=0)
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=SampleDataModule(batch_size=8, num_workers=0))
+    trainer.save_checkpoint(tmp_path / "pretrain.ckpt")
+    out = tmp_path / "encoder.pt"
+    main([str(tmp_path / "pretrain.ckpt"), str(out)])
+    code = textwrap.dedent(capsys.readouterr().out.split("load it with:\n", 1)[1])
+    scope = {"torch": torch, "torchvision": torchvision, "apply_stem": apply_stem}
+    exec(code, scope)  # the printed lines, as a user pastes them
+
+    saved = json.loads(Path(f"{out}.preprocessing.json").read_text())
+    cifar_mean, cifar_std = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+    assert saved["image_size"] == 32
+    np.testing.assert_allclose(saved["mean"], cifar_mean, atol=1e-4)
+    np.testing.assert_allclose(saved["std"], cifar_std, atol=1e-4)
+    state = torch.load(out, weights_only=True)
+    assert state.keys() == model.backbone.state_dict().keys()  # nothing added to the file
+
+    image = Image.open(sorted((sample_root() / "val" / "cat").iterdir())[0]).convert("RGB")
+    rgb = torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1)
+    want = (rgb - torch.tensor(cifar_mean).view(3, 1, 1)) / torch.tensor(cifar_std).view(3, 1, 1)
+    torch.testing.assert_close(scope["preprocess"](image), want, atol=1e-3, rtol=0)
+
+    # a file that records none (the export itself) leaves no stale record at its output
+    main([str(out), str(out)])
+    assert "records no preprocessing" in capsys.readouterr().out
+    assert not Path(f"{out}.preprocessing.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "cifar_stem", "in_channels"), [("resnet50", True, 3), ("resnet34", False, 1)]
+)
+def test_reexport_prints_the_network_the_files_shapes_are(
+    tmp_path, capsys, name, cifar_stem, in_channels
+):
+    """An exported file records no architecture: its re-export printed a standard-stem
+    resnet18 for any of them, into which it does not load."""
+    encoder, _ = build_backbone(name, cifar_stem, in_channels)
+    torch.save(encoder.state_dict(), tmp_path / "encoder.pt")  # what an export holds
+    main([str(tmp_path / "encoder.pt"), str(tmp_path / "again.pt")])
+    code = textwrap.dedent(capsys.readouterr().out.split("load it with:\n", 1)[1])
+    scope = {"torch": torch, "torchvision": torchvision, "apply_stem": apply_stem}
+    exec(code, scope)  # the printed lines, as a user pastes them
+    net = scope["net"]
+    net.fc = nn.Identity()
+    x = torch.randn(2, in_channels, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), encoder.eval()(x), rtol=0, atol=0)
+
+
+def test_reexport_of_a_network_it_cannot_tell_says_so(tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("test_vit", num_classes=0, img_size=32)
+    torch.save(vit.state_dict(), tmp_path / "vit.pt")
+    main([str(tmp_path / "vit.pt"), str(tmp_path / "again.pt")])
+    printed = capsys.readouterr().out
+    assert "records no architecture" in printed and "torchvision.models" not in printed
+    assert "--model.backbone" in printed and "--model.timm_kwargs" in printed
+    vit.load_state_dict(torch.load(tmp_path / "again.pt", weights_only=True))  # strict
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

@@ -133,14 +133,9 @@ class LinearEval(L.LightningModule):
         if state is not None:
             try:
                 self.backbone.load_state_dict(state)
-            except RuntimeError as err:  # a plain state dict of some other network
-                raise CheckpointError(
-                    "model.checkpoint",
-                    checkpoint,
-                    f"does not fit a {backbone} encoder ({str(err).splitlines()[0]}): expected a "
-                    f"SimCLR/LinearEval checkpoint or a state dict written by "
-                    f"simclr-lightning-export",
-                ) from err
+            except RuntimeError as err:  # another network, or settings a state dict lacks
+                problem = checkpoints.unfit_problem(loaded, self.backbone, state, arch)
+                raise CheckpointError("model.checkpoint", checkpoint, problem) from err
         if projection is None:
             require(
                 not head_layers or head_config is not None,
