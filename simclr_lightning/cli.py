@@ -192,7 +192,10 @@ class SimCLRCLI(LightningCLI):
             rank_zero_info(f"simclr-lightning: --ckpt_path last is {found}, the newest run's")
             class_path = f"{type(self.model).__module__}.{type(self.model).__qualname__}"
             check_ckpt_path(found, class_path, self.subcommand == "fit")
-            self.model = with_checkpoint_settings(self.model, found)
+            rebuilt = with_checkpoint_settings(self.model, found)
+            if rebuilt is not self.model:
+                self.model = rebuilt  # and again the --optimizer/--lr_scheduler of the command
+                self._add_configure_optimizers_method_to_model(self.subcommand)
         if config.get("ckpt_path"):
             say_checkpoint_settings(getattr(self, "_given_model", {}), self.model)
 

@@ -251,3 +251,18 @@ def replan_if_tuned(module: L.LightningModule, peak_lr: float, who: str) -> None
         f"callback): planned again for {per_epoch} steps per epoch at a peak learning rate of "
         f"{peak_lr:.4g} (it was {live.steps_per_epoch} at {live.peak_lr:.4g})"
     )
+
+
+def check_rate_finder(trainer: L.Trainer, lr_scaling: str, who: str) -> None:
+    """Refuse Lightning's learning-rate finder on a module whose ``model.lr`` a rule scales:
+    the finder writes the rate it found there, which the rule would scale a second time (a
+    rate B/256 times the suggestion). Call in ``setup``."""
+    from lightning.pytorch.callbacks import LearningRateFinder
+
+    finder = any(isinstance(c, LearningRateFinder) for c in trainer.callbacks)
+    if finder and lr_scaling != "none":
+        raise SettingError(
+            f"{who}: Lightning's learning-rate finder sets model.lr to the rate it found, which "
+            f"model.lr_scaling={lr_scaling} would scale again for the global batch: set "
+            f"model.lr_scaling=none to tune model.lr with it"
+        )

@@ -5,7 +5,8 @@ Run as a script: Lightning's "ddp" strategy relaunches it once per extra device.
 shards prediction data without padding, so with 9 images in batches of 4 rank 0 gets 5 images
 (2 batches) and rank 1 gets 4 (1 batch). ``--files`` predicts ``ROOT/val`` through
 ``ImageFilesDataModule``; ``--csv`` adds a ``PredictionWriter``; ``--slow-rank0 S`` makes rank
-0 take S seconds a batch, under a process-group timeout of 5 s once started.
+0 take S seconds a batch, under a process-group timeout of 5 s once started; ``--fail-rank1``
+makes rank 1 fail at its first batch.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ class RecordPredictions(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, *args) -> None:
         self.indices += [int(i) for i in batch_indices]
         self.predictions.append(prediction.detach().cpu())
+
+
+class FailRank1(L.Callback):
+    """Rank 1 fails at its first batch with an error that is no bad file."""
+
+    def on_predict_batch_start(self, trainer, *args) -> None:
+        if trainer.global_rank == 1:
+            raise RuntimeError("boom on rank 1")
 
 
 class SlowRank0(L.Callback):
@@ -92,6 +101,8 @@ def predict(
         callbacks.append(PredictionWriter(args.csv))
     if args is not None and args.slow_rank0:
         callbacks.append(SlowRank0(args.slow_rank0))
+    if args is not None and args.fail_rank1:
+        callbacks.append(FailRank1())
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -112,6 +123,7 @@ def main() -> None:
     parser.add_argument("--files", action="store_true")
     parser.add_argument("--csv")
     parser.add_argument("--slow-rank0", type=float, default=0.0)
+    parser.add_argument("--fail-rank1", action="store_true")
     args = image_folder_args(parser)
     linear_eval = model()
     record = predict(linear_eval, args.root, args.devices, args)

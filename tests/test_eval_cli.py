@@ -188,7 +188,9 @@ def test_exported_backbone_loads_into_torchvision(pretrained, cifar_small, tmp_p
         "in_channels": 3,
         "fc": None,
     }
-    assert [p.name for p in tmp_path.iterdir()] == ["encoder.pt"]  # no temporary left over
+    # the encoder and its pretraining preprocessing beside it; no temporary left over
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["encoder.pt", "encoder.pt.preprocessing.json"]
 
     net = torchvision.models.resnet18()
     result = net.load_state_dict(torch.load(out, weights_only=True), strict=False)

@@ -117,3 +117,27 @@ def test_batch_size_finder_with_linear_eval_and_its_scaling_rule():
     assert [record.lrs[s] for s in range(steps)] == pytest.approx(
         [peak * cosine(s, steps) for s in range(steps)]
     )
+
+
+def test_learning_rate_finder_on_linear_eval_with_a_scaling_rule_is_refused():
+    """The finder writes its suggestion into LinearEval's model.lr, which lr_scaling=linear
+    then scaled again: the run trained at B/256 times the suggestion."""
+    from simclr_lightning import SettingError
+    from simclr_lightning.evaluation import LinearEval
+
+    def model(scaling: str) -> LinearEval:
+        return LinearEval(
+            num_classes=3, backbone="timm:test_resnet", cifar_stem=False, lr_scaling=scaling
+        )
+
+    data = ImagesData(batch_size=8)
+    sweep = dict(min_lr=1e-4, max_lr=1.0, num_training=24, early_stop_threshold=None)
+    with pytest.raises(SettingError, match=r"model.lr_scaling=linear would scale again"):
+        Tuner(quiet_trainer(max_epochs=8, limit_val_batches=0)).lr_find(
+            model("linear"), datamodule=data, **sweep
+        )
+    plain = model("none")
+    found = Tuner(quiet_trainer(max_epochs=8, limit_val_batches=0)).lr_find(
+        plain, datamodule=data, **sweep
+    )
+    assert found.suggestion() is not None and plain.hparams.lr == found.suggestion()

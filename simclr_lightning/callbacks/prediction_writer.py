@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
+from torch.utils.data import Subset
 
 from simclr_lightning.errors import SettingError, require
 
@@ -74,7 +75,7 @@ class PredictionWriter(BasePredictionWriter):
                 f"PredictionWriter.class_names has {len(names)} names for the model's "
                 f"{probs.shape[1]} classes: give one name per class, or leave it out"
             )
-        files = _row_ids(batch, batch_indices, len(probs))
+        files = _row_ids(batch, kept_indices(trainer, dataloader_idx, batch_indices), len(probs))
         best = probs.argmax(dim=1).tolist()
         for file, row, k in zip(files, probs.tolist(), best, strict=True):
             if self.format == "jsonl":
@@ -121,6 +122,28 @@ def check_probabilities(probs: Tensor, model: str) -> None:
         f"1): predict with a LinearEval checkpoint, a classifier; a SimCLR checkpoint predicts "
         f"the encoder's features (leave PredictionWriter out)"
     )
+
+
+def kept_indices(trainer, dataloader_idx: int, batch_indices) -> list[int] | None:
+    """``batch_indices`` less the files the loader left out of the batch (``skip_corrupt``):
+    the dataset index of each row, which Lightning's indices no longer match one to one."""
+    if batch_indices is None:
+        return None
+    loaders = trainer.predict_dataloaders
+    loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+    kept = []
+    for index in batch_indices:
+        dataset, inner = getattr(loader, "dataset", None), int(index)
+        while isinstance(dataset, Subset) or (
+            getattr(dataset, "skip", None) is None and hasattr(dataset, "dataset")
+        ):
+            if isinstance(dataset, Subset):
+                inner = int(dataset.indices[inner])
+            dataset = dataset.dataset
+        skip = getattr(dataset, "skip", None)
+        if skip is None or not skip.is_bad(inner):
+            kept.append(int(index))
+    return kept
 
 
 def _row_ids(batch, batch_indices, n: int) -> list[str]:

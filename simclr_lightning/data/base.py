@@ -212,6 +212,7 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        self.setup_predict_agreement(stage)
         if stage == "fit" and self.gpu_augment is not None and self.trainer is not None:
             self._seed_gpu_augment()
         if stage == "fit" and self.train_set is None:

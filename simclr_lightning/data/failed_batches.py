@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, default_collate
 
 from simclr_lightning.distributed import HostGroup
-from simclr_lightning.errors import CorruptImageError, CorruptImageStop
+from simclr_lightning.errors import CorruptImageError, CorruptImageStop, SettingError
 
 # how long the process whose prediction batch failed waits for the others to finish theirs
 PREDICT_WAIT = timedelta(days=1)
@@ -130,18 +130,32 @@ class StopTogether:
             return
         self.agree(batch.error if failed else None, trainer)
 
-    def agree(self, error: CorruptImageError | None, trainer: L.Trainer) -> None:
-        """Raise :class:`CorruptImageStop` in every process when any process brings an
-        ``error``; every process must call it at the same point."""
+    def ready(self) -> None:
+        """Make the group now, while every process is at the same point (its connections
+        then tell at once of a process that died later, where a group made later would wait
+        for it)."""
+        self._group.get()
+
+    def agree(self, error: BaseException | None, trainer: L.Trainer) -> None:
+        """Raise in every process when any process brings an ``error``: a file it could not
+        read is :class:`CorruptImageStop` naming it, any other failure stops the others with
+        its message. Every process must call it at the same point."""
         group = self._group.get()
         flag = torch.tensor([int(error is not None)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         if not int(flag[0]):
             return
         found: list[Any] = [None] * dist.get_world_size()
-        mine = (trainer.global_rank, error.path, error.reason) if error is not None else None
+        mine = None
+        if isinstance(error, CorruptImageError):
+            mine = (trainer.global_rank, error.path, error.reason)
+        elif error is not None:
+            mine = (trainer.global_rank, None, f"{type(error).__name__}: {error}")
         dist.all_gather_object(found, mine, group=group)
         rank, path, reason = next(f for f in found if f is not None)
+        if path is None:
+            message = f"process {rank} of {trainer.world_size} failed: {reason}"
+            raise (SettingError if reason.startswith("SettingError") else RuntimeError)(message)
         if rank != trainer.global_rank:
             reason = f"{reason}; read by process {rank} of {trainer.world_size}"
         raise CorruptImageStop(path, reason)
@@ -169,18 +183,28 @@ class AgreesAfterPredict:
             self._after_predict = StopTogether(timeout=PREDICT_WAIT)
         return self._after_predict
 
+    def setup_predict_agreement(self, stage: str) -> None:
+        """Call in ``setup``: every process is there."""
+        self._agreed = False
+        if stage == "predict" and self._agrees_after_predict():
+            self._predict_agreement().ready()
+
     def on_exception(self, exception: BaseException) -> None:
-        # the process whose prediction batch failed; its own error goes on
-        failed = isinstance(exception, CorruptImageError)
-        if failed and not isinstance(exception, CorruptImageStop) and self._agrees_after_predict():
-            try:
-                self._predict_agreement().agree(exception, self.trainer)
-            except CorruptImageStop:
-                pass
+        # The process that failed (whatever the error: the others would wait for it); its
+        # own error goes on. Once: not again for a failure of the agreement itself.
+        if getattr(self, "_agreed", True) or not self._agrees_after_predict():
+            return
+        self._agreed = True
+        try:
+            self._predict_agreement().agree(exception, self.trainer)
+        except Exception:  # noqa: BLE001 (the agreement's own raise, or a peer gone)
+            pass
 
     def teardown(self, stage: str) -> None:
-        if stage == "predict" and self._agrees_after_predict():
-            self._predict_agreement().agree(None, self.trainer)
+        if stage == "predict" and not getattr(self, "_agreed", True):
+            self._agreed = True
+            if self._agrees_after_predict():
+                self._predict_agreement().agree(None, self.trainer)
 
 
 class ChecksBatches(AgreesAfterPredict):

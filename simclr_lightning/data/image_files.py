@@ -172,6 +172,7 @@ class ImageFilesDataModule(AgreesAfterPredict, L.LightningDataModule):
         self._bad: list[str] = []  # found by verify: left out without being read (or named) again
 
     def setup(self, stage: str) -> None:
+        self.setup_predict_agreement(stage)
         if self.verify and not self._verified:
             self._bad = verify_files(self.files, self.num_workers, self.trainer, self.skip_corrupt)
             self._verified = True

@@ -28,6 +28,7 @@ from simclr_lightning.lagged_reads import LaggedReads
 from simclr_lightning.optim import LRScaling, classifier_optimizer, scaled_learning_rate
 from simclr_lightning.schedule import (
     carry_schedule_over,
+    check_rate_finder,
     global_batch_size,
     replan_if_tuned,
     step_schedule,
@@ -305,6 +306,8 @@ class LinearEval(L.LightningModule):
 
     # -- what prediction needs later ------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            check_rate_finder(self.trainer, self.hparams.lr_scaling, "LinearEval")
         # logged without sync_dist: their values are already over all processes
         already_synced("train/loss", "train/top1")
         datamodule = self.trainer.datamodule if self.trainer is not None else None

@@ -177,3 +177,39 @@ def test_features_are_refused_not_written_as_probabilities(tmp_path):
     trainer = quiet_trainer(callbacks=[PredictionWriter(str(out), class_names=["a", "b", "c"])])
     trainer.predict(Probabilities(), loader)
     assert out.read_text().splitlines()[0] == "file,prediction,prob_a,prob_b,prob_c"
+
+
+def test_rows_keep_their_dataset_index_when_a_bad_file_is_left_out(tmp_path):
+    """With skip_corrupt the loader leaves a bad file out of its batch: Lightning's batch
+    indices then no longer matched the rows, and the whole batch was written without ids."""
+
+    from simclr_lightning import PredictionWriter
+
+    gen = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i in range(8):
+            folder = tmp_path / "data" / split / f"c{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = gen.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    (tmp_path / "data" / "val" / "c1" / "3.png").write_bytes(b"not a png")  # dataset index 5
+    data = ImageFolderDataModule(
+        str(tmp_path / "data"),
+        augmentation=SimCLRAugmentation(image_size=16, mean=MEAN, std=STD),
+        task="classify",
+        batch_size=4,
+        num_workers=0,
+        skip_corrupt=True,
+    )
+
+    class Probabilities(L.LightningModule):
+        def predict_step(self, batch, batch_idx):
+            return batch[0].flatten(1)[:, :3].softmax(dim=1)
+
+    out = tmp_path / "predictions.csv"
+    trainer = quiet_trainer(callbacks=[PredictionWriter(str(out))])
+    with pytest.warns(UserWarning, match="3.png"):
+        trainer.predict(Probabilities(), datamodule=data)
+    with open(out, newline="") as f:
+        ids = [row["file"] for row in csv.DictReader(f)]
+    assert ids == ["0", "1", "2", "3", "4", "6", "7"]  # the bad file, index 5, has no row

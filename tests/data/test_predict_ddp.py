@@ -4,6 +4,7 @@ finishes, and the two ranks together predict every image once, as one process do
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +83,17 @@ def test_a_corrupt_file_on_rank_1_fails_every_rank(uneven_folder, tmp_path, opti
     assert f"{bad}" in proc.stderr and "read by process 1 of 2" in proc.stderr
     assert "Timed out" not in proc.stderr
     assert not list(out.iterdir())  # no rank went on as if it had succeeded
+
+
+@pytest.mark.slow
+def test_any_failure_of_one_rank_ends_predict_on_every_rank(uneven_folder, tmp_path):
+    """The end-of-predict agreement joined only for a bad file: a rank failing otherwise
+    never came, and the others waited in it for a day."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--root", str(uneven_folder), "--csv", str(out / "p.csv"), "--fail-rank1", "--files"]
+    started = time.monotonic()
+    proc = launch("ddp_predict_script.py", WORLD, out, args)
+    assert proc.returncode != 0 and time.monotonic() - started < 120
+    assert "process 1 of 2 failed: RuntimeError: boom on rank 1" in proc.stderr
+    assert not list(out.iterdir())
