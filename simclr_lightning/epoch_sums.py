@@ -41,3 +41,43 @@ class EpochSums:
         if "train_sums" in state:
             self.sums = state["train_sums"].float().clone()
             self.epoch = state.get("train_sums_epoch")
+
+
+class ResumedEpochMean:
+    """``module.log(name, value, on_step=True, on_epoch=True)`` whose epoch figure covers the
+    whole epoch after a resume from its middle. Lightning keeps its running mean out of
+    checkpoints, so a resumed epoch's figure (``<name>_epoch``, what a ``ModelCheckpoint`` or
+    ``EarlyStopping`` on it sees after a requeue) averaged only the batches after the resume.
+    Here the epoch's weighted sum goes into checkpoints, and the first step after a resume
+    logs its mean once more, weighted by the images it stands for (Lightning's mean is
+    weighted by batch size), before the step's own value."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sums = EpochSums(2)  # loss x images, images
+        self._restored: tuple[int | None, float, int] | None = None
+
+    def log(self, module: Any, value: Tensor, batch_size: int) -> None:
+        epoch = module.current_epoch
+        if self._restored is not None:
+            saved_epoch, mean, images = self._restored
+            self._restored = None
+            if saved_epoch == epoch:
+                kwargs = dict(on_step=True, on_epoch=True, batch_size=images)
+                module.log(self.name, mean, **kwargs)
+        module.log(self.name, value, on_step=True, on_epoch=True, batch_size=batch_size)
+        weight = value.detach().new_full((), float(batch_size))
+        self.sums.add(epoch, torch.stack([value.detach().float() * weight, weight.float()]))
+
+    def start(self) -> None:
+        """A fit starts: an earlier fit's sums are not this one's (a checkpoint's are)."""
+        if self._restored is None:
+            self.sums.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sums.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums.load_state_dict(state)
+        total, images = (float(v) for v in self.sums.sums)
+        self._restored = (self.sums.epoch, total / images, round(images)) if images else None

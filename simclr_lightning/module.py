@@ -14,6 +14,7 @@ from simclr_lightning.checkpoint import with_class_path
 from simclr_lightning.data.class_names import says_unlabeled
 from simclr_lightning.data.transforms import preprocessing_of
 from simclr_lightning.distributed import already_synced, mean_over_processes
+from simclr_lightning.epoch_sums import ResumedEpochMean
 from simclr_lightning.errors import SettingError, require
 from simclr_lightning.grad_cache import embed_in_chunks
 from simclr_lightning.heads import ProjectionHead
@@ -178,6 +179,7 @@ class SimCLR(L.LightningModule):
             )
         self._compiled = False
         self._watch = StepWatch(head_output_dim)
+        self._loss_mean = ResumedEpochMean("train/loss")
         self._preprocessing: dict | None = None  # the data's, recorded in checkpoints
 
     @property
@@ -230,7 +232,7 @@ class SimCLR(L.LightningModule):
         self._watch.push(self.global_step, mean_loss, stats["z_std"], watch_collapse=logging_step)
         # Not in the progress bar: Lightning reads every progress-bar value on the host after
         # every batch (whatever log_every_n_steps, even with the bar off), a GPU wait per step.
-        self.log("train/loss", mean_loss, on_step=True, on_epoch=True)
+        self._loss_mean.log(self, mean_loss, len(x_a))  # train/loss, _step and _epoch
         if self._watch.loss is not None:  # the bar shows the loss the watch has read instead
             self.log("loss", self._watch.loss, prog_bar=True, logger=False, on_step=True)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
@@ -272,6 +274,7 @@ class SimCLR(L.LightningModule):
         carry_schedule_over(self)  # resumed with another global batch
         # nothing of an earlier fit: its non-finite loss would stop this one at its first step
         self._watch.reset()
+        self._loss_mean.start()
 
     def on_train_epoch_end(self) -> None:
         self._watch.flush()
@@ -289,11 +292,14 @@ class SimCLR(L.LightningModule):
                 "over the anchors: continuing with loss_reduction=mean"
             )
             self.hparams.loss_reduction = self.criterion.reduction = "mean"
+        if "train_loss_mean" in checkpoint:
+            self._loss_mean.load_state_dict(checkpoint["train_loss_mean"])
         record = checkpoint.get("pretraining") or {}
         self._preprocessing = record.get("preprocessing") or self._preprocessing
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._watch.flush()  # never write the weights of a non-finite step
+        checkpoint["train_loss_mean"] = self._loss_mean.state_dict()  # the epoch so far
         if checkpoint.get("hyper_parameters"):
             checkpoint["hyper_parameters"] = with_class_path(self, checkpoint)
         # the data's normalisation, which linear evaluation of this encoder must repeat

@@ -19,7 +19,7 @@ from simclr_lightning.distributed import (
     real_rows,
     sum_over_processes,
 )
-from simclr_lightning.epoch_sums import EpochSums
+from simclr_lightning.epoch_sums import EpochSums, ResumedEpochMean
 from simclr_lightning.errors import CheckpointError, SettingError, require
 from simclr_lightning.evaluation.classify_data import classify_batch, classify_data, is_pretraining
 from simclr_lightning.evaluation.eval_figures import StageFigures
@@ -163,6 +163,7 @@ class LinearEval(L.LightningModule):
         self.test_figures = StageFigures("test", num_classes)
         # Training hits and labelled rows over all processes (the same on every one).
         self._train_sums = EpochSums(2)
+        self._loss_mean = ResumedEpochMean("train/loss")
         self._reads, self._bar_loss = LaggedReads(), None
 
     def train(self, mode: bool = True) -> LinearEval:
@@ -208,7 +209,7 @@ class LinearEval(L.LightningModule):
         self._train_sums.add(self.current_epoch, stats[1:])
         # Not in the progress bar (Lightning reads bar values on the host after every
         # batch): the bar shows it as read back two steps late.
-        self.log("train/loss", mean_loss, on_step=True, on_epoch=True)
+        self._loss_mean.log(self, mean_loss, len(y))  # train/loss, _step and _epoch
         self._reads.push(None, mean_loss)
         for _, (value,) in self._reads.ready():
             self._bar_loss = torch.tensor(value)
@@ -221,6 +222,7 @@ class LinearEval(L.LightningModule):
         # fine-tuning would then run with frozen BatchNorm. train() keeps a frozen encoder frozen.
         self.train()
         list(self._reads.drain())  # nothing of an earlier fit
+        self._loss_mean.start()
         self._bar_loss = None
         replan_if_tuned(self, self._peak_lrs()[0], "LinearEval")  # e.g. BatchSizeFinder
         carry_schedule_over(self)  # resumed with another global batch
@@ -329,6 +331,7 @@ class LinearEval(L.LightningModule):
             "preprocessing": self.preprocessing,
             "pretraining": self.pretraining,
             **self._train_sums.state_dict(),  # the epoch so far, the same on every rank
+            "train_loss_mean": self._loss_mean.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -347,3 +350,5 @@ class LinearEval(L.LightningModule):
         self.preprocessing = extra.get("preprocessing") or self.preprocessing
         self.pretraining = extra.get("pretraining") or self.pretraining
         self._train_sums.load_state_dict(extra)
+        if "train_loss_mean" in extra:
+            self._loss_mean.load_state_dict(extra["train_loss_mean"])
