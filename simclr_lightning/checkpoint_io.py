@@ -243,14 +243,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def check_ckpt_path(
     path: str | os.PathLike | None, model_class_path: str | None, fit: bool = False
-) -> None:
+) -> dict[str, Any]:
     """Before LightningCLI reads ``--ckpt_path`` (it loads the hyperparameters with a bare
     ``torch.load``): a truncated file, one Lightning did not write (an exported state dict,
     which it fails on with a bare KeyError), one of another model class, or for ``fit`` one
     without the optimizer's state, is a one-line error. Only files are checked;
-    ``last``/``best`` and missing paths are the Trainer's to resolve."""
+    ``last``/``best`` and missing paths are the Trainer's to resolve. The checkpoint's
+    hyperparameters, or {}."""
     if not path or not Path(local_path(path)).is_file():
-        return
+        return {}
     load = {"map_location": "cpu", "weights_only": True, "mmap": True}  # mmap: reads no tensors
     checkpoint = read_checkpoint(path, "ckpt_path", **load)
     if not isinstance(checkpoint, dict) or not {"state_dict", LIGHTNING_VERSION} <= set(checkpoint):
@@ -266,7 +267,7 @@ def check_ckpt_path(
     hparams = (checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
     saved = hparams.get("_class_path")
     if not saved or not model_class_path or _short(saved) == _short(model_class_path):
-        return
+        return hparams
     fix = (
         "give it as --model.checkpoint (the encoder to evaluate); --ckpt_path resumes or "
         "evaluates a LinearEval run"

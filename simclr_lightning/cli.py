@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import simclr_lightning  # noqa: F401  (imports the classes so short names like SimCLR resolve)
 from simclr_lightning.callbacks import Preemption, RNGState
 from simclr_lightning.callbacks.preemption import SIGTERM_EXIT_CODE
-from simclr_lightning.checkpoint_io import check_ckpt_path, read_checkpoint
+from simclr_lightning.checkpoint_io import check_ckpt_path
 from simclr_lightning.cli_errors import OneLineErrorParser, report
 from simclr_lightning.errors import SettingError
 from simclr_lightning.last_checkpoint import earlier_runs_last
@@ -191,8 +191,8 @@ class SimCLRCLI(LightningCLI):
             config["ckpt_path"] = found
             rank_zero_info(f"simclr-lightning: --ckpt_path last is {found}, the newest run's")
             class_path = f"{type(self.model).__module__}.{type(self.model).__qualname__}"
-            check_ckpt_path(found, class_path, self.subcommand == "fit")
-            rebuilt = with_checkpoint_settings(self.model, found)
+            saved = check_ckpt_path(found, class_path, self.subcommand == "fit")
+            rebuilt = with_checkpoint_settings(self.model, saved)
             if rebuilt is not self.model:
                 self.model = rebuilt  # and again the --optimizer/--lr_scheduler of the command
                 self._add_configure_optimizers_method_to_model(self.subcommand)
@@ -233,12 +233,10 @@ class ConfigToLoggers(SaveConfigCallback):
             logger.log_hyperparams({"config": config})
 
 
-def with_checkpoint_settings(model: L.LightningModule, path: str) -> L.LightningModule:
-    """``model`` built again with the settings ``path`` records, as LightningCLI builds it
-    for a ``--ckpt_path`` file it is given (``last`` is found after the model is built: its
-    architecture from the config failed to load the weights of another)."""
-    load = {"map_location": "cpu", "weights_only": True, "mmap": True}
-    saved = read_checkpoint(path, "ckpt_path", **load).get("hyper_parameters") or {}
+def with_checkpoint_settings(model: L.LightningModule, saved: dict[str, Any]) -> L.LightningModule:
+    """``model`` built again with the settings its checkpoint records (``saved``), as
+    LightningCLI builds it for a ``--ckpt_path`` file it is given (``last`` is found after the
+    model is built: its architecture from the config failed to load the weights of another)."""
     current = {k: v for k, v in model.hparams.items() if not k.startswith("_")}  # init args
     settings = {k: v for k, v in saved.items() if k in current}
     if all(current[k] == v for k, v in settings.items()):

@@ -50,34 +50,36 @@ class ResumedEpochMean:
     ``EarlyStopping`` on it sees after a requeue) averaged only the batches after the resume.
     Here the epoch's weighted sum goes into checkpoints, and the first step after a resume
     logs its mean once more, weighted by the images it stands for (Lightning's mean is
-    weighted by batch size), before the step's own value."""
+    weighted by batch size), before the step's own value. One device add a step: the image
+    count is the host's."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.sums = EpochSums(2)  # loss x images, images
-        self._restored: tuple[int | None, float, int] | None = None
+        self.epoch: int | None = -1
+        self.total: Tensor | float = 0.0  # value x images, this epoch
+        self.images = 0
+        self._resumed = False
 
     def log(self, module: Any, value: Tensor, batch_size: int) -> None:
         epoch = module.current_epoch
-        if self._restored is not None:
-            saved_epoch, mean, images = self._restored
-            self._restored = None
-            if saved_epoch == epoch:
-                kwargs = dict(on_step=True, on_epoch=True, batch_size=images)
-                module.log(self.name, mean, **kwargs)
+        if self._resumed and self.epoch == epoch and self.images:
+            mean = float(self.total) / self.images  # a host value from the checkpoint
+            module.log(self.name, mean, on_step=True, on_epoch=True, batch_size=self.images)
+        self._resumed = False
         module.log(self.name, value, on_step=True, on_epoch=True, batch_size=batch_size)
-        weight = value.detach().new_full((), float(batch_size))
-        self.sums.add(epoch, torch.stack([value.detach().float() * weight, weight.float()]))
+        if epoch != self.epoch:
+            self.epoch, self.total, self.images = epoch, 0.0, 0
+        self.total = self.total + value.detach().float() * batch_size
+        self.images += batch_size
 
     def start(self) -> None:
         """A fit starts: an earlier fit's sums are not this one's (a checkpoint's are)."""
-        if self._restored is None:
-            self.sums.reset()
+        if not self._resumed:
+            self.epoch = -1
 
     def state_dict(self) -> dict[str, Any]:
-        return self.sums.state_dict()
+        return {"epoch": self.epoch, "total": float(self.total), "images": self.images}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums.load_state_dict(state)
-        total, images = (float(v) for v in self.sums.sums)
-        self._restored = (self.sums.epoch, total / images, round(images)) if images else None
+        self.epoch, self.total, self.images = state["epoch"], state["total"], state["images"]
+        self._resumed = True

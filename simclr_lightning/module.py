@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from simclr_lightning.backbones import build_backbone
+from simclr_lightning.batches import two_views
 from simclr_lightning.checkpoint import with_class_path
 from simclr_lightning.data.class_names import says_unlabeled
 from simclr_lightning.data.transforms import preprocessing_of
@@ -180,13 +181,9 @@ class SimCLR(L.LightningModule):
         self._compiled = False
         self._watch = StepWatch(head_output_dim)
         self._loss_mean = ResumedEpochMean("train/loss")
-        self._preprocessing: dict | None = None  # the data's, recorded in checkpoints
-
-    @property
-    def preprocessing(self) -> dict | None:
-        """The data's evaluation preprocessing, as checkpoints record it: what
-        ``ImageFilesDataModule`` prepares images to predict with."""
-        return self._preprocessing
+        # the data's evaluation preprocessing, recorded in checkpoints: ImageFilesDataModule
+        # prepares images to predict with it
+        self.preprocessing: dict | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         """Encoder features h = f(x): the representation used downstream."""
@@ -295,7 +292,7 @@ class SimCLR(L.LightningModule):
         if "train_loss_mean" in checkpoint:
             self._loss_mean.load_state_dict(checkpoint["train_loss_mean"])
         record = checkpoint.get("pretraining") or {}
-        self._preprocessing = record.get("preprocessing") or self._preprocessing
+        self.preprocessing = record.get("preprocessing") or self.preprocessing
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._watch.flush()  # never write the weights of a non-finite step
@@ -304,9 +301,9 @@ class SimCLR(L.LightningModule):
             checkpoint["hyper_parameters"] = with_class_path(self, checkpoint)
         # the data's normalisation, which linear evaluation of this encoder must repeat
         datamodule = self._trainer.datamodule if self._trainer is not None else None
-        self._preprocessing = preprocessing_of(datamodule) or self._preprocessing
-        if self._preprocessing is not None:
-            checkpoint["pretraining"] = {"preprocessing": self._preprocessing}
+        self.preprocessing = preprocessing_of(datamodule) or self.preprocessing
+        if self.preprocessing is not None:
+            checkpoint["pretraining"] = {"preprocessing": self.preprocessing}
 
     def global_batch_size(self) -> int:
         """Images per optimizer step over all processes: what the learning-rate rule scales by."""
@@ -334,25 +331,3 @@ class SimCLR(L.LightningModule):
         optimizer = build_optimizer(hp.optimizer, groups, lr, hp.momentum, hp.lars_eta)
         schedule = step_schedule(self, optimizer, "SimCLR", lr, hp.warmup_epochs, hp.final_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": schedule}
-
-
-def two_views(batch: Any) -> tuple[tuple[Tensor, Tensor], Tensor]:
-    """``batch`` as ``((view_a, view_b), labels)``; any other shape (lightly's ``(views,
-    targets, filenames)``, a dict, views without labels) is one clear error, not an unpacking
-    error deep in the step or a convolution of two stacked views."""
-    views = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
-    ok = isinstance(views, (tuple, list)) and len(views) == 2
-    if not ok or not all(isinstance(v, Tensor) for v in (*views, batch[1])):
-        raise TypeError(
-            "SimCLR takes training batches ((view_a, view_b), labels) as this library's data "
-            f"modules make them (labels -1 when unknown); got {_shape_of(batch)}"
-        )
-    return (views[0], views[1]), batch[1]
-
-
-def _shape_of(batch: Any) -> str:
-    if isinstance(batch, Tensor):
-        return f"a tensor of shape {tuple(batch.shape)}"
-    if isinstance(batch, (tuple, list)):
-        return f"({', '.join(_shape_of(b) for b in batch)})" if len(batch) <= 4 else "a long list"
-    return type(batch).__name__

@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable
 from typing import Literal
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -13,7 +14,12 @@ from torch.optim import Optimizer
 from simclr_lightning.errors import require
 
 # moved to schedule.py; still importable from here
-from simclr_lightning.schedule import WarmupCosine, schedule_steps, warmup_cosine  # noqa: F401
+from simclr_lightning.schedule import (  # noqa: F401
+    WarmupCosine,
+    global_batch_size,
+    schedule_steps,
+    warmup_cosine,
+)
 
 LRScaling = Literal["linear", "sqrt", "none"]
 OptimizerName = Literal["lars", "sgd", "adamw"]
@@ -179,6 +185,17 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     raise ValueError(f"optimizer={name!r} is unknown: choose one of lars, sgd, adamw")
+
+
+def classifier_rates(
+    trainer: L.Trainer, lr: float, backbone_lr: float | None, lr_scaling: LRScaling
+) -> tuple[float, float]:
+    """The classifier's and the encoder's peak rates (``backbone_lr`` None: ``lr``): the
+    rule scales both by the global batch (devices x nodes x data.batch_size)."""
+    scale = 1.0
+    if lr_scaling != "none":
+        scale = scaled_learning_rate(1.0, global_batch_size(trainer), lr_scaling)
+    return lr * scale, (lr if backbone_lr is None else backbone_lr) * scale
 
 
 def classifier_optimizer(

@@ -8,6 +8,7 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateFinder
 from lightning.pytorch.utilities import rank_zero_info
 
 from simclr_lightning.errors import SettingError, require
@@ -148,6 +149,15 @@ def global_batch_size(trainer: L.Trainer, per_device: int | None = None) -> int:
     return per_device * trainer.world_size
 
 
+def epoch_steps(trainer: L.Trainer) -> int:
+    """Optimizer steps an epoch, as Lightning counts them (an epoch's last, partial
+    accumulation steps too); 0 for a training loader without a length."""
+    batches = training_batches(trainer)
+    if math.isinf(batches):
+        return 0
+    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+
 def plan_schedule(
     trainer: L.Trainer,
     who: str,
@@ -168,8 +178,7 @@ def plan_schedule(
         )
         steps_per_epoch = 0
     else:
-        # as Lightning counts: an epoch's last, partial accumulation steps too
-        steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        steps_per_epoch = epoch_steps(trainer)
         check_warmup(trainer, warmup_epochs, steps_per_epoch, total_steps)
     return WarmupCosine(
         warmup_steps=round(warmup_epochs * steps_per_epoch),
@@ -235,9 +244,7 @@ def replan_if_tuned(module: L.LightningModule, peak_lr: float, who: str) -> None
     live = getattr(schedule, "lr_lambdas", [None])[0]
     if not isinstance(live, WarmupCosine):
         return  # a tuner's own schedule (the learning-rate finder's sweep)
-    batches = training_batches(trainer)
-    accumulate = trainer.accumulate_grad_batches
-    per_epoch = 0 if math.isinf(batches) else max(1, math.ceil(batches / accumulate))
+    per_epoch = epoch_steps(trainer)
     same = (
         per_epoch == live.steps_per_epoch
         and schedule_steps(trainer, who) == live.total_steps
@@ -257,8 +264,6 @@ def check_rate_finder(trainer: L.Trainer, lr_scaling: str, who: str) -> None:
     """Refuse Lightning's learning-rate finder on a module whose ``model.lr`` a rule scales:
     the finder writes the rate it found there, which the rule would scale a second time (a
     rate B/256 times the suggestion). Call in ``setup``."""
-    from lightning.pytorch.callbacks import LearningRateFinder
-
     finder = any(isinstance(c, LearningRateFinder) for c in trainer.callbacks)
     if finder and lr_scaling != "none":
         raise SettingError(

@@ -75,7 +75,9 @@ class PredictionWriter(BasePredictionWriter):
                 f"PredictionWriter.class_names has {len(names)} names for the model's "
                 f"{probs.shape[1]} classes: give one name per class, or leave it out"
             )
-        files = _row_ids(batch, kept_indices(trainer, dataloader_idx, batch_indices), len(probs))
+        if batch_indices is not None and len(batch_indices) != len(probs):  # rows left out
+            batch_indices = kept_indices(trainer, dataloader_idx, batch_indices)
+        files = _row_ids(batch, batch_indices, len(probs))
         best = probs.argmax(dim=1).tolist()
         for file, row, k in zip(files, probs.tolist(), best, strict=True):
             if self.format == "jsonl":
@@ -124,11 +126,9 @@ def check_probabilities(probs: Tensor, model: str) -> None:
     )
 
 
-def kept_indices(trainer, dataloader_idx: int, batch_indices) -> list[int] | None:
+def kept_indices(trainer, dataloader_idx: int, batch_indices) -> list[int]:
     """``batch_indices`` less the files the loader left out of the batch (``skip_corrupt``):
     the dataset index of each row, which Lightning's indices no longer match one to one."""
-    if batch_indices is None:
-        return None
     loaders = trainer.predict_dataloaders
     loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
     kept = []

@@ -6,7 +6,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.data import suggested_max_num_workers
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
@@ -20,7 +19,7 @@ from simclr_lightning.data.failed_batches import (
     StopTogether,
 )
 from simclr_lightning.data.gpu import GPUAugment
-from simclr_lightning.data.loaders import TrainOrder, check_batch_size
+from simclr_lightning.data.loaders import TrainOrder, check_batch_size, loader_workers
 from simclr_lightning.data.subsets import (
     class_balanced_subset,
     dataset_labels,
@@ -45,7 +44,6 @@ from simclr_lightning.resume import gather_per_rank, own_rank
 
 Task = Literal["pretrain", "classify"]
 Augment = Literal["cpu", "gpu"]
-MAX_AUTO_WORKERS = 16
 
 
 class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
@@ -242,10 +240,7 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
     @property
     def workers(self) -> int:
         """Loader processes per device: ``num_workers``, or what suits this machine."""
-        if self.num_workers is not None:
-            return self.num_workers
-        devices = self.trainer.num_devices if self.trainer is not None else 1
-        return min(MAX_AUTO_WORKERS, suggested_max_num_workers(devices))
+        return loader_workers(self.num_workers, self.trainer)
 
     def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
         """An evaluation loader: in order, every image (with ``skip_corrupt``, but the bad

@@ -8,12 +8,23 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.data import suggested_max_num_workers
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_lightning.data.failed_batches import CatchFailedBatches
 from simclr_lightning.data.sampler import ResumableSampler, SeededSamples, sample_seed
 from simclr_lightning.errors import SettingError
+
+MAX_AUTO_WORKERS = 16
+
+
+def loader_workers(num_workers: int | None, trainer: L.Trainer | None) -> int:
+    """Loader processes per device: ``num_workers``, or what suits this machine."""
+    if num_workers is not None:
+        return num_workers
+    devices = trainer.num_devices if trainer is not None else 1
+    return min(MAX_AUTO_WORKERS, suggested_max_num_workers(devices))
 
 
 def check_batch_size(

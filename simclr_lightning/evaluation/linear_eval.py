@@ -25,11 +25,10 @@ from simclr_lightning.evaluation.classify_data import classify_batch, classify_d
 from simclr_lightning.evaluation.eval_figures import StageFigures
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.lagged_reads import LaggedReads
-from simclr_lightning.optim import LRScaling, classifier_optimizer, scaled_learning_rate
+from simclr_lightning.optim import LRScaling, classifier_optimizer, classifier_rates
 from simclr_lightning.schedule import (
     carry_schedule_over,
     check_rate_finder,
-    global_batch_size,
     replan_if_tuned,
     step_schedule,
 )
@@ -287,13 +286,8 @@ class LinearEval(L.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------------
     def _peak_lrs(self) -> tuple[float, float]:
-        """The classifier's and the encoder's peak rates: the rule scales both by the global
-        batch (devices x nodes x data.batch_size)."""
         hp = self.hparams
-        scale = 1.0
-        if hp.lr_scaling != "none":
-            scale = scaled_learning_rate(1.0, global_batch_size(self.trainer), hp.lr_scaling)
-        return hp.lr * scale, (hp.lr if hp.backbone_lr is None else hp.backbone_lr) * scale
+        return classifier_rates(self.trainer, hp.lr, hp.backbone_lr, hp.lr_scaling)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -93,39 +93,36 @@ def test_plain_dataloaders_are_refused_before_training():
     assert trainer.global_step == 0
 
 
+class CountingPasses(KNNMonitor):
+    """Records (epoch, at the epoch's last batch) of every pass over the training set."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.passes: list[tuple[int, bool]] = []
+
+    def _encode_bank(self, trainer, pl_module):
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        self.passes.append((trainer.current_epoch, progress.is_last_batch))
+        return super()._encode_bank(trainer, pl_module)
+
+
 def test_fast_dev_run_makes_no_bank_pass():
     """A pass over the whole training set, in a run meant to check the code in one batch."""
-    passes: list[int] = []
-
-    class Counting(KNNMonitor):
-        def _encode_bank(self, trainer, pl_module):
-            passes.append(trainer.current_epoch)
-            return super()._encode_bank(trainer, pl_module)
-
     x, y = torch.randn(16, 6), torch.randint(0, 2, (16,))
-    trainer = quiet_trainer(fast_dev_run=True, callbacks=[Counting(k=3)])
+    monitor = CountingPasses(k=3)
+    trainer = quiet_trainer(fast_dev_run=True, callbacks=[monitor])
     trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))
-    assert trainer.global_step == 1 and passes == []
+    assert trainer.global_step == 1 and monitor.passes == []
 
 
 def test_validations_inside_an_epoch_make_no_bank_pass():
     """val_check_interval=0.5 validated twice an epoch, and each made a pass over the whole
     training set (on ImageNet, each an hour): the figure comes at the epoch's end only."""
-    passes: list[tuple[int, bool]] = []
-
-    class Counting(KNNMonitor):
-        def _encode_bank(self, trainer, pl_module):
-            progress = trainer.fit_loop.epoch_loop.batch_progress
-            passes.append((trainer.current_epoch, progress.is_last_batch))
-            return super()._encode_bank(trainer, pl_module)
-
     x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
-    metrics = EpochMetrics()
-    trainer = quiet_trainer(
-        max_epochs=2, val_check_interval=0.5, callbacks=[Counting(k=3), metrics]
-    )
+    monitor, metrics = CountingPasses(k=3), EpochMetrics()
+    trainer = quiet_trainer(max_epochs=2, val_check_interval=0.5, callbacks=[monitor, metrics])
     trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))
-    assert passes == [(0, True), (1, True)]
+    assert monitor.passes == [(0, True), (1, True)]
     assert len(metrics.epochs) == 4  # validated twice an epoch
     assert "knn/val_top1" not in metrics.epochs[0] and "knn/val_top1" in metrics.epochs[1]
 
@@ -212,17 +209,9 @@ def test_early_stopping_held_back_by_min_epochs_makes_no_extra_bank_pass():
             self.log("v", 1.0)
             return super().validation_step(batch, batch_idx)
 
-    passes: list[int] = []
-
-    class Counting(KNNMonitor):
-        def _encode_bank(self, trainer, pl_module):
-            passes.append(trainer.current_epoch)
-            return super()._encode_bank(trainer, pl_module)
-
     x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
     stop = EarlyStopping("v", patience=0, check_finite=False)
-    trainer = quiet_trainer(
-        max_epochs=20, min_epochs=4, callbacks=[Counting(k=3, every_n_epochs=10), stop]
-    )
+    monitor = CountingPasses(k=3, every_n_epochs=10)
+    trainer = quiet_trainer(max_epochs=20, min_epochs=4, callbacks=[monitor, stop])
     trainer.fit(Constant(6), datamodule=FeatureData((x, y), (x, y)))
-    assert trainer.current_epoch == 4 and passes == []  # stopped after min_epochs, no pass
+    assert trainer.current_epoch == 4 and monitor.passes == []  # stopped after min_epochs, no pass
