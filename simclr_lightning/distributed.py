@@ -119,18 +119,32 @@ def sample_positions(dataloader: DataLoader, batch_idx: int, batch_len: int) -> 
 
     Under DDP, Lightning gives rank r of W the samples r, r+W, r+2W, ... of an unshuffled
     loader and pads with repeats up to a multiple of W; padded rows get positions >= the
-    dataset size, so callers can drop them and score every sample exactly once.
+    dataset size, so callers can drop them and score every sample exactly once. A batch
+    shorter than its sampler's share lost the files ``skip_corrupt`` left out: the positions
+    of those files are taken out, so that the rows after them (a padding repeat too) keep
+    their own.
     """
     batch_size = dataloader.batch_size
+    sampler = dataloader.sampler
     if batch_size is None:
         return None
-    local = torch.arange(batch_idx * batch_size, batch_idx * batch_size + batch_len)
-    sampler = dataloader.sampler
     if isinstance(sampler, DistributedSampler) and not sampler.shuffle:
-        return sampler.rank + local * sampler.num_replicas
-    if isinstance(sampler, SequentialSampler):
-        return local
-    return None
+        rank, step = sampler.rank, sampler.num_replicas
+    elif isinstance(sampler, SequentialSampler):
+        rank, step = 0, 1
+    else:
+        return None
+    start = batch_idx * batch_size
+    share = max(0, min(batch_size, len(sampler) - start))
+    positions = rank + torch.arange(start, start + share) * step
+    if share != batch_len:
+        size = dataset_size(dataloader)
+        from simclr_lightning.data.subsets import left_out  # the data package imports this one
+
+        positions = positions[~left_out(dataloader.dataset, positions % size)]
+        if len(positions) != batch_len:  # rows missing for another reason: order unknown
+            return None
+    return positions
 
 
 def dataset_size(dataloader: DataLoader) -> int:

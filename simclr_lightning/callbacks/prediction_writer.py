@@ -13,8 +13,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
-from torch.utils.data import Subset
 
+from simclr_lightning.data.subsets import left_out
 from simclr_lightning.errors import SettingError, require
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
@@ -131,19 +131,8 @@ def kept_indices(trainer, dataloader_idx: int, batch_indices) -> list[int]:
     the dataset index of each row, which Lightning's indices no longer match one to one."""
     loaders = trainer.predict_dataloaders
     loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-    kept = []
-    for index in batch_indices:
-        dataset, inner = getattr(loader, "dataset", None), int(index)
-        while isinstance(dataset, Subset) or (
-            getattr(dataset, "skip", None) is None and hasattr(dataset, "dataset")
-        ):
-            if isinstance(dataset, Subset):
-                inner = int(dataset.indices[inner])
-            dataset = dataset.dataset
-        skip = getattr(dataset, "skip", None)
-        if skip is None or not skip.is_bad(inner):
-            kept.append(int(index))
-    return kept
+    indices = torch.as_tensor([int(i) for i in batch_indices], dtype=torch.long)
+    return indices[~left_out(getattr(loader, "dataset", None), indices)].tolist()
 
 
 def _row_ids(batch, batch_indices, n: int) -> list[str]:

@@ -145,16 +145,31 @@ class CollateLeavingOut:
         return tuple(part[:0] for part in default_collate([(image, -1)]))
 
 
+def left_out(dataset: Dataset, indices: Tensor) -> Tensor:
+    """Mask of ``indices`` (of ``dataset``, through any Subsets and wrappers) whose files
+    ``skip_corrupt`` has found bad: those an evaluation loader left out of their batch."""
+    inner, mapped = dataset, indices.long()
+    while isinstance(inner, Subset) or (
+        getattr(inner, "skip", None) is None and hasattr(inner, "dataset")
+    ):
+        if isinstance(inner, Subset):
+            mapped = torch.as_tensor(inner.indices, dtype=torch.long)[mapped]
+        inner = inner.dataset
+    skip = getattr(inner, "skip", None)
+    if skip is None or not len(mapped):
+        return torch.zeros(len(mapped), dtype=torch.bool)
+    return torch.tensor([skip.is_bad(int(i)) for i in mapped], dtype=torch.bool)
+
+
 def leaves_out_corrupt(dataset: Dataset) -> CollateLeavingOut | None:
     """The ``collate_fn`` of an evaluation loader over ``dataset`` (or a Subset of it), which
     from now on leaves its bad files out instead of replacing them: a validation, test or
     kNN-bank row must be of its own file (a substitute would count another image, with its
     label, twice) and a prediction row too. None (the default collate) for other datasets.
 
-    Rows are dropped from their batch, so within that batch the rows after a dropped one are
-    given positions one lower by ``distributed.sample_positions``: order and uniqueness hold
-    (each batch starts at ``batch_idx * batch_size``); only under DDP can a padding repeat in
-    such a batch be counted once more."""
+    Rows are dropped from their batch; ``distributed.sample_positions`` takes the left-out
+    files' positions out of the batch's (:func:`left_out`), so the rows after them, a DDP
+    padding repeat too, keep their own."""
     inner = dataset
     while isinstance(inner, Subset):
         inner = inner.dataset

@@ -187,3 +187,37 @@ def test_predict_files_verify_with_skip_warns_once_and_leaves_them_out(folder):
     said = skip_messages(caught)
     assert len(said) == 1 and "found 2 of 8 image files undecodable" in said[0]
     assert sorted(paths) == sorted(str(p) for p in good if p.parts[-3] == "val")
+
+
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_under_ddp_rows_after_a_left_out_file_keep_their_positions(folder, batch_size):
+    """8 validation files (2 bad) over 3 ranks, as Lightning shards them: rank r reads r, r+3,
+    r+6 and rank 2's last is a padding repeat of file 0. The rows after a left-out file were
+    numbered one lower, so that repeat could pass as a real file and count file 0 twice; now
+    every good file counts exactly once, with its own label, over the ranks."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from simclr_lightning.distributed import real_rows, sample_positions
+
+    root, good, bad = folder
+    dm = data(root, batch_size=batch_size)
+    dm.setup("fit")
+    dataset = dm.test_dataloader().dataset
+    files = sorted(p for p in good + bad if p.parts[-3] == "val")
+    want = {i: labels_of([p])[0] for i, p in enumerate(files) if p not in bad}
+    counted = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptImageWarning)
+        for rank in range(3):
+            sampler = DistributedSampler(dataset, num_replicas=3, rank=rank, shuffle=False)
+            loader = DataLoader(
+                dataset,
+                batch_size=batch_size,
+                sampler=sampler,
+                collate_fn=dm.test_dataloader().collate_fn,
+            )
+            for batch_idx, (_, labels) in enumerate(loader):
+                keep = real_rows(loader, batch_idx, len(labels), labels.device)
+                positions = sample_positions(loader, batch_idx, len(labels))
+                counted += list(zip(positions[keep].tolist(), labels[keep].tolist()))
+    assert sorted(counted) == sorted(want.items())
