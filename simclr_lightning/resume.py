@@ -23,10 +23,13 @@ def gather_per_rank(trainer: L.Trainer, obj: Any) -> list[Any]:
     return gathered
 
 
-def own_rank(states: list[Any], trainer: L.Trainer) -> Any:
-    """This rank's entry of :func:`gather_per_rank`'s list; a checkpoint from a run with another
-    number of processes cannot continue bit-for-bit, and each rank then takes ``rank % saved``."""
-    return states[trainer.global_rank % len(states)]
+def own_rank(states: list[Any], trainer: L.Trainer) -> Any | None:
+    """This rank's entry of :func:`gather_per_rank`'s list, or None for a rank the saving run
+    did not have (resumed on more processes): that rank keeps the stream this run seeded for
+    it. Taking another rank's state instead would give two ranks one stream, the same random
+    crops and colours for every batch position."""
+    rank = trainer.global_rank
+    return states[rank] if rank < len(states) else None
 
 
 def global_rng_states() -> dict[str, Any]:

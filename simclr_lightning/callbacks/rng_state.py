@@ -61,5 +61,7 @@ class RNGState(Callback):
 
     def _restore(self, trainer: L.Trainer) -> None:
         assert self._pending is not None
-        set_global_rng_states(own_rank(self._pending["ranks"], trainer))
+        states = own_rank(self._pending["ranks"], trainer)
+        if states is not None:  # else a rank the saving run had not: its own seeded state
+            set_global_rng_states(states)
         self._pending = None

@@ -40,7 +40,6 @@ from simclr_lightning.data.transforms import (
 )
 from simclr_lightning.data.worker_signals import shield_from_stop_signals
 from simclr_lightning.errors import require
-from simclr_lightning.resume import gather_per_rank, own_rank
 
 Task = Literal["pretrain", "classify"]
 Augment = Literal["cpu", "gpu"]
@@ -296,26 +295,11 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
     def state_dict(self) -> dict:
         """The training order's seed and position, and every rank's on-device augmentation
         generator: what a checkpoint needs to continue the data exactly."""
-        state = {"train_order": self.train_order.state_dict()}
-        for key, generator in self._augment_generators().items():
-            state[key] = gather_per_rank(self.trainer, generator.get_state())
-        return state
+        return {"train_order": self.train_order.state_dict(), **self.augment_states()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.train_order.load_state_dict(state_dict.get("train_order", {}))
-        for key, generator in self._augment_generators().items():
-            if states := state_dict.get(key):
-                generator.set_state(own_rank(states, self.trainer))
-
-    def _augment_generators(self) -> dict[str, torch.Generator]:
-        """The on-device augmentation's streams by checkpoint key: its device generator and
-        the host one that draws crop boxes for images of different sizes."""
-        aug = self.gpu_augment
-        if aug is None or self.trainer is None:
-            return {}
-        pairs = {"gpu_augment_generator": aug.generator}
-        pairs["gpu_augment_box_generator"] = aug.box_generator
-        return {key: gen for key, gen in pairs.items() if gen is not None}
+        self.load_augment_states(state_dict)
 
     def val_sample(self) -> Dataset:
         """The validation images in :func:`stratified_order` (the first ``val_subset``)."""

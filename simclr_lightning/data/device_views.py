@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from simclr_lightning.data.corrupt import DeviceSkips
@@ -14,6 +15,7 @@ from simclr_lightning.data.encoded import ImageBatch
 from simclr_lightning.data.failed_batches import FailedBatch
 from simclr_lightning.data.gpu.augment import derived_seed
 from simclr_lightning.errors import CorruptImageError
+from simclr_lightning.resume import gather_per_rank, own_rank
 
 if TYPE_CHECKING:
     import lightning as L
@@ -47,6 +49,37 @@ class DeviceViews:
         seed = torch.initial_seed() + self.trainer.global_rank
         self.gpu_augment.generator = torch.Generator(device=device).manual_seed(seed)
         self.gpu_augment.box_generator = torch.Generator().manual_seed(derived_seed(seed))
+
+    def augment_states(self) -> dict[str, list[Tensor]]:
+        """Every rank's state of each on-device augmentation stream, by checkpoint key."""
+        return {
+            key: gather_per_rank(self.trainer, generator.get_state())
+            for key, generator in self._augment_generators().items()
+        }
+
+    def load_augment_states(self, state_dict: dict) -> None:
+        for key, generator in self._augment_generators().items():
+            state = own_rank(state_dict.get(key) or [], self.trainer)
+            if state is None:  # not saved, or a rank the saving run had not: its fresh seed
+                continue
+            if state.numel() != generator.get_state().numel():
+                rank_zero_warn(
+                    f"the checkpoint's augment: gpu random state is of another device type "
+                    f"than this run's {generator.device.type} (saved on CPU, resumed on GPU, "
+                    f"or back): the views go on from this run's seed, not exactly as before"
+                )
+                continue
+            generator.set_state(state)
+
+    def _augment_generators(self) -> dict[str, torch.Generator]:
+        """The on-device augmentation's streams by checkpoint key: its device generator and
+        the host one that draws crop boxes for images of different sizes."""
+        aug = self.gpu_augment
+        if aug is None or self.trainer is None:
+            return {}
+        pairs = {"gpu_augment_generator": aug.generator}
+        pairs["gpu_augment_box_generator"] = aug.box_generator
+        return {key: gen for key, gen in pairs.items() if gen is not None}
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Make both SimCLR views of the whole batch on its device (``augment: gpu``).

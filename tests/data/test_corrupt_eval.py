@@ -219,5 +219,5 @@ def test_under_ddp_rows_after_a_left_out_file_keep_their_positions(folder, batch
             for batch_idx, (_, labels) in enumerate(loader):
                 keep = real_rows(loader, batch_idx, len(labels), labels.device)
                 positions = sample_positions(loader, batch_idx, len(labels))
-                counted += list(zip(positions[keep].tolist(), labels[keep].tolist()))
+                counted += list(zip(positions[keep].tolist(), labels[keep].tolist(), strict=True))
     assert sorted(counted) == sorted(want.items())
