@@ -165,11 +165,13 @@ class LargestOutput(TorchDispatchMode):
         return out
 
 
-def test_views_of_large_photographs_never_hold_the_batch_in_float():
+@pytest.mark.parametrize("step", [7, 0], ids=["different sizes", "one size"])
+def test_views_of_large_photographs_never_hold_the_batch_in_float(step: int):
     """Large photographs (a user's own folder) decoded on the device: the float copy is made
     of one image's region at a time, never of the whole batch's pixels, which would take 4
-    times the decoded batch's memory on the device."""
-    images = [torch.randint(0, 256, (3, 300 + 7 * i, 400), dtype=torch.uint8) for i in range(8)]
+    times the decoded batch's memory on the device. Photographs of one camera all have one
+    size: stacked into one batch for two_views, 256 of them ran the GPU out of memory."""
+    images = [torch.randint(0, 256, (3, 300 + step * i, 400), dtype=torch.uint8) for i in range(8)]
     cfg = SimCLRAugmentation(image_size=16, mean=(0.5,) * 3, std=(0.2,) * 3)
     aug = GPUAugment(cfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     with LargestOutput() as seen:

@@ -45,6 +45,21 @@ __all__ = ["GPUAugment"]
 # Op ids of the jitter order, as in torchvision's ColorJitter ``fn_idx``.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
+# One-size images are stacked into one batch (:meth:`GPUAugment.two_views`) only when each has
+# at most this many pixels per pixel of a view. The stacked path holds the batch twice in
+# float32, 8 bytes per decoded byte (75 GB for 256 phone photos of 4032 x 3024); the bound keeps
+# that within 4 times the float views, the order of apply()'s own temporaries. CIFAR-size data
+# (32 x 32 to 64 x 64 at image_size 32) keeps the faster stacked path.
+STACK_MAX_PIXELS_PER_VIEW_PIXEL = 4
+
+# torch's CUDA kernel for antialiased bilinear interpolate keeps a block's filter taps in shared
+# memory, about 32 * taps_w + 33 * taps_h floats with taps = 2 * ceil(scale) + 1, against 48 KiB
+# (12288 floats); past a downscale of about 94 on both sides (190 on one) it raises "Too much
+# shared memory required". Up to 32 (65 taps a side: 4225 floats, a third of it, and under the
+# limit with AMD's 64-wide wavefronts too) the kernel resizes a view; past that the separable
+# matrices of resized_crop do, the same weights (the CPU kernel, which has no limit, agrees).
+MAX_KERNEL_DOWNSCALE = 32
+
 
 class GPUAugment(nn.Module):
     """Independent SimCLR views of a batch ``[B, C, H, W]`` (uint8, or float in [0, 1]).
@@ -197,14 +212,16 @@ class GPUAugment(nn.Module):
         so slicing the crops never waits for the device; everything else is drawn on
         ``generator``'s device. The loop: per image one copy to float of the region its two
         views read, and per view one resize with the antialiased bilinear ``interpolate``
-        torchvision uses; scaling, flips and everything after run on the whole batch.
+        torchvision uses; scaling, flips and everything after run on the whole batch. Small
+        images of one size are stacked and go through :meth:`two_views` instead.
         """
-        if len({(tuple(im.shape), im.dtype) for im in images}) == 1:  # uint8 stays uint8
-            return self.two_views(torch.stack(list(images)))
+        first, size = images[0], self.cfg.image_size
+        small = first.shape[-2] * first.shape[-1] <= STACK_MAX_PIXELS_PER_VIEW_PIXEL * size**2
+        if small and len({(tuple(im.shape), im.dtype) for im in images}) == 1:
+            return self.two_views(torch.stack(list(images)))  # uint8 stays uint8
         for image in images:
             _check_dtype(image.dtype)
-        n, size = len(images), self.cfg.image_size
-        device = images[0].device
+        n, device = len(images), first.device
         heights = torch.tensor([im.shape[-2] for im in images]).repeat(2)
         widths = torch.tensor([im.shape[-1] for im in images]).repeat(2)
         cfg = self.cfg
@@ -227,11 +244,7 @@ class GPUAugment(nn.Module):
             for j, crops in zip(views, (firsts, seconds), strict=True):
                 top, left = tops[j] - y0, lefts[j] - x0
                 crop = region[..., top : top + hs[j], left : left + ws[j]]
-                crops.append(
-                    F.interpolate(
-                        crop, (size, size), mode="bilinear", antialias=True, align_corners=False
-                    )
-                )
+                crops.append(resize_view(crop, size))
         out = torch.cat(firsts + seconds)
         scale = [1.0 / 255.0 if im.dtype == torch.uint8 else 1.0 for im in images]
         if len(set(scale)) == 1:
@@ -259,6 +272,21 @@ class GPUAugment(nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self.cfg)
+
+
+def resize_view(crop: Tensor, size: int) -> Tensor:
+    """A crop ``[1, C, h, w]`` resized to ``size x size`` as antialiased bilinear ``interpolate``
+    does, by matrices past the downscale its CUDA kernel refuses (``MAX_KERNEL_DOWNSCALE``)."""
+    height, width = crop.shape[-2:]
+    if max(height, width) <= MAX_KERNEL_DOWNSCALE * size:
+        return F.interpolate(
+            crop, (size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+    # filled on the device, not copied from the host: a copy would make the host wait
+    zero = torch.zeros(1, dtype=torch.long, device=crop.device)
+    full_h = torch.full((1,), height, dtype=torch.long, device=crop.device)
+    full_w = torch.full((1,), width, dtype=torch.long, device=crop.device)
+    return resized_crop(crop, zero, zero, full_h, full_w, size)
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
