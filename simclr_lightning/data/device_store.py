@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from simclr_lightning.errors import SettingError
+
 __all__ = ["DeviceImageStore", "IndexDataset"]
 
 
@@ -48,6 +50,18 @@ class IndexDataset(Dataset[int]):
 
     def __repr__(self) -> str:
         return f"IndexDataset({self.n})"
+
+
+def check_fits(nbytes: int, device: torch.device) -> None:
+    """A one-line error before a resident copy that the GPU cannot hold: the run stops at its
+    first batch, not in an out-of-memory traceback."""
+    free, total = torch.cuda.mem_get_info(device)
+    if nbytes > free:
+        raise SettingError(
+            f"data.resident=true: the training images take {nbytes / 2**30:.2f} GiB and "
+            f"{device} has {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB; set "
+            f"data.resident=false (views are then made from batches the loader reads)"
+        )
 
 
 class DeviceImageStore:
@@ -80,6 +94,9 @@ class DeviceImageStore:
         Idempotent: ``Tensor.to`` returns the same tensor when it is already there, so
         calling this at every ``on_fit_start``/``setup`` costs nothing after the first.
         """
+        device = torch.device(device)
+        if device.type == "cuda" and not self.images.is_cuda:  # from the host: does it fit?
+            check_fits(self.images.nbytes + self.labels.nbytes, device)
         self.images = self.images.to(device)
         self.labels = self.labels.to(device)
         return self

@@ -234,7 +234,8 @@ class ImageFolderDataModule(SimCLRDataModule):
         loader = DataLoader(
             dataset, batch_size=512, num_workers=self.workers, collate_fn=collate_kept
         )
-        images, labels, first = [], [], None
+        # filled in place: a list of the images and then their stack held the split twice
+        store, labels, first, n = None, [], None, 0
         for batch, batch_labels in filter(None, loader):
             for image in batch.images:
                 first = first or image
@@ -244,10 +245,18 @@ class ImageFolderDataModule(SimCLRDataModule):
                         f"is {tuple(image.data.shape)}, {first.path} is "
                         f"{tuple(first.data.shape)}; set data.resident=false"
                     )
-                images.append(image.data)
+                if store is None:
+                    shape = (len(dataset), *first.data.shape)
+                    store = torch.empty(shape, dtype=first.data.dtype)
+                store[n] = image.data
+                n += 1
             labels.append(batch_labels)
         self.report_skipped()
-        return DeviceImageStore(torch.stack(images), torch.cat(labels))
+        if store is None:
+            raise SettingError(
+                f"data.resident=true: no image of {self.root / 'train'} could be read"
+            )
+        return DeviceImageStore(store[:n], torch.cat(labels))
 
     def split_classes(self, folder: Path) -> dict[str, int] | None:
         """The training split's class numbering, for a split of ``folder`` (None when

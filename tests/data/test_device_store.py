@@ -69,3 +69,23 @@ def test_store_validates_shapes() -> None:
         DeviceImageStore(torch.zeros(4, 8, 8, dtype=torch.uint8), torch.zeros(4))
     with pytest.raises(ValueError):
         DeviceImageStore(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(5))
+
+
+def test_a_copy_the_gpu_cannot_hold_is_a_one_line_error_before_it_is_made(monkeypatch):
+    """data.resident=true moves the decoded split to the GPU at the first batch: one that does
+    not fit was an out-of-memory traceback; it is a SettingError naming the setting, and the
+    images stay where they are."""
+    from simclr_lightning.errors import SettingError
+
+    store = _store()  # 50 images of 3 x 8 x 8: 9,600 bytes and their labels
+    asked = []
+
+    def mem_get_info(device):
+        asked.append(torch.device(device))
+        return 4_000, 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    with pytest.raises(SettingError, match=r"^data\.resident=true: the training images take") as e:
+        store.to("cuda:0")
+    assert "\n" not in str(e.value) and "set data.resident=false" in str(e.value)
+    assert asked == [torch.device("cuda:0")] and store.device == torch.device("cpu")
