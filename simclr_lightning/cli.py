@@ -4,6 +4,7 @@ settings that depend on the machine chosen for the machine it runs on."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import sys
 import warnings
@@ -244,13 +245,29 @@ def with_checkpoint_settings(model: L.LightningModule, saved: dict[str, Any]) ->
     return type(model)(**{**current, **settings})
 
 
+# Not a setting a checkpoint replaces: LinearEval's pretraining file, whose encoder its own
+# checkpoint holds (saved as None), so every test or predict of it would name it.
+NOT_REPLACED = ("checkpoint",)
+
+
 def say_checkpoint_settings(given: dict[str, Any], model: L.LightningModule) -> None:
-    """Say which settings given for the model its checkpoint's replaced (silently, before)."""
+    """Say which settings given for the model its checkpoint's replaced (silently, before).
+    Only those set to other than the model's defaults: ``given`` holds every argument, and a
+    default the checkpoint differs from (LinearEval's ``cifar_stem``, read from the pretrained
+    encoder) is no setting of the user's."""
     used = dict(getattr(model, "hparams", {}))
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(type(model).__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
     changed = [
         f"model.{k}={used[k]!r} (given {v!r})"
         for k, v in given.items()
-        if k in used and used[k] != v
+        if k in used
+        and used[k] != v
+        and k not in NOT_REPLACED
+        and (k not in defaults or defaults[k] != v)
     ]
     if changed:
         rank_zero_info(

@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.data import suggested_max_num_workers
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_lightning.data.failed_batches import CatchFailedBatches
@@ -24,7 +24,17 @@ def loader_workers(num_workers: int | None, trainer: L.Trainer | None) -> int:
     if num_workers is not None:
         return num_workers
     devices = trainer.num_devices if trainer is not None else 1
-    return min(MAX_AUTO_WORKERS, suggested_max_num_workers(devices))
+    chosen = min(MAX_AUTO_WORKERS, suggested_max_num_workers(devices))
+    if chosen not in _SAID_WORKERS:  # once, not at every loader
+        _SAID_WORKERS.add(chosen)
+        rank_zero_info(
+            f"simclr-lightning: data.num_workers={chosen} (cores per device minus one, at most "
+            f"{MAX_AUTO_WORKERS}); set --data.num_workers to choose"
+        )
+    return chosen
+
+
+_SAID_WORKERS: set[int] = set()
 
 
 def check_batch_size(

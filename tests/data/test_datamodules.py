@@ -280,17 +280,31 @@ def test_data_modules_say_how_many_classes(cifar_tiny, tmp_path):
     assert ImageFolderDataModule(str(tmp_path / "flat"), **small()).num_classes is None
 
 
-def test_loader_workers_follow_the_machine(cifar_tiny, monkeypatch):
+def test_loader_workers_follow_the_machine_and_are_said(cifar_tiny, monkeypatch, caplog):
+    """The README promises the chosen count in the log, once, as for precision."""
     import os
+
+    from simclr_lightning.data import loaders
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(loaders, "_SAID_WORKERS", set())
     auto = ImageFolderDataModule(str(cifar_tiny), batch_size=8)
-    assert auto.workers == 5  # Lightning's suggestion: cores - 1 for one device
+    with caplog.at_level("INFO"):
+        assert auto.workers == 5  # Lightning's suggestion: cores - 1 for one device
+        assert auto.workers == 5
+    said = [r.getMessage() for r in caplog.records if "data.num_workers=" in r.getMessage()]
+    assert said == [
+        "simclr-lightning: data.num_workers=5 (cores per device minus one, at most 16); "
+        "set --data.num_workers to choose"
+    ]
     trainer = quiet_trainer(devices=2, strategy="ddp_spawn")
     auto.trainer = trainer
     assert auto.workers == 2  # 6 cores / 2 devices - 1
-    assert ImageFolderDataModule(str(cifar_tiny), batch_size=8, num_workers=3).workers == 3
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert ImageFolderDataModule(str(cifar_tiny), batch_size=8, num_workers=3).workers == 3
+    assert "data.num_workers" not in caplog.text  # set by the user: nothing to say
 
 
 def test_predicting_with_a_grayscale_models_preprocessing_serves_one_channel(
