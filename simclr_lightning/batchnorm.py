@@ -43,18 +43,25 @@ def global_batch_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 class _GlobalNormalize(torch.autograd.Function):
     """y = (x - mean) * invstd * weight + bias with global statistics; its backward all-reduces
     the two per-channel gradient sums so every rank's input gradient is the one a single
-    process would compute on the concatenated batch (as torch's SyncBatchNorm does)."""
+    process would compute on the concatenated batch (as torch's SyncBatchNorm does).
+
+    Computed in the statistics' dtype (float32 at least) and returned in the input's; backward
+    keeps the input as it came (bf16 under autocast) and recomputes the normalised input from
+    it: a saved float32 copy held twice the memory of a plain BatchNorm's, for every layer."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, invstd, count):
-        xhat = (x - _channel_view(mean, x.ndim)) * _channel_view(invstd, x.ndim)
-        ctx.save_for_backward(xhat, weight, invstd, count)
+        xhat = _normalized(x, mean, invstd)
+        ctx.save_for_backward(x, weight, mean, invstd, count)
         y = xhat if weight is None else xhat * _channel_view(weight, x.ndim)
-        return y if bias is None else y + _channel_view(bias, x.ndim)
+        y = y if bias is None else y + _channel_view(bias, x.ndim)
+        return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        xhat, weight, invstd, count = ctx.saved_tensors
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        xhat = _normalized(x, mean, invstd)
+        grad_out = grad_out.to(xhat.dtype)
         dims = [0, *range(2, xhat.ndim)]
         sums = torch.cat([grad_out.sum(dims), (grad_out * xhat).sum(dims)])
         grad_bias, grad_weight = sums.clone().chunk(2)  # this rank's share; DDP reduces them
@@ -63,13 +70,17 @@ class _GlobalNormalize(torch.autograd.Function):
         scale = invstd if weight is None else invstd * weight
         grad_x = _channel_view(scale, xhat.ndim) * (grad_out - sum_dy - xhat * sum_dy_xhat)
         return (
-            grad_x,
+            grad_x.to(x.dtype),
             grad_weight if ctx.needs_input_grad[1] else None,
             grad_bias if ctx.needs_input_grad[2] else None,
             None,
             None,
             None,
         )
+
+
+def _normalized(x: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    return (x.to(mean.dtype) - _channel_view(mean, x.ndim)) * _channel_view(invstd, x.ndim)
 
 
 class _GlobalBatchNormMixin:
@@ -88,9 +99,8 @@ class _GlobalBatchNormMixin:
                 factor = 1.0 / float(self.num_batches_tracked)
         # statistics in float32 at least (inputs may be bf16/fp16 under autocast)
         dtype = torch.promote_types(input.dtype, torch.float32)
-        x = input.to(dtype)
         with torch.no_grad():
-            mean, var, count = global_batch_stats(x)
+            mean, var, count = global_batch_stats(input.to(dtype))
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
@@ -99,8 +109,7 @@ class _GlobalBatchNormMixin:
         invstd = torch.rsqrt(var + self.eps)
         weight = None if self.weight is None else self.weight.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
-        out = _GlobalNormalize.apply(x, weight, bias, mean, invstd, count)
-        return out.to(input.dtype)
+        return _GlobalNormalize.apply(input, weight, bias, mean, invstd, count)
 
 
 class GlobalBatchNorm1d(_GlobalBatchNormMixin, nn.BatchNorm1d):

@@ -68,6 +68,48 @@ def test_statistics_and_backward_match_float64_formula_in_a_one_process_group(tm
         dist.destroy_process_group()
 
 
+def test_bf16_inputs_keep_no_float32_copy_for_backward(tmp_path, monkeypatch):
+    """Under bf16 autocast the layer normalises in float32 and saved a float32 copy of its
+    input for backward: twice a plain BatchNorm's memory for every layer of the network. Now
+    what backward keeps is the bf16 input (and per-channel vectors); output and gradients are
+    those of the float32 computation, checked against a float64 formula."""
+    from simclr_lightning import batchnorm
+
+    monkeypatch.setattr(batchnorm, "_synced", lambda: True)  # a 1-process group: global = local
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        layer = GlobalBatchNorm2d(8)
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5, generator=gen)
+            layer.bias.uniform_(-1, 1, generator=gen)
+        x = (torch.randn(16, 8, 6, 6, generator=gen) * 2 + 3).bfloat16().requires_grad_(True)
+        saved: list[torch.Tensor] = []
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = layer(x)
+        assert out.dtype == torch.bfloat16
+        largest = max(saved, key=lambda t: t.numel() * t.element_size())
+        assert largest.numel() * largest.element_size() <= x.numel() * x.element_size()
+
+        grad = torch.randn(out.shape, generator=gen).bfloat16()
+        out.backward(grad)
+        x64 = x.detach().double().requires_grad_(True)
+        w64, b64 = (p.detach().double().requires_grad_(True) for p in (layer.weight, layer.bias))
+        ref = F.batch_norm(x64, None, None, w64, b64, training=True, eps=layer.eps)
+        ref.backward(grad.double())
+        assert_near(out.float(), ref, 1e-2, "output")  # bf16 rounding of the output
+        assert_near(x.grad.float(), x64.grad, 1e-2, "input gradient")
+        assert_near(layer.weight.grad, w64.grad, 1e-5, "weight gradient")
+        assert_near(layer.bias.grad, b64.grad, 1e-5, "bias gradient")
+    finally:
+        dist.destroy_process_group()
+
+
 def test_plugin_converts_every_batchnorm_in_place_and_revert_restores_the_classes():
     model = SimCLR(backbone="resnet18", cifar_stem=False, head_hidden_dim=8, head_output_dim=4)
     classes = {name: type(m) for name, m in model.named_modules()}
