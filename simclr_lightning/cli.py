@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import subprocess
 import sys
 import warnings
 from typing import Any
@@ -55,14 +56,38 @@ def device_kind(accelerator) -> str:
     return "mps" if "mps" in name else "cpu"
 
 
-def hardware_precision(device: str) -> tuple[str, str]:
-    """The training precision for ``device``, and why."""
-    if device == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16-mixed", "a CUDA GPU with bfloat16"
+def hardware_precision(device: str, fork: bool = False) -> tuple[str, str]:
+    """The training precision for ``device``, and why. ``fork``: processes will be forked
+    from this one (``ddp_fork``, ``ddp_notebook``), which must then not initialise CUDA."""
+    if device == "cuda" and native_bf16(fork):
+        return "bf16-mixed", "a CUDA GPU with bfloat16 units, compute capability 8.0 or newer"
     if device == "cuda":
-        return "16-mixed", "a CUDA GPU without bfloat16"
+        return "16-mixed", "a CUDA GPU without bfloat16 units, compute capability below 8.0"
     where = "a CPU" if device == "cpu" else device
     return "32-true", f"no CUDA GPU: on {where} float32 is faster than bf16 or fp16"
+
+
+def native_bf16(fork: bool = False) -> bool:
+    """Whether the GPU computes in bfloat16 natively (compute capability 8.0, Ampere, or
+    newer). ``torch.cuda.is_bf16_supported()`` says yes on older GPUs too (V100, T4), which
+    only emulate it, slowly, where float16 has tensor cores. With ``fork`` the question is
+    put to a child process: CUDA initialised here would fail every forked DDP process."""
+    if fork and not torch.cuda.is_initialized():
+        return (capability_in_child() or (0, 0))[0] >= 8
+    return torch.cuda.get_device_capability()[0] >= 8
+
+
+def capability_in_child() -> tuple[int, int] | None:
+    """The GPU's compute capability, asked of a fresh process (None if it cannot say)."""
+    code = "import torch; print(*torch.cuda.get_device_capability())"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+        )
+        major, minor = done.stdout.split()[-2:]
+        return int(major), int(minor)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
 
 
 def plugin_list(plugins: Any) -> list:
@@ -173,7 +198,9 @@ class SimCLRCLI(LightningCLI):
         global_batchnorm(trainer)
         device = device_kind(trainer.get("accelerator", "auto"))
         if trainer.get("precision") is None:
-            trainer.precision, why = hardware_precision(device)
+            strategy = str(trainer.get("strategy") or "")
+            fork = "fork" in strategy or "notebook" in strategy
+            trainer.precision, why = hardware_precision(device, fork)
             rank_zero_info(
                 f"simclr-lightning: trainer.precision={trainer.precision} ({why}); "
                 f"set --trainer.precision to choose"

@@ -219,10 +219,14 @@ def test_precision_and_benchmark_on_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert cli.device_kind("auto") == "cuda" and cli.device_kind("gpu") == "cuda"
     assert cli.device_kind("cpu") == "cpu"
+    # torch.cuda.is_bf16_supported() says yes on any CUDA GPU (emulated below Ampere, slowly)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert cli.hardware_precision("cuda")[0] == "bf16-mixed"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert cli.hardware_precision("cuda")[0] == "16-mixed"
+    for capability, precision in (((9, 0), "bf16-mixed"), ((8, 0), "bf16-mixed")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert cli.hardware_precision("cuda")[0] == precision
+    for capability in ((7, 5), (7, 0), (6, 0)):  # T4, V100, P100: float16 tensor cores
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert cli.hardware_precision("cuda")[0] == "16-mixed"
     assert cli.hardware_precision("cpu")[0] == "32-true"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.device_kind("auto") in ("cpu", "mps")
@@ -317,3 +321,35 @@ def test_only_settings_the_user_changed_are_said_to_give_way_to_the_checkpoint(c
         caplog.text
     )
     assert "cifar_stem" not in caplog.text and "model.checkpoint" not in caplog.text
+
+
+def test_a_forking_strategy_asks_a_child_process_about_the_gpu(monkeypatch):
+    """ddp_fork / ddp_notebook fork the processes that train: CUDA initialised in this one
+    (by asking the GPU's capability) would make each of them fail, so a child is asked."""
+    import subprocess
+
+    from simclr_lightning import cli
+
+    def here(*args):
+        raise AssertionError("CUDA queried in the process that forks")
+
+    asked = []
+
+    def run(command, **kwargs):
+        asked.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout="8 0\n", stderr="")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", here)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(subprocess, "run", run)
+    assert cli.hardware_precision("cuda", fork=True)[0] == "bf16-mixed"
+    assert len(asked) == 1 and "get_device_capability" in asked[0][-1]
+    assert cli.capability_in_child() == (8, 0)
+
+
+def test_a_child_that_cannot_say_gives_float16_which_every_gpu_runs():
+    """On this machine (no GPU) the child's query fails: the answer is the safe one."""
+    from simclr_lightning import cli
+
+    assert cli.capability_in_child() is None
+    assert cli.hardware_precision("cuda", fork=True)[0] == "16-mixed"
