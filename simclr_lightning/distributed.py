@@ -200,7 +200,7 @@ class RowCollector:
             positions = torch.full((len(features),), -1)
         self.features.append(features.detach().to(self.dtype))
         self.labels.append(labels.detach().long())
-        self.positions.append(positions.to(features.device))
+        self.positions.append(positions)  # on the host until the pass ends: no wait a batch
 
     def __len__(self) -> int:
         return sum(len(f) for f in self.features)
@@ -341,7 +341,7 @@ def encode_rows(
                 features = pl_module(x.to(pl_module.device, non_blocking=True))
                 if normalize:
                     features = torch.nn.functional.normalize(features.float(), dim=1)
-                rows.add(loader, batch_idx, features, labels.to(pl_module.device))
+                rows.add(loader, batch_idx, features, labels)  # moved once, at the end
     finally:
         pl_module.train(was_training)
     return rows
