@@ -394,7 +394,11 @@ def write_json(a: argparse.Namespace, rows: list[Row]) -> None:
             steps=a.steps,
             rows=[asdict(r) for r in rows],
         )
-        Path(a.json).write_text(json.dumps(figures, indent=1))
+        # atomically: the session's time guard may kill this run mid-write, and a half-written
+        # file would cost the rows already measured
+        tmp = Path(a.json).with_name(f".{Path(a.json).name}.tmp")
+        tmp.write_text(json.dumps(figures, indent=1))
+        os.replace(tmp, a.json)
 
 
 if __name__ == "__main__":

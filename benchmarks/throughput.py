@@ -160,8 +160,12 @@ def write_jpegs(
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        # forked after the parent ran a parallel torch op, a child's first OpenMP region
+        # waits forever on the parent's thread pool, which it does not have: one thread each
         context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
+        ) as pool:
             list(pool.map(write_jpeg, jobs, chunksize=max(1, n // (4 * workers))))
     else:
         for job in jobs:

@@ -3,6 +3,7 @@
 and finite, and every ratio the quotient of the rows it names."""
 
 import importlib.util
+import json
 import math
 import re
 import subprocess
@@ -59,6 +60,7 @@ def load_script(name: str):
     fresh process spends importing torch and Lightning."""
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -96,16 +98,80 @@ def test_time_to_accuracy_tiny_runs_both_pipelines(cifar_tiny, augment, capsys):
     main(["--root", str(cifar_tiny), "--tiny", "--augment", augment])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     match = re.fullmatch(
-        r"device (.+) \| augment (\w+) \| epochs (\d+) of (\d+) \| setup (\d+) s "
+        r"device (.+) \| augment (\w+) \| epochs (\S+) of (\d+) \| setup (\d+) s "
         r"\| train (\d+) s \| (\d+) steps \| kNN top-1 (\S+)%",
         line,
     )
     assert match, line
     device, run_augment, epochs, _, setup_s, train_s, steps, top1 = match.groups()
     assert device == "CPU" and run_augment == augment
-    assert int(epochs) == 1 and int(steps) == 3  # --tiny: one epoch of 3 batches
+    assert float(epochs) == 1 and int(steps) == 3  # --tiny: one epoch of 3 batches
     assert 0 <= int(setup_s) < 600 and 0 <= int(train_s) < 600
     assert 0 <= float(top1) <= 100 and math.isfinite(float(top1))
+
+
+def tiny_tta_argv(out) -> list[str]:
+    from simclr_lightning import sample_root
+
+    return ["--root", str(sample_root()), "--tiny", "--augment", "cpu", "--json", str(out)]
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_stopped_mid_epoch_counts_the_fraction_trained(tmp_path):
+    """Lightning's current_epoch counts an epoch a time limit cut part way as done, so a cut
+    run passed as equal to a whole one in the equal-epochs pair."""
+    out = tmp_path / "tta.json"
+    # a deadline already past: one step of the epoch's 3 (--tiny), then stop
+    load_script("time_to_accuracy").main([*tiny_tta_argv(out), "--stop-by", "0"])
+    figures = json.loads(out.read_text())
+    assert figures["steps"] == 1 and figures["steps_per_epoch"] == 3
+    assert figures["epochs_done"] == pytest.approx(1 / 3)
+    assert figures["stopped_by_deadline"] and figures["stage"] == "done"
+    assert 0 <= figures["knn_top1"] <= 100
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_writes_its_training_figures_before_the_knn(tmp_path, monkeypatch):
+    """A run its guard kills during the kNN (60,000 images at full size) still leaves the
+    epochs it trained, written whole."""
+    tta = load_script("time_to_accuracy")
+    out = tmp_path / "tta.json"
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the part's guard, during the kNN
+
+    monkeypatch.setattr(tta, "knn_top1", killed, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        tta.main(tiny_tta_argv(out))
+    figures = json.loads(out.read_text())
+    assert figures["stage"] == "trained" and "knn_top1" not in figures
+    assert figures["steps"] == 3 and figures["epochs_done"] == 1
+    assert not list(tmp_path.glob(".*.tmp"))  # written whole, then renamed
+
+
+def test_e2e_figures_survive_a_kill_during_their_rewrite(tmp_path, monkeypatch):
+    """e2e_throughput.py rewrites its figures after every row; the session's guard may kill
+    it during a rewrite, which must leave the last whole file, not half of a new one."""
+    import argparse
+    import pathlib
+
+    e2e = load_script("e2e_throughput")
+    out = tmp_path / "e2e.json"
+    a = argparse.Namespace(json=str(out), cuda=False, batch_size=512, warmup=30, steps=200)
+    first = [e2e.Row("hand-step", "hand-written step", images_per_s=20_000.0)]
+    e2e.write_json(a, first)
+    write_text = pathlib.Path.write_text
+
+    def killed_half_way(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt  # the guard's SIGKILL, as far as the file can tell
+
+    monkeypatch.setattr(pathlib.Path, "write_text", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        e2e.write_json(a, [*first, e2e.Row("e2e", "e2e: GPU pipeline", images_per_s=1.0)])
+    monkeypatch.undo()
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["key"] for r in rows] == ["hand-step"]
 
 
 def run_loss_memory(*args: str) -> str:

@@ -6,9 +6,11 @@ top-1 a percentage) and that each timed window counted exactly the steps it was 
 Then the runner itself, on real processes: parts of one step run at the same time, each under
 its own guard, and a part's guard kills everything its program started."""
 
+import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +40,8 @@ def test_dry_run_writes_sane_figures_for_every_part(tmp_path):
     summary = proc.stdout[proc.stdout.index("== gpu_session:") :]
     assert "targets (issue 11)" in summary
     parts = json.loads((out / "session.json").read_text())
-    assert set(parts) == {*RUN_PARTS, "tests"}
+    assert set(parts) == {*RUN_PARTS, "tests", "data"}
+    assert parts["data"]["status"] == "ok"  # the CIFAR copy, made before the first step
     for name in RUN_PARTS:
         assert parts[name]["status"] == "ok", (name, parts[name])
         assert f"\n{name:<11} ok" in summary, name
@@ -52,7 +55,7 @@ def test_dry_run_writes_sane_figures_for_every_part(tmp_path):
     assert parts["tests"]["status"] == "skipped"  # --tiny runs no pytest
     # the call's default order: the timed parts alone, the tests beside the pair
     began = sorted(parts, key=lambda p: parts[p]["began_s"])
-    assert began[:4] == ["env", "e2e", "tta-budget", "throughput"]
+    assert began[:5] == ["data", "env", "e2e", "tta-budget", "throughput"]
 
     env = parts["env"]
     assert env["import_failures"] == {}
@@ -97,6 +100,7 @@ def test_dry_run_writes_sane_figures_for_every_part(tmp_path):
     for run in runs:
         assert 0 <= run["knn_top1"] <= 100
         assert run["steps"] == 3 and run["epochs_done"] == 1  # --tiny: one epoch of 3 batches
+        assert run["steps_per_epoch"] == 3 and run["stage"] == "done"
         assert run["train_images_per_s"] > 0
     gap = parts["tta-epochs"]["knn_gap"]
     assert gap == pytest.approx(runs[1]["knn_top1"] - runs[0]["knn_top1"])
@@ -174,13 +178,199 @@ def test_next_call_names_the_parts_left_and_the_parts_failed():
     }  # throughput never began: the call was killed
     text = "\n".join(gpu_session.next_call(results, a))
     assert "failed: e2e: fix on the CPU first (e2e.log)" in text
-    deadline = gpu_session.GUARDS["tta-epochs"] + gpu_session.GUARDS["throughput"] + 15
+    guards, extract = gpu_session.GUARDS, gpu_session.EXTRACT_S
+    deadline = guards["tta-epochs"] + guards["throughput"] + extract + 15
     assert f"--part tta-epochs,throughput --deadline {deadline}" in text
     assert f"only with {deadline + 30} s of device time left" in text
 
     done = {part: {"status": "ok"} for part in a.parts}
     text = "\n".join(gpu_session.next_call(done, a))
     assert "failed" not in text and gpu_session.EXTRAS in text
+    assert f"{gpu_session.COMPILE_TESTS_CALL} --deadline" in text  # the compile tests' call
+
+
+def test_next_call_keeps_steps_together_and_within_the_device_limit():
+    a = gpu_session.parse_args([])  # the call's default steps
+    text = "\n".join(gpu_session.next_call({}, a))  # killed before any part ended
+    redo = re.search(r"--part (\S+) --deadline (\d+)", text)
+    assert redo[1] == gpu_session.DEFAULT_STEPS  # tests+tta-epochs still one step
+    # the runbook's timeout_s is the deadline + 30, and a call gets at most 570 s
+    assert int(redo[2]) + 30 <= 570 and f"only with {int(redo[2]) + 30} s" in text
+    # a step's parts run at the same time: its longest guard counts, not their sum
+    a = gpu_session.parse_args(["--part", "tests+tta-epochs"])
+    text = "\n".join(gpu_session.next_call({}, a))
+    guards = gpu_session.GUARDS
+    want = max(guards["tests"], guards["tta-epochs"]) + gpu_session.EXTRACT_S + 15
+    assert f"--part tests+tta-epochs --deadline {want}" in text
+
+
+def test_an_explicit_deadline_raises_the_guard_of_a_call_of_one_part(tmp_path):
+    def guard_of(argv: list[str], part: str) -> float:
+        session = gpu_session.Session(gpu_session.parse_args([*argv, "--out", str(tmp_path)]))
+        session.part_start[part] = time.monotonic()
+        shutil.rmtree(session.tmp, ignore_errors=True)
+        return session.guard(part)
+
+    # the extras: the compiled rows need more than e2e's usual guard, and the call gives it
+    extras = gpu_session.EXTRAS.split()
+    assert guard_of([*extras, "--deadline", "210"], "e2e") == pytest.approx(195, abs=1)
+    assert gpu_session.GUARDS["e2e"] < 195
+    # the default deadline, or several parts: each part's own guard
+    assert guard_of(extras, "e2e") == pytest.approx(gpu_session.GUARDS["e2e"], abs=1)
+    both = ["--part", "e2e,env", "--deadline", "500"]
+    assert guard_of(both, "e2e") == pytest.approx(gpu_session.GUARDS["e2e"], abs=1)
+    # a deadline below the guard still cuts it
+    assert guard_of([*extras, "--deadline", "100"], "e2e") == pytest.approx(85, abs=1)
+
+
+def test_extraction_comes_before_the_steps_outside_every_guard(tmp_path, monkeypatch):
+    def slow_extract(tar, dest):  # GNU tar on a busy machine: 30 s where it took 5
+        time.sleep(3)
+        (dest / "cifar10-jpg").mkdir()
+        return dest
+
+    def env_body(s, log):
+        root = s.cifar_root()
+        return dict(root=str(root), guard_left=s.guard("env"))
+
+    monkeypatch.setattr(gpu_session, "extract", slow_extract)
+    monkeypatch.setitem(gpu_session.GUARDS, "env", 2)
+    monkeypatch.setitem(gpu_session.PART_BODIES, "env", env_body)
+    results = gpu_session.main(["--part", "env", "--out", str(tmp_path / "out")])
+    assert results["data"]["status"] == "ok" and results["data"]["seconds"] >= 3
+    assert results["env"]["guard_left"] > 1  # the 3 s were not the env part's
+    assert results["env"]["root"] == results["data"]["root"]  # one copy, extracted once
+    assert not os.path.exists(results["data"]["root"])  # removed at the end of the call
+
+
+def test_a_figure_file_a_kill_left_half_written_keeps_the_part(tmp_path):
+    half = tmp_path / "e2e.json"
+    half.write_text('{"part": "e2e", "rows": [{"key": "hand-st')
+    result = gpu_session.with_figures(dict(status="timeout", rc=None), half)
+    assert result["status"] == "timeout" and "e2e.json" in result["figures_error"]
+
+
+def test_equal_epochs_counts_steps_not_lightnings_epochs():
+    # Lightning's current_epoch counts an epoch cut part way by a time limit as done: 969 of
+    # 970 steps read as 10 epochs of 10
+    whole = dict(steps=970, steps_per_epoch=97, epochs_done=10.0)
+    cut = dict(steps=969, steps_per_epoch=97, epochs_done=969 / 97)
+    assert gpu_session.trained_all(whole, 10)
+    assert not gpu_session.trained_all(cut, 10)
+    assert not gpu_session.trained_all(dict(epochs_done=10), 10)  # no steps: not known
+
+
+def test_a_pair_run_stops_training_by_its_guard_counted_from_its_start(tmp_path, monkeypatch):
+    """Lightning's max_time counts from the fit's start, after the imports and the resident
+    decode, and leaves nothing for the kNN: each run gets a wall-clock time instead."""
+    calls = []
+    monkeypatch.setattr(
+        gpu_session.Session,
+        "script",
+        lambda s, log, module, argv, guard: calls.append(argv) or {"status": "ok"},
+    )
+    a = gpu_session.parse_args(["--out", str(tmp_path), "--cifar-root", str(tmp_path)])
+    session = gpu_session.Session(a)
+    gpu_session.tta(session, tmp_path / "x.log", "cpu", 10, 0, 100.0, "epochs")
+    shutil.rmtree(session.tmp, ignore_errors=True)
+    tta = load_time_to_accuracy().parse_args(calls[0])  # the script takes what it is given
+    assert tta.stop_by == pytest.approx(time.time() + 100 - gpu_session.KILL_MARGIN_S, abs=2)
+    assert tta.reserve_s == gpu_session.KNN_RESERVE_S and tta.minutes == 0
+    # the pair plans its epochs on the training the runs will have
+    overhead = gpu_session.RUN_START_S + tta.reserve_s + gpu_session.KILL_MARGIN_S
+    assert overhead == gpu_session.RUN_OVERHEAD_S + gpu_session.KILL_MARGIN_S >= 60
+
+
+def load_time_to_accuracy():
+    spec = importlib.util.spec_from_file_location(
+        "time_to_accuracy", REPO / "benchmarks" / "time_to_accuracy.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- the tests part -----------------------------------------------------------------------------
+def test_the_tests_part_leaves_the_compile_tests_and_runs_each_test_once():
+    call = dict(gpu_session.pytest_runs("call"))
+    gpu, cpu = call["gpu"], call["gpu_data_path_cpu_tests"]
+    for test in gpu_session.COMPILE_TESTS:
+        assert f"--deselect={test}" in gpu  # cold inductor compiles: minutes
+        path, name = test.split("::")
+        assert f"def {name}(" in (REPO / path).read_text()  # still the test's name
+    assert gpu[gpu.index("-m", 2) + 1] == "gpu"  # -m after `python -m pytest`
+    assert cpu[cpu.index("-m", 2) + 1] == "not slow and not gpu"  # the first run had the gpu ones
+    assert "-v" in gpu and "-q" not in gpu  # a line per test: a kill keeps the outcomes
+    (key, compile_run), *others = gpu_session.pytest_runs("compile")
+    assert key == "gpu_compile" and not others
+    assert compile_run[-len(gpu_session.COMPILE_TESTS) :] == gpu_session.COMPILE_TESTS
+
+
+PYTEST_FILE = """
+import time
+import pytest
+
+def test_passes():
+    pass
+
+def test_fails():
+    assert False
+
+@pytest.mark.parametrize("case", ["a b", "c"])
+def test_params(case):
+    pass
+
+def test_hangs():
+    time.sleep(120)
+"""
+
+
+def test_a_killed_pytest_run_keeps_each_tests_outcome(tmp_path):
+    (tmp_path / "test_some.py").write_text(PYTEST_FILE)
+    a = gpu_session.parse_args(["--part", "tests", "--out", str(tmp_path / "out")])
+    a.out.mkdir()
+    session = gpu_session.Session(a)
+    (_, cmd), _ = gpu_session.pytest_runs("call")
+    cmd = [*cmd[: cmd.index("-m", 2)], "test_some.py"]  # the part's pytest, on these tests
+    log = a.out / "tests.log"
+    run = session.process(log, cmd, 25, cwd=tmp_path)  # test_hangs outruns it
+    shutil.rmtree(session.tmp, ignore_errors=True)
+    assert run["status"] == "timeout"
+    report = gpu_session.pytest_report(log.read_text())
+    assert report["incomplete"] and report["passed"] == 3 and report["failed"] == 1, report
+    assert report["not_passed"] == {"test_some.py::test_fails": "failed"}
+    if "-n" in cmd:  # xdist names the test that began, and never ended
+        assert report["unfinished"] == ["test_some.py::test_hangs"]
+    summary = "\n".join(gpu_session.tests_lines("gpu", {**run, **report}))
+    assert "failed: test_some.py::test_fails" in summary
+
+
+def test_pytest_report_reads_both_verbose_formats():
+    xdist = "\n".join(
+        [
+            "4 workers [3 items]",
+            "tests/a.py::test_x[p q]",
+            "[gw1] [ 33%] PASSED tests/a.py::test_x[p q] ",  # xdist ends it with a space
+            "[gw0] [ 66%] SKIPPED tests/a.py::test_y",
+            "tests/b.py::test_z",
+            "[gw0] [100%] ERROR tests/b.py::test_z",
+            "SKIPPED [1] tests/a.py:9: no CUDA",
+            "=========== 1 passed, 1 skipped, 1 error in 3.10s ===========",
+        ]
+    )
+    report = gpu_session.pytest_report(xdist)
+    assert report["passed"] == 1 and report["skipped"] == 1 and "incomplete" not in report
+    assert report["not_passed"] == {"tests/a.py::test_y": "skipped", "tests/b.py::test_z": "error"}
+    assert report["unfinished"] == []
+    plain = "tests/a.py::test_x PASSED      [ 50%]\ntests/a.py::test_y SKIPPED (no CUDA)  [100%]"
+    report = gpu_session.pytest_report(plain)
+    assert report == {
+        "passed": 1,
+        "skipped": 1,
+        "incomplete": True,
+        "not_passed": {"tests/a.py::test_y": "skipped"},
+        "unfinished": [],
+    }
 
 
 def e2e_results(**rates: float) -> dict:
