@@ -6,6 +6,7 @@ from simclr_lightning.data.corrupt import CorruptFilesError, CorruptImageWarning
 from simclr_lightning.data.image_files import ImageFilesDataModule
 from simclr_lightning.data.image_folder import ImageFolderDataModule
 from simclr_lightning.data.mnist import MNISTDataModule
+from simclr_lightning.data.raw_images import raw_image
 from simclr_lightning.data.sample import SampleDataModule, sample_root
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "MNISTDataModule",
     "SampleDataModule",
     "SimCLRDataModule",
+    "raw_image",
     "sample_root",
 ]
