@@ -565,3 +565,36 @@ def test_decoded_batches_reach_the_gpu_from_pinned_memory_without_a_host_wait(
     for image, path in zip(decoded, batch.paths, strict=True):
         assert image.is_cuda
         assert (image.cpu().int() - pil_pixels(Path(path)).int()).abs().max() <= 2
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+            ],
+        ),
+    ],
+)
+def test_cmyk_and_grayscale_jpegs_in_one_batch_decode_to_pils_rgb(tmp_path, device):
+    """``decode: gpu`` hands nvJPEG a whole batch; CMYK JPEGs (print workflows, some stock
+    photos) and grayscale ones must come out as the RGB PIL gives, whether the decoder reads
+    them or the batch falls back to one image at a time, never in wrong colours."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    pixels[:, :16] = (200, 30, 90)  # a flat patch: colour errors show beyond IDCT rounding
+    paths = []
+    for mode in ("RGB", "CMYK", "L"):
+        path = tmp_path / f"{mode}.jpg"
+        Image.fromarray(pixels).convert(mode).save(path, quality=95)
+        assert Image.open(path).mode == mode
+        paths.append(path)
+    batch = ImageBatch([read_encoded(str(p), decode=False) for p in paths])
+    for image, path in zip(batch.decode(device), paths, strict=True):
+        assert image.device.type == device and image.shape == (3, 24, 32)
+        difference = (image.cpu().int() - pil_pixels(path).int()).abs()
+        assert int(difference.max()) <= 8, path.name  # a few levels: another IDCT
