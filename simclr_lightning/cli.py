@@ -4,7 +4,6 @@ settings that depend on the machine chosen for the machine it runs on."""
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 import subprocess
 import sys
@@ -187,8 +186,7 @@ class SimCLRCLI(LightningCLI):
         fit = self.config.get("subcommand") == "fit"
         check_ckpt_path(config.get("ckpt_path"), class_path, fit)
         # the model's settings as given, before LightningCLI puts a --ckpt_path file's over them
-        init_args = model.get("init_args") if hasattr(model, "get") else None
-        self._given_model = dict(vars(init_args)) if init_args is not None else {}
+        self._given_model = explicit_model_settings(parser, args)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -249,6 +247,22 @@ class SimCLRCLI(LightningCLI):
             self.trainer_defaults["callbacks"] = defaults
 
 
+def explicit_model_settings(parser, args) -> dict[str, Any]:
+    """The model arguments set by a config file or the command line, not left at their
+    defaults: parsed once more without defaults (an error there, none)."""
+    exit_on_error, parser.exit_on_error = parser.exit_on_error, False
+    try:
+        given = parser.parse_args(args, defaults=False)
+    except Exception:
+        return {}
+    finally:
+        parser.exit_on_error = exit_on_error
+    subcommand = given.get("subcommand")
+    model = (given.get(subcommand) if subcommand else given).get("model")
+    init_args = model.get("init_args") if hasattr(model, "get") else None
+    return dict(vars(init_args)) if init_args is not None else {}
+
+
 class ConfigToLoggers(SaveConfigCallback):
     """Saves ``config.yaml`` in the log directory (as LightningCLI does) and sends the whole
     run configuration (trainer, model, data, callbacks) to every logger's hyperparameters,
@@ -278,23 +292,14 @@ NOT_REPLACED = ("checkpoint",)
 
 
 def say_checkpoint_settings(given: dict[str, Any], model: L.LightningModule) -> None:
-    """Say which settings given for the model its checkpoint's replaced (silently, before).
-    Only those set to other than the model's defaults: ``given`` holds every argument, and a
-    default the checkpoint differs from (LinearEval's ``cifar_stem``, read from the pretrained
-    encoder) is no setting of the user's."""
+    """Say which settings given for the model (:func:`explicit_model_settings`: a default the
+    checkpoint differs from, such as LinearEval's ``cifar_stem`` read from the pretrained
+    encoder, is no setting of the user's) its checkpoint's replaced (silently, before)."""
     used = dict(getattr(model, "hparams", {}))
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(type(model).__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
     changed = [
         f"model.{k}={used[k]!r} (given {v!r})"
         for k, v in given.items()
-        if k in used
-        and used[k] != v
-        and k not in NOT_REPLACED
-        and (k not in defaults or defaults[k] != v)
+        if k in used and used[k] != v and k not in NOT_REPLACED
     ]
     if changed:
         rank_zero_info(

@@ -301,26 +301,33 @@ def test_batch_counts_read_as_in_python(tmp_path, capsys):
     assert "\n  limit_val_batches: 1\n" in capsys.readouterr().out
 
 
-def test_only_settings_the_user_changed_are_said_to_give_way_to_the_checkpoint(caplog):
+def test_only_settings_the_user_gave_are_said_to_give_way_to_the_checkpoint(
+    caplog, tmp_path, monkeypatch
+):
     """``simclr-lightning test --ckpt_path`` of a LinearEval checkpoint said on every run that
     model.checkpoint, cifar_stem and class_names gave way, none of them set by the user: the
-    pretraining file's path and arguments left at their defaults are not the user's settings."""
+    settings compared are those the config and the command line set, and the pretraining
+    file's path is none a checkpoint replaces."""
     from simclr_lightning import LinearEval
     from simclr_lightning.cli import say_checkpoint_settings
 
+    monkeypatch.chdir(tmp_path)
+    config = str(REPO / "configs" / "quickstart_eval.yaml")
+    cli = cli_main(["--config", config, "--model.checkpoint=null", "--model.lr=0.5"], run=False)
+    given = cli._given_model
+    set_in_config = {"checkpoint", "num_classes", "optimizer", "weight_decay", "momentum"}
+    assert set(given) == set_in_config | {"lr", "nesterov"}
+    assert given["lr"] == 0.5 and given["num_classes"] == 10
+
     model = LinearEval(num_classes=10, cifar_stem=False, lr=0.1)  # as its checkpoint holds
     model.hparams["class_names"] = [str(i) for i in range(10)]  # read from the data at fit
-    given = dict(model.hparams) | {"cifar_stem": True, "class_names": None}  # the defaults
-    given["checkpoint"] = "outputs/quickstart/last.ckpt"  # in the config: the pretraining run
     with caplog.at_level("INFO"):
-        say_checkpoint_settings(given, model)
-    assert "checkpoint's settings" not in caplog.text
-    with caplog.at_level("INFO"):
-        say_checkpoint_settings(given | {"lr": 0.5}, model)  # set, and replaced
-    assert "the model is built with its checkpoint's settings: model.lr=0.1 (given 0.5)" in (
-        caplog.text
-    )
-    assert "cifar_stem" not in caplog.text and "model.checkpoint" not in caplog.text
+        say_checkpoint_settings(given | {"checkpoint": "outputs/quickstart/last.ckpt"}, model)
+    said = [r.getMessage() for r in caplog.records if "checkpoint's settings" in r.getMessage()]
+    assert said == [
+        "simclr-lightning: the model is built with its checkpoint's settings: "
+        "model.lr=0.1 (given 0.5)"
+    ]
 
 
 def test_a_forking_strategy_asks_a_child_process_about_the_gpu(monkeypatch):
