@@ -366,8 +366,8 @@ def part_tests(s: Session, log: Path) -> dict:
     """The call's GPU tests, then the CPU tests of the GPU data path (``--tests call``), or
     the compile tests alone (``--tests compile``). Each pytest run is verbose, so the tests
     that ended before a guard's kill are in the log and in the part's figures. The tests'
-    ``cifar_jpg_root`` fixture extracts its own copy of the carried tarball (conftest.py
-    takes no extracted folder), a few seconds of the part."""
+    ``cifar_jpg_root`` fixture gets the copy ``prepare_data`` extracted
+    (``SIMCLR_CIFAR10_JPG``), else extracts its own from the carried tarball."""
     if s.a.tiny:
         return dict(status="skipped", error="--tiny")
     if s.guard("tests") < 30:  # as script(): pytest killed at once would read as a timeout
@@ -376,6 +376,8 @@ def part_tests(s: Session, log: Path) -> dict:
         "SIMCLR_SHARED_DATA": str(Path(s.a.cifar_tar).parent),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
+    if s._root is not None:  # extracted before the steps
+        env["SIMCLR_CIFAR10_JPG"] = str(s._root)
     result = {}
     for key, args in pytest_runs(s.a.tests):
         before = log.stat().st_size if log.exists() else 0

@@ -87,6 +87,9 @@ def cifar_jpg_root(tmp_path_factory) -> Path:
     """All of CIFAR-10 as JPEGs (ImageFolder layout), extracted once per run: under xdist the
     processes share one copy (the first to ask extracts it, under a file lock), so the second
     process does not spend 5-17 s and 60,000 files on its own."""
+    extracted = os.environ.get("SIMCLR_CIFAR10_JPG")  # a copy extracted already (gpu_session)
+    if extracted and (Path(extracted) / "train").is_dir():
+        return Path(extracted)
     archive = SHARED_DATA / "cifar10-jpg.tar.gz"
     if not archive.is_file():
         _missing(str(archive))

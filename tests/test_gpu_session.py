@@ -397,3 +397,24 @@ def test_the_schedules_follow_the_speeds_this_call_measured():
     session.results = {}
     assert gpu_session.pair_epochs(session, 150)[0] == 10
     shutil.rmtree(session.tmp, ignore_errors=True)
+
+
+def test_the_tests_part_reads_the_copy_extracted_before_the_steps(tmp_path, monkeypatch):
+    """The tests' CIFAR fixture extracted the tarball again (about 5 s of the part's guard):
+    the part hands it the session's copy."""
+    a = gpu_session.parse_args(["--part", "tests", "--out", str(tmp_path / "out")])
+    a.out.mkdir()
+    session = gpu_session.Session(a)
+    session._root = tmp_path / "cifar10-jpg"
+    session.part_start["tests"] = time.monotonic()  # as Session.run sets it
+    envs = []
+
+    def process(log, cmd, guard, cwd=None, env=None):
+        envs.append(env)
+        return dict(status="ok", seconds=0.0)
+
+    monkeypatch.setattr(session, "process", process)
+    log = tmp_path / "tests.log"
+    log.touch()
+    gpu_session.part_tests(session, log)
+    assert envs and all(e["SIMCLR_CIFAR10_JPG"] == str(session._root) for e in envs)
