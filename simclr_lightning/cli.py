@@ -3,15 +3,15 @@ settings that depend on the machine chosen for the machine it runs on."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import logging
-import subprocess
 import sys
 import warnings
 from typing import Any
 
 import lightning as L
-import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -26,6 +26,7 @@ from simclr_lightning.callbacks.preemption import SIGTERM_EXIT_CODE
 from simclr_lightning.checkpoint_io import check_ckpt_path
 from simclr_lightning.cli_errors import OneLineErrorParser, report
 from simclr_lightning.errors import SettingError
+from simclr_lightning.hardware import device_kind, forks, hardware_precision
 from simclr_lightning.last_checkpoint import earlier_runs_last
 
 # Warnings a user of this command cannot act on (the library already chose for them).
@@ -40,53 +41,6 @@ TIPS = "💡 Tip:"  # Lightning's advertisements for its cloud products
 class _NoTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(TIPS)
-
-
-def device_kind(accelerator) -> str:
-    """``cuda``, ``mps`` or ``cpu``: where ``trainer.accelerator`` will run."""
-    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__
-    name = name.lower()
-    if name in ("auto", "gpu", "cuda") or "cuda" in name:
-        if torch.cuda.is_available():
-            return "cuda"
-        if name in ("auto", "gpu") and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    return "mps" if "mps" in name else "cpu"
-
-
-def hardware_precision(device: str, fork: bool = False) -> tuple[str, str]:
-    """The training precision for ``device``, and why. ``fork``: processes will be forked
-    from this one (``ddp_fork``, ``ddp_notebook``), which must then not initialise CUDA."""
-    if device == "cuda" and native_bf16(fork):
-        return "bf16-mixed", "a CUDA GPU with bfloat16 units, compute capability 8.0 or newer"
-    if device == "cuda":
-        return "16-mixed", "a CUDA GPU without bfloat16 units, compute capability below 8.0"
-    where = "a CPU" if device == "cpu" else device
-    return "32-true", f"no CUDA GPU: on {where} float32 is faster than bf16 or fp16"
-
-
-def native_bf16(fork: bool = False) -> bool:
-    """Whether the GPU computes in bfloat16 natively (compute capability 8.0, Ampere, or
-    newer). ``torch.cuda.is_bf16_supported()`` says yes on older GPUs too (V100, T4), which
-    only emulate it, slowly, where float16 has tensor cores. With ``fork`` the question is
-    put to a child process: CUDA initialised here would fail every forked DDP process."""
-    if fork and not torch.cuda.is_initialized():
-        return (capability_in_child() or (0, 0))[0] >= 8
-    return torch.cuda.get_device_capability()[0] >= 8
-
-
-def capability_in_child() -> tuple[int, int] | None:
-    """The GPU's compute capability, asked of a fresh process (None if it cannot say)."""
-    code = "import torch; print(*torch.cuda.get_device_capability())"
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
-        )
-        major, minor = done.stdout.split()[-2:]
-        return int(major), int(minor)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
 
 
 def plugin_list(plugins: Any) -> list:
@@ -196,9 +150,7 @@ class SimCLRCLI(LightningCLI):
         global_batchnorm(trainer)
         device = device_kind(trainer.get("accelerator", "auto"))
         if trainer.get("precision") is None:
-            strategy = str(trainer.get("strategy") or "")
-            fork = "fork" in strategy or "notebook" in strategy
-            trainer.precision, why = hardware_precision(device, fork)
+            trainer.precision, why = hardware_precision(device, forks(trainer.get("strategy")))
             rank_zero_info(
                 f"simclr-lightning: trainer.precision={trainer.precision} ({why}); "
                 f"set --trainer.precision to choose"
@@ -249,14 +201,26 @@ class SimCLRCLI(LightningCLI):
 
 def explicit_model_settings(parser, args) -> dict[str, Any]:
     """The model arguments set by a config file or the command line, not left at their
-    defaults: parsed once more without defaults (an error there, none)."""
-    exit_on_error, parser.exit_on_error = parser.exit_on_error, False
+    defaults: parsed once more without defaults, silently; when that cannot be done (a config
+    piped in is read once), none."""
+    parsers = [
+        parser,
+        *getattr(getattr(parser, "_subcommands_action", None), "choices", {}).values(),
+    ]
+    saved = [p.exit_on_error for p in parsers]
     try:
-        given = parser.parse_args(args, defaults=False)
-    except Exception:
+        for p in parsers:
+            p.exit_on_error = False
+        with contextlib.redirect_stderr(io.StringIO()):
+            if isinstance(args, (dict, Namespace)):
+                given = parser.parse_object(args, defaults=False)
+            else:
+                given = parser.parse_args(args, defaults=False)
+    except (Exception, SystemExit):
         return {}
     finally:
-        parser.exit_on_error = exit_on_error
+        for p, exit_on_error in zip(parsers, saved, strict=True):
+            p.exit_on_error = exit_on_error
     subcommand = given.get("subcommand")
     model = (given.get(subcommand) if subcommand else given).get("model")
     init_args = model.get("init_args") if hasattr(model, "get") else None

@@ -335,7 +335,7 @@ def test_a_forking_strategy_asks_a_child_process_about_the_gpu(monkeypatch):
     (by asking the GPU's capability) would make each of them fail, so a child is asked."""
     import subprocess
 
-    from simclr_lightning import cli
+    from simclr_lightning import hardware
 
     def here(*args):
         raise AssertionError("CUDA queried in the process that forks")
@@ -349,14 +349,64 @@ def test_a_forking_strategy_asks_a_child_process_about_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", here)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setattr(subprocess, "run", run)
-    assert cli.hardware_precision("cuda", fork=True)[0] == "bf16-mixed"
+    assert hardware.hardware_precision("cuda", fork=True)[0] == "bf16-mixed"
     assert len(asked) == 1 and "get_device_capability" in asked[0][-1]
-    assert cli.capability_in_child() == (8, 0)
+    assert hardware.capability_in_child() == (8, 0)
 
 
-def test_a_child_that_cannot_say_gives_float16_which_every_gpu_runs():
-    """On this machine (no GPU) the child's query fails: the answer is the safe one."""
-    from simclr_lightning import cli
+def test_a_child_that_cannot_say_gives_float16_which_every_gpu_runs(monkeypatch):
+    import subprocess
 
-    assert cli.capability_in_child() is None
-    assert cli.hardware_precision("cuda", fork=True)[0] == "16-mixed"
+    from simclr_lightning import hardware
+
+    def run(command, **kwargs):
+        raise subprocess.CalledProcessError(1, command, "", "RuntimeError: no CUDA GPUs")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert hardware.capability_in_child() is None
+    assert hardware.hardware_precision("cuda", fork=True)[0] == "16-mixed"
+
+
+def test_strategies_that_fork_are_recognised(monkeypatch):
+    """Named, as a class_path config or a Strategy instance; ``auto`` only interactively,
+    where Lightning picks ddp_fork for several GPUs."""
+    import sys
+
+    from jsonargparse import Namespace
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from simclr_lightning.hardware import forks
+
+    assert (
+        forks("ddp_fork")
+        and forks("ddp_notebook")
+        and forks("ddp_fork_find_unused_parameters_true")
+    )
+    assert not forks("ddp") and not forks("ddp_spawn") and not forks("fsdp")
+    assert forks(DDPStrategy(start_method="fork")) and not forks(DDPStrategy())
+    config = Namespace(class_path="lightning.pytorch.strategies.DDPStrategy")
+    assert not forks(config)
+    config.init_args = Namespace(start_method="fork")
+    assert forks(config)
+    monkeypatch.delattr(sys, "ps1", raising=False)
+    assert not forks("auto") and not forks(None)
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
+    assert forks("auto") and forks(None)
+
+
+def test_a_config_piped_in_is_read_once(tmp_path):
+    """``--config /dev/stdin`` (or a process substitution) can be read once: the second parse
+    that finds the settings the user gave stopped the command with 'Unexpected config'."""
+    config = (REPO / "configs" / "quickstart.yaml").read_text()
+    flags = ["--trainer.max_epochs=0", "--trainer.enable_progress_bar=false"]
+    done = subprocess.run(
+        [sys.executable, "-m", "simclr_lightning", "fit", "--config", "/dev/stdin", *flags],
+        input=config,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "error" not in done.stderr.lower() and "max_epochs=0` reached" in done.stderr

@@ -32,20 +32,22 @@ def views(dm: CIFARDataModule) -> torch.Tensor:
     return torch.cat([a, b])
 
 
-def test_ranks_the_checkpoint_had_not_keep_streams_of_their_own():
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_the_checkpoint_had_not_keep_streams_of_their_own(world):
     saving = data_on_rank(0, 1, seed=5)
     views(saving)  # the saved stream has moved on
     saved = saving.state_dict()
     continued = views(saving)  # what the one-process run draws next
 
     resumed = []
-    for rank in (0, 1):
-        dm = data_on_rank(rank, 2)
+    for rank in range(world):
+        dm = data_on_rank(rank, world)
         dm.load_state_dict(saved)
         resumed.append(views(dm))
     torch.testing.assert_close(resumed[0], continued, rtol=0, atol=0)  # rank 0: its own
-    assert not torch.equal(resumed[1], resumed[0])  # rank 1: a stream of its own
-    torch.testing.assert_close(resumed[1], views(data_on_rank(1, 2)), rtol=0, atol=0)
+    for rank in range(1, world):  # the new ranks: each the stream of a fresh run's rank
+        torch.testing.assert_close(resumed[rank], views(data_on_rank(rank, world)), rtol=0, atol=0)
+        assert not any(torch.equal(resumed[rank], resumed[other]) for other in range(rank))
 
 
 def test_a_state_of_another_device_type_is_said_and_left():

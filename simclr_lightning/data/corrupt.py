@@ -154,9 +154,11 @@ class SkippedFiles:
             self.mark(index, err, left_out=True)
             return None
 
-    def report(self) -> None:
-        """Warn, in this process, about the files workers found bad since the last call."""
-        if get_worker_info() is not None or not self.unreported[0]:
+    def report(self, force: bool = False) -> None:
+        """Warn, in this process, about the files workers found bad since the last call.
+        ``force``: scan even if no worker said so (at the end of a stage: a CPU that orders
+        memory weakly may show a worker's ``unreported`` before the flag it set first)."""
+        if get_worker_info() is not None or not (force or self.unreported[0]):
             return
         self.unreported[0] = 0  # before the scan: a file flagged during it is seen next time
         found = (self.flags == self.FOUND) | (self.flags == self.FOUND_LEFT_OUT)

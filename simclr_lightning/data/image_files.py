@@ -182,14 +182,14 @@ class ImageFilesDataModule(AgreesAfterPredict, L.LightningDataModule):
         return batch
 
     def teardown(self, stage: str) -> None:
-        self.report_skipped()
+        self.report_skipped(force=True)
         super().teardown(stage)
 
-    def report_skipped(self) -> None:
+    def report_skipped(self, force: bool = False) -> None:
         """Warn here about files the loader workers left out (their own warnings are lost)."""
         skipped = getattr(getattr(self, "dataset", None), "skipped", None)
         if skipped is not None:
-            skipped.report()
+            skipped.report(force)
 
     def size_channels_and_transform(self):
         """``(image_size, channels, transform)``: the model's recorded preprocessing, with this

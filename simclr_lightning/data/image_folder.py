@@ -213,13 +213,13 @@ class ImageFolderDataModule(SimCLRDataModule):
         return super().on_before_batch_transfer(batch, dataloader_idx)
 
     def teardown(self, stage: str) -> None:
-        self.report_skipped()
+        self.report_skipped(force=True)
         super().teardown(stage)
 
-    def report_skipped(self) -> None:
+    def report_skipped(self, force: bool = False) -> None:
         """Warn here about files the loader workers skipped (their own warnings are lost)."""
         for skip in self._skips.values():
-            skip.report()
+            skip.report(force)
 
     def device_input_transform(self):
         return None  # make_dataset then hands over bytes or decoded uint8 images as they are
@@ -251,7 +251,7 @@ class ImageFolderDataModule(SimCLRDataModule):
                 store[n] = image.data
                 n += 1
             labels.append(batch_labels)
-        self.report_skipped()
+        self.report_skipped(force=True)
         if store is None:
             raise SettingError(
                 f"data.resident=true: no image of {self.root / 'train'} could be read"
