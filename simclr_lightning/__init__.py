@@ -31,6 +31,7 @@ from simclr_lightning.data import (
     MNISTDataModule,
     SampleDataModule,
     SimCLRDataModule,
+    raw_image,
     sample_root,
 )
 from simclr_lightning.data.corrupt import CorruptFilesError, CorruptImageWarning
@@ -97,6 +98,7 @@ __all__ = [
     "export_backbone",
     "knn_predict",
     "load_backbone_state",
+    "raw_image",
     "sample_root",
     "sharded_knn_predict",
     "shield_from_stop_signals",
