@@ -7,15 +7,16 @@ depend on which data module made them.
 
 from __future__ import annotations
 
+import torch
 from PIL import Image
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from torchvision import datasets
 
 from simclr_lightning.data.corrupt import load_rgb
-from simclr_lightning.data.failed_batches import CatchFailedSamples
 from simclr_lightning.data.image_files import ImageFiles
 from simclr_lightning.data.image_folder import UnlabeledImages
 from simclr_lightning.data.mnist import IdxImages
+from simclr_lightning.data.subsets import underlying
 
 UNLABELED = -1  # the label the library's unlabeled datasets serve
 
@@ -27,7 +28,8 @@ def raw_image(dataset: Dataset, index: int) -> tuple[Image.Image, int]:
     and the MNIST/Fashion-MNIST idx datasets (grayscale, converted to RGB), through
     ``Subset`` wrappers; anything else is a ``TypeError``.
     """
-    dataset, index = _unwrapped(dataset, index)
+    dataset, indices = underlying(dataset, torch.tensor([index]))
+    index = int(indices[0])
     if isinstance(dataset, datasets.CIFAR10):  # CIFAR100 is one too
         return Image.fromarray(dataset.data[index]), int(dataset.targets[index])
     if isinstance(dataset, IdxImages):
@@ -42,15 +44,3 @@ def raw_image(dataset: Dataset, index: int) -> tuple[Image.Image, int]:
         f"raw_image: a {type(dataset).__name__} keeps no images it can read; it reads image "
         f"folders, image files, CIFAR-10/100 and MNIST/Fashion-MNIST (through Subsets)"
     )
-
-
-def _unwrapped(dataset: Dataset, index: int) -> tuple[Dataset, int]:
-    """The dataset under any ``Subset`` (a labelled subset, a validation sample) or DDP
-    failure catcher, and ``index`` as an index of it."""
-    while True:
-        if isinstance(dataset, Subset):
-            dataset, index = dataset.dataset, dataset.indices[index]
-        elif isinstance(dataset, CatchFailedSamples):
-            dataset = dataset.dataset
-        else:
-            return dataset, int(index)

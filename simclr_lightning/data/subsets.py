@@ -145,9 +145,10 @@ class CollateLeavingOut:
         return tuple(part[:0] for part in default_collate([(image, -1)]))
 
 
-def left_out(dataset: Dataset, indices: Tensor) -> Tensor:
-    """Mask of ``indices`` (of ``dataset``, through any Subsets and wrappers) whose files
-    ``skip_corrupt`` has found bad: those an evaluation loader left out of their batch."""
+def underlying(dataset: Dataset, indices: Tensor) -> tuple[Dataset, Tensor]:
+    """The dataset under any Subsets (``indices`` mapped through them) and wrappers that hold
+    theirs as ``dataset`` (DDP's failure catcher, the training order's), and ``indices`` as
+    indices of it; a dataset that skips bad files is not looked through."""
     inner, mapped = dataset, indices.long()
     while isinstance(inner, Subset) or (
         getattr(inner, "skip", None) is None and hasattr(inner, "dataset")
@@ -155,10 +156,17 @@ def left_out(dataset: Dataset, indices: Tensor) -> Tensor:
         if isinstance(inner, Subset):
             mapped = torch.as_tensor(inner.indices, dtype=torch.long)[mapped]
         inner = inner.dataset
+    return inner, mapped
+
+
+def left_out(dataset: Dataset, indices: Tensor) -> Tensor:
+    """Mask of ``indices`` (of ``dataset``, through any Subsets and wrappers) whose files
+    ``skip_corrupt`` has found bad: those an evaluation loader left out of their batch."""
+    inner, mapped = underlying(dataset, indices)
     skip = getattr(inner, "skip", None)
-    if skip is None or not len(mapped):
+    if skip is None:
         return torch.zeros(len(mapped), dtype=torch.bool)
-    return torch.tensor([skip.is_bad(int(i)) for i in mapped], dtype=torch.bool)
+    return skip.flags[mapped] > 0
 
 
 def leaves_out_corrupt(dataset: Dataset) -> CollateLeavingOut | None:
