@@ -108,12 +108,15 @@ def _launch(script: str, devices: int, out: Path, args: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def launch(script: str, devices: int, out: Path, args: list[str]) -> subprocess.CompletedProcess:
-    """``tests/<script> --devices N --out OUT ARGS``, whatever its exit code."""
+def launch(
+    script: str, devices: int, out: Path, args: list[str], timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``tests/<script> --devices N --out OUT ARGS``, whatever its exit code (a hang past
+    ``timeout`` seconds fails the test)."""
     cmd = [sys.executable, str(Path(__file__).with_name(script)), "--devices", str(devices)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 shared cores: no spinning thread pairs
     return subprocess.run(
-        cmd + ["--out", str(out), *args], capture_output=True, text=True, timeout=300, env=env
+        cmd + ["--out", str(out), *args], capture_output=True, text=True, timeout=timeout, env=env
     )
 
 

@@ -3,12 +3,15 @@ features are its inputs (so monitor results are known independently)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -116,3 +119,32 @@ class SignalAt(torch.utils.data.Dataset):
         if i == self.at:
             os.kill(os.getpid(), self.signum)
         return self.x[i], self.y[i]
+
+
+def write_cifar_batches(
+    folder: Path, batches: dict[str, tuple[np.ndarray, list[int]]], label_names: list[str]
+) -> dict:
+    """``cifar-10-batches-py/`` in torchvision's pickle format: ``batches`` maps each batch file
+    (``data_batch_1`` .. ``_5``, ``test_batch``) to its rows (``[N, 3 * 32 * 32]`` uint8, CHW
+    order) and labels. Returns the md5 table torchvision checks (``CIFAR10.train_list``,
+    ``test_list``, ``meta``), of these files instead of the published ones."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list(label_names)}))
+    for name, (rows, labels) in batches.items():
+        (folder / name).write_bytes(pickle.dumps({"data": rows, "labels": list(labels)}))
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    train = sorted(name for name in batches if name != "test_batch")
+    return {
+        "train_list": [[name, md5[name]] for name in train],
+        "test_list": [["test_batch", md5["test_batch"]]],
+        "meta": {"filename": "batches.meta", "key": "label_names", "md5": md5["batches.meta"]},
+    }
+
+
+def check_cifar_files_against(table: dict, monkeypatch) -> None:
+    """Point torchvision's CIFAR-10 md5 table at ``table`` (:func:`write_cifar_batches`), so its
+    real integrity check runs on the files written here."""
+    from torchvision import datasets
+
+    for attr, value in table.items():
+        monkeypatch.setattr(datasets.CIFAR10, attr, value)

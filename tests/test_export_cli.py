@@ -24,14 +24,10 @@ from simclr_lightning import SampleDataModule, SimCLR, apply_stem
 from simclr_lightning.backbones import build_backbone
 from simclr_lightning.checkpoint_io import AtomicCheckpointIO
 from simclr_lightning.data.sample import sample_root
+from simclr_lightning.export_cli import main
 from simclr_lightning.heads import ScaleBatchNorm1d
 from tests.helpers import quiet_trainer
 from tests.test_checkpoint import save_simclr_checkpoint
-
-try:  # the export command's module; before it, simclr_lightning.checkpoint held the command
-    from simclr_lightning.export_cli import main
-except ImportError:
-    from simclr_lightning.checkpoint import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,6 +102,7 @@ def test_files_that_are_no_checkpoint_are_one_line_errors(tmp_path):
 
 
 def test_the_console_script_is_the_export_command():
+    assert ENTRY_POINT == "simclr_lightning.export_cli:main"
     module, _, function = ENTRY_POINT.partition(":")
     assert getattr(__import__(module, fromlist=[function]), function) is main
 

@@ -8,8 +8,6 @@ time; the accuracies the README quotes come from the notebook's default length."
 
 from __future__ import annotations
 
-import hashlib
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import pytest
 from PIL import Image
 
 from simclr_lightning.data import sample_root
-from tests.helpers import REPO
+from tests.helpers import REPO, write_cifar_batches
 
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
 FIGURES = ["views", "curves", "embeddings", "retrieval", "predictions"]
@@ -68,9 +66,6 @@ def write_cifar_stand_in(data_dir: Path, train_per_class: int, val_per_class: in
     """``cifar-10-batches-py/`` in torchvision's pickle format, written from the bundled
     sample's photographs (in a seeded random order, as in CIFAR's batches); returns the md5
     table that torchvision checks, of these files instead of the published ones."""
-    folder = data_dir / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": CLASSES}))
 
     def rows(split: str, per_class: int) -> tuple[np.ndarray, list[int]]:
         files = [sorted((sample_root() / split / name).iterdir())[:per_class] for name in CLASSES]
@@ -82,17 +77,12 @@ def write_cifar_stand_in(data_dir: Path, train_per_class: int, val_per_class: in
 
     train, train_labels = rows("train", train_per_class)
     parts = np.array_split(np.arange(len(train)), 5)
-    for b, part in enumerate(parts, start=1):
-        batch = {"data": train[part], "labels": [train_labels[i] for i in part]}
-        (folder / f"data_batch_{b}").write_bytes(pickle.dumps(batch))
-    test, test_labels = rows("val", val_per_class)
-    (folder / "test_batch").write_bytes(pickle.dumps({"data": test, "labels": test_labels}))
-    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
-    return {
-        "train_list": [[f"data_batch_{b}", md5[f"data_batch_{b}"]] for b in range(1, 6)],
-        "test_list": [["test_batch", md5["test_batch"]]],
-        "meta": {"filename": "batches.meta", "key": "label_names", "md5": md5["batches.meta"]},
+    batches = {
+        f"data_batch_{b}": (train[part], [train_labels[i] for i in part])
+        for b, part in enumerate(parts, start=1)
     }
+    batches["test_batch"] = rows("val", val_per_class)
+    return write_cifar_batches(data_dir / "cifar-10-batches-py", batches, CLASSES)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from simclr_lightning.data.sampler import ResumableSampler, SeededSamples, sampl
 from simclr_lightning.errors import SettingError
 
 MAX_AUTO_WORKERS = 16
+_SAID_WORKERS: set[int] = set()  # counts already said: once each, not at every loader
 
 
 def loader_workers(num_workers: int | None, trainer: L.Trainer | None) -> int:
@@ -25,16 +26,13 @@ def loader_workers(num_workers: int | None, trainer: L.Trainer | None) -> int:
         return num_workers
     devices = trainer.num_devices if trainer is not None else 1
     chosen = min(MAX_AUTO_WORKERS, suggested_max_num_workers(devices))
-    if chosen not in _SAID_WORKERS:  # once, not at every loader
+    if chosen not in _SAID_WORKERS:
         _SAID_WORKERS.add(chosen)
         rank_zero_info(
             f"simclr-lightning: data.num_workers={chosen} (cores per device minus one, at most "
             f"{MAX_AUTO_WORKERS}); set --data.num_workers to choose"
         )
     return chosen
-
-
-_SAID_WORKERS: set[int] = set()
 
 
 def check_batch_size(

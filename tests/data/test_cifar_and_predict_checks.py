@@ -1,9 +1,7 @@
 """A damaged CIFAR folder is named in one line and re-fetched with data.download=true; the
 predict data module rejects image sizes and resize ratios that cannot work."""
 
-import hashlib
 import math
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +12,11 @@ from torchvision import datasets
 from simclr_lightning import CIFARDataModule, ImageFilesDataModule
 from simclr_lightning.cli_errors import user_error
 from simclr_lightning.errors import DataFileError, SettingError
+from tests.helpers import check_cifar_files_against, write_cifar_batches
 
 BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 PER_BATCH = 3
+CLASS_NAMES = [str(i) for i in range(10)]
 
 
 @pytest.fixture
@@ -25,20 +25,15 @@ def cifar_dir(tmp_path, monkeypatch) -> Path:
     torchvision's md5 table pointed at these files so its real integrity check runs on them;
     torchvision's download is replaced by a recorder (no network)."""
     folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
     rng = np.random.default_rng(0)
-    (folder / "batches.meta").write_bytes(
-        pickle.dumps({"label_names": [str(i) for i in range(10)]})
-    )
-    for name in BATCHES:
-        data = rng.integers(0, 256, (PER_BATCH, 3 * 32 * 32), dtype=np.uint8)
-        labels = rng.integers(0, 10, PER_BATCH).tolist()
-        (folder / name).write_bytes(pickle.dumps({"data": data, "labels": labels}))
-    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
-    monkeypatch.setattr(datasets.CIFAR10, "train_list", [[n, md5[n]] for n in BATCHES[:5]])
-    monkeypatch.setattr(datasets.CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
-    meta = {"filename": "batches.meta", "key": "label_names", "md5": md5["batches.meta"]}
-    monkeypatch.setattr(datasets.CIFAR10, "meta", meta)
+    batches = {
+        name: (
+            rng.integers(0, 256, (PER_BATCH, 3 * 32 * 32), dtype=np.uint8),
+            rng.integers(0, 10, PER_BATCH).tolist(),
+        )
+        for name in BATCHES
+    }
+    check_cifar_files_against(write_cifar_batches(folder, batches, CLASS_NAMES), monkeypatch)
     return folder
 
 

@@ -142,18 +142,8 @@ def test_skip_with_workers_warns_once_per_file_in_the_training_process(bad_folde
 def test_report_with_nothing_new_does_not_scan_every_file():
     """report() runs on every batch, on the thread that trains: with no file newly found bad
     it reads one shared flag, not one per file (a ~10 ms scan a batch at ImageNet's size)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from simclr_lightning.data.corrupt import SkipCorrupt
-
-    class LargestOutput(TorchDispatchMode):
-        most = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor):
-                self.most = max(self.most, out.numel())
-            return out
+    from tests.data.test_encoded import LargestOutput
 
     skip = SkipCorrupt([f"{i}.jpg" for i in range(100_000)])
     skip.flags[7] = skip.REPORTED  # found and named already

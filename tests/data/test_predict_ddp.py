@@ -93,7 +93,7 @@ def test_any_failure_of_one_rank_ends_predict_on_every_rank(uneven_folder, tmp_p
     out.mkdir()
     args = ["--root", str(uneven_folder), "--csv", str(out / "p.csv"), "--fail-rank1", "--files"]
     started = time.monotonic()
-    proc = launch("ddp_predict_script.py", WORLD, out, args)
+    proc = launch("ddp_predict_script.py", WORLD, out, args, timeout=120)
     assert proc.returncode != 0 and time.monotonic() - started < 120
     assert "process 1 of 2 failed: RuntimeError: boom on rank 1" in proc.stderr
     assert not list(out.iterdir())

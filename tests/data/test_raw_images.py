@@ -4,8 +4,6 @@ keeps: checked against the pixels written (or read independently), not against t
 from __future__ import annotations
 
 import gzip
-import hashlib
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from simclr_lightning import (
 from simclr_lightning.data import raw_image, sample_root
 from simclr_lightning.data.failed_batches import CatchFailedSamples
 from simclr_lightning.data.mnist import IdxImages
+from tests.helpers import check_cifar_files_against, write_cifar_batches
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not exist. no validation:UserWarning")
 
@@ -104,20 +103,13 @@ def test_the_bundled_sample_is_read_from_its_jpegs():
 def cifar_dir(tmp_path, monkeypatch) -> tuple[Path, np.ndarray, list[int], np.ndarray, list[int]]:
     """A small cifar-10-batches-py/ in torchvision's pickle format (random images, stored as
     the format's CHW rows), with torchvision's md5 table pointed at these files."""
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
     rng = np.random.default_rng(0)
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
     batches = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     rows = {name: rng.integers(0, 256, (2, 3 * 32 * 32), dtype=np.uint8) for name in batches}
     labels = {name: rng.integers(0, 10, 2).tolist() for name in batches}
-    for name in batches:
-        (folder / name).write_bytes(pickle.dumps({"data": rows[name], "labels": labels[name]}))
-    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
-    monkeypatch.setattr(datasets.CIFAR10, "train_list", [[n, md5[n]] for n in batches[:5]])
-    monkeypatch.setattr(datasets.CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
-    meta = {"filename": "batches.meta", "key": "label_names", "md5": md5["batches.meta"]}
-    monkeypatch.setattr(datasets.CIFAR10, "meta", meta)
+    written = {name: (rows[name], labels[name]) for name in batches}
+    table = write_cifar_batches(tmp_path / "cifar-10-batches-py", written, list("abcdefghij"))
+    check_cifar_files_against(table, monkeypatch)
     hwc = {name: rows[name].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1) for name in batches}
     train = np.concatenate([hwc[name] for name in batches[:5]])
     train_labels = [label for name in batches[:5] for label in labels[name]]
