@@ -27,7 +27,7 @@ from simclr_lightning.optim import (
     param_groups,
     scaled_learning_rate,
 )
-from simclr_lightning.run_checks import StepWatch, check_accumulation
+from simclr_lightning.run_checks import StepWatch, check_accumulation, check_equal_batches
 from simclr_lightning.schedule import (
     carry_schedule_over,
     global_batch_size,
@@ -208,6 +208,8 @@ class SimCLR(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
         (x_a, x_b), labels = two_views(batch)
+        if self.hparams.gather_distributed:
+            check_equal_batches(self.trainer, len(x_a), batch_idx)
         if self.hparams.grad_cache_chunks > 1:
             features, z = embed_in_chunks(
                 self._encode, x_a, x_b, self.hparams.grad_cache_chunks, self

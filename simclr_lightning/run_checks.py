@@ -66,6 +66,34 @@ def check_accumulation(trainer: L.Trainer) -> None:
         )
 
 
+def check_equal_batches(trainer: L.Trainer, n: int, batch_idx: int) -> None:
+    """Refuse, on every process at once, batches of different sizes across the processes when
+    the loss gathers their embeddings: the gather needs one size everywhere, and otherwise
+    aborts the run (gloo) or mixes garbage into the negatives (NCCL).
+
+    Checked at each epoch's first and last batch only (one small all-gather and host read
+    each): a ``DistributedSampler`` (Lightning's default) pads every process to the same
+    count, so a size can differ only where a custom sampler or an iterable dataset runs
+    short, at an epoch's end; a check at every step would make the host wait for the GPU."""
+    if trainer.world_size == 1:
+        return
+    last = trainer.num_training_batches
+    if batch_idx != 0 and not (math.isfinite(last) and batch_idx == last - 1):
+        return
+    sizes = trainer.strategy.all_gather(torch.tensor(n, device=trainer.strategy.root_device))
+    sizes = [int(size) for size in sizes.flatten().tolist()]
+    if len(set(sizes)) == 1:
+        return
+    raise SettingError(
+        f"the processes' batches differ in size at batch {batch_idx} of epoch "
+        f"{trainer.current_epoch} ({sizes} images, process by process): the loss gathers "
+        f"every process's embeddings (model.gather_distributed=true), which needs one size. "
+        f"Give every process the same number of images per batch (as Lightning's "
+        f"DistributedSampler does, trainer.use_distributed_sampler=true), or set "
+        f"model.gather_distributed=false"
+    )
+
+
 class CollapseWatch:
     """Warns once (rank zero) when ``train/z_std``, the per-dimension std of the unit
     embeddings, falls below a tenth of its healthy value 1/sqrt(D): the embeddings have

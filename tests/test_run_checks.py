@@ -15,8 +15,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from simclr_lightning import SimCLR
+from simclr_lightning.errors import SettingError
 from simclr_lightning.loss import NTXentLoss
-from simclr_lightning.run_checks import CollapseWatch
+from simclr_lightning.run_checks import CollapseWatch, check_equal_batches
 from simclr_lightning.supcon import SupConLoss
 from tests.ddp_helpers import run_ddp_script_runs
 from tests.helpers import quiet_trainer
@@ -140,3 +141,67 @@ def test_a_nan_on_one_ddp_process_stops_every_process_at_the_same_step(tmp_path)
                 "or warm up longer (model.warmup_epochs)"
             ), (name, rank)
             assert result["step"] == 5, (name, rank)  # two steps late, as on a GPU
+
+
+class _SizesStrategy:
+    """A strategy whose all-gather answers the processes' batch sizes, and counts its calls."""
+
+    root_device = torch.device("cpu")
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes, self.calls = sizes, 0
+
+    def all_gather(self, tensor):
+        self.calls += 1
+        return torch.tensor(self.sizes)
+
+
+class _Trainer:
+    def __init__(self, sizes: list[int], batches: float) -> None:
+        self.world_size, self.num_training_batches = len(sizes), batches
+        self.strategy, self.current_epoch = _SizesStrategy(sizes), 0
+
+
+def test_batch_sizes_are_compared_at_an_epochs_first_and_last_batch_only():
+    """Every other step would be a host wait for the GPU; an iterable dataset without a length
+    (an infinite count of batches) is compared at its first batch."""
+    for batches, compared in [(5, [0, 4]), (1, [0]), (math.inf, [0])]:
+        trainer = _Trainer([4, 4], batches)
+        asked = []
+        for batch_idx in range(6):
+            before = trainer.strategy.calls
+            check_equal_batches(trainer, 4, batch_idx)
+            if trainer.strategy.calls > before:
+                asked.append(batch_idx)
+        assert asked == compared, batches
+    single = _Trainer([4], 5)
+    check_equal_batches(single, 4, 0)
+    assert single.strategy.calls == 0  # one process: nothing to compare
+
+
+def test_batch_sizes_that_differ_across_processes_are_refused_naming_the_sizes():
+    with pytest.raises(SettingError, match=r"at batch 4 of epoch 0 \(\[4, 3\] images"):
+        check_equal_batches(_Trainer([4, 3], 5), 4, 4)
+
+
+@pytest.mark.slow
+def test_ddp_batches_of_different_sizes_stop_every_process_with_one_error(tmp_path):
+    """tests/ddp_uneven_script.py: without Lightning's DistributedSampler rank 1 runs one image
+    short. The gather behind the loss would abort the processes in gloo (a received size that
+    does not match) and, in NCCL, read past rank 1's rows; every rank must stop at once with
+    the error, and without gathering the epoch trains through."""
+    runs = {
+        "local": ["--gather", "0", "--short", "last"],  # first: the error runs leave no peer
+        "last": ["--short", "last"],
+        "all": ["--short", "all"],
+    }
+    results = run_ddp_script_runs("ddp_uneven_script.py", 2, tmp_path / "ddp", runs)
+    assert [r["error"] for r in results["local"]] == [None, None]
+    assert [r["step"] for r in results["local"]] == [3, 3]
+    for name, batch_idx, sizes, step in [("last", 2, "[4, 3]", 2), ("all", 0, "[4, 3]", 0)]:
+        for rank, result in enumerate(results[name]):
+            assert result["error"].startswith(
+                f"the processes' batches differ in size at batch {batch_idx} of epoch 0 "
+                f"({sizes} images, process by process)"
+            ), (name, rank, result["error"])
+            assert result["step"] == step, (name, rank)

@@ -1,0 +1,95 @@
+"""Batches of different sizes on the two processes, under real Lightning DDP without its
+DistributedSampler (as a custom sampler or an iterable dataset gives them): rank 1 runs one
+image short at the epoch's last batch (``--short last``) or at every batch (``--short all``).
+With the embeddings gathered every rank must stop with the same one-line error, not abort in
+gloo; without gathering (``--gather 0``) the sizes are allowed and the epoch trains through.
+
+Run as a script (Lightning's "ddp" strategy relaunches it per device); each rank saves
+``rank<r>_of<N>.pt``: the error it stopped with (None if it did not) and its global step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from simclr_lightning import SimCLR  # noqa: E402
+from simclr_lightning.errors import SettingError  # noqa: E402
+from tests.ddp_helpers import script_runs  # noqa: E402
+
+PER_RANK, BATCHES = 4, 3
+
+
+def rank_data(rank: int, short: str) -> DataLoader:
+    """Rank 0: three batches of 4. Rank 1: 4, 4, 3 (``last``) or three batches of 3 (``all``)."""
+    gen = torch.Generator().manual_seed(rank)
+    batch_size = PER_RANK - 1 if rank == 1 and short == "all" else PER_RANK
+    n = batch_size * BATCHES - (1 if rank == 1 and short == "last" else 0)
+    images = [
+        ((torch.randn(3, 16, 16, generator=gen), torch.randn(3, 16, 16, generator=gen)), i % 3)
+        for i in range(n)
+    ]
+    return DataLoader(images, batch_size=batch_size)
+
+
+def run(args: argparse.Namespace) -> None:
+    L.seed_everything(0, verbose=False)
+    model = SimCLR(
+        backbone="timm:test_resnet",
+        cifar_stem=False,
+        head_hidden_dim=16,
+        head_output_dim=8,
+        optimizer="sgd",
+        base_lr=0.01,
+        warmup_epochs=0,
+        batch_size=PER_RANK,
+        gather_distributed=args.gather == 1,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        # a rank left alone in a collective fails in seconds, not after gloo's 30 minutes
+        strategy=DDPStrategy(timeout=datetime.timedelta(seconds=30)),
+        use_distributed_sampler=False,
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    error = None
+    try:  # the launching process is rank 0; Lightning gives each relaunched one LOCAL_RANK
+        trainer.fit(model, rank_data(int(os.environ.get("LOCAL_RANK", 0)), args.short))
+    except SettingError as caught:
+        error = str(caught)
+    except Exception as caught:  # e.g. left alone in a collective: saved for the test to show
+        error = f"{type(caught).__name__}: {str(caught)[:300]}"
+    torch.save(
+        {"error": error, "step": trainer.global_step},
+        args.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--gather", type=int, choices=[0, 1], default=1)
+    parser.add_argument("--short", choices=["last", "all"], default="last")
+    for args in script_runs(parser):
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
