@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from simclr_lightning.callbacks.monitor_checks import check_monitors
 from simclr_lightning.callbacks.signal_agreement import stop_requested
 from simclr_lightning.callbacks.validation_due import validation_due
 from simclr_lightning.data.class_names import says_unlabeled
@@ -25,6 +26,7 @@ from simclr_lightning.distributed import (
 from simclr_lightning.errors import SettingError, require
 from simclr_lightning.evaluation.knn import sharded_knn_predict, top_k_accuracy
 
+KNN_KEYS = ("knn/val_top1", "knn/val_top5")
 BankDtype = Literal["float32", "float16", "bfloat16"]
 
 
@@ -93,6 +95,8 @@ class KNNMonitor(L.Callback):
         datamodule = trainer.datamodule
         if stage in ("fit", "validate"):  # before any work, not at the first kNN epoch
             require_bank(datamodule)
+        if stage == "fit":
+            check_monitors(trainer, KNN_KEYS, self.every_n_epochs, "KNNMonitor")
         if self.num_classes is None and datamodule is not None and says_unlabeled(datamodule):
             raise SettingError(
                 f"KNNMonitor needs labelled images, and the data module "
@@ -159,8 +163,8 @@ class KNNMonitor(L.Callback):
         )
         # Every rank holds the same global result; sync_dist averages equal values (exact) and
         # keeps Lightning from warning about unsynced epoch-level metrics.
-        pl_module.log("knn/val_top1", top_k_accuracy(scores, query_labels, 1), sync_dist=True)
-        pl_module.log("knn/val_top5", top_k_accuracy(scores, query_labels, 5), sync_dist=True)
+        for key, k in zip(KNN_KEYS, (1, 5), strict=True):
+            pl_module.log(key, top_k_accuracy(scores, query_labels, k), sync_dist=True)
 
     @torch.no_grad()
     def _encode_bank(

@@ -215,3 +215,73 @@ def test_early_stopping_held_back_by_min_epochs_makes_no_extra_bank_pass():
     trainer = quiet_trainer(max_epochs=20, min_epochs=4, callbacks=[monitor, stop])
     trainer.fit(Constant(6), datamodule=FeatureData((x, y), (x, y)))
     assert trainer.current_epoch == 4 and monitor.passes == []  # stopped after min_epochs, no pass
+
+
+def _misaligned_monitors():
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    top1 = "knn/val_top1"
+    return [  # (KNNMonitor.every_n_epochs, trainer settings, callback, words of the error)
+        (3, {}, EarlyStopping(top1, mode="max"), "checks at every epoch's end"),
+        (3, {}, EarlyStopping(top1, mode="max", strict=False), "checks at every epoch's end"),
+        (2, {"check_val_every_n_epoch": 3}, EarlyStopping(top1), "checks at every validation"),
+        (1, {"val_check_interval": 0.5}, EarlyStopping(top1), "validations inside epochs"),
+        (3, {}, ModelCheckpoint(monitor=top1, mode="max"), "saves at the end of each epoch"),
+        (2, {}, ModelCheckpoint(monitor=top1, every_n_epochs=3), "every 3 epochs"),
+        (1, {}, ModelCheckpoint(monitor="knn/val_top5", every_n_train_steps=2), "by steps"),
+        (
+            1,
+            {"check_val_every_n_epoch": 2},
+            ModelCheckpoint(monitor=top1, save_on_train_epoch_end=True),
+            "saves at the end of each epoch",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("every, settings, callback, words", _misaligned_monitors())
+def test_a_monitor_of_knn_at_epochs_without_it_is_refused_before_training(
+    tmp_path, every, settings, callback, words
+):
+    """Lightning would stop the run after its first epoch (or keep reading the last kNN value:
+    an EarlyStopping that is not strict, with patience 2, stops 2 epochs after the first
+    measurement for a lack of improvement nobody measured)."""
+    x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
+    trainer = quiet_trainer(
+        max_epochs=12,
+        default_root_dir=tmp_path,
+        enable_checkpointing=True,
+        callbacks=[KNNMonitor(k=3, every_n_epochs=every), callback],
+        **settings,
+    )
+    with pytest.raises(SettingError, match=words) as caught:
+        trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))
+    assert trainer.global_step == 0
+    assert f"KNNMonitor.every_n_epochs={every}" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_monitors_of_knn_at_its_epochs_read_a_fresh_measurement_each_time(tmp_path):
+    """The fixes the error names: kNN at every validation, every 3 epochs, for EarlyStopping;
+    a checkpoint every 3 epochs for ModelCheckpoint. Patience 2 then counts measurements: the
+    flat kNN of a model that does not learn stops the run at the third (epoch 8)."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    class Flat(FeatureModule):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
+    knn = CountingPasses(k=3, every_n_epochs=1)
+    stop = EarlyStopping("knn/val_top1", mode="max", patience=2)
+    best = ModelCheckpoint(tmp_path, monitor="knn/val_top1", mode="max", every_n_epochs=3)
+    trainer = quiet_trainer(
+        max_epochs=30,
+        check_val_every_n_epoch=3,
+        callbacks=[knn, stop, best],
+        enable_checkpointing=True,
+    )
+    trainer.fit(Flat(6), datamodule=FeatureData((x, y), (x, y)))
+    assert [epoch for epoch, _ in knn.passes] == [2, 5, 8]
+    assert trainer.current_epoch == 9 and stop.wait_count == 2
+    assert best.best_model_path.endswith("epoch=2-step=12.ckpt")  # the first; none better
+    assert float(best.best_model_score) == float(trainer.callback_metrics["knn/val_top1"])
