@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateFinder
 from lightning.pytorch.utilities import rank_zero_info
 
+from simclr_lightning.data.loaders import align_resumed_epoch
 from simclr_lightning.errors import SettingError, require
 from simclr_lightning.run_checks import check_warmup
 
@@ -27,16 +28,25 @@ def warmup_cosine(
     return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def carried_step(step: int, old_per_epoch: int, new_per_epoch: int, loader_resumes: bool) -> int:
+def carried_step(
+    step: int,
+    old_per_epoch: int,
+    new_per_epoch: int,
+    loader_resumes: bool,
+    resumed_at: int | None = None,
+) -> int:
     """``step`` of a run of ``old_per_epoch`` steps an epoch as the same point of a run of
     ``new_per_epoch``, where a resumed Lightning loop goes on: the epochs done, then the
-    batches of the current one. A checkpoint past the new epoch's end (``batches >=
+    batches of the current one (``resumed_at``, when :func:`align_resumed_epoch` has counted
+    them in this run's batches). A checkpoint past the new epoch's end (``batches >=
     new_per_epoch``) restarts that epoch: a loader that ``loader_resumes`` (this library's,
     with ``state_dict``) then has no batch left of it, a plain loader serves it again whole."""
     if not (old_per_epoch and new_per_epoch) or old_per_epoch == new_per_epoch:
         return step  # the same epochs, or one of them unknown (a loader without a length)
     epochs, batches = divmod(step, old_per_epoch)
-    if batches >= new_per_epoch and not loader_resumes:
+    if resumed_at is not None:
+        batches = resumed_at
+    elif batches >= new_per_epoch and not loader_resumes:
         batches = 0
     return epochs * new_per_epoch + min(batches, new_per_epoch)
 
@@ -85,7 +95,11 @@ class WarmupCosine:
         return warmup_cosine(step, self.warmup_steps, self.total_steps, self.final_ratio)
 
     def carry_over(
-        self, schedule: torch.optim.lr_scheduler.LambdaLR, planned: dict, loader_resumes: bool
+        self,
+        schedule: torch.optim.lr_scheduler.LambdaLR,
+        planned: dict,
+        loader_resumes: bool,
+        resumed_at: int | None = None,
     ) -> dict | None:
         """After a resume has loaded the checkpoint's geometry into this multiplier, switch
         ``schedule`` to the ``planned`` geometry of this run (``vars()`` of the multiplier
@@ -99,7 +113,7 @@ class WarmupCosine:
         step = schedule.last_epoch
         if planned["epoch_bound"]:
             old_spe, new_spe = saved["steps_per_epoch"], planned["steps_per_epoch"]
-            step = carried_step(step, old_spe, new_spe, loader_resumes)
+            step = carried_step(step, old_spe, new_spe, loader_resumes, resumed_at)
         vars(self).update(planned)
         schedule.base_lrs = list(planned["base_lrs"])
         schedule.last_epoch = step
@@ -212,13 +226,16 @@ def carry_schedule_over(module: L.LightningModule) -> None:
     """A checkpoint resumed with another global batch (another world size) or length:
     Lightning has restored the schedule's peak rate and step count, made for the old run.
     Go on at the same epoch of the schedule :func:`step_schedule` planned for this run, at
-    this run's peak rate. Call in ``on_train_start``."""
+    this run's peak rate; in the middle of an epoch, after this run's batches of the images
+    trained on (:func:`align_resumed_epoch`, which moves Lightning's count of them too).
+    Call in ``on_train_start``."""
+    resumed_at = align_resumed_epoch(module.trainer)
     schedule = module.lr_schedulers()
     multiplier = getattr(schedule, "lr_lambdas", [None])[0]
     planned = getattr(module, "_planned_schedule", None)
     if not isinstance(multiplier, WarmupCosine) or planned is None:
         return
-    saved = multiplier.carry_over(schedule, planned, loader_resumes(module.trainer))
+    saved = multiplier.carry_over(schedule, planned, loader_resumes(module.trainer), resumed_at)
     if saved is not None:
         rank_zero_info(
             f"resumed schedule: {saved['steps_per_epoch']} -> {planned['steps_per_epoch']} "

@@ -193,18 +193,19 @@ def test_ddp_ranks_each_resume_their_own_state_exactly(ddp_run, tmp_path):
 
 @pytest.mark.slow
 def test_a_ddp_checkpoint_resumed_on_one_process_keeps_the_paper_schedule(ddp_run, tmp_path):
-    """The 2-process run's checkpoint after 2 of epoch 0's 3 steps (global batch 6), resumed
-    on 1 process: global batch 3, 6 steps an epoch. The run goes on at batch 2 of epoch 0, as
-    Lightning counts it, and ends after epoch 1 at the schedule's end; every rate is the
-    paper's rule for batch 3 (linear scaling, 1 epoch of warm-up, cosine over 2 epochs)."""
+    """The 2-process run's checkpoint after 2 of epoch 0's 3 steps (global batch 6: 12 of the
+    18 images), resumed on 1 process: global batch 3, 6 steps an epoch. The run goes on after
+    those 12 images, at batch 4 of epoch 0 (2 optimizer steps done, the schedule at its step
+    4), and ends after epoch 1 at the schedule's end; every rate is the paper's rule for
+    batch 3 (linear scaling, 1 epoch of warm-up, cosine over 2 epochs)."""
     full, args = ddp_run
     step_2 = str(Path(args[-1]) / "step=2.ckpt")
     (one,) = run_ddp_script("ddp_resume_script.py", 1, tmp_path / "one", *args, "--ckpt", step_2)
     batch_6 = 0.3 * 6 / 256 * cosine_schedule_reference(2, 3, 6, 0.0)  # the full run's rule
     assert full[0]["rows"][1][2] == pytest.approx(batch_6)
     steps = [s for s, _, _ in one["rows"]]
-    assert steps == list(range(3, 13))  # the rest of epoch 0 at 6 steps an epoch, then epoch 1
+    assert steps == list(range(3, 11))  # epoch 0's last 2 batches of 3 images, then epoch 1
     # Trace reads the rate after the scheduler has stepped: the rate of the step after it
-    want = [0.3 * 3 / 256 * cosine_schedule_reference(s, 6, 12, 0.0) for s in steps]
+    want = [0.3 * 3 / 256 * cosine_schedule_reference(s + 2, 6, 12, 0.0) for s in steps]
     assert [lr for _, _, lr in one["rows"]] == pytest.approx(want)
     assert all(torch.isfinite(loss) for _, loss, _ in one["rows"])

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 from torchmetrics.classification import MulticlassAccuracy
 
+from simclr_lightning.data.loaders import align_resumed_epoch
 from simclr_lightning.distributed import rank_and_world_size, real_rows, validation_loader
 from simclr_lightning.epoch_sums import EpochSums
 from simclr_lightning.errors import SettingError, require
@@ -141,8 +142,8 @@ class OnlineLinearProbe(L.Callback):
         saved, self._saved_per_epoch = self._saved_per_epoch, 0
         if trainer.estimated_stepping_batches != trainer.max_steps:  # a run of epochs
             # resumed with another global batch: the same epoch of this run's schedule
-            resumes = loader_resumes(trainer)
-            self.steps = carried_step(self.steps, saved, self._per_epoch, resumes)
+            resumes, at = loader_resumes(trainer), align_resumed_epoch(trainer)
+            self.steps = carried_step(self.steps, saved, self._per_epoch, resumes, at)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not isinstance(outputs, dict) or "features" not in outputs or "labels" not in outputs:

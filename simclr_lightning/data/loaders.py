@@ -83,6 +83,36 @@ def training_position(trainer: L.Trainer) -> tuple[int, int]:
     return trainer.current_epoch, batches
 
 
+def _batches(images: int, batch_size: int, drop_last: bool) -> int:
+    return images // batch_size if drop_last else math.ceil(images / batch_size)
+
+
+def align_resumed_epoch(trainer: L.Trainer) -> int | None:
+    """A checkpoint taken in the middle of an epoch and resumed with another global batch
+    (another ``data.batch_size`` or number of processes): move Lightning's count of the
+    epoch's batches (restored in the checkpoint's batches) to this run's batches of the same
+    images, which the data module's loader skips. Otherwise Lightning would end the epoch
+    after as many batches as the two counts differ too early (a larger batch: the epoch's
+    last images left out) or let the loader run dry first. This run's batches of the epoch
+    trained on, or None when nothing changed. Call in ``on_train_start`` (every caller gets
+    the same answer: the schedule's and the online probe's)."""
+    at = getattr(getattr(trainer.datamodule, "train_order", None), "loop_at", None)
+    if at is None or trainer.current_epoch != at[0]:
+        return None
+    _, was, now = at
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    if progress.current.processed == now:  # moved already (or nothing to move)
+        return now
+    if progress.current.processed != was:
+        return None  # not resumed at that point (an end-of-epoch restart, another fit)
+    for tracker in (progress.current, progress.total):
+        tracker.ready += now - was
+        tracker.started += now - was
+        tracker.processed += now - was
+        tracker.completed += now - was
+    return now
+
+
 class ResumableLoader(DataLoader):
     """A ``DataLoader`` over a :class:`ResumableSampler`. It has ``state_dict`` and
     ``load_state_dict``, so Lightning counts it as a resumable ("stateful") train loader and
@@ -118,6 +148,11 @@ class TrainOrder:
         self.trainer: L.Trainer | None = None
         self.seed: int | None = None
         self.resume: tuple[int, int] | None = None  # (epoch, batches trained on)
+        self.global_batch: int | None = None  # images per step over all processes, this run
+        self.saved_global_batch: int | None = None  # the checkpoint's run's
+        # (epoch, the checkpoint's batches, this run's batches of the same images): for
+        # :func:`align_resumed_epoch`, when the global batch has changed
+        self.loop_at: tuple[int, int, int] | None = None
 
     def state_dict(self) -> dict[str, int]:
         if self.trainer is None and self.seed is not None:
@@ -129,19 +164,36 @@ class TrainOrder:
         if self.trainer is None or self.seed is None:
             return {}
         epoch, batches = training_position(self.trainer)
-        return {"seed": self.seed, "epoch": epoch, "batches": batches}
+        state = {"seed": self.seed, "epoch": epoch, "batches": batches}
+        return state | ({"global_batch": self.global_batch} if self.global_batch else {})
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state:
             self.seed, self.resume = state["seed"], (state["epoch"], state["batches"])
+            self.saved_global_batch = state.get("global_batch")  # None: an older checkpoint
 
     def apply(self, loader: ResumableLoader) -> None:
+        """Seed the loader's order and start it where the checkpoint left off: after the
+        images the checkpoint's batches hold, over all processes. Every process's shard
+        interleaves one order (``DistributedSampler``'s ``order[rank::world]``), so the first
+        ``batches x global batch`` of it are the images trained on whatever the number of
+        processes; in batches of this run they can be another count (``loop_at``)."""
         sampler = loader.sampler
         assert isinstance(sampler, ResumableSampler) and loader.batch_size is not None
         sampler.seed = self.seed if self.seed is not None else sampler.seed
-        if self.resume is not None:
-            sampler.resume_at(*self.resume, loader.batch_size)
-            sampler.on_resumed = self._spent
+        self.global_batch = loader.batch_size * sampler.num_replicas
+        self.loop_at = None
+        if self.resume is None:
+            return
+        epoch, batches = self.resume
+        saved = self.saved_global_batch or self.global_batch
+        skip = min(batches * saved // sampler.num_replicas, sampler.kept)
+        sampler.resume_at(epoch, skip)
+        sampler.on_resumed = self._spent
+        if saved != self.global_batch:
+            size, drop = loader.batch_size, loader.drop_last
+            done = _batches(sampler.kept, size, drop) - _batches(sampler.kept - skip, size, drop)
+            self.loop_at = (epoch, batches, done)
 
     def _spent(self) -> None:
         """The resumed epoch has started: a loader built later (a fresh fit of this data

@@ -42,7 +42,7 @@ class ResumableSampler(DistributedSampler):
 
     Being a ``DistributedSampler``, Lightning keeps it (no sampler injection) and calls
     ``set_epoch`` before every epoch. :meth:`resume_at` makes the next pass over ``epoch``
-    start after ``batches`` batches of ``batch_size``: the ones a checkpoint already trained on.
+    start after ``samples`` of its indices: the ones a checkpoint already trained on.
 
     ``single_last_of``, a batch size, leaves out each epoch's last index when it alone would
     make the last batch (a training BatchNorm cannot use one image). Every rank's shard has
@@ -71,9 +71,9 @@ class ResumableSampler(DistributedSampler):
         size, batch = self.num_samples, self.single_last_of
         return size - 1 if batch is not None and size > 1 and size % batch == 1 else size
 
-    def resume_at(self, epoch: int, batches: int, batch_size: int) -> None:
+    def resume_at(self, epoch: int, samples: int) -> None:
         self.set_epoch(epoch)
-        self._skip = (epoch, batches * batch_size)
+        self._skip = (epoch, samples)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
