@@ -229,7 +229,9 @@ def carry_schedule_over(module: L.LightningModule) -> None:
     this run's peak rate; in the middle of an epoch, after this run's batches of the images
     trained on (:func:`align_resumed_epoch`, which moves Lightning's count of them too).
     Call in ``on_train_start``."""
-    resumed_at = align_resumed_epoch(module.trainer)
+    resumed_at = align_resumed_epoch(module.trainer)  # batches; the schedule counts steps
+    if resumed_at is not None:
+        resumed_at //= module.trainer.accumulate_grad_batches
     schedule = module.lr_schedulers()
     multiplier = getattr(schedule, "lr_lambdas", [None])[0]
     planned = getattr(module, "_planned_schedule", None)

@@ -41,7 +41,7 @@ def check_monitors(trainer: L.Trainer, keys: Iterable[str], every_n_epochs: int,
             f"{name} {problem}, but {owner} logs {monitor} only at the end of "
             f"{_epochs(every_n_epochs)} ({owner}.every_n_epochs={every_n_epochs}): it would "
             f"fail where {monitor} is missing, or read its last value again as if measured. "
-            f"{_fix(callback, every_n_epochs, owner)}"
+            f"{_fix(callback, every_n_epochs, owner, problem)}"
         )
 
 
@@ -90,7 +90,11 @@ def _checkpoint_problem(trainer: L.Trainer, checkpoint: ModelCheckpoint, n: int)
     return None if aligned else f"saves at the end of {_epochs(saved_at)}"
 
 
-def _fix(callback: L.Callback, n: int, owner: str) -> str:
+def _fix(callback: L.Callback, n: int, owner: str, problem: str) -> str:
+    if "inside epochs" in problem:
+        return "Validate once an epoch (trainer.val_check_interval=1.0), or monitor another metric"
+    if "by steps or time" in problem:
+        return "Save by epochs (every_n_epochs) for this metric, or monitor another metric"
     if isinstance(callback, ModelCheckpoint):
         return (
             f"Give the checkpoint every_n_epochs={n} (or a multiple), or set "

@@ -257,6 +257,9 @@ def test_a_monitor_of_knn_at_epochs_without_it_is_refused_before_training(
         trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))
     assert trainer.global_step == 0
     assert f"KNNMonitor.every_n_epochs={every}" in str(caught.value)
+    fix = {"inside epochs": "trainer.val_check_interval=1.0", "by steps": "Save by epochs"}
+    for found, said in fix.items():
+        assert (said in str(caught.value)) == (found in str(caught.value)), said
     assert "\n" not in str(caught.value)
 
 
