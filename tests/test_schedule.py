@@ -292,3 +292,31 @@ def test_fine_tuning_resumed_goes_on_at_each_groups_own_rate(tmp_path):
         # the classifier's two groups (weight, bias), then the encoder's
         assert lrs[:2] == pytest.approx([want_head] * 2)
         assert lrs[2:] == pytest.approx([want_encoder] * (len(lrs) - 2))
+
+
+def test_linear_eval_resumed_mid_epoch_with_another_batch_under_accumulation(
+    image_folder, tmp_path
+):
+    """24 images at batch 2, gradients accumulated over 2: 6 steps an epoch; saved after 4
+    (16 images), resumed at batch 4: 3 steps an epoch. The epoch goes on after the 16 images,
+    4 of this run's batches, which are 2 of its steps: the schedule goes on at its step 2 of
+    6, not at its batch 4."""
+
+    def data(batch: int) -> ImageFolderDataModule:
+        aug = SimCLRAugmentation(image_size=8)
+        return ImageFolderDataModule(
+            str(image_folder), aug, batch_size=batch, num_workers=0, task="classify"
+        )
+
+    first, resumed = fit_then_resume(
+        tmp_path,
+        lambda: LinearEval(num_classes=2, lr=0.2, backbone="resnet18"),
+        data(2),
+        data(4),
+        "epoch=0-step=4.ckpt",
+        RecordStepLR(),
+        every={"every_n_train_steps": 4},
+        accumulate_grad_batches=2,
+    )
+    assert [lrs[0] for lrs in first] == pytest.approx(cosine(0.2, range(4 * 6), 4 * 6))
+    assert [lrs[0] for lrs in resumed] == pytest.approx(cosine(0.2, range(2, 12), 12))
