@@ -34,6 +34,7 @@ from simclr_lightning.schedule import (
     replan_if_tuned,
     step_schedule,
 )
+from simclr_lightning.stop_position import save_as_inside_epoch
 from simclr_lightning.supcon import SupConLoss
 
 LossName = Literal["ntxent", "supcon"]
@@ -298,6 +299,8 @@ class SimCLR(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._watch.flush()  # never write the weights of a non-finite step
+        if self._trainer is not None:  # stopped by max_steps or max_time: resume in the epoch
+            save_as_inside_epoch(self._trainer, checkpoint)
         checkpoint["train_loss_mean"] = self._loss_mean.state_dict()  # the epoch so far
         if checkpoint.get("hyper_parameters"):
             checkpoint["hyper_parameters"] = with_class_path(self, checkpoint)

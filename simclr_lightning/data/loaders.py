@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from simclr_lightning.data.failed_batches import CatchFailedBatches
 from simclr_lightning.data.sampler import ResumableSampler, SeededSamples, sample_seed
 from simclr_lightning.errors import SettingError
+from simclr_lightning.stop_position import epoch_in_progress, stopped_inside_epoch
 
 MAX_AUTO_WORKERS = 16
 _SAID_WORKERS: set[int] = set()  # counts already said: once each, not at every loader
@@ -80,6 +81,8 @@ def training_position(trainer: L.Trainer) -> tuple[int, int]:
     batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
     if batches >= trainer.num_training_batches:
         return trainer.current_epoch + 1, 0
+    if stopped_inside_epoch(trainer):  # max_steps, max_time: Lightning may count it done
+        return epoch_in_progress(trainer), batches
     return trainer.current_epoch, batches
 
 

@@ -32,6 +32,7 @@ from simclr_lightning.schedule import (
     replan_if_tuned,
     step_schedule,
 )
+from simclr_lightning.stop_position import save_as_inside_epoch
 
 
 class LinearEval(L.LightningModule):
@@ -316,6 +317,8 @@ class LinearEval(L.LightningModule):
         self.preprocessing = preprocessing or self.preprocessing
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None:  # stopped by max_steps or max_time: resume in its epoch
+            save_as_inside_epoch(self._trainer, checkpoint)
         hparams = checkpoints.with_class_path(self, checkpoint)
         if hparams:
             hparams["checkpoint"] = None  # the weights are here: rebuilding needs no SimCLR file
