@@ -19,9 +19,10 @@ import lightning as L
 def stopped_inside_epoch(trainer: L.Trainer) -> bool:
     """Whether the fit has left its epoch before the epoch's last batch (and after its first)."""
     fit = trainer.fit_loop
-    batches = fit.epoch_loop.batch_progress.current.processed
+    progress = fit.epoch_loop.batch_progress  # is_last_batch: a loader without a length too
+    inside = 0 < progress.current.processed < trainer.num_training_batches
     epochs = fit.epoch_progress.current
-    return 0 < batches < trainer.num_training_batches and epochs.processed == epochs.started
+    return inside and not progress.is_last_batch and epochs.processed == epochs.started
 
 
 def epoch_in_progress(trainer: L.Trainer) -> int:

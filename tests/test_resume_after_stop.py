@@ -114,3 +114,28 @@ def test_linear_eval_saves_a_stop_inside_an_epoch_as_that_epoch(folder, tmp_path
     assert saved["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 0
     assert saved["ImageFolderDataModule"]["train_order"]["epoch"] == 0
     assert saved["ImageFolderDataModule"]["train_order"]["batches"] == STOP
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Two-view pairs from a loader without a length (a WebDataset-style stream)."""
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(0)
+        for i in range(12):
+            yield (torch.randn(3, 8, 8, generator=gen), torch.randn(3, 8, 8, generator=gen)), i % 2
+
+
+def test_an_epoch_of_a_loader_without_a_length_that_ran_dry_stays_done(tmp_path):
+    """Its batch count is unknown (infinite to Lightning): the epoch ended at its last batch,
+    not inside it, and a resume goes on with the next epoch."""
+    trainer = quiet_trainer(
+        max_epochs=1,
+        limit_val_batches=0,
+        enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(tmp_path, **SAVES["fit end"])],
+    )
+    model = SimCLR(cifar_stem=False, warmup_epochs=0, head_hidden_dim=8, head_output_dim=8)
+    trainer.fit(model, torch.utils.data.DataLoader(Stream(), batch_size=4))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 3 and saved["epoch"] == 1
+    assert saved["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 1
