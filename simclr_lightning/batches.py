@@ -1,11 +1,14 @@
 """The shape of a SimCLR training batch, checked before any work: a loader of another library
-(lightly's ``(views, targets, filenames)``) or views without labels fail in one clear line."""
+(lightly's ``(views, targets, filenames)``), views without labels, or images with another
+number of channels than the encoder takes fail in one clear line."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
+
+from simclr_lightning.errors import SettingError
 
 
 def two_views(batch: Any) -> tuple[tuple[Tensor, Tensor], Tensor]:
@@ -28,3 +31,21 @@ def _shape_of(batch: Any) -> str:
     if isinstance(batch, (tuple, list)):
         return f"({', '.join(_shape_of(b) for b in batch)})" if len(batch) <= 4 else "a long list"
     return type(batch).__name__
+
+
+def encoder_channels(encoder: nn.Module) -> int | None:
+    """The channels of the images ``encoder`` takes: its first convolution's (a ResNet's stem,
+    a ViT's patch embedding), or None when it has none."""
+    first = next((m for m in encoder.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else first.in_channels
+
+
+def check_channels(x: Tensor, expected: int | None, fix: str) -> None:
+    """Refuse images of another number of channels than the encoder's (grayscale MNIST into
+    an RGB stem), whose convolution would fail with a traceback, in one line with ``fix``.
+    A shape read: no wait for the GPU."""
+    if expected is None or x.ndim != 4 or x.shape[1] == expected:
+        return
+    raise SettingError(
+        f"the images have {x.shape[1]} channel(s) but the encoder takes {expected}: {fix}"
+    )

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from simclr_lightning.backbones import build_backbone
-from simclr_lightning.batches import two_views
+from simclr_lightning.batches import check_channels, two_views
 from simclr_lightning.checkpoint import with_class_path
 from simclr_lightning.data.class_names import says_unlabeled
 from simclr_lightning.data.transforms import preprocessing_of
@@ -188,6 +188,8 @@ class SimCLR(L.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """Encoder features h = f(x): the representation used downstream."""
+        expected = self.hparams.get("in_channels", 3)
+        check_channels(x, expected, f"set model.in_channels={x.shape[1]} for this data")
         return self.backbone(self._layout(x))
 
     def _layout(self, x: Tensor) -> Tensor:

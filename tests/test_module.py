@@ -265,3 +265,48 @@ def test_predicting_with_a_pretraining_checkpoint_prepares_images_as_pretraining
     with torch.no_grad():
         want = loaded(x)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_images_with_another_number_of_channels_than_the_encoders_are_one_clear_error():
+    """Grayscale MNIST into an RGB stem (or RGB into a one-channel one) failed with a
+    convolution's traceback, at the kNN report before any training or at the first step."""
+    from simclr_lightning import LinearEval
+
+    model = SimCLR(backbone="resnet18", head_hidden_dim=8, head_output_dim=8)
+    with pytest.raises(SettingError, match=r"have 1 channel\(s\) .* takes 3: set model.in_"):
+        model(torch.zeros(2, 1, 16, 16))
+    gray = SimCLR(backbone="resnet18", in_channels=1, head_hidden_dim=8, head_output_dim=8)
+    assert gray(torch.zeros(2, 1, 16, 16)).shape == (2, 512)
+    with pytest.raises(SettingError, match="set model.in_channels=3 for this data"):
+        gray(torch.zeros(2, 3, 16, 16))
+    classifier = LinearEval(num_classes=2, backbone="resnet18", in_channels=1)
+    with pytest.raises(SettingError, match=r"have 3 channel\(s\) but the encoder takes 1"):
+        classifier(torch.zeros(2, 3, 16, 16))
+
+
+def test_the_readmes_fashion_mnist_command(fashion_mnist_dir, tmp_path, capsys):
+    """README's Offline section: MNISTDataModule with a one-channel encoder trains; without
+    model.in_channels the run stops in one line that says what to set."""
+    from simclr_lightning.cli import main
+
+    args = [
+        "simclr-lightning", "fit", "--model=SimCLR", "--model.backbone=resnet18",
+        "--model.head_hidden_dim=16", "--model.head_output_dim=8", "--model.warmup_epochs=0",
+        "--data=MNISTDataModule", f"--data.data_dir={fashion_mnist_dir}",
+        "--data.batch_size=16", "--data.num_workers=0", "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+        "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", args)
+        with pytest.raises(SystemExit) as stopped:
+            main()
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error == (
+            "simclr-lightning: error: the images have 1 channel(s) but the encoder takes 3: "
+            "set model.in_channels=1 for this data"
+        )
+        patch.setattr("sys.argv", [*args, "--model.in_channels=1"])
+        main()

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from simclr_lightning import checkpoint as checkpoints
 from simclr_lightning.backbones import build_backbone
+from simclr_lightning.batches import check_channels, encoder_channels
 from simclr_lightning.distributed import (
     already_synced,
     loader_count,
@@ -131,6 +132,7 @@ class LinearEval(L.LightningModule):
         self.backbone, self.feature_dim = build_backbone(
             backbone, cifar_stem, in_channels, timm_kwargs=timm_kwargs
         )
+        self._channels = encoder_channels(self.backbone)  # checked in forward: one line
         if state is not None:
             try:
                 self.backbone.load_state_dict(state)
@@ -182,6 +184,7 @@ class LinearEval(L.LightningModule):
             self.projection.eval()
 
     def forward(self, x: Tensor) -> Tensor:
+        check_channels(x, self._channels, "evaluate the encoder on images like its pretraining's")
         with torch.set_grad_enabled(self.hparams.finetune and torch.is_grad_enabled()):
             features = self.projection(self.backbone(x))
         return self.head(features)
