@@ -27,7 +27,12 @@ from simclr_lightning.optim import (
     param_groups,
     scaled_learning_rate,
 )
-from simclr_lightning.run_checks import StepWatch, check_accumulation, check_equal_batches
+from simclr_lightning.run_checks import (
+    StepWatch,
+    check_accumulation,
+    check_checkpoint_folders,
+    check_equal_batches,
+)
 from simclr_lightning.schedule import (
     carry_schedule_over,
     global_batch_size,
@@ -255,6 +260,10 @@ class SimCLR(L.LightningModule):
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            check_checkpoint_folders(self.trainer)
 
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule

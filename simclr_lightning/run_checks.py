@@ -5,6 +5,9 @@ wasted run now stops, or warns, first."""
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -92,6 +95,37 @@ def check_equal_batches(trainer: L.Trainer, n: int, batch_idx: int) -> None:
         f"DistributedSampler does, trainer.use_distributed_sampler=true), or set "
         f"model.gather_distributed=false"
     )
+
+
+def check_checkpoint_folders(trainer: L.Trainer) -> None:
+    """Refuse, before any work, a ``ModelCheckpoint`` folder this run cannot write (read-only,
+    another user's): its first save would come after the first epoch, or at the end of the
+    run, and stop it there with all the training lost. Tried by the process that writes
+    (global rank zero) and said on every process at once; remote folders are left to their
+    file system."""
+    problem = None
+    if trainer.is_global_zero:
+        folders = [c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+        problem = next(filter(None, map(_unwritable, folders)), None)
+    problem = trainer.strategy.broadcast(problem)
+    if problem is not None:
+        raise SettingError(problem)
+
+
+def _unwritable(folder: str | os.PathLike) -> str | None:
+    if "://" in str(folder):
+        return None
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        return (
+            f"the ModelCheckpoint folder {str(folder)!r} cannot be written "
+            f"({err.strerror or type(err).__name__}): set the checkpoint's dirpath (or "
+            f"trainer.default_root_dir) to a folder this run can write"
+        )
+    return None
 
 
 class CollapseWatch:

@@ -185,17 +185,19 @@ def test_batch_sizes_that_differ_across_processes_are_refused_naming_the_sizes()
 
 
 @pytest.mark.slow
-def test_ddp_batches_of_different_sizes_stop_every_process_with_one_error(tmp_path):
-    """tests/ddp_uneven_script.py: without Lightning's DistributedSampler rank 1 runs one image
+def test_ddp_refusals_stop_every_process_with_one_error(tmp_path):
+    """tests/ddp_refused_script.py: without Lightning's DistributedSampler rank 1 runs one image
     short. The gather behind the loss would abort the processes in gloo (a received size that
     does not match) and, in NCCL, read past rank 1's rows; every rank must stop at once with
-    the error, and without gathering the epoch trains through."""
+    the error, and without gathering the epoch trains through. A checkpoint folder that only
+    rank 0 tries (it writes) stops every rank before the first step."""
     runs = {
         "local": ["--gather", "0", "--short", "last"],  # first: the error runs leave no peer
         "last": ["--short", "last"],
         "all": ["--short", "all"],
+        "unwritable": ["--short", "none", "--unwritable", "1"],
     }
-    results = run_ddp_script_runs("ddp_uneven_script.py", 2, tmp_path / "ddp", runs)
+    results = run_ddp_script_runs("ddp_refused_script.py", 2, tmp_path / "ddp", runs)
     assert [r["error"] for r in results["local"]] == [None, None]
     assert [r["step"] for r in results["local"]] == [3, 3]
     for name, batch_idx, sizes, step in [("last", 2, "[4, 3]", 2), ("all", 0, "[4, 3]", 0)]:
@@ -205,3 +207,49 @@ def test_ddp_batches_of_different_sizes_stop_every_process_with_one_error(tmp_pa
                 f"({sizes} images, process by process)"
             ), (name, rank, result["error"])
             assert result["step"] == step, (name, rank)
+    for rank, result in enumerate(results["unwritable"]):  # only rank 0 tried the folder
+        assert result["error"].startswith("the ModelCheckpoint folder "), (rank, result)
+        assert "cannot be written (Not a directory)" in result["error"]
+        assert result["step"] == 0
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_any_step(tmp_path):
+    """It was found at the first save, after the first epoch (or at the end of the run, with
+    save_last only), the training lost. A folder under a file: even root cannot write it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    (tmp_path / "a_file").touch()
+    folder = tmp_path / "a_file" / "checkpoints"
+    model = SimCLR(
+        backbone="timm:test_resnet", cifar_stem=False, head_hidden_dim=8, head_output_dim=8
+    )
+    trainer = quiet_trainer(
+        max_steps=2, enable_checkpointing=True, callbacks=[ModelCheckpoint(folder, save_last=True)]
+    )
+    data = [((torch.randn(3, 8, 8), torch.randn(3, 8, 8)), 0) for _ in range(8)]
+    with pytest.raises(SettingError) as caught:
+        trainer.fit(model, DataLoader(data, batch_size=4))
+    assert str(caught.value) == (
+        f"the ModelCheckpoint folder {str(folder)!r} cannot be written (Not a directory): set "
+        f"the checkpoint's dirpath (or trainer.default_root_dir) to a folder this run can write"
+    )
+    assert trainer.global_step == 0
+    writable = tmp_path / "checkpoints"  # made by the check, and left without its test file
+    saves = ModelCheckpoint(writable, save_last=True, save_top_k=0)
+    trainer = quiet_trainer(max_steps=1, enable_checkpointing=True, callbacks=[saves])
+    trainer.fit(model, DataLoader(data, batch_size=4))
+    assert sorted(p.name for p in writable.iterdir()) == ["last.ckpt"]
+
+
+def test_linear_eval_refuses_a_checkpoint_folder_that_cannot_be_written(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from simclr_lightning import LinearEval
+
+    (tmp_path / "a_file").touch()
+    saves = ModelCheckpoint(tmp_path / "a_file" / "checkpoints")
+    trainer = quiet_trainer(max_steps=1, enable_checkpointing=True, callbacks=[saves])
+    data = [(torch.randn(3, 8, 8), i % 2) for i in range(8)]
+    with pytest.raises(SettingError, match="the ModelCheckpoint folder .* cannot be written"):
+        trainer.fit(LinearEval(num_classes=2, backbone="resnet18"), DataLoader(data, batch_size=4))
+    assert trainer.global_step == 0

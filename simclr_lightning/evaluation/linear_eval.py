@@ -27,6 +27,7 @@ from simclr_lightning.evaluation.eval_figures import StageFigures
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.lagged_reads import LaggedReads
 from simclr_lightning.optim import LRScaling, classifier_optimizer, classifier_rates
+from simclr_lightning.run_checks import check_checkpoint_folders
 from simclr_lightning.schedule import (
     carry_schedule_over,
     check_rate_finder,
@@ -308,6 +309,7 @@ class LinearEval(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             check_rate_finder(self.trainer, self.hparams.lr_scaling, "LinearEval")
+            check_checkpoint_folders(self.trainer)
         # logged without sync_dist: their values are already over all processes
         already_synced("train/loss", "train/top1")
         datamodule = self.trainer.datamodule if self.trainer is not None else None
