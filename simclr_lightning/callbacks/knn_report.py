@@ -15,6 +15,7 @@ from simclr_lightning.distributed import RowCollector, encode_rows, shard_loader
 from simclr_lightning.errors import require
 from simclr_lightning.evaluation.knn import knn_predict, top_k_accuracy
 from simclr_lightning.last_checkpoint import resumed_checkpoint
+from simclr_lightning.stop_position import epoch_in_progress, stopped_inside_epoch
 
 
 def encode(trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader):
@@ -137,19 +138,31 @@ class KNNReport(L.Callback):
             (f"chance ({round(1 / r['chance_top1'])} classes)", r["chance_top1"], ""),
             (self._start, r["init_top1"], ""),
             (
-                f"after SimCLR ({trainer.current_epoch} epochs, {trainer.global_step} steps)",
+                f"after SimCLR ({_epochs_trained(trainer)}, {trainer.global_step} steps)",
                 r["final_top1"],
                 f"{gain:+.1f} points",
             ),
         ]
         lines = [
-            f"kNN top-1 on all {r['queries']:,} held-out images (weighted, k={self.k}, "
+            f"kNN top-1 on all {r['queries']:,} held-out images (weighted, "
+            f"k={min(self.k, r['bank'])}, "
             f"against {r['bank']:,} training images):"
         ]
         lines += [
             f"  {name:<40} {100 * value:5.1f}%  {note}".rstrip() for name, value, note in rows
         ]
         print("\n".join(lines), flush=True)
+
+
+def _epochs_trained(trainer: L.Trainer) -> str:
+    """ "2 epochs", or "0.09 epochs" for a fit stopped inside its first (max_steps), which
+    Lightning already counts as one."""
+    done: float = trainer.current_epoch
+    if stopped_inside_epoch(trainer):
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        done = epoch_in_progress(trainer) + batches / trainer.num_training_batches
+    text = f"{done:.2f}".rstrip("0").rstrip(".")
+    return f"{text} epoch" + ("" if text == "1" else "s")
 
 
 def _labelled(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

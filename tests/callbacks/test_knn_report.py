@@ -176,3 +176,17 @@ def test_a_run_tuned_by_the_batch_size_finder_reports_a_random_start(capsys):
     trainer.fit(Drift(8), datamodule=HeldOutData(noisy(40, 0), noisy(20, 1), batch_size=10))
     out = capsys.readouterr().out
     assert "randomly initialised encoder" in out and "resumed" not in out
+
+
+@pytest.mark.parametrize("limits, said", [({"max_epochs": 2}, "2 epochs, 24 steps"),
+                                          ({"max_steps": 3}, "0.25 epochs, 3 steps"),
+                                          ({"max_steps": 12}, "1 epoch, 12 steps")])  # fmt: skip
+def test_the_report_says_the_epochs_trained_and_the_neighbours_there_are(capsys, limits, said):
+    """12 batches an epoch. A fit stopped by max_steps inside its first epoch said "1 epochs"
+    (Lightning counts the stopped epoch as done); k=200 against 120 images votes with 120."""
+    train, val = noisy(120, 0), noisy(53, 1)
+    trainer = quiet_trainer(limit_val_batches=0, callbacks=[KNNReport(k=200)], **limits)
+    trainer.fit(Drift(8), datamodule=HeldOutData(train, val, batch_size=10))
+    out = capsys.readouterr().out
+    assert f"after SimCLR ({said})" in out
+    assert "(weighted, k=120, against 120 training images)" in out
