@@ -26,8 +26,8 @@ def stopped_inside_epoch(trainer: L.Trainer) -> bool:
 
 
 def epoch_in_progress(trainer: L.Trainer) -> int:
-    """The epoch a fit that :func:`stopped_inside_epoch` was in (Lightning's current epoch may
-    have moved on to the next)."""
+    """The epoch the fit's last batches are of: Lightning's current epoch moves on to the next
+    once it counts an epoch done (-1 before the first)."""
     return trainer.fit_loop.epoch_progress.current.started - 1
 
 

@@ -50,22 +50,23 @@ def folder(tmp_path_factory):
     return root
 
 
-def fit(folder, max_steps: int, rows: Rows, saves=(), ckpt_path=None) -> None:
+def fit(folder, max_steps: int, rows: Rows, saves=(), ckpt_path=None, workers=0, epochs=3):
     L.seed_everything(3, verbose=False)
     data = ImageFolderDataModule(
-        str(folder), SimCLRAugmentation(image_size=8), batch_size=4, num_workers=0
+        str(folder), SimCLRAugmentation(image_size=8), batch_size=4, num_workers=workers
     )
     model = SimCLR(
         cifar_stem=False, warmup_epochs=1, base_lr=0.3, head_hidden_dim=8, head_output_dim=8
     )
     trainer = quiet_trainer(
-        max_epochs=3,
+        max_epochs=epochs,
         max_steps=max_steps,
         limit_val_batches=0,
         enable_checkpointing=bool(saves),
         callbacks=[rows, RNGState(), *saves],
     )
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
 
 
 SAVES = {  # where Lightning's ModelCheckpoint writes last.ckpt after the stop
@@ -139,3 +140,23 @@ def test_an_epoch_of_a_loader_without_a_length_that_ran_dry_stays_done(tmp_path)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 3 and saved["epoch"] == 1
     assert saved["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 1
+
+
+def test_a_checkpoint_written_after_lightning_counted_the_epoch_done_resumes_at_the_next(
+    folder, tmp_path
+):
+    """A stop in the end-of-epoch validation or kNN pass saves after Lightning has counted
+    the epoch done (its current epoch already the next): the order said the epoch after
+    that, and with loader workers (whose iterator is made before Lightning sets the epoch)
+    the resumed run trained the next epoch on the one after's images and views, then again
+    on them, as if seen before. Written here by trainer.save_checkpoint after the fit."""
+    whole = Rows()
+    fit(folder, -1, whole, workers=1)
+    first = fit(folder, -1, Rows(), workers=1, epochs=1)
+    assert first.current_epoch == 1  # counted done
+    first.save_checkpoint(tmp_path / "after.ckpt")
+    resumed = Rows()
+    fit(folder, -1, resumed, ckpt_path=tmp_path / "after.ckpt", workers=1)
+    assert [r[:3] for r in resumed.rows] == [r[:3] for r in whole.rows[5:]]
+    for got, want in zip(resumed.rows, whole.rows[5:], strict=True):
+        assert torch.equal(got[3], want[3]), f"loss differs at step {got[2]}"

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from simclr_lightning.data.failed_batches import CatchFailedBatches
 from simclr_lightning.data.sampler import ResumableSampler, SeededSamples, sample_seed
 from simclr_lightning.errors import SettingError
-from simclr_lightning.stop_position import epoch_in_progress, stopped_inside_epoch
+from simclr_lightning.stop_position import epoch_in_progress
 
 MAX_AUTO_WORKERS = 16
 _SAID_WORKERS: set[int] = set()  # counts already said: once each, not at every loader
@@ -79,11 +79,13 @@ def training_position(trainer: L.Trainer) -> tuple[int, int]:
     epoch's start. Read from Lightning's loop counters, not counted in the loader, whose
     fetcher runs a batch ahead of training."""
     batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    # the epoch those batches are of: Lightning's current epoch moves on when it counts the
+    # epoch done, which a save after it (a stop in the end-of-epoch validation or kNN pass,
+    # max_steps, max_time) comes after
+    epoch = max(0, epoch_in_progress(trainer))
     if batches >= trainer.num_training_batches:
-        return trainer.current_epoch + 1, 0
-    if stopped_inside_epoch(trainer):  # max_steps, max_time: Lightning may count it done
-        return epoch_in_progress(trainer), batches
-    return trainer.current_epoch, batches
+        return epoch + 1, 0
+    return epoch, batches
 
 
 def _batches(images: int, batch_size: int, drop_last: bool) -> int:
