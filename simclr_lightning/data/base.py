@@ -79,10 +79,11 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
         label_subset: with ``task: classify`` on an image folder, train only on the images this
             text file names (google-research/simclr's ``imagenet_subsets/1percent.txt``).
         val_subset: validate on this many images only (None: the whole split).
-        val_seed: validation images are served in one seeded, class-stratified random order
-            (:func:`stratified_order`), the same every epoch, so whatever part of the split is
-            used (``val_subset``, ``trainer.limit_val_batches``) is a class-balanced random
-            sample of all of it; the monitors (probe, kNN, plot) see that sample.
+        val_seed: validation and test images are served in one seeded, class-stratified
+            random order (:func:`stratified_order`), the same every epoch, so whatever part of
+            the split is used (``val_subset``, ``trainer.limit_val_batches``,
+            ``trainer.limit_test_batches``) is a class-balanced random sample of all of it;
+            the monitors (probe, kNN, plot) see that sample. Predict keeps the files' order.
     """
 
     reads_image_files = False
@@ -301,15 +302,20 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
         self.train_order.load_state_dict(state_dict.get("train_order", {}))
         self.load_augment_states(state_dict)
 
-    def val_sample(self) -> Dataset:
-        """The validation images in :func:`stratified_order` (the first ``val_subset``)."""
+    def held_out_order(self) -> list[int]:
+        """Every index of the validation split in one seeded (``val_seed``), class-stratified
+        random order (:func:`stratified_order`; a seeded random order when the split keeps no
+        labels): the order validation and test serve it in, the same every epoch and on every
+        rank, so any prefix a run uses is a class-balanced random sample of the split."""
         labels = dataset_labels(self.val_set)
         if labels is None:  # no labels to stratify by: a seeded random order
             generator = torch.Generator().manual_seed(self.val_seed)
-            order = torch.randperm(len(self.val_set), generator=generator)
-        else:
-            order = stratified_order(labels, self.val_seed)
-        return Subset(self.val_set, order[: self.val_subset].tolist())
+            return torch.randperm(len(self.val_set), generator=generator).tolist()
+        return stratified_order(labels, self.val_seed).tolist()
+
+    def val_sample(self) -> Dataset:
+        """The validation images in :meth:`held_out_order` (the first ``val_subset``)."""
+        return Subset(self.val_set, self.held_out_order()[: self.val_subset])
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
@@ -317,13 +323,22 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
         return self._loader(self.val_sample(), self.val_batch_size)
 
     def test_dataloader(self) -> DataLoader | list:
-        """The whole validation split in its own order (rows keep their dataset index)."""
+        """The whole validation split (``val_subset`` does not cut it) in validation's
+        :meth:`held_out_order`, so a test cut short (``trainer.limit_test_batches``) is a
+        class-balanced sample too, not the first classes of a sorted folder. The loader serves
+        a ``Subset`` in that order: under DDP, row positions
+        (:func:`~simclr_lightning.distributed.sample_positions`) are positions in it, through
+        which bad files left out are found, and each image still counts once."""
+        if self.val_set is None:
+            return []
+        return self._loader(Subset(self.val_set, self.held_out_order()), self.val_batch_size)
+
+    def predict_dataloader(self) -> DataLoader | list:
+        """The whole validation split in its own (file) order: a prediction's row is named by
+        its dataset index (:class:`~simclr_lightning.callbacks.PredictionWriter`)."""
         if self.val_set is None:
             return []
         return self._loader(self.val_set, self.val_batch_size)
-
-    def predict_dataloader(self) -> DataLoader | list:
-        return self.test_dataloader()
 
     def eval_train_dataloader(self) -> DataLoader:
         """The labelled training split without augmentation: the memory bank of a kNN monitor."""

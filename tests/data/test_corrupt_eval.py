@@ -75,7 +75,8 @@ def skip_messages(caught) -> list[str]:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_evaluation_loaders_leave_bad_files_out_in_order(folder, workers):
     """A bad validation file's row was another image with that image's label (counted twice,
-    and predict's rows shifted); now the rows are exactly the good files, in dataset order."""
+    and predict's rows shifted); now the rows are exactly the good files, in dataset order
+    (predict, the kNN bank) or in validation's seeded order (validation, test)."""
     root, good, bad = folder
     dm = data(root, num_workers=workers, persistent_workers=False)
     dm.setup("fit")
@@ -84,7 +85,6 @@ def test_evaluation_loaders_leave_bad_files_out_in_order(folder, workers):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for loader, files in (
-            (dm.test_dataloader(), val_good),
             (dm.predict_dataloader(), val_good),
             (dm.eval_train_dataloader(), train_good),
         ):
@@ -95,8 +95,19 @@ def test_evaluation_loaders_leave_bad_files_out_in_order(folder, workers):
             dm.report_skipped()  # what the next batch transfer does
         val_images, val_labels = rows(dm.val_dataloader())  # a seeded order of the same rows
         dm.report_skipped()
+        test_images, test_labels = rows(dm.test_dataloader())  # the same order, whole split
+        dm.report_skipped()
     assert sorted(val_labels) == sorted(labels_of(val_good))
     assert len(val_images) == len(val_good)
+    assert test_labels == val_labels
+    torch.testing.assert_close(test_images, val_images)
+    want_images, want_labels = expected_rows(dm, val_good)
+    matches = [  # each test row is one good file's view, with its label
+        [i for i, want in enumerate(want_images) if torch.allclose(image, want)]
+        for image in test_images
+    ]
+    assert sorted(m[0] for m in matches) == list(range(len(val_good)))
+    assert [want_labels[m[0]] for m in matches] == test_labels
     said = skip_messages(caught)
     assert sorted(m.split("'")[1] for m in said) == sorted(map(str, bad))  # once each
     assert all("left out, with no image in its place" in m and "\n" not in m for m in said)
@@ -122,7 +133,7 @@ def test_a_batch_of_only_bad_files_is_empty(folder):
     dm.setup("fit")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CorruptImageWarning)
-        batches = list(dm.test_dataloader())
+        batches = list(dm.predict_dataloader())  # the files' order
     assert [len(y) for _, y in batches] == [0, 3]
     assert batches[0][0].shape == (0, 3, SIZE, SIZE) and batches[0][1].dtype == torch.long
 
@@ -189,12 +200,15 @@ def test_predict_files_verify_with_skip_warns_once_and_leaves_them_out(folder):
     assert sorted(paths) == sorted(str(p) for p in good if p.parts[-3] == "val")
 
 
+@pytest.mark.parametrize("order", ["files", "test"])
 @pytest.mark.parametrize("batch_size", [2, 3])
-def test_under_ddp_rows_after_a_left_out_file_keep_their_positions(folder, batch_size):
+def test_under_ddp_rows_after_a_left_out_file_keep_their_positions(folder, batch_size, order):
     """8 validation files (2 bad) over 3 ranks, as Lightning shards them: rank r reads r, r+3,
     r+6 and rank 2's last is a padding repeat of file 0. The rows after a left-out file were
     numbered one lower, so that repeat could pass as a real file and count file 0 twice; now
-    every good file counts exactly once, with its own label, over the ranks."""
+    every good file counts exactly once, with its own label, over the ranks: in the files'
+    order, and in the test loader's (a Subset in validation's seeded order, whose positions
+    are mapped back to files through its indices)."""
     from torch.utils.data import DataLoader, DistributedSampler
 
     from simclr_lightning.distributed import real_rows, sample_positions
@@ -202,7 +216,8 @@ def test_under_ddp_rows_after_a_left_out_file_keep_their_positions(folder, batch
     root, good, bad = folder
     dm = data(root, batch_size=batch_size)
     dm.setup("fit")
-    dataset = dm.test_dataloader().dataset
+    dataset = dm.test_dataloader().dataset if order == "test" else dm.val_set
+    file_of = dataset.indices if order == "test" else list(range(len(dataset)))
     files = sorted(p for p in good + bad if p.parts[-3] == "val")
     want = {i: labels_of([p])[0] for i, p in enumerate(files) if p not in bad}
     counted = []
@@ -219,5 +234,6 @@ def test_under_ddp_rows_after_a_left_out_file_keep_their_positions(folder, batch
             for batch_idx, (_, labels) in enumerate(loader):
                 keep = real_rows(loader, batch_idx, len(labels), labels.device)
                 positions = sample_positions(loader, batch_idx, len(labels))
-                counted += list(zip(positions[keep].tolist(), labels[keep].tolist(), strict=True))
+                kept = [file_of[p] for p in positions[keep].tolist()]
+                counted += list(zip(kept, labels[keep].tolist(), strict=True))
     assert sorted(counted) == sorted(want.items())

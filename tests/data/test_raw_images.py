@@ -60,7 +60,7 @@ def test_image_folder_items_are_the_files_pixels_and_class(tmp_path, augment):
     for index, (pixels, label) in enumerate([(p, 0) for p in cats] + [(p, 1) for p in dogs]):
         assert_item(raw_image(dm.train_set, index), pixels, label)
     for index, pixels in enumerate(val):  # val/ lacks cat: dog keeps train/'s label 1
-        assert_item(raw_image(dm.test_dataloader().dataset, index), pixels, 1)
+        assert_item(raw_image(dm.val_set, index), pixels, 1)
     bank = dm.eval_train_dataloader().dataset
     assert_item(raw_image(bank, 4), dogs[1], 1)
 
@@ -92,7 +92,7 @@ def test_the_bundled_sample_is_read_from_its_jpegs():
     dm.setup("fit")
     for split, per_class, dataset in (
         ("train", 300, dm.train_set),
-        ("val", 100, dm.test_dataloader().dataset),
+        ("val", 100, dm.val_set),
     ):
         first_bird = sorted((sample_root() / split / "bird").iterdir())[0]  # class 2 of 10
         pixels = np.asarray(Image.open(first_bird).convert("RGB"))
@@ -126,7 +126,7 @@ def test_cifar_items_are_its_arrays(cifar_dir, augment):
     bank = dm.eval_train_dataloader().dataset
     assert_item(raw_image(bank, 9), train[9], train_labels[9])
     for index in range(len(test)):
-        assert_item(raw_image(dm.test_dataloader().dataset, index), test[index], test_labels[index])
+        assert_item(raw_image(dm.val_set, index), test[index], test_labels[index])
 
 
 def test_cifar100_items_are_its_arrays():
@@ -153,7 +153,7 @@ def test_fashion_mnist_items_are_the_idx_files_pixels(fashion_mnist_dir):
         start = 16 + 28 * 28 * index
         gray = np.frombuffer(images[start : start + 28 * 28], dtype=np.uint8).reshape(28, 28)
         pixels = np.repeat(gray[..., None], 3, axis=2)
-        assert_item(raw_image(dm.test_dataloader().dataset, index), pixels, labels[8 + index])
+        assert_item(raw_image(dm.val_set, index), pixels, labels[8 + index])
 
 
 def test_other_datasets_are_a_one_line_type_error():

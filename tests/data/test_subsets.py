@@ -70,8 +70,11 @@ def test_val_subset_is_balanced_and_test_keeps_the_whole_split(cifar_tiny):
     data.setup("validate")
     labels = torch.cat([y for _, y in data.val_dataloader()])
     assert torch.bincount(labels).tolist() == [2] * 10
+    # test: the whole split (no val_subset cut) in validation's order, not the folder's
     test_labels = torch.cat([y for _, y in data.test_dataloader()])
-    assert test_labels.tolist() == sorted(test_labels.tolist()) and len(test_labels) == 100
+    assert torch.bincount(test_labels).tolist() == [10] * 10
+    assert torch.equal(test_labels[:20], labels)
+    assert sorted(test_labels[:10].tolist()) == list(range(10))
 
 
 # -- labelled subsets for semi-supervised fine-tuning -------------------------------------------
