@@ -4,6 +4,7 @@ encoder."""
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
@@ -69,3 +70,32 @@ def test_timm_encoder_through_the_config(cifar_tiny, tmp_path):
         + [f"--trainer.default_root_dir={tmp_path}", "--data.augmentation.blur_prob=0"]
     )
     assert cli.model.hparams.backbone == "timm:resnet10t" and cli.trainer.global_step == 1
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "quickstart_eval.yaml"])
+def test_the_quick_start_checkpoints_refresh_last_ckpt_every_epoch(name, tmp_path):
+    """Lightning refreshes save_last's file only when a top-k checkpoint is saved: with
+    save_top_k 0 last.ckpt came at the end of the run only, and a killed run (out of memory,
+    a lost node) had nothing to resume from."""
+    import yaml
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.helpers import FeatureData, FeatureModule, quiet_trainer
+
+    callbacks = yaml.safe_load((REPO / "configs" / name).read_text())["trainer"]["callbacks"]
+    (args,) = [c["init_args"] for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+
+    class Seen(L.Callback):
+        def __init__(self) -> None:
+            self.at_epoch_start: list[bool] = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.at_epoch_start.append((tmp_path / "last.ckpt").is_file())
+
+    seen = Seen()
+    saves = ModelCheckpoint(**{**args, "dirpath": tmp_path})
+    trainer = quiet_trainer(max_epochs=3, enable_checkpointing=True, callbacks=[saves, seen])
+    x, y = torch.randn(16, 6), torch.randint(0, 2, (16,))
+    trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))
+    assert seen.at_epoch_start == [False, True, True]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 2
