@@ -27,7 +27,7 @@ from simclr_lightning.checkpoint_io import check_ckpt_path
 from simclr_lightning.cli_errors import OneLineErrorParser, report
 from simclr_lightning.errors import SettingError
 from simclr_lightning.hardware import device_kind, forks, hardware_precision
-from simclr_lightning.last_checkpoint import earlier_runs_last
+from simclr_lightning.last_checkpoint import earlier_runs_last, newer_stop_checkpoint
 
 # Warnings a user of this command cannot act on (the library already chose for them).
 QUIET = (
@@ -164,6 +164,7 @@ class SimCLRCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") == "last":
             found = earlier_runs_last(self.trainer)
+            found = newer_stop_checkpoint(self.trainer, found) or found  # a stop under SLURM
             if found is None:
                 return  # Lightning's own rule finds it (ModelCheckpoint's fixed folder)
             config["ckpt_path"] = found

@@ -31,6 +31,27 @@ def earlier_runs_last(trainer: L.Trainer) -> str | None:
     return max(found, key=os.path.getmtime) if found else None
 
 
+def newer_stop_checkpoint(trainer: L.Trainer, last: str | None) -> str | None:
+    """The newest ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` when it is newer than every
+    ``last*.ckpt`` ``--ckpt_path last`` would take (``last``, or those in the checkpoint
+    folders), else None. A stop under SLURM saves there, not as ``last.ckpt``: a requeued job
+    resumes from it by itself, but one started again with ``--ckpt_path last`` (as exit code
+    143 asks) silently trained from the older ``last.ckpt``, or from scratch."""
+    stops = glob.glob(os.path.join(glob.escape(str(trainer.default_root_dir)), "hpc_ckpt_*.ckpt"))
+    stops = [path for path in stops if os.path.isfile(path)]
+    if not stops:
+        return None
+    lasts = [last] if last else []
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            name = f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}"
+            lasts += glob.glob(os.path.join(glob.escape(str(callback.dirpath)), name))
+    newest = max(stops, key=os.path.getmtime)
+    if any(os.path.getmtime(path) >= os.path.getmtime(newest) for path in lasts):
+        return None
+    return newest
+
+
 # the step-0 states Lightning's batch-size and learning-rate finders save, restore and delete
 TUNER_CHECKPOINTS = (".scale_batch_size_", ".lr_find_")
 

@@ -410,3 +410,37 @@ def test_a_config_piped_in_is_read_once(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "error" not in done.stderr.lower() and "max_epochs=0` reached" in done.stderr
+
+
+def test_ckpt_path_last_takes_a_newer_stop_checkpoint_of_slurm(tmp_path, caplog):
+    """A SIGTERM under SLURM saves hpc_ckpt_<n>.ckpt in default_root_dir, not last.ckpt: a run
+    started again with --ckpt_path last (as exit code 143 asks) trained from the older
+    last.ckpt, or from scratch. It resumes from the stop, and leaves no hpc_ckpt behind
+    (the next SLURM job in the folder would resume from it by itself)."""
+    import shutil
+
+    def run(root, steps: int, *more: str):
+        return cli_main([
+            "fit", "--model=SimCLR", "--model.backbone=timm:test_resnet",
+            "--model.cifar_stem=false", "--model.head_hidden_dim=8", "--model.head_output_dim=8",
+            "--model.warmup_epochs=0", "--data=SampleDataModule", "--data.batch_size=8",
+            "--data.num_workers=0", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
+            f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0",
+            "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={root}", "--trainer.callbacks+=ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={root / 'ckpts'}", "--trainer.callbacks.save_last=true",
+            "--trainer.callbacks.save_top_k=0", *more,
+        ])  # fmt: skip
+
+    run(tmp_path, 2)  # ckpts/last.ckpt at step 2
+    run(tmp_path / "later", 3)  # a later stop, as SLURM's would be saved
+    shutil.copy(tmp_path / "later" / "ckpts" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt")
+    with caplog.at_level("INFO"):
+        resumed = run(tmp_path, 5, "--ckpt_path=last")
+    assert resumed.trainer.ckpt_path == str(tmp_path / "hpc_ckpt_1.ckpt")
+    assert resumed.trainer.global_step == 5
+    assert f"--ckpt_path last is {tmp_path / 'hpc_ckpt_1.ckpt'}" in caplog.text
+    assert not (tmp_path / "hpc_ckpt_1.ckpt").exists()
+    again = run(tmp_path, 6, "--ckpt_path=last")  # now the resumed run's last is the newest
+    assert Path(again.trainer.ckpt_path).name.startswith("last")  # (last-v1: not its own)
+    assert again.trainer.global_step == 6

@@ -139,8 +139,9 @@ class Preemption(Callback):
         resumed = self._resumed_from
         if not resumed or trainer.interrupted:
             return
-        if self.requeues(trainer):
-            # (a job this fit requeued comes back, and resumes from the newest of them)
+        if self.requeues(trainer) or HPC_CHECKPOINT.fullmatch(os.path.basename(resumed)):
+            # (a job this fit requeued comes back, and resumes from the newest of them; one
+            # resumed from a stop's hpc_ckpt by --ckpt_path last leaves none either)
             if not self._requeued:
                 remove_hpc_checkpoints(trainer, resumed)
             return
