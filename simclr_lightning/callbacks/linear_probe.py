@@ -16,7 +16,12 @@ from torch.nn.utils import skip_init
 from torchmetrics.classification import MulticlassAccuracy
 
 from simclr_lightning.data.loaders import align_resumed_epoch
-from simclr_lightning.distributed import rank_and_world_size, real_rows, validation_loader
+from simclr_lightning.distributed import (
+    already_synced,
+    rank_and_world_size,
+    real_rows,
+    validation_loader,
+)
 from simclr_lightning.epoch_sums import EpochSums
 from simclr_lightning.errors import SettingError, require
 from simclr_lightning.schedule import carried_step, loader_resumes, schedule_steps, warmup_cosine
@@ -97,6 +102,7 @@ class OnlineLinearProbe(L.Callback):
 
     # -- construction ---------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        already_synced("probe/train_loss", "probe/train_top1")  # sums over ranks: the same
         dim = getattr(pl_module, "feature_dim", None)
         if not isinstance(dim, int):
             raise AttributeError(

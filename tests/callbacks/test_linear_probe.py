@@ -375,3 +375,26 @@ def test_validate_with_a_probe_that_never_trained_logs_no_probe_figures(tmp_path
     trainer = quiet_trainer(callbacks=[OnlineLinearProbe(num_classes=4), metrics])
     trainer.validate(FeatureModule(16), datamodule=data, ckpt_path=ckpt)
     assert metrics.epochs[0]["probe/val_top1"] > 0.9
+
+
+def test_lightnings_sync_dist_advice_is_not_given_for_the_probes_summed_figures():
+    """Under DDP every rank logs the same epoch figures, summed over ranks: Lightning advised
+    sync_dist=True for each, at every epoch of every DDP run with the probe. The advice is
+    emitted here as Lightning words it, after a fit set the probe up."""
+    import warnings
+
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+    x, y = torch.randn(16, 6), torch.randint(0, 2, (16,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = quiet_trainer(max_epochs=1, callbacks=[OnlineLinearProbe(num_classes=2)])
+        trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))
+        for name in ("probe/train_loss", "probe/train_top1", "probe/val_top1"):
+            advice = (
+                f"It is recommended to use `self.log({name!r}, ..., sync_dist=True)` when "
+                f"logging on epoch level in distributed setting to accumulate the metric"
+            )
+            warnings.warn(advice, PossibleUserWarning, stacklevel=1)
+    said = [str(w.message) for w in caught if "It is recommended" in str(w.message)]
+    assert len(said) == 1 and "probe/val_top1" in said[0]  # not one the probe sums itself
