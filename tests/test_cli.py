@@ -444,3 +444,11 @@ def test_ckpt_path_last_takes_a_newer_stop_checkpoint_of_slurm(tmp_path, caplog)
     again = run(tmp_path, 6, "--ckpt_path=last")  # now the resumed run's last is the newest
     assert Path(again.trainer.ckpt_path).name.startswith("last")  # (last-v1: not its own)
     assert again.trainer.global_step == 6
+
+
+def test_python_m_names_the_command_in_its_usage():
+    """It printed "usage: __main__.py", a name no user types."""
+    cmd = [sys.executable, "-m", "simclr_lightning", "--help"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: simclr-lightning [-c CONFIG] {fit,validate,test,predict}")
