@@ -17,9 +17,11 @@ import os
 import re
 import sys
 from collections.abc import Iterator
+from contextvars import ContextVar
 
+import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from simclr_lightning.errors import CheckpointError, CorruptImageError, DataFileError, SettingError
@@ -78,7 +80,7 @@ def user_error(err: BaseException) -> tuple[str, int] | None:
 
 def _own_message(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, USAGE_ERRORS):
-        return one_line(worker_message(str(exc))), EXIT_USAGE
+        return one_line(missing_step_message(exc) or worker_message(str(exc))), EXIT_USAGE
     if isinstance(exc, RUN_ERRORS) or (isinstance(exc, OSError) and exc.errno in USER_ERRNOS):
         return one_line(worker_message(str(exc))), EXIT_FAILURE
     return None
@@ -110,6 +112,51 @@ def report(err: BaseException, prog: str = PROG) -> int | None:
     return code
 
 
+# -- a command the model has no step for ---------------------------------------------------------
+NO_STEP = re.compile(r"No `(\w+)\(\)` method defined to run `Trainer\.(\w+)`\.?")
+
+
+def missing_step_message(exc: BaseException) -> str | None:
+    """Lightning's bare ``No `test_step()` method defined`` as what to run instead: ``test`` of
+    a SimCLR checkpoint is the usual way to get there, and pretraining has no test step (its
+    encoder is measured by linear evaluation, or by the kNN monitor under ``validate``). The
+    commands are README's, with the run's own checkpoint and configs where they can be read."""
+    found = NO_STEP.fullmatch(str(exc).strip())
+    if found is None:
+        return None
+    step, command = found.groups()
+    cli = _running_cli(exc)
+    model = getattr(cli, "model", None)  # None: not found, most likely SimCLR (the only one)
+    pretraining = model is None or any(
+        c.__name__ == "SimCLR" and c.__module__.startswith("simclr_lightning")
+        for c in type(model).__mro__
+    )
+    if not pretraining or step != "test_step":
+        name = f"model {type(model).__qualname__}" if model is not None else "the model"
+        return f"{name} has no {step}() method, which {PROG} {command} runs"
+    config = cli.config.get(command, cli.config) if cli is not None else {}
+    ckpt = config.get("ckpt_path") or "CKPT"
+    configs = [str(c) for c in config.get("config") or [] if c is not None] or ["CONFIG"]
+    given = " ".join(f"--config {c}" for c in configs)
+    return (
+        f"a SimCLR (pretraining) model has no test step for {PROG} test: measure its encoder "
+        f"by linear evaluation: {PROG} fit --config configs/linear_eval.yaml --model.checkpoint "
+        f"{ckpt}, then {PROG} test --config configs/linear_eval.yaml --ckpt_path LINEAR_CKPT "
+        f"(the bundled sample: configs/quickstart_eval.yaml), or by its kNN accuracy: {PROG} "
+        f"validate {given} --config configs/monitors.yaml --ckpt_path {ckpt}"
+    )
+
+
+def _running_cli(exc: BaseException) -> LightningCLI | None:
+    """The LightningCLI whose subcommand raised ``exc``: the ``self`` of a frame it passed."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if isinstance(owner := tb.tb_frame.f_locals.get("self"), LightningCLI):
+            return owner
+        tb = tb.tb_next
+    return None
+
+
 def print_error(message: str, prog: str = PROG) -> None:
     rank = getattr(rank_zero_only, "rank", 0) or 0
     where = f"{prog} [rank {rank}]" if rank else prog
@@ -121,21 +168,20 @@ def one_line(text: str) -> str:
 
 
 # -- jsonargparse's parse errors -----------------------------------------------------------------
+# The config file jsonargparse is reading: its YAML errors say only "<unicode string>".
+READING: ContextVar[str | None] = ContextVar("READING", default=None)
+# The base classes jsonargparse names when no class was given for a group (--model.x alone).
+BASE_CLASS = re.compile(r"lightning(\.pytorch)?\.(LightningModule|LightningDataModule|Callback)")
+
+
 def argument_message(message: str, err: BaseException | None) -> str:
     """jsonargparse's nested parse-error text as ``<setting>=<value> is invalid: ...``: the
     setting from the ``Parser key`` of each level, the reason from the innermost error."""
     chain = list(exception_chain(err))
-    texts = [message] + [str(e) for e in chain]
-    keys: list[str] = []
-    for text in texts:
-        found = re.match(r'\s*Parser key "([^"]+)"', text)
-        if found and (not keys or keys[-1] != found.group(1)):
-            keys.append(found.group(1))
-    key = ".".join(keys)
+    key, class_path = setting_of(message, err)
     leaf = one_line(str(chain[-1]) if chain else message)
-    class_path = next(
-        (m.group(1) for t in texts if (m := re.search(r"given class_path '([^']+)'", t))), None
-    )
+    if (syntax := yaml_message(key, message, chain)) is not None:
+        return syntax
     if found := re.fullmatch(r"Expected a (.+?)\. Got value: (.*)", leaf):
         return f"{key or 'value'}={found.group(2)!r} is invalid: must be {_type(found.group(1))}"
     if found := re.fullmatch(r"Option '(.+)' is not accepted", leaf):
@@ -144,6 +190,78 @@ def argument_message(message: str, err: BaseException | None) -> str:
     if found := re.fullmatch(r"Expected a dot import path string: (.*)", leaf):
         return f"{key}={found.group(1)!r} is invalid: must be a class name or dotted import path"
     return f"{key}: {leaf}" if key else leaf
+
+
+def setting_of(message: str, err: BaseException | None) -> tuple[str, str | None]:
+    """The dotted setting a parse error is about (``model.temperature``), from the ``Parser
+    key`` of each level, and the class given for it (``simclr_lightning.SimCLR``), if any."""
+    texts = [message] + [str(e) for e in exception_chain(err)]
+    keys: list[str] = []
+    for text in texts:
+        found = re.match(r'\s*Parser key "([^"]+)"', text)
+        if found and (not keys or keys[-1] != found.group(1)):
+            keys.append(found.group(1))
+    class_path = next(
+        (m.group(1) for t in texts if (m := re.search(r"given class_path '([^']+)'", t))), None
+    )
+    return ".".join(keys), class_path
+
+
+def yaml_message(key: str, message: str, chain: list[BaseException]) -> str | None:
+    """A YAML syntax error as the file and line to fix: PyYAML names ``"<unicode string>"``,
+    since jsonargparse hands it the file's text. The file is the ``--config`` being read, or
+    the one jsonargparse names for a group's file (``--model model.yaml``)."""
+    error = next((e for e in chain if isinstance(e, yaml.YAMLError)), None)
+    if error is None:
+        return None
+    texts = [message] + [str(e) for e in chain]
+    named = next(
+        (
+            m.group(1) or m.group(2)
+            for t in texts
+            if (m := re.search(r"sub-config file (.+?): |Unable to load config '([^']+)'", t))
+        ),
+        None,
+    )
+    path = named or READING.get()
+    if path is None:  # a value on the command line
+        what = key or "value"
+    else:
+        what = f"{key.split('.')[0]} config file {path}" if named and key else f"config file {path}"
+    problem = getattr(error, "problem_mark", None)
+    if problem is None:
+        return f"{what} is not valid YAML: {one_line(str(error))}"
+    where, detail = problem, error.problem
+    if error.context_mark is not None:  # where the construct to fix began (an unclosed "[")
+        where = error.context_mark
+        detail = f"{error.context}, {detail} at {_at(problem)}"
+    return f"{what} is not valid YAML, {_at(where)}: {detail}"
+
+
+def _at(mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def settings_help(parser, key: str, class_path: str | None) -> str:
+    """The command that lists the settings of ``key``'s group: a class group's (``model``,
+    ``data``, ``trainer.callbacks``) are shown by ``--model.help SimCLR``, not ``--help``."""
+    command = " ".join([PROG, *parser.prog.replace(" [options]", "").split()[1:]])
+    parts = key.split(".")
+    actions = getattr(parser, "_option_string_actions", {})
+    group = next(
+        (
+            ".".join(parts[:n])
+            for n in range(len(parts), 0, -1)
+            if f"--{'.'.join(parts[:n])}.help" in actions
+        ),
+        None,
+    )
+    if group is None:
+        return f"{command} --help"
+    if class_path is None or BASE_CLASS.fullmatch(class_path):
+        return f"{command} --{group}.help CLASS_PATH_OR_NAME"
+    name = class_path.removeprefix("simclr_lightning.")
+    return f"{command} --{group}.help {name if '.' not in name else class_path}"
 
 
 def _type(text: str) -> str:
@@ -157,10 +275,20 @@ class OneLineErrorParser(LightningArgumentParser):
     """LightningCLI's parser, printing a parse error as one line (and exit code 2, as before)
     instead of the usage text and jsonargparse's nested union report."""
 
+    def parse_path(self, path, *args, **kwargs):
+        """Remembers the file being read: its YAML errors name only ``"<unicode string>"``."""
+        token = READING.set(str(path))
+        try:
+            return super().parse_path(path, *args, **kwargs)
+        finally:
+            READING.reset(token)
+
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error or debug():
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
-        command = " ".join([PROG, *parser.prog.replace(" [options]", "").split()[1:]])
-        print_error(f"{argument_message(message, ex)} (settings: {command} --help)")
+        text = argument_message(message, ex)
+        if not any(isinstance(e, yaml.YAMLError) for e in exception_chain(ex)):
+            text = f"{text} (settings: {settings_help(parser, *setting_of(message, ex))})"
+        print_error(text)
         sys.exit(EXIT_USAGE)

@@ -83,6 +83,9 @@ def files(cifar_jpg_root, tmp_path_factory) -> dict[str, Path]:
     torch.save(weights, root / "weights.ckpt")
     export_backbone(simclr, root / "exported.pt")  # a plain state dict
     (root / "text.ckpt").write_text("hello\n")
+    # YAML a user mistyped: a list left open, a key indented under a value
+    (root / "bad.yaml").write_text("seed_everything: 0\ntrainer:\n  max_steps: 1\nmodel: [open\n")
+    (root / "model.yaml").write_text("class_path: SimCLR\ninit_args:\n  base_lr: 1\n   x: 1\n")
     return {
         "data": data,
         "unlabeled": unlabeled.parent,
@@ -94,6 +97,8 @@ def files(cifar_jpg_root, tmp_path_factory) -> dict[str, Path]:
         "weights": root / "weights.ckpt",
         "exported": root / "exported.pt",
         "text": root / "text.ckpt",
+        "bad_yaml": root / "bad.yaml",
+        "model_yaml": root / "model.yaml",
         "root": root,
     }
 
@@ -131,7 +136,28 @@ CASES = [
     ("final_lr_ratio", fit("--model.final_lr_ratio=2"), 2, ["model.final_lr_ratio=2", "[0, 1]"]),
     ("grad cache", fit("--model.grad_cache_chunks=0"), 2, ["model.grad_cache_chunks=0"]),
     ("cifar stem on timm", fit("--model.cifar_stem=true"), 2, ["model.cifar_stem=True"]),
+    (
+        "model typo points to its class's settings",
+        fit("--model.tempertaure=0.1"),
+        2,
+        [
+            "model.tempertaure is not a setting of simclr_lightning.SimCLR",
+            "(settings: simclr-lightning fit --model.help SimCLR)",
+        ],
+    ),
+    (
+        "model setting of no class points to the group's help",
+        ["fit", "--model.tempertaure=0.1"],
+        2,
+        ["model.tempertaure", "(settings: simclr-lightning fit --model.help CLASS_PATH_OR_NAME)"],
+    ),
     # data settings and data
+    (
+        "data typo points to its class's settings",
+        fit("--data.batchsize=3"),
+        2,
+        ["data.batchsize", "(settings: simclr-lightning fit --data.help ImageFolderDataModule)"],
+    ),
     ("batch size", fit("--data.batch_size=1"), 2, ["data.batch_size=1"]),
     ("task", fit("--data.task=foo"), 2, ["data.task='foo'"]),
     ("workers", fit("--data.num_workers=-1"), 2, ["data.num_workers=-1", ">= 0"]),
@@ -176,9 +202,29 @@ CASES = [
         ["data.data_dir=", "nowhere", "train-images-idx3-ubyte", "data.download=true"],
     ),
     # trainer and command line
-    ("max_epochs type", fit("--trainer.max_epochs=abc"), 2, ["trainer.max_epochs='abc'", "int"]),
+    (
+        "max_epochs type",
+        fit("--trainer.max_epochs=abc"),
+        2,
+        ["trainer.max_epochs='abc'", "int", "(settings: simclr-lightning fit --help)"],
+    ),
     ("unknown argument", fit("--foo=1"), 2, ["unrecognized arguments: --foo=1"]),
     ("missing config", fit("--config=nope.yaml"), 2, ["config", "nope.yaml", "does not exist"]),
+    (
+        "config of bad YAML",
+        fit("--config={bad_yaml}"),
+        2,
+        [
+            "config file {bad_yaml} is not valid YAML, line 4, column 8: while parsing a flow "
+            "sequence, did not find expected ',' or ']' at line 5, column 1"
+        ],
+    ),
+    (
+        "model config file of bad YAML",
+        fit("--model={model_yaml}"),
+        2,
+        ["model config file {model_yaml} is not valid YAML, line 4, column 5: mapping values"],
+    ),
     (
         "accumulation",
         fit("--trainer.accumulate_grad_batches=4"),
@@ -197,6 +243,15 @@ CASES = [
         fit("--trainer.callbacks+=OnlineLinearProbe", "--trainer.callbacks.lr=0"),
         2,
         ["OnlineLinearProbe.lr=0", "> 0"],
+    ),
+    (
+        "callback typo points to its class's settings",
+        fit("--trainer.callbacks+=OnlineLinearProbe", "--trainer.callbacks.lrr=0"),
+        2,
+        [
+            "trainer.callbacks.lrr is not a setting of simclr_lightning.OnlineLinearProbe",
+            "(settings: simclr-lightning fit --trainer.callbacks.help OnlineLinearProbe)",
+        ],
     ),
     (
         "probe on unlabeled data",
@@ -281,6 +336,26 @@ CASES = [
         ["model.head_layers=5", "<= 3"],
     ),
     (
+        "eval num_classes unlike the data's",
+        evaluate("--model.checkpoint={simclr}", "--model.num_classes=3"),
+        2,
+        [
+            "model.num_classes=3 but the data has 10 classes (airplane, automobile, bird, cat, "
+            "deer and 5 more): set --model.num_classes 10"
+        ],
+    ),
+    (
+        "test of a SimCLR checkpoint",
+        ["test", *TINY, "--data.root={data}", "--ckpt_path={simclr}"],
+        2,
+        [
+            "a SimCLR (pretraining) model has no test step for simclr-lightning test",
+            "simclr-lightning fit --config configs/linear_eval.yaml --model.checkpoint {simclr},",
+            "simclr-lightning test --config configs/linear_eval.yaml --ckpt_path LINEAR_CKPT",
+            "--config configs/monitors.yaml --ckpt_path {simclr}",
+        ],
+    ),
+    (
         "SimCLR checkpoint as eval --ckpt_path",
         evaluate("--ckpt_path={simclr}"),
         1,
@@ -330,6 +405,7 @@ def run_main(args: list[str], files: dict[str, Path], monkeypatch, capsys) -> tu
 )
 def test_bad_input_prints_one_line(args, code, wanted, files, monkeypatch, capsys):
     exit_code, err = run_main(args, files, monkeypatch, capsys)
+    wanted = [text.format(**{k: str(v) for k, v in files.items()}) for text in wanted]
     errors = [line for line in err.splitlines() if "error:" in line]
     print(errors)  # the table of inputs and lines in the report comes from -s output
     assert "Traceback" not in err
@@ -373,7 +449,7 @@ def test_real_process_prints_one_line_and_exit_code(files):
     assert parsed.returncode == 2
     assert parsed.stderr.strip().splitlines() == [
         "simclr-lightning: error: model.loss='foo' is invalid: must be one of 'ntxent', "
-        "'supcon' (settings: simclr-lightning fit --help)"
+        "'supcon' (settings: simclr-lightning fit --model.help SimCLR)"
     ]
     built = subprocess_run(fit("--model.backbone=resnet99"), files)
     assert built.returncode == 2

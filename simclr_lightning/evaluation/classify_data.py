@@ -30,12 +30,19 @@ def classify_data(
     names = dataset_class_names(datamodule)
     if names is not None and len(names) != num_classes:
         raise SettingError(
-            f"model.num_classes={num_classes} but the data has "
-            f"{len(names)} classes ({', '.join(names[:5])}...)"
+            f"model.num_classes={num_classes} but the data has {len(names)} classes "
+            f"({listed(names)}): set --model.num_classes {len(names)}"
         )
     preprocessing = preprocessing_of(datamodule)
     check_normalisation(pretraining, preprocessing)
     return names, preprocessing
+
+
+def listed(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` names, and how many more: an ellipsis after a complete list read as
+    classes left out."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def check_normalisation(pretraining: dict[str, Any], here: dict | None) -> None:
