@@ -14,6 +14,7 @@ from simclr_lightning.backbones import apply_stem, build_backbone, build_resnet
 from simclr_lightning.batchnorm import GlobalBatchNorm
 from simclr_lightning.callbacks import (
     EmbeddingPlot,
+    FeatureWriter,
     ImagesPerSecond,
     KNNMonitor,
     KNNReport,
@@ -64,6 +65,7 @@ __all__ = [
     "DataFileError",
     "CIFARDataModule",
     "EmbeddingPlot",
+    "FeatureWriter",
     "GPUAugment",
     "GlobalBatchNorm",
     "ImageFilesDataModule",

@@ -1,6 +1,7 @@
 """Lightning callbacks that watch pretraining or write results: they never change the encoder."""
 
 from simclr_lightning.callbacks.embedding_plot import EmbeddingPlot
+from simclr_lightning.callbacks.feature_writer import FeatureWriter
 from simclr_lightning.callbacks.images_per_second import ImagesPerSecond
 from simclr_lightning.callbacks.knn_monitor import KNNMonitor
 from simclr_lightning.callbacks.knn_report import KNNReport
@@ -11,6 +12,7 @@ from simclr_lightning.callbacks.rng_state import RNGState
 
 __all__ = [
     "EmbeddingPlot",
+    "FeatureWriter",
     "ImagesPerSecond",
     "KNNMonitor",
     "KNNReport",

@@ -50,10 +50,9 @@ class PredictionWriter(BasePredictionWriter):
         path = self.output
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._tmp = path.with_name(f".{path.name}.tmp")
-        self._file = open(self._tmp, "w", newline="", encoding="utf-8")
+        self._file = open_output(self._tmp, "PredictionWriter.output", self.output, "w")
         self._csv = None
         self._names = self.class_names or getattr(pl_module, "class_names", None)
 
@@ -122,8 +121,26 @@ def check_probabilities(probs: Tensor, model: str) -> None:
         f"PredictionWriter writes class probabilities, and {model}.predict_step returned "
         f"values of shape {tuple(probs.shape)} that are not (each row must be >= 0 and sum to "
         f"1): predict with a LinearEval checkpoint, a classifier; a SimCLR checkpoint predicts "
-        f"the encoder's features (leave PredictionWriter out)"
+        f"the encoder's features: write them with simclr_lightning.FeatureWriter instead "
+        f"(--trainer.callbacks+=simclr_lightning.FeatureWriter "
+        f"--trainer.callbacks.output features.npz)"
     )
+
+
+def open_output(tmp: Path, setting: str, output: Path, mode: str) -> IO:
+    """The temporary file ``tmp`` opened (its folder made): an error names the ``setting`` and
+    the user's ``output``, not the temporary file's name."""
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        if "b" in mode:
+            return open(tmp, mode)
+        return open(tmp, mode, newline="", encoding="utf-8")
+    except OSError as err:
+        where = err.filename if err.filename and Path(err.filename) != tmp else tmp.parent
+        raise SettingError(
+            f"{setting}={str(output)!r} cannot be written ({err.strerror or err}: {where}): "
+            f"give a file in a folder you can write"
+        ) from err
 
 
 def kept_indices(trainer, dataloader_idx: int, batch_indices) -> list[int]:
