@@ -117,10 +117,13 @@ class SkippedFiles:
     def __init__(self, files: Sequence[str], left_out: str = LEFT_OUT) -> None:
         self.files = list(files)
         self.left_out = left_out
-        self.flags = torch.zeros(len(self.files), dtype=torch.uint8).share_memory_()
-        # set by a worker after it flags a file: report() runs on every batch, and a scan of
-        # every file's flag is ~10 ms at ImageNet's 1.28M files, on the thread that trains
-        self.unreported = torch.zeros(1, dtype=torch.uint8).share_memory_()
+        # Normal tensors even when made under predict's inference mode: the warnings of the
+        # stage's end (teardown, outside it) update them, which an inference tensor refuses.
+        with torch.inference_mode(False):
+            self.flags = torch.zeros(len(self.files), dtype=torch.uint8).share_memory_()
+            # set by a worker after it flags a file: report() runs on every batch, and a scan
+            # of every file's flag is ~10 ms at ImageNet's 1.28M files, on the thread that trains
+            self.unreported = torch.zeros(1, dtype=torch.uint8).share_memory_()
 
     def is_bad(self, index: int) -> bool:
         return bool(self.flags[index])

@@ -370,3 +370,24 @@ def test_a_file_only_the_device_decoder_finds_bad_stops_every_ddp_rank_at_one_st
     assert_stopped_on(bad, proc.returncode, out)
     assert steps_logged(work) == [1, 1, 2, 2], out[-3000:]  # both ranks, steps 1 and 2
     assert global_step(work / "ckpts" / "last.ckpt") == 2
+
+
+def test_a_trainers_predict_over_files_with_skip_corrupt_leaves_the_bad_ones_out(bad_folder):
+    """Under trainer.predict the data module is set up in inference mode: the skipped-file
+    flags were inference tensors, and the stage's closing warnings (in teardown, outside it)
+    failed with "Inplace update to inference tensor outside InferenceMode"."""
+    from simclr_lightning import SimCLR
+    from tests.helpers import quiet_trainer
+
+    root, bad = bad_folder
+    dm = ImageFilesDataModule(
+        [str(root / "train")], batch_size=4, image_size=16, skip_corrupt=True, num_workers=0
+    )
+    model = SimCLR(
+        backbone="timm:test_resnet", cifar_stem=False, head_hidden_dim=8, head_output_dim=8
+    )
+    with pytest.warns(CorruptImageWarning) as caught:
+        out = quiet_trainer().predict(model, datamodule=dm)
+    assert sum(len(features) for features in out) == 2 * PER_CLASS
+    named = [str(w.message) for w in caught if issubclass(w.category, CorruptImageWarning)]
+    assert sorted(text.split("'")[1] for text in named) == sorted(map(str, bad))
