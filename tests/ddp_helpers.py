@@ -120,6 +120,23 @@ def launch(
     )
 
 
+def save_outcome(trainer: L.Trainer, out: Path, fit, expected: tuple[type, ...]) -> None:
+    """Call ``fit`` and save, as ``rank<r>_of<N>.pt``, the error this rank stopped with (the
+    message of one of ``expected``; another type with its name, e.g. left alone in a
+    collective) or None, and its global step."""
+    error = None
+    try:
+        fit()
+    except expected as caught:
+        error = str(caught)
+    except Exception as caught:  # saved for the test to show
+        error = f"{type(caught).__name__}: {str(caught)[:300]}"
+    torch.save(
+        {"error": error, "step": trainer.global_step},
+        out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt",
+    )
+
+
 def script_runs(parser: argparse.ArgumentParser) -> list[argparse.Namespace]:
     """The runs a DDP script was asked for: its command line, or with ``--runs JSON`` (from
     ``run_ddp_script_runs``) one namespace per run, the other arguments shared and ``--out``

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from simclr_lightning import SimCLR  # noqa: E402
 from simclr_lightning.lagged_reads import LaggedReads  # noqa: E402
-from tests.ddp_helpers import script_runs  # noqa: E402
+from tests.ddp_helpers import save_outcome, script_runs  # noqa: E402
 
 NAN_STEP, LAG, PER_RANK = 3, 2, 4
 
@@ -77,17 +77,8 @@ def run(args: argparse.Namespace) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    error = None
-    try:
-        trainer.fit(model, DataLoader(data, batch_size=PER_RANK))
-    except FloatingPointError as caught:
-        error = str(caught)
-    except Exception as caught:  # e.g. left alone in a collective: saved for the test to show
-        error = f"{type(caught).__name__}: {str(caught)[:300]}"
-    torch.save(
-        {"error": error, "step": trainer.global_step},
-        args.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt",
-    )
+    loader = DataLoader(data, batch_size=PER_RANK)
+    save_outcome(trainer, args.out, lambda: trainer.fit(model, loader), (FloatingPointError,))
 
 
 def main() -> None:

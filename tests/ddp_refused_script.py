@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from simclr_lightning import SimCLR  # noqa: E402
 from simclr_lightning.errors import SettingError  # noqa: E402
-from tests.ddp_helpers import script_runs  # noqa: E402
+from tests.ddp_helpers import save_outcome, script_runs  # noqa: E402
 
 PER_RANK, BATCHES = 4, 3
 
@@ -78,17 +78,9 @@ def run(args: argparse.Namespace) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    error = None
-    try:  # the launching process is rank 0; Lightning gives each relaunched one LOCAL_RANK
-        trainer.fit(model, rank_data(int(os.environ.get("LOCAL_RANK", 0)), args.short))
-    except SettingError as caught:
-        error = str(caught)
-    except Exception as caught:  # e.g. left alone in a collective: saved for the test to show
-        error = f"{type(caught).__name__}: {str(caught)[:300]}"
-    torch.save(
-        {"error": error, "step": trainer.global_step},
-        args.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt",
-    )
+    # the launching process is rank 0; Lightning gives each relaunched one LOCAL_RANK
+    data = rank_data(int(os.environ.get("LOCAL_RANK", 0)), args.short)
+    save_outcome(trainer, args.out, lambda: trainer.fit(model, data), (SettingError,))
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,6 +32,22 @@ def quiet_trainer(**kwargs):
         enable_model_summary=False,
     )
     return L.Trainer(**(defaults | kwargs))
+
+
+def write_png_folder(
+    root: Path, count: int, size: int, splits: tuple[str, ...] = ("train",), seed: int = 0
+) -> list[Path]:
+    """``count`` random ``size`` px RGB PNGs per split in two class folders (``<split>/c<i %
+    2>/<i>.png``), seeded: a tiny image folder. The files written, split by split."""
+    rng = np.random.default_rng(seed)
+    files = []
+    for split in splits:
+        for i in range(count):
+            path = root / split / f"c{i % 2}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+            files.append(path)
+    return files
 
 
 def make_subset(source: Path, dest: Path, train_per_class: int, val_per_class: int) -> Path:

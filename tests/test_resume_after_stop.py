@@ -8,15 +8,13 @@ epoch while the loader served the next one's order)."""
 from __future__ import annotations
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from PIL import Image
 
 from simclr_lightning import ImageFolderDataModule, LinearEval, SimCLR, SimCLRAugmentation
 from simclr_lightning.callbacks import RNGState
-from tests.helpers import quiet_trainer
+from tests.helpers import quiet_trainer, write_png_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,11 +40,7 @@ class Rows(L.Callback):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("stop-images")
-    rng = np.random.default_rng(0)
-    for i in range(20):
-        path = root / "train" / f"c{i % 2}" / f"{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(path)
+    write_png_folder(root, 20, 12)
     return root
 
 

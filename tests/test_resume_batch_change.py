@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from PIL import Image
 
 import simclr_lightning.data.sampler as sampler_module
 from simclr_lightning import (
@@ -21,7 +19,7 @@ from simclr_lightning import (
     SimCLRAugmentation,
 )
 from simclr_lightning.data.loaders import TrainOrder
-from tests.helpers import quiet_trainer
+from tests.helpers import quiet_trainer, write_png_folder
 from tests.reference import cosine_schedule_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,11 +111,7 @@ class Steps(Callback):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume-batch-images")
-    rng = np.random.default_rng(0)
-    for i in range(20):
-        path = root / "train" / f"c{i % 2}" / f"{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+    write_png_folder(root, 20, 8)
     return root
 
 

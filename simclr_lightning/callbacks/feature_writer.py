@@ -14,7 +14,12 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
-from simclr_lightning.callbacks.prediction_writer import _row_ids, kept_indices, open_output
+from simclr_lightning.callbacks.prediction_writer import (
+    _row_ids,
+    kept_indices,
+    open_output,
+    output_paths,
+)
 from simclr_lightning.errors import SettingError, require
 
 FORMATS = (".npz", ".pt")
@@ -53,11 +58,7 @@ class FeatureWriter(BasePredictionWriter):
         self._labels: list[Tensor] | None = []  # None once a batch has no labels
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = self.output
-        if trainer.world_size > 1:
-            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        self.path = path
-        self._tmp = path.with_name(f".{path.name}.tmp")
+        self.path, self._tmp = output_paths(self.output, trainer)
         # opened now: a folder that cannot be written fails before predicting, not after
         self._file = open_output(self._tmp, "FeatureWriter.output", self.output, "wb")
         self._clear()

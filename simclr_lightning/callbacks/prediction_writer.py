@@ -47,11 +47,7 @@ class PredictionWriter(BasePredictionWriter):
         self.path: Path | None = None  # the file written, once predict has run
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = self.output
-        if trainer.world_size > 1:
-            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        self.path = path
-        self._tmp = path.with_name(f".{path.name}.tmp")
+        self.path, self._tmp = output_paths(self.output, trainer)
         self._file = open_output(self._tmp, "PredictionWriter.output", self.output, "w")
         self._csv = None
         self._names = self.class_names or getattr(pl_module, "class_names", None)
@@ -125,6 +121,15 @@ def check_probabilities(probs: Tensor, model: str) -> None:
         f"(--trainer.callbacks+=simclr_lightning.FeatureWriter "
         f"--trainer.callbacks.output features.npz)"
     )
+
+
+def output_paths(output: Path, trainer: L.Trainer) -> tuple[Path, Path]:
+    """The file this process writes (``<stem>.rank<r><suffix>`` under DDP: each its own
+    shard) and the temporary file it is written to first (renamed at the end)."""
+    path = output
+    if trainer.world_size > 1:
+        path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+    return path, path.with_name(f".{path.name}.tmp")
 
 
 def open_output(tmp: Path, setting: str, output: Path, mode: str) -> IO:

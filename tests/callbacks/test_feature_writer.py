@@ -23,7 +23,7 @@ from simclr_lightning import (
 )
 from simclr_lightning.cli import cli_main
 from simclr_lightning.errors import SettingError
-from tests.helpers import REPO, quiet_trainer
+from tests.helpers import REPO, quiet_trainer, write_png_folder
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -147,16 +147,8 @@ def test_pt_file_with_labels_appears_only_when_predict_ends(encoder, tmp_path):
 
 def test_a_skipped_file_has_no_row(encoder, tmp_path):
     """An image folder with ``skip_corrupt``: rows keep their dataset index and label."""
-    gen = np.random.default_rng(0)
-    files = []
-    for split in ("train", "val"):
-        for i in range(8):
-            folder = tmp_path / "data" / split / f"c{i % 2}"
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = gen.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i}.png")
-            files += [folder / f"{i}.png"] if split == "val" else []
-    files.sort()  # ImageFolder's order: c0/0, 2, 4, 6, then c1/1, 3, 5, 7
+    files = sorted(write_png_folder(tmp_path / "data", 8, 16, ("train", "val"))[8:])
+    # (ImageFolder's order: c0/0, 2, 4, 6, then c1/1, 3, 5, 7)
     files[5].write_bytes(b"not a png")  # c1/3.png, dataset index 5
     data = ImageFolderDataModule(
         str(tmp_path / "data"),

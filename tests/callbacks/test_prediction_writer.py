@@ -17,7 +17,7 @@ from simclr_lightning.data.image_folder import ImageFolderDataModule
 from simclr_lightning.data.transforms import SimCLRAugmentation
 from simclr_lightning.errors import CorruptImageError
 from simclr_lightning.evaluation import LinearEval
-from tests.helpers import REPO, quiet_trainer
+from tests.helpers import REPO, quiet_trainer, write_png_folder
 
 CONFIG = REPO / "configs" / "linear_eval.yaml"
 # Normalisation of the training run, not the ImageNet default: prediction must reuse it.
@@ -185,13 +185,7 @@ def test_rows_keep_their_dataset_index_when_a_bad_file_is_left_out(tmp_path):
 
     from simclr_lightning import PredictionWriter
 
-    gen = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for i in range(8):
-            folder = tmp_path / "data" / split / f"c{i % 2}"
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = gen.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i}.png")
+    write_png_folder(tmp_path / "data", 8, 16, ("train", "val"))
     (tmp_path / "data" / "val" / "c1" / "3.png").write_bytes(b"not a png")  # dataset index 5
     data = ImageFolderDataModule(
         str(tmp_path / "data"),
