@@ -4,6 +4,7 @@ the one Trainer setup of the scripts that Lightning's "ddp" strategy relaunches 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -13,10 +14,11 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 import simclr_lightning.loss as loss_module
-from simclr_lightning import NTXentLoss
+from simclr_lightning import NTXentLoss, SimCLR
 
 
 def gather_without_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -118,6 +120,22 @@ def launch(
     return subprocess.run(
         cmd + ["--out", str(out), *args], capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+def tiny_simclr(cls: type = SimCLR, **kwargs) -> SimCLR:
+    """A small SimCLR (``cls``: a subclass) for the DDP stop scripts: SGD, no warm-up."""
+    settings = dict(backbone="timm:test_resnet", cifar_stem=False, head_hidden_dim=16)
+    settings |= dict(head_output_dim=8, optimizer="sgd", base_lr=0.01, warmup_epochs=0)
+    return cls(**(settings | kwargs))
+
+
+def stopping_trainer(devices: int, **kwargs) -> L.Trainer:
+    """A quiet CPU DDP Trainer whose ranks fail within seconds when one is left alone in a
+    collective, not after gloo's 30 minutes: for the scripts that stop every rank."""
+    settings = dict(limit_val_batches=0, logger=False, enable_checkpointing=False)
+    settings |= dict(enable_progress_bar=False, enable_model_summary=False)
+    strategy = DDPStrategy(timeout=datetime.timedelta(seconds=30))
+    return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, **(settings | kwargs))
 
 
 def save_outcome(trainer: L.Trainer, out: Path, fit, expected: tuple[type, ...]) -> None:

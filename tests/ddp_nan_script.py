@@ -11,7 +11,6 @@ The run without gathering comes last: a rank it leaves alone then fails fast, it
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 from pathlib import Path
 
@@ -19,12 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from simclr_lightning import SimCLR  # noqa: E402
 from simclr_lightning.lagged_reads import LaggedReads  # noqa: E402
-from tests.ddp_helpers import save_outcome, script_runs  # noqa: E402
+from tests.ddp_helpers import save_outcome, script_runs, stopping_trainer, tiny_simclr  # noqa: E402
 
 NAN_STEP, LAG, PER_RANK = 3, 2, 4
 
@@ -47,17 +45,7 @@ class NanOnRankZero(SimCLR):
 
 def run(args: argparse.Namespace) -> None:
     L.seed_everything(0, verbose=False)
-    model = NanOnRankZero(
-        backbone="timm:test_resnet",
-        cifar_stem=False,
-        head_hidden_dim=16,
-        head_output_dim=8,
-        optimizer="sgd",
-        base_lr=0.01,
-        warmup_epochs=0,
-        batch_size=PER_RANK,
-        gather_distributed=args.gather == 1,
-    )
+    model = tiny_simclr(NanOnRankZero, batch_size=PER_RANK, gather_distributed=args.gather == 1)
     model._watch.reads = LaggedReads(LAG, marker=lambda device: Lagging())
     gen = torch.Generator().manual_seed(0)
     steps = NAN_STEP + LAG + 3
@@ -65,18 +53,7 @@ def run(args: argparse.Namespace) -> None:
         ((torch.randn(3, 16, 16, generator=gen), torch.randn(3, 16, 16, generator=gen)), i % 3)
         for i in range(args.devices * PER_RANK * steps)
     ]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        # a rank left alone in a collective fails in seconds, not after gloo's 30 minutes
-        strategy=DDPStrategy(timeout=datetime.timedelta(seconds=30)),
-        max_steps=steps,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = stopping_trainer(args.devices, max_steps=steps)
     loader = DataLoader(data, batch_size=PER_RANK)
     save_outcome(trainer, args.out, lambda: trainer.fit(model, loader), (FloatingPointError,))
 

@@ -16,7 +16,6 @@ Run as a script (Lightning's "ddp" strategy relaunches it per device); each rank
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -26,12 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from simclr_lightning import SimCLR  # noqa: E402
 from simclr_lightning.errors import SettingError  # noqa: E402
-from tests.ddp_helpers import save_outcome, script_runs  # noqa: E402
+from tests.ddp_helpers import save_outcome, script_runs, stopping_trainer, tiny_simclr  # noqa: E402
 
 PER_RANK, BATCHES = 4, 3
 
@@ -50,33 +47,16 @@ def rank_data(rank: int, short: str) -> DataLoader:
 
 def run(args: argparse.Namespace) -> None:
     L.seed_everything(0, verbose=False)
-    model = SimCLR(
-        backbone="timm:test_resnet",
-        cifar_stem=False,
-        head_hidden_dim=16,
-        head_output_dim=8,
-        optimizer="sgd",
-        base_lr=0.01,
-        warmup_epochs=0,
-        batch_size=PER_RANK,
-        gather_distributed=args.gather == 1,
-    )
+    model = tiny_simclr(batch_size=PER_RANK, gather_distributed=args.gather == 1)
     unwritable = args.out / "a_file" / "checkpoints"  # under a file: even root cannot write
     (args.out / "a_file").touch()
     saves = [ModelCheckpoint(unwritable)] if args.unwritable else []
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        # a rank left alone in a collective fails in seconds, not after gloo's 30 minutes
-        strategy=DDPStrategy(timeout=datetime.timedelta(seconds=30)),
+    trainer = stopping_trainer(
+        args.devices,
         use_distributed_sampler=False,
         max_epochs=1,
-        limit_val_batches=0,
-        logger=False,
         enable_checkpointing=bool(saves),
         callbacks=saves,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     # the launching process is rank 0; Lightning gives each relaunched one LOCAL_RANK
     data = rank_data(int(os.environ.get("LOCAL_RANK", 0)), args.short)
