@@ -91,7 +91,7 @@ class Preemption(Callback):
             return
         self.saved_path = self.checkpoint_path(trainer)
         claim_last(trainer, self.saved_path)
-        trainer.save_checkpoint(self.saved_path)
+        trainer.save_checkpoint(self.saved_path, weights_only=False)
         rank_zero_info(
             f"simclr-lightning: stopped after step {trainer.global_step}; saved "
             f"{self.saved_path} ({self.resume_hint(trainer)})"
@@ -126,7 +126,7 @@ class Preemption(Callback):
         for logger in trainer.loggers:
             logger.save()
         path = hpc_save_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         rank_zero_info(f"simclr-lightning: SLURM's requeue signal: saved {path}")
         self._requeued = True
         if trainer.is_global_zero:

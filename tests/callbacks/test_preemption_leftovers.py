@@ -34,7 +34,7 @@ def fit(model: Weight, ckpt_path: str | None = None, **kwargs) -> L.Trainer:
     return trainer
 
 
-def test_a_resumed_run_brings_the_stops_last_ckpt_to_its_final_step(tmp_path):
+def test_a_resumed_run_brings_the_stops_last_ckpt_to_its_final_step(tmp_path, caplog):
     """Stopped in epoch 0, before ModelCheckpoint(save_last=True) had saved: the resumed run
     found a last.ckpt that was not its own, put its final step into last-v1.ckpt, and left
     last.ckpt at the stop for ``--ckpt_path last``."""
@@ -46,8 +46,9 @@ def test_a_resumed_run_brings_the_stops_last_ckpt_to_its_final_step(tmp_path):
 
     whole = Weight()
     fit(whole)
-    with pytest.raises(SIGTERMException):
+    with pytest.raises(SIGTERMException), caplog.at_level("INFO"):
         fit(Weight(at=2), **checkpointing())
+    assert "`weights_only` was not set" not in caplog.text  # said on every rank at every stop
     assert sorted(os.listdir(folder)) == ["last.ckpt"] and global_step(folder / "last.ckpt") == 2
 
     resumed = Weight()
