@@ -34,6 +34,8 @@ QUIET = (
     r".*does not have many workers.*",  # data.num_workers follows the machine already
     r".*Found \d+ module\(s\) in eval mode.*",  # LinearEval keeps its frozen encoder in eval
     r".*isinstance\(treespec, LeafSpec\).*",  # inside Lightning, with torch >= 2.10
+    # Lightning's strategy.all_gather, with torch >= 2.14: several times per rank per run
+    r".*torch\.distributed\.nn\.functional\.all_gather is deprecated.*",
 )
 TIPS = "💡 Tip:"  # Lightning's advertisements for its cloud products
 

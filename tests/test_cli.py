@@ -452,3 +452,24 @@ def test_python_m_names_the_command_in_its_usage():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("usage: simclr-lightning [-c CONFIG] {fit,validate,test,predict}")
+
+
+def test_the_command_quiets_torchs_deprecation_of_lightnings_all_gather(capsys):
+    """torch 2.14 deprecates what Lightning's strategy.all_gather calls: a FutureWarning a user
+    cannot act on, several times per rank in every DDP run. Emitted here as torch words it."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit):
+            cli_main(
+                ["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--print_config"]
+            )
+        warnings.warn(
+            "torch.distributed.nn.functional.all_gather is deprecated, use "
+            "torch.distributed._functional_collectives.all_gather_single instead.",
+            FutureWarning,
+            stacklevel=1,
+        )
+    capsys.readouterr()
+    assert not [w for w in caught if "all_gather is deprecated" in str(w.message)]
