@@ -32,6 +32,7 @@ from simclr_lightning.run_checks import (
     check_accumulation,
     check_checkpoint_folders,
     check_equal_batches,
+    warn_unmeasured_validation,
 )
 from simclr_lightning.schedule import (
     carry_schedule_over,
@@ -264,6 +265,8 @@ class SimCLR(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             check_checkpoint_folders(self.trainer)
+        elif stage == "validate":
+            warn_unmeasured_validation(self.trainer)
 
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule

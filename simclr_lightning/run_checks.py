@@ -128,6 +128,22 @@ def _unwritable(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def warn_unmeasured_validation(trainer: L.Trainer) -> None:
+    """Say, before a ``validate`` of a SimCLR model, that nothing will be measured when no
+    callback takes the features its ``validation_step`` returns: the run exits cleanly and
+    prints no figure at all, as if it had measured nothing worth showing."""
+    base = L.Callback.on_validation_batch_end
+    if any(type(c).on_validation_batch_end is not base for c in trainer.callbacks):
+        return
+    rank_zero_warn(
+        "validate of a SimCLR model measures nothing by itself: its validation_step returns "
+        "features for the monitors; add them (--config configs/monitors.yaml: kNN, linear "
+        "probe, embedding plot) for figures, or measure the encoder by linear evaluation "
+        "(configs/linear_eval.yaml)",
+        category=UserWarning,
+    )
+
+
 class CollapseWatch:
     """Warns once (rank zero) when ``train/z_std``, the per-dimension std of the unit
     embeddings, falls below a tenth of its healthy value 1/sqrt(D): the embeddings have

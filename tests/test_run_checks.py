@@ -253,3 +253,22 @@ def test_linear_eval_refuses_a_checkpoint_folder_that_cannot_be_written(tmp_path
     with pytest.raises(SettingError, match="the ModelCheckpoint folder .* cannot be written"):
         trainer.fit(LinearEval(num_classes=2, backbone="resnet18"), DataLoader(data, batch_size=4))
     assert trainer.global_step == 0
+
+
+def test_validate_of_simclr_without_a_monitor_says_it_measures_nothing():
+    """It exited cleanly and printed no figure; with a monitor that takes the features (the
+    kNN monitor here) nothing is said."""
+    from simclr_lightning import KNNMonitor
+    from tests.helpers import FeatureData
+
+    model = SimCLR(
+        backbone="timm:test_resnet", cifar_stem=False, head_hidden_dim=8, head_output_dim=8
+    )
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 2, (8,))
+    with pytest.warns(UserWarning, match="validate of a SimCLR model measures nothing"):
+        quiet_trainer().validate(model, datamodule=FeatureData((x, y), (x, y)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="validate of a SimCLR model")
+        trainer = quiet_trainer(callbacks=[KNNMonitor(k=3)])
+        trainer.validate(model, datamodule=FeatureData((x, y), (x, y)))
+    assert "knn/val_top1" in trainer.callback_metrics
