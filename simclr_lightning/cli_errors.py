@@ -80,7 +80,8 @@ def user_error(err: BaseException) -> tuple[str, int] | None:
 
 def _own_message(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, USAGE_ERRORS):
-        return one_line(missing_step_message(exc) or worker_message(str(exc))), EXIT_USAGE
+        said = missing_step_message(exc) or missing_data_message(exc)
+        return one_line(said or worker_message(str(exc))), EXIT_USAGE
     if isinstance(exc, RUN_ERRORS) or (isinstance(exc, OSError) and exc.errno in USER_ERRNOS):
         return one_line(worker_message(str(exc))), EXIT_FAILURE
     return None
@@ -147,6 +148,14 @@ def missing_step_message(exc: BaseException) -> str | None:
     )
 
 
+def missing_data_message(exc: BaseException) -> str | None:
+    """Lightning's "`train_dataloader` must be implemented" of a run given a model and no
+    data (``fit --model SimCLR``) as the setting to give."""
+    if re.fullmatch(r"`(train|val|test|predict)_dataloader` must be implemented.*", str(exc)):
+        return f"data is required: give {WHOLE_GROUPS['data']}"
+    return None
+
+
 def _running_cli(exc: BaseException) -> LightningCLI | None:
     """The LightningCLI whose subcommand raised ``exc``: the ``self`` of a frame it passed."""
     tb = exc.__traceback__
@@ -189,7 +198,29 @@ def argument_message(message: str, err: BaseException | None) -> str:
         return f"{key}.{found.group(1)} is not a setting{owner}"
     if found := re.fullmatch(r"Expected a dot import path string: (.*)", leaf):
         return f"{key}={found.group(1)!r} is invalid: must be a class name or dotted import path"
+    if found := re.fullmatch(r"(?:([\w.]+): )?the following arguments are required: (.+)", leaf):
+        return required_message(found.group(1) or key, found.group(2).split(", "))
     return f"{key}: {leaf}" if key else leaf
+
+
+SUBCOMMAND = re.compile(r"^(fit|validate|test|predict)\.")
+REQUIRED = re.compile(r"^[\w.]+( and [\w.]+)* (is|are) required(: |$)")
+WHOLE_GROUPS = {  # what to give when a config names no class for a whole group
+    "model": "--model SimCLR, or a config that has one (--config configs/quickstart.yaml: "
+    "every file in configs/ does)",
+    "data": "--data ImageFolderDataModule --data.root DIR, or a config that has one "
+    "(--config configs/quickstart.yaml)",
+}
+
+
+def required_message(group: str, names: list[str]) -> str:
+    """jsonargparse's "the following arguments are required: fit.model" (or "data: ...:
+    root") as the settings a user must give, and for a whole group what to give."""
+    settings = [SUBCOMMAND.sub("", f"{group}.{name}" if group else name) for name in names]
+    if len(settings) == 1 and settings[0] in WHOLE_GROUPS:
+        return f"{settings[0]} is required: give {WHOLE_GROUPS[settings[0]]}"
+    verb = "is" if len(settings) == 1 else "are"
+    return f"{' and '.join(settings)} {verb} required"
 
 
 def setting_of(message: str, err: BaseException | None) -> tuple[str, str | None]:
@@ -288,7 +319,8 @@ class OneLineErrorParser(LightningArgumentParser):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         text = argument_message(message, ex)
-        if not any(isinstance(e, yaml.YAMLError) for e in exception_chain(ex)):
+        named = REQUIRED.search(text) is not None  # the setting to give: no pointer needed
+        if not named and not any(isinstance(e, yaml.YAMLError) for e in exception_chain(ex)):
             text = f"{text} (settings: {settings_help(parser, *setting_of(message, ex))})"
         print_error(text)
         sys.exit(EXIT_USAGE)

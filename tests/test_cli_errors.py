@@ -380,6 +380,20 @@ CASES = [
         2,
         ["trainer: ", "barebones=True", "log_every_n_steps=1"],
     ),
+    # nothing given for a whole group, or a required setting
+    ("no model", ["fit"], 2, ["model is required: give --model SimCLR", "configs/quickstart"]),
+    (
+        "no data",
+        ["fit", "--model=SimCLR", "--trainer.accelerator=cpu", "--trainer.max_steps=1"],
+        2,
+        ["data is required: give --data ImageFolderDataModule --data.root DIR"],
+    ),
+    (
+        "no data.root",
+        ["fit", "--model=SimCLR", "--data=ImageFolderDataModule"],
+        2,
+        ["error: data.root is required"],
+    ),  # fmt: skip
     # a loss that overflows in the first step
     (
         "NaN loss",
