@@ -78,7 +78,14 @@ def user_error(err: BaseException) -> tuple[str, int] | None:
     return message, code
 
 
+# Lightning's check of trainer.devices / num_nodes against the launcher (SLURM, torchrun)
+LAUNCH_MISMATCH = re.compile(r"You set `(devices|num_nodes)=.* does not match.*", re.S)
+
+
 def _own_message(exc: BaseException) -> tuple[str, int] | None:
+    if isinstance(exc, ValueError) and LAUNCH_MISMATCH.fullmatch(str(exc)):
+        said = re.sub(r"`(devices|num_nodes)=", r"`trainer.\1=", str(exc))
+        return one_line(said.replace("`", "")), EXIT_USAGE
     if isinstance(exc, USAGE_ERRORS):
         said = missing_step_message(exc) or missing_data_message(exc)
         return one_line(said or worker_message(str(exc))), EXIT_USAGE

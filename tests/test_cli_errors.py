@@ -491,3 +491,18 @@ def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
     with pytest.raises(KeyError, match="a bug"):
         main()
     assert "error:" not in capsys.readouterr().err
+
+
+def test_devices_that_do_not_match_torchrun_are_one_line(files, monkeypatch, capsys):
+    """torchrun --nproc_per_node 2 with --trainer.devices 1: Lightning's ValueError came as a
+    traceback from every process (SLURM's --ntasks-per-node and --nodes alike)."""
+    launched = dict(TORCHELASTIC_RUN_ID="x", RANK="0", GROUP_RANK="0", LOCAL_RANK="0")
+    launched |= dict(LOCAL_WORLD_SIZE="2", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    for name, value in (launched | {"MASTER_PORT": "29561"}).items():
+        monkeypatch.setenv(name, value)
+    code, err = run_main(fit("--trainer.strategy=ddp"), files, monkeypatch, capsys)
+    assert "Traceback" not in err and code == 2
+    assert err.strip().splitlines()[-1] == (
+        "simclr-lightning: error: You set trainer.devices=1 and trainer.num_nodes=1 in "
+        "Lightning, but the product (1 * 1) does not match the world size (2)."
+    )
