@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from simclr_lightning.errors import SettingError
 
@@ -31,13 +31,6 @@ def _shape_of(batch: Any) -> str:
     if isinstance(batch, (tuple, list)):
         return f"({', '.join(_shape_of(b) for b in batch)})" if len(batch) <= 4 else "a long list"
     return type(batch).__name__
-
-
-def encoder_channels(encoder: nn.Module) -> int | None:
-    """The channels of the images ``encoder`` takes: its first convolution's (a ResNet's stem,
-    a ViT's patch embedding), or None when it has none."""
-    first = next((m for m in encoder.modules() if isinstance(m, nn.Conv2d)), None)
-    return None if first is None else first.in_channels
 
 
 def check_channels(x: Tensor, expected: int | None, fix: str) -> None:

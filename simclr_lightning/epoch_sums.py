@@ -18,6 +18,7 @@ class EpochSums:
     def __init__(self, size: int) -> None:
         self.sums = torch.zeros(size)
         self.epoch: int | None = -1  # None: from a checkpoint that did not record it
+        self.loaded = False  # from the checkpoint this fit resumes
 
     def add(self, epoch: int, values: Tensor) -> None:
         if self.epoch is None:  # the epoch trained next is the one the checkpoint was in
@@ -30,9 +31,13 @@ class EpochSums:
         """The sums of ``epoch``; None when none of its steps ran in this fit or before it."""
         return self.sums if self.epoch == epoch else None
 
-    def reset(self) -> None:
-        """A later fit counts its epochs afresh."""
-        self.epoch = -1
+    def start_fit(self) -> None:
+        """At a fit's start: one not resumed from a checkpoint counts its epochs afresh. Not
+        at the previous fit's end: a checkpoint saved after it (``ModelCheckpoint``'s at the
+        fit's end, ``trainer.save_checkpoint``) would hold no sums of its last epoch."""
+        if not self.loaded:
+            self.epoch = -1
+        self.loaded = False
 
     def state_dict(self) -> dict[str, Any]:
         return {"train_sums": self.sums.cpu(), "train_sums_epoch": self.epoch}
@@ -41,6 +46,7 @@ class EpochSums:
         if "train_sums" in state:
             self.sums = state["train_sums"].float().clone()
             self.epoch = state.get("train_sums_epoch")
+            self.loaded = True
 
 
 class ResumedEpochMean:

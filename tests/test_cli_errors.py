@@ -384,13 +384,24 @@ CASES = [
     ("no model", ["fit"], 2, ["model is required: give --model SimCLR", "configs/quickstart"]),
     (
         "no data",
-        ["fit", "--model=SimCLR", "--trainer.accelerator=cpu", "--trainer.max_steps=1"],
+        [
+            "fit",
+            "--model=SimCLR",
+            "--trainer.accelerator=cpu",
+            "--trainer.max_steps=1",
+            "--trainer.default_root_dir={root}/nodata",
+        ],  # fmt: skip
         2,
         ["data is required: give --data ImageFolderDataModule --data.root DIR"],
     ),
     (
         "no data.root",
-        ["fit", "--model=SimCLR", "--data=ImageFolderDataModule"],
+        [
+            "fit",
+            "--model=SimCLR",
+            "--data=ImageFolderDataModule",
+            "--trainer.default_root_dir={root}/noroot",
+        ],  # fmt: skip
         2,
         ["error: data.root is required"],
     ),  # fmt: skip

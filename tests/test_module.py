@@ -282,6 +282,10 @@ def test_images_with_another_number_of_channels_than_the_encoders_are_one_clear_
     classifier = LinearEval(num_classes=2, backbone="resnet18", in_channels=1)
     with pytest.raises(SettingError, match=r"have 3 channel\(s\) but the encoder takes 1"):
         classifier(torch.zeros(2, 3, 16, 16))
+    # TResNet's stem rearranges pixels into 16 x in_chans channels before its first
+    # convolution: the encoder's setting, not that convolution, says what it takes
+    tresnet = LinearEval(num_classes=2, backbone="timm:tresnet_m", cifar_stem=False)
+    assert tresnet(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 
 
 def test_the_readmes_fashion_mnist_command(fashion_mnist_dir, tmp_path, capsys):

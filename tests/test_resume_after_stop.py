@@ -44,6 +44,18 @@ def folder(tmp_path_factory):
     return root
 
 
+class EpochFigures(L.Callback):
+    """The online probe's figures of each epoch, as logged at its end (after the probe's)."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, float] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if "probe/train_loss" in trainer.callback_metrics:
+            loss = float(trainer.callback_metrics["probe/train_loss"])
+            self.epochs[trainer.current_epoch] = loss
+
+
 def fit(folder, max_steps: int, rows: Rows, saves=(), ckpt_path=None, workers=0, epochs=3):
     L.seed_everything(3, verbose=False)
     data = ImageFolderDataModule(
@@ -56,7 +68,7 @@ def fit(folder, max_steps: int, rows: Rows, saves=(), ckpt_path=None, workers=0,
         max_epochs=epochs,
         max_steps=max_steps,
         limit_val_batches=0,
-        enable_checkpointing=bool(saves),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in saves),
         callbacks=[rows, RNGState(), *saves],
     )
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
@@ -154,3 +166,23 @@ def test_a_checkpoint_written_after_lightning_counted_the_epoch_done_resumes_at_
     assert [r[:3] for r in resumed.rows] == [r[:3] for r in whole.rows[5:]]
     for got, want in zip(resumed.rows, whole.rows[5:], strict=True):
         assert torch.equal(got[3], want[3]), f"loss differs at step {got[2]}"
+
+
+def test_the_probes_figures_of_a_stopped_epoch_cover_all_of_it(folder, tmp_path):
+    """The probe (and LinearEval) cleared its epoch's sums at the fit's end, before the
+    fit-end save: resumed, the epoch's probe/train_loss covered only the batches after it."""
+    from simclr_lightning import OnlineLinearProbe
+
+    def run(max_steps: int, saves=(), ckpt_path=None) -> EpochFigures:
+        figures = EpochFigures()
+        probe = OnlineLinearProbe(num_classes=2, optimizer="sgd", lr=0.1)
+        fit(folder, max_steps, Rows(), [probe, figures, *saves], ckpt_path, epochs=1)
+        return figures
+
+    whole = run(-1)
+    run(STOP, [ModelCheckpoint(tmp_path, **SAVES["fit end"])])
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]
+    (probe_state,) = [v for k, v in saved.items() if k.startswith("OnlineLinearProbe")]
+    assert probe_state["train_sums_epoch"] == 0  # the stopped epoch's, not cleared
+    resumed = run(-1, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.epochs[0] == pytest.approx(whole.epochs[0], rel=1e-6)

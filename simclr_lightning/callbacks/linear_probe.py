@@ -141,6 +141,7 @@ class OnlineLinearProbe(L.Callback):
 
     # -- training -------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
+        self._train_sums.start_fit()
         batches = trainer.num_training_batches
         self._per_epoch = int(batches) if batches != float("inf") else 0
         if self.schedule == "cosine":  # planned once, not at every batch
@@ -186,9 +187,6 @@ class OnlineLinearProbe(L.Callback):
         optimizer.step()
         self.steps += 1
         self._train_sums.add(trainer.current_epoch, packed[-3:])
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._train_sums.reset()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         sums = self._train_sums.of(trainer.current_epoch)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from simclr_lightning import checkpoint as checkpoints
 from simclr_lightning.backbones import build_backbone
-from simclr_lightning.batches import check_channels, encoder_channels
+from simclr_lightning.batches import check_channels
 from simclr_lightning.distributed import (
     already_synced,
     loader_count,
@@ -133,7 +133,7 @@ class LinearEval(L.LightningModule):
         self.backbone, self.feature_dim = build_backbone(
             backbone, cifar_stem, in_channels, timm_kwargs=timm_kwargs
         )
-        self._channels = encoder_channels(self.backbone)  # checked in forward: one line
+        self._channels = in_channels  # checked in forward: one line
         if state is not None:
             try:
                 self.backbone.load_state_dict(state)
@@ -227,12 +227,10 @@ class LinearEval(L.LightningModule):
         self.train()
         list(self._reads.drain())  # nothing of an earlier fit
         self._loss_mean.start()
+        self._train_sums.start_fit()
         self._bar_loss = None
         replan_if_tuned(self, self._peak_lrs()[0], "LinearEval")  # e.g. BatchSizeFinder
         carry_schedule_over(self)  # resumed with another global batch
-
-    def on_train_end(self) -> None:
-        self._train_sums.reset()
 
     def on_train_epoch_end(self) -> None:
         sums = self._train_sums.of(self.current_epoch)
