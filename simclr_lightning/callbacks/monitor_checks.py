@@ -49,9 +49,11 @@ def _epochs(n: int) -> str:
     return "each epoch" if n == 1 else f"every {n} epochs"
 
 
-def _validations_per_epoch_only(trainer: L.Trainer) -> str | None:
-    """Why validations are not once at an epoch's end, or None."""
-    if trainer.check_val_every_n_epoch is None or trainer.val_check_interval != 1.0:
+def _inside_epochs(trainer: L.Trainer, n: int) -> str | None:
+    """Why validations inside epochs would miss the measurement, or None (none there)."""
+    if trainer.check_val_every_n_epoch is None:  # by steps: measured at every one, if due
+        return None if n == 1 else "checks at validations counted in steps (every epoch's)"
+    if trainer.val_check_interval != 1.0:  # measured only at the epoch-end one
         return "checks at validations inside epochs (trainer.val_check_interval)"
     return None
 
@@ -63,8 +65,8 @@ def _early_stopping_problem(trainer: L.Trainer, stop: EarlyStopping, n: int) -> 
         on_train_end = trainer.val_check_interval == 1.0 and every == 1
     if on_train_end:
         return None if n == 1 and every == 1 else "checks at every epoch's end"
-    inside = _validations_per_epoch_only(trainer)
-    if inside is not None:
+    inside = _inside_epochs(trainer, n)
+    if inside is not None or every is None:
         return inside
     return None if every % n == 0 else f"checks at every validation ({_epochs(every)})"
 
@@ -77,22 +79,28 @@ def _checkpoint_problem(trainer: L.Trainer, checkpoint: ModelCheckpoint, n: int)
     m = getattr(checkpoint, "_every_n_epochs", 1)
     if m < 1:
         return None  # saves no top-k checkpoint: never compares the metric
-    inside = _validations_per_epoch_only(trainer)
+    every = trainer.check_val_every_n_epoch
+    if getattr(checkpoint, "_save_on_train_epoch_end", None):  # at epochs' ends only
+        if every is None:
+            return "saves at epochs' ends, which validations counted in steps may not reach"
+        aligned = m % math.lcm(every, n) == 0  # the end-of-epoch validation measured
+        return None if aligned else f"saves at the end of {_epochs(m)}"
+    inside = _inside_epochs(trainer, n)
     if inside is not None:
         return inside.replace("checks", "saves")
-    every = trainer.check_val_every_n_epoch
-    if getattr(checkpoint, "_save_on_train_epoch_end", None):  # at epochs, validated or not
-        saved_at = m
-        aligned = m % math.lcm(every, n) == 0
-    else:  # at validations: those of every lcm(every, m) epochs
-        saved_at = math.lcm(every, m)
-        aligned = saved_at % n == 0
-    return None if aligned else f"saves at the end of {_epochs(saved_at)}"
+    if every is None:
+        return None  # n == 1: every validation measured
+    saved_at = math.lcm(every, m)  # at validations: those of every lcm(every, m) epochs
+    return None if saved_at % n == 0 else f"saves at the end of {_epochs(saved_at)}"
 
 
 def _fix(callback: L.Callback, n: int, owner: str, problem: str) -> str:
     if "inside epochs" in problem:
         return "Validate once an epoch (trainer.val_check_interval=1.0), or monitor another metric"
+    if "validations counted in steps may not" in problem:
+        return "Save at validations (the checkpoint's save_on_train_epoch_end: false)"
+    if "counted in steps" in problem:
+        return f"Set {owner}.every_n_epochs=1 (measured at every validation)"
     if "by steps or time" in problem:
         return "Save by epochs (every_n_epochs) for this metric, or monitor another metric"
     if isinstance(callback, ModelCheckpoint):

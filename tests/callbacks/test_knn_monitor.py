@@ -235,7 +235,39 @@ def _misaligned_monitors():
             ModelCheckpoint(monitor=top1, save_on_train_epoch_end=True),
             "saves at the end of each epoch",
         ),
+        (2, {"check_val_every_n_epoch": None, "val_check_interval": 3}, EarlyStopping(top1),
+         "validations counted in steps"),
+        (1, {"check_val_every_n_epoch": None, "val_check_interval": 3},
+         ModelCheckpoint(monitor=top1, save_on_train_epoch_end=True), "may not reach"),
+    ]  # fmt: skip
+
+
+def _aligned_monitors():
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    top1 = "knn/val_top1"
+    by_steps = {"check_val_every_n_epoch": None, "val_check_interval": 3}
+    at_ends = ModelCheckpoint(monitor=top1, save_on_train_epoch_end=True)
+    return [  # measured at every check: kept (they were refused by the first version)
+        (1, {"val_check_interval": 0.5}, at_ends),
+        (1, by_steps, EarlyStopping(top1)),
+        (1, by_steps, ModelCheckpoint(monitor=top1)),
+        (2, {"check_val_every_n_epoch": 2}, ModelCheckpoint(monitor=top1, every_n_epochs=4)),
     ]
+
+
+@pytest.mark.parametrize("every, settings, callback", _aligned_monitors())
+def test_a_monitor_of_knn_measured_at_every_check_is_kept(tmp_path, every, settings, callback):
+    x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
+    trainer = quiet_trainer(
+        max_epochs=4,
+        default_root_dir=tmp_path,
+        enable_checkpointing=True,
+        callbacks=[KNNMonitor(k=3, every_n_epochs=every), callback],
+        **settings,
+    )
+    trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))
+    assert "knn/val_top1" in trainer.callback_metrics  # no refusal, no Lightning error
 
 
 @pytest.mark.parametrize("every, settings, callback, words", _misaligned_monitors())
