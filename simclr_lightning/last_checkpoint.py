@@ -43,9 +43,14 @@ def newer_stop_checkpoint(trainer: L.Trainer, last: str | None) -> str | None:
         return None
     lasts = [last] if last else []
     for callback in trainer.callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        folder = callback.dirpath  # None until setup: without a logger, Lightning's own
+        if folder is None and not trainer.loggers:
+            folder = os.path.join(trainer.default_root_dir, "checkpoints")
+        if folder is not None:
             name = f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}"
-            lasts += glob.glob(os.path.join(glob.escape(str(callback.dirpath)), name))
+            lasts += glob.glob(os.path.join(glob.escape(str(folder)), name))
     newest = max(stops, key=os.path.getmtime)
     if any(os.path.getmtime(path) >= os.path.getmtime(newest) for path in lasts):
         return None

@@ -473,3 +473,23 @@ def test_the_command_quiets_torchs_deprecation_of_lightnings_all_gather(capsys):
         )
     capsys.readouterr()
     assert not [w for w in caught if "all_gather is deprecated" in str(w.message)]
+
+
+def test_a_stop_checkpoint_is_taken_only_when_newer_than_lightnings_own_last(tmp_path):
+    """Without a logger or a dirpath, ModelCheckpoint's folder is <default_root_dir>/
+    checkpoints, unknown before setup: an older hpc_ckpt beat a newer last.ckpt there."""
+    import os
+
+    import lightning as L
+
+    from simclr_lightning.last_checkpoint import newer_stop_checkpoint
+
+    stop = tmp_path / "hpc_ckpt_1.ckpt"
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    stop.write_bytes(b"stop"), last.write_bytes(b"last")
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
+    os.utime(stop, (1000, 1000)), os.utime(last, (2000, 2000))
+    assert newer_stop_checkpoint(trainer, None) is None  # Lightning's rule: the newer last
+    os.utime(stop, (3000, 3000))
+    assert newer_stop_checkpoint(trainer, None) == str(stop)
