@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
@@ -163,3 +164,54 @@ def test_a_fit_resumed_mid_epoch_with_another_batch_size(folder, tmp_path, monke
     assert [lr for _, lr, _ in rows] == pytest.approx(want)
     probe_want = [0.5 * cosine_schedule_reference(s, 0, 2 * per_epoch, 0.0) for s in points]
     assert [lr for _, _, lr in rows] == pytest.approx(probe_want)
+
+
+def test_a_second_stop_in_the_resumed_epoch_counts_its_images(tmp_path, monkeypatch):
+    """40 images (no drop_last): batch 8 stops after 1 batch (8 images); resumed at batch 6,
+    which counts those 8 as 2 of its batches, it stops after 2 more (20 images). Its
+    checkpoint said 3 x 6 = 18 images: the second resume trained 2 images twice. Every image
+    of the epoch once, whatever the stops."""
+    from collections import Counter
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.helpers import write_png_folder
+
+    write_png_folder(tmp_path / "images", 40, 8)
+    read: list[int] = []
+    getitem = sampler_module.SeededSamples.__getitem__
+
+    def recording(self, key):
+        read.append(key[0])
+        return getitem(self, key)
+
+    monkeypatch.setattr(sampler_module.SeededSamples, "__getitem__", recording)
+    trained: list[int] = []
+
+    def fit(batch: int, max_steps: int, ckpt_path=None) -> None:
+        read.clear()
+        data = ImageFolderDataModule(
+            str(tmp_path / "images"), SimCLRAugmentation(image_size=8), batch_size=batch,
+            num_workers=0, drop_last=False,
+        )  # fmt: skip
+        model = SimCLR(cifar_stem=False, warmup_epochs=0, head_hidden_dim=8, head_output_dim=8)
+        saves = ModelCheckpoint(tmp_path / "ckpts", save_last=True, save_top_k=0)
+        sizes: list[int] = []
+
+        class Sizes(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                sizes.append(len(batch[0][0]))
+
+        trainer = quiet_trainer(
+            max_epochs=1, max_steps=max_steps, limit_val_batches=0, enable_checkpointing=True,
+            callbacks=[saves, Sizes()],
+        )  # fmt: skip
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+        trained.extend(read[: sum(sizes)])  # (the loader reads a batch ahead)
+
+    last = tmp_path / "ckpts" / "last.ckpt"
+    fit(8, 1)
+    fit(6, 3, last)  # steps 2 and 3: 12 more images
+    fit(6, -1, last)
+    counts = Counter(trained)
+    assert sorted(counts) == list(range(40)) and set(counts.values()) == {1}

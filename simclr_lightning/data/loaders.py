@@ -101,7 +101,8 @@ def align_resumed_epoch(trainer: L.Trainer) -> int | None:
     last images left out) or let the loader run dry first. This run's batches of the epoch
     trained on, or None when nothing changed. Call in ``on_train_start`` (every caller gets
     the same answer: the schedule's and the online probe's)."""
-    at = getattr(getattr(trainer.datamodule, "train_order", None), "loop_at", None)
+    order = getattr(trainer.datamodule, "train_order", None)
+    at = getattr(order, "loop_at", None)
     if at is None or trainer.current_epoch != at[0]:
         return None
     _, was, now = at
@@ -115,6 +116,8 @@ def align_resumed_epoch(trainer: L.Trainer) -> int | None:
         tracker.started += now - was
         tracker.processed += now - was
         tracker.completed += now - was
+    if order.resumed_at is not None:  # Lightning counts those images in this run's batches
+        order.resumed_at = (*order.resumed_at[:2], now)
     return now
 
 
@@ -155,9 +158,13 @@ class TrainOrder:
         self.resume: tuple[int, int] | None = None  # (epoch, batches trained on)
         self.global_batch: int | None = None  # images per step over all processes, this run
         self.saved_global_batch: int | None = None  # the checkpoint's run's
+        self.saved_images: int | None = None  # of its epoch, over all processes
         # (epoch, the checkpoint's batches, this run's batches of the same images): for
         # :func:`align_resumed_epoch`, when the global batch has changed
         self.loop_at: tuple[int, int, int] | None = None
+        # (epoch, images skipped at the resume, Lightning's count of batches for them): a
+        # later save of that epoch counts its images from there, not in this run's batches
+        self.resumed_at: tuple[int, int, int] | None = None
 
     def state_dict(self) -> dict[str, int]:
         if self.trainer is None and self.seed is not None:
@@ -170,12 +177,19 @@ class TrainOrder:
             return {}
         epoch, batches = training_position(self.trainer)
         state = {"seed": self.seed, "epoch": epoch, "batches": batches}
-        return state | ({"global_batch": self.global_batch} if self.global_batch else {})
+        if not self.global_batch:
+            return state
+        images = batches * self.global_batch
+        if self.resumed_at is not None and self.resumed_at[0] == epoch and batches:
+            _, skipped, counted = self.resumed_at
+            images = skipped + (batches - counted) * self.global_batch
+        return state | {"global_batch": self.global_batch, "images": images}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state:
             self.seed, self.resume = state["seed"], (state["epoch"], state["batches"])
             self.saved_global_batch = state.get("global_batch")  # None: an older checkpoint
+            self.saved_images = state.get("images")
 
     def apply(self, loader: ResumableLoader) -> None:
         """Seed the loader's order and start it where the checkpoint left off: after the
@@ -187,15 +201,18 @@ class TrainOrder:
         assert isinstance(sampler, ResumableSampler) and loader.batch_size is not None
         sampler.seed = self.seed if self.seed is not None else sampler.seed
         self.global_batch = loader.batch_size * sampler.num_replicas
-        self.loop_at = None
+        self.loop_at = self.resumed_at = None
         if self.resume is None:
             return
         epoch, batches = self.resume
-        saved = self.saved_global_batch or self.global_batch
-        skip = min(batches * saved // sampler.num_replicas, sampler.kept)
+        images = self.saved_images
+        if images is None:  # the images of the checkpoint's batches
+            images = batches * (self.saved_global_batch or self.global_batch)
+        skip = min(images // sampler.num_replicas, sampler.kept)
         sampler.resume_at(epoch, skip)
         sampler.on_resumed = self._spent
-        if saved != self.global_batch:
+        self.resumed_at = (epoch, skip * sampler.num_replicas, batches)
+        if skip != batches * loader.batch_size:  # Lightning's count is of other batches
             size, drop = loader.batch_size, loader.drop_last
             done = _batches(sampler.kept, size, drop) - _batches(sampler.kept - skip, size, drop)
             self.loop_at = (epoch, batches, done)
