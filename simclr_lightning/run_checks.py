@@ -81,7 +81,11 @@ def check_equal_batches(trainer: L.Trainer, n: int, batch_idx: int) -> None:
     if trainer.world_size == 1:
         return
     last = trainer.num_training_batches
-    if batch_idx != 0 and not (math.isfinite(last) and batch_idx == last - 1):
+    if math.isfinite(last):
+        at_end = batch_idx == last - 1
+    else:  # a loader without a length: its fetcher, a batch ahead, knows the last one
+        at_end = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", 0))
+    if batch_idx != 0 and not at_end:
         return
     sizes = trainer.strategy.all_gather(torch.tensor(n, device=trainer.strategy.root_device))
     sizes = [int(size) for size in sizes.flatten().tolist()]
@@ -104,6 +108,8 @@ def check_checkpoint_folders(trainer: L.Trainer) -> None:
     (global rank zero) and said on every process at once; remote folders are left to their
     file system."""
     problem = None
+    if trainer.fast_dev_run:  # Lightning saves nothing then: no folder made either
+        return
     if trainer.is_global_zero:
         folders = [c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
         problem = next(filter(None, map(_unwritable, folders)), None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -160,15 +161,19 @@ class _Trainer:
     def __init__(self, sizes: list[int], batches: float) -> None:
         self.world_size, self.num_training_batches = len(sizes), batches
         self.strategy, self.current_epoch = _SizesStrategy(sizes), 0
+        progress = SimpleNamespace(is_last_batch=False)
+        self.fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
 
 
 def test_batch_sizes_are_compared_at_an_epochs_first_and_last_batch_only():
     """Every other step would be a host wait for the GPU; an iterable dataset without a length
-    (an infinite count of batches) is compared at its first batch."""
-    for batches, compared in [(5, [0, 4]), (1, [0]), (math.inf, [0])]:
+    (an infinite count of batches) is compared at its first batch and at the one its loader
+    ends with (where a shard runs short)."""
+    for batches, compared in [(5, [0, 4]), (1, [0]), (math.inf, [0, 3])]:
         trainer = _Trainer([4, 4], batches)
         asked = []
         for batch_idx in range(6):
+            trainer.fit_loop.epoch_loop.batch_progress.is_last_batch = batch_idx == 3
             before = trainer.strategy.calls
             check_equal_batches(trainer, 4, batch_idx)
             if trainer.strategy.calls > before:
@@ -239,6 +244,11 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_any_step(t
     trainer = quiet_trainer(max_steps=1, enable_checkpointing=True, callbacks=[saves])
     trainer.fit(model, DataLoader(data, batch_size=4))
     assert sorted(p.name for p in writable.iterdir()) == ["last.ckpt"]
+    quick = ModelCheckpoint(tmp_path / "quick")  # fast_dev_run saves nothing: no folder
+    quiet_trainer(fast_dev_run=True, enable_checkpointing=True, callbacks=[quick]).fit(
+        model, DataLoader(data, batch_size=4)
+    )
+    assert not (tmp_path / "quick").exists()
 
 
 def test_linear_eval_refuses_a_checkpoint_folder_that_cannot_be_written(tmp_path):
