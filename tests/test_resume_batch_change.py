@@ -94,6 +94,20 @@ def test_an_unchanged_global_batch_is_left_to_the_old_rule_and_older_checkpoints
     assert orders[0].loop_at is None
 
 
+def record_reads(monkeypatch) -> list[int]:
+    """The dataset indices the training loader reads, in order (read in this process: no
+    workers), from now on."""
+    read: list[int] = []
+    getitem = sampler_module.SeededSamples.__getitem__
+
+    def recording(self, key):
+        read.append(key[0])
+        return getitem(self, key)
+
+    monkeypatch.setattr(sampler_module.SeededSamples, "__getitem__", recording)
+    return read
+
+
 class Steps(Callback):
     """(batch_idx, learning rate, the online probe's rate) of every training step."""
 
@@ -123,14 +137,7 @@ def test_a_fit_resumed_mid_epoch_with_another_batch_size(folder, tmp_path, monke
     16 the epoch had left; the steps count on from this run's batches of the 4 trained on,
     at the rates of this run's schedules at that point: the paper's rule (warm-up 0) and
     the online probe's cosine."""
-    read: list[int] = []
-    getitem = sampler_module.SeededSamples.__getitem__
-
-    def recording(self, key):
-        read.append(key[0])
-        return getitem(self, key)
-
-    monkeypatch.setattr(sampler_module.SeededSamples, "__getitem__", recording)
+    read = record_reads(monkeypatch)
 
     def fit(batch: int, ckpt_path=None, **trainer_kwargs):
         data = ImageFolderDataModule(
@@ -178,14 +185,7 @@ def test_a_second_stop_in_the_resumed_epoch_counts_its_images(tmp_path, monkeypa
     from tests.helpers import write_png_folder
 
     write_png_folder(tmp_path / "images", 40, 8)
-    read: list[int] = []
-    getitem = sampler_module.SeededSamples.__getitem__
-
-    def recording(self, key):
-        read.append(key[0])
-        return getitem(self, key)
-
-    monkeypatch.setattr(sampler_module.SeededSamples, "__getitem__", recording)
+    read = record_reads(monkeypatch)
     trained: list[int] = []
 
     def fit(batch: int, max_steps: int, ckpt_path=None) -> None:
