@@ -12,11 +12,10 @@ from torch import Tensor
 from simclr_lightning.backbones import build_backbone
 from simclr_lightning.batches import check_channels, two_views
 from simclr_lightning.checkpoint import with_class_path
-from simclr_lightning.data.class_names import says_unlabeled
 from simclr_lightning.data.transforms import preprocessing_of
 from simclr_lightning.distributed import already_synced, mean_over_processes
 from simclr_lightning.epoch_sums import ResumedEpochMean
-from simclr_lightning.errors import SettingError, require
+from simclr_lightning.errors import require
 from simclr_lightning.grad_cache import embed_in_chunks
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.loss import LossReduction, NTXentLoss
@@ -41,7 +40,7 @@ from simclr_lightning.schedule import (
     step_schedule,
 )
 from simclr_lightning.stop_position import save_as_inside_epoch
-from simclr_lightning.supcon import SupConLoss
+from simclr_lightning.supcon import SupConLoss, require_labels
 
 LossName = Literal["ntxent", "supcon"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -263,20 +262,12 @@ class SimCLR(L.LightningModule):
         return self(x)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.get("loss") == "supcon":
+            require_labels(self.trainer.datamodule)
         if stage == "fit":
             check_checkpoint_folders(self.trainer)
         elif stage == "validate":
             warn_unmeasured_validation(self.trainer)
-
-    def on_fit_start(self) -> None:
-        datamodule = self.trainer.datamodule
-        if self.hparams.get("loss") == "supcon" and says_unlabeled(datamodule):
-            raise SettingError(
-                f"model.loss='supcon' needs labelled images, and the data module "
-                f"({type(datamodule).__name__}) has none (num_classes=None, e.g. data.root/train "
-                f"without class folders): every image would be its own class, which is NT-Xent; "
-                f"use model.loss=ntxent, or give class folders (train/<class>/<image>)"
-            )
 
     def on_train_start(self) -> None:
         # Lightning keeps whatever train/eval mode the module had before fit; a model left in

@@ -8,8 +8,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from simclr_lightning.data.class_names import says_unlabeled
 from simclr_lightning.distributed import gather_with_grad
-from simclr_lightning.errors import require
+from simclr_lightning.errors import SettingError, require
 from simclr_lightning.loss import LossReduction, batch_layout, reduction_scale
 
 
@@ -99,3 +100,15 @@ def _gather(tensor: Tensor) -> Tensor:
     out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(out, tensor.contiguous())
     return torch.cat(out)
+
+
+def require_labels(datamodule) -> None:
+    """Refuse SupCon over a data module without labels, before any work: every image would
+    be its own class, which is NT-Xent under another name."""
+    if says_unlabeled(datamodule):
+        raise SettingError(
+            f"model.loss='supcon' needs labelled images, and the data module "
+            f"({type(datamodule).__name__}) has none (num_classes=None, e.g. data.root/train "
+            f"without class folders): every image would be its own class, which is NT-Xent; "
+            f"use model.loss=ntxent, or give class folders (train/<class>/<image>)"
+        )

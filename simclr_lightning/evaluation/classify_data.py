@@ -80,6 +80,18 @@ def is_pretraining(checkpoint: dict[str, Any]) -> bool:
     return class_path.endswith(".SimCLR") or (has_head and "head.weight" not in state)
 
 
+def refuse_pretraining(checkpoint: dict[str, Any], path: Any) -> None:
+    """Refuse a SimCLR checkpoint given as LinearEval's ``--ckpt_path`` (before its weights
+    load): it would resume SimCLR's epoch and step, training nothing, or fail deep inside
+    Lightning."""
+    if "linear_eval" not in checkpoint and is_pretraining(checkpoint):
+        raise SettingError(
+            f"ckpt_path={str(path)!r} is a SimCLR pretraining checkpoint, not a LinearEval "
+            f"one: give it as --model.checkpoint (the encoder to evaluate); --ckpt_path "
+            f"resumes or evaluates a LinearEval run"
+        )
+
+
 def classify_batch(batch) -> tuple[Tensor, Tensor]:
     x, y = batch
     if isinstance(x, (tuple, list)):

@@ -21,8 +21,12 @@ from simclr_lightning.distributed import (
     sum_over_processes,
 )
 from simclr_lightning.epoch_sums import EpochSums, ResumedEpochMean
-from simclr_lightning.errors import CheckpointError, SettingError, require
-from simclr_lightning.evaluation.classify_data import classify_batch, classify_data, is_pretraining
+from simclr_lightning.errors import CheckpointError, require
+from simclr_lightning.evaluation.classify_data import (
+    classify_batch,
+    classify_data,
+    refuse_pretraining,
+)
 from simclr_lightning.evaluation.eval_figures import StageFigures
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.lagged_reads import LaggedReads
@@ -335,15 +339,7 @@ class LinearEval(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Called before the weights load: a pretraining checkpoint here would resume SimCLR's
-        # epoch and step (training nothing) or fail deep inside Lightning.
-        if "linear_eval" not in checkpoint and is_pretraining(checkpoint):
-            path = self._trainer.ckpt_path if self._trainer is not None else None
-            raise SettingError(
-                f"ckpt_path={str(path)!r} is a SimCLR pretraining checkpoint, not a LinearEval "
-                f"one: give it as --model.checkpoint (the encoder to evaluate); --ckpt_path "
-                f"resumes or evaluates a LinearEval run"
-            )
+        refuse_pretraining(checkpoint, self._trainer.ckpt_path if self._trainer else None)
         extra = checkpoint.get("linear_eval") or {}
         if extra.get("class_names") is not None:
             self.class_names = list(extra["class_names"])
