@@ -107,9 +107,9 @@ def check_checkpoint_folders(trainer: L.Trainer) -> None:
     run, and stop it there with all the training lost. Tried by the process that writes
     (global rank zero) and said on every process at once; remote folders are left to their
     file system."""
-    problem = None
     if trainer.fast_dev_run:  # Lightning saves nothing then: no folder made either
         return
+    problem = None
     if trainer.is_global_zero:
         folders = [c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
         problem = next(filter(None, map(_unwritable, folders)), None)

@@ -66,7 +66,7 @@ def test_the_resumed_epoch_goes_on_after_exactly_the_images_trained_on(
     done = 3
     old, _ = rank_orders(world, batch, drop_last)
     trained = [i for loader in old for b in indices(loader)[:done] for i in b]
-    state = {"seed": SEED, "epoch": 1, "batches": done, "global_batch": world * batch}
+    state = {"seed": SEED, "epoch": 1, "batches": done, "images": done * world * batch}
     new, orders = rank_orders(new_world, new_batch, drop_last, state)
     batches = [indices(loader) for loader in new]  # once: the skip is for one pass
     rest = [i for rank in batches for b in rank for i in b]
@@ -81,14 +81,14 @@ def test_the_resumed_epoch_goes_on_after_exactly_the_images_trained_on(
 
 
 def test_an_unchanged_global_batch_is_left_to_the_old_rule_and_older_checkpoints_too():
-    state = {"seed": SEED, "epoch": 1, "batches": 3, "global_batch": 8}
+    state = {"seed": SEED, "epoch": 1, "batches": 3, "images": 3 * 8}
     same, orders = rank_orders(4, 2, False, state)  # 4 x 2 = 2 x 4: the same global batch
     old, _ = rank_orders(2, 4, False)
     trained = {i for loader in old for b in indices(loader)[:3] for i in b}
     rest = {i for loader in same for b in indices(loader) for i in b}
     assert trained | rest == set(range(N)) and not trained & rest
     assert all(order.loop_at is None for order in orders)
-    older = {"seed": SEED, "epoch": 1, "batches": 3}  # no global_batch: its own batches
+    older = {"seed": SEED, "epoch": 1, "batches": 3}  # no images: its own batches
     loaders, orders = rank_orders(1, 4, False, older)
     assert [len(b) for b in indices(loaders[0])] == [4] * (N // 4 - 3)
     assert orders[0].loop_at is None

@@ -157,8 +157,7 @@ class TrainOrder:
         self.seed: int | None = None
         self.resume: tuple[int, int] | None = None  # (epoch, batches trained on)
         self.global_batch: int | None = None  # images per step over all processes, this run
-        self.saved_global_batch: int | None = None  # the checkpoint's run's
-        self.saved_images: int | None = None  # of its epoch, over all processes
+        self.saved_images: int | None = None  # of the checkpoint's epoch, all processes'
         # (epoch, the checkpoint's batches, this run's batches of the same images): for
         # :func:`align_resumed_epoch`, when the global batch has changed
         self.loop_at: tuple[int, int, int] | None = None
@@ -183,13 +182,12 @@ class TrainOrder:
         if self.resumed_at is not None and self.resumed_at[0] == epoch and batches:
             _, skipped, counted = self.resumed_at
             images = skipped + (batches - counted) * self.global_batch
-        return state | {"global_batch": self.global_batch, "images": images}
+        return state | {"images": images}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state:
             self.seed, self.resume = state["seed"], (state["epoch"], state["batches"])
-            self.saved_global_batch = state.get("global_batch")  # None: an older checkpoint
-            self.saved_images = state.get("images")
+            self.saved_images = state.get("images")  # None: an older checkpoint
 
     def apply(self, loader: ResumableLoader) -> None:
         """Seed the loader's order and start it where the checkpoint left off: after the
@@ -206,8 +204,8 @@ class TrainOrder:
             return
         epoch, batches = self.resume
         images = self.saved_images
-        if images is None:  # the images of the checkpoint's batches
-            images = batches * (self.saved_global_batch or self.global_batch)
+        if images is None:  # an older checkpoint: its batches, taken as this run's
+            images = batches * self.global_batch
         skip = min(images // sampler.num_replicas, sampler.kept)
         sampler.resume_at(epoch, skip)
         sampler.on_resumed = self._spent
