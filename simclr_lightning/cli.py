@@ -24,10 +24,11 @@ import simclr_lightning  # noqa: F401  (imports the classes so short names like 
 from simclr_lightning.callbacks import Preemption, RNGState
 from simclr_lightning.callbacks.preemption import SIGTERM_EXIT_CODE
 from simclr_lightning.checkpoint_io import check_ckpt_path
-from simclr_lightning.cli_errors import OneLineErrorParser, report
+from simclr_lightning.cli_errors import report
 from simclr_lightning.errors import SettingError
 from simclr_lightning.hardware import device_kind, forks, hardware_precision
 from simclr_lightning.last_checkpoint import earlier_runs_last, newer_stop_checkpoint
+from simclr_lightning.parse_errors import OneLineErrorParser
 
 # Warnings a user of this command cannot act on (the library already chose for them).
 QUIET = (

@@ -17,11 +17,9 @@ import os
 import re
 import sys
 from collections.abc import Iterator
-from contextvars import ContextVar
 
-import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from simclr_lightning.errors import CheckpointError, CorruptImageError, DataFileError, SettingError
@@ -183,151 +181,10 @@ def one_line(text: str) -> str:
     return " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
 
 
-# -- jsonargparse's parse errors -----------------------------------------------------------------
-# The config file jsonargparse is reading: its YAML errors say only "<unicode string>".
-READING: ContextVar[str | None] = ContextVar("READING", default=None)
-# The base classes jsonargparse names when no class was given for a group (--model.x alone).
-BASE_CLASS = re.compile(r"lightning(\.pytorch)?\.(LightningModule|LightningDataModule|Callback)")
-
-
-def argument_message(message: str, err: BaseException | None) -> str:
-    """jsonargparse's nested parse-error text as ``<setting>=<value> is invalid: ...``: the
-    setting from the ``Parser key`` of each level, the reason from the innermost error."""
-    chain = list(exception_chain(err))
-    key, class_path = setting_of(message, err)
-    leaf = one_line(str(chain[-1]) if chain else message)
-    if (syntax := yaml_message(key, message, chain)) is not None:
-        return syntax
-    if found := re.fullmatch(r"Expected a (.+?)\. Got value: (.*)", leaf):
-        return f"{key or 'value'}={found.group(2)!r} is invalid: must be {_type(found.group(1))}"
-    if found := re.fullmatch(r"Option '(.+)' is not accepted", leaf):
-        owner = f" of {class_path}" if class_path else ""
-        return f"{key}.{found.group(1)} is not a setting{owner}"
-    if found := re.fullmatch(r"Expected a dot import path string: (.*)", leaf):
-        return f"{key}={found.group(1)!r} is invalid: must be a class name or dotted import path"
-    if found := re.fullmatch(r"(?:([\w.]+): )?the following arguments are required: (.+)", leaf):
-        return required_message(found.group(1) or key, found.group(2).split(", "))
-    return f"{key}: {leaf}" if key else leaf
-
-
-SUBCOMMAND = re.compile(r"^(fit|validate|test|predict)\.")
-REQUIRED = re.compile(r"^[\w.]+( and [\w.]+)* (is|are) required(: |$)")
-WHOLE_GROUPS = {  # what to give when a config names no class for a whole group
+# What to give when a config names no class for a whole group (a parse error or a run).
+WHOLE_GROUPS = {
     "model": "--model SimCLR, or a config that has one (--config configs/quickstart.yaml: "
     "every file in configs/ does)",
     "data": "--data ImageFolderDataModule --data.root DIR, or a config that has one "
     "(--config configs/quickstart.yaml)",
 }
-
-
-def required_message(group: str, names: list[str]) -> str:
-    """jsonargparse's "the following arguments are required: fit.model" (or "data: ...:
-    root") as the settings a user must give, and for a whole group what to give."""
-    settings = [SUBCOMMAND.sub("", f"{group}.{name}" if group else name) for name in names]
-    if len(settings) == 1 and settings[0] in WHOLE_GROUPS:
-        return f"{settings[0]} is required: give {WHOLE_GROUPS[settings[0]]}"
-    verb = "is" if len(settings) == 1 else "are"
-    return f"{' and '.join(settings)} {verb} required"
-
-
-def setting_of(message: str, err: BaseException | None) -> tuple[str, str | None]:
-    """The dotted setting a parse error is about (``model.temperature``), from the ``Parser
-    key`` of each level, and the class given for it (``simclr_lightning.SimCLR``), if any."""
-    texts = [message] + [str(e) for e in exception_chain(err)]
-    keys: list[str] = []
-    for text in texts:
-        found = re.match(r'\s*Parser key "([^"]+)"', text)
-        if found and (not keys or keys[-1] != found.group(1)):
-            keys.append(found.group(1))
-    class_path = next(
-        (m.group(1) for t in texts if (m := re.search(r"given class_path '([^']+)'", t))), None
-    )
-    return ".".join(keys), class_path
-
-
-def yaml_message(key: str, message: str, chain: list[BaseException]) -> str | None:
-    """A YAML syntax error as the file and line to fix: PyYAML names ``"<unicode string>"``,
-    since jsonargparse hands it the file's text. The file is the ``--config`` being read, or
-    the one jsonargparse names for a group's file (``--model model.yaml``)."""
-    error = next((e for e in chain if isinstance(e, yaml.YAMLError)), None)
-    if error is None:
-        return None
-    texts = [message] + [str(e) for e in chain]
-    named = next(
-        (
-            m.group(1) or m.group(2)
-            for t in texts
-            if (m := re.search(r"sub-config file (.+?): |Unable to load config '([^']+)'", t))
-        ),
-        None,
-    )
-    path = named or READING.get()
-    if path is None:  # a value on the command line
-        what = key or "value"
-    else:
-        what = f"{key.split('.')[0]} config file {path}" if named and key else f"config file {path}"
-    problem = getattr(error, "problem_mark", None)
-    if problem is None:
-        return f"{what} is not valid YAML: {one_line(str(error))}"
-    where, detail = problem, error.problem
-    if error.context_mark is not None:  # where the construct to fix began (an unclosed "[")
-        where = error.context_mark
-        detail = f"{error.context}, {detail} at {_at(problem)}"
-    return f"{what} is not valid YAML, {_at(where)}: {detail}"
-
-
-def _at(mark) -> str:
-    return f"line {mark.line + 1}, column {mark.column + 1}"
-
-
-def settings_help(parser, key: str, class_path: str | None) -> str:
-    """The command that lists the settings of ``key``'s group: a class group's (``model``,
-    ``data``, ``trainer.callbacks``) are shown by ``--model.help SimCLR``, not ``--help``."""
-    command = " ".join([PROG, *parser.prog.replace(" [options]", "").split()[1:]])
-    parts = key.split(".")
-    actions = getattr(parser, "_option_string_actions", {})
-    group = next(
-        (
-            ".".join(parts[:n])
-            for n in range(len(parts), 0, -1)
-            if f"--{'.'.join(parts[:n])}.help" in actions
-        ),
-        None,
-    )
-    if group is None:
-        return f"{command} --help"
-    if class_path is None or BASE_CLASS.fullmatch(class_path):
-        return f"{command} --{group}.help CLASS_PATH_OR_NAME"
-    name = class_path.removeprefix("simclr_lightning.")
-    return f"{command} --{group}.help {name if '.' not in name else class_path}"
-
-
-def _type(text: str) -> str:
-    text = re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", text)
-    if found := re.fullmatch(r"typing\.Literal\[(.*)\]", text):
-        return f"one of {found.group(1)}"
-    return text
-
-
-class OneLineErrorParser(LightningArgumentParser):
-    """LightningCLI's parser, printing a parse error as one line (and exit code 2, as before)
-    instead of the usage text and jsonargparse's nested union report."""
-
-    def parse_path(self, path, *args, **kwargs):
-        """Remembers the file being read: its YAML errors name only ``"<unicode string>"``."""
-        token = READING.set(str(path))
-        try:
-            return super().parse_path(path, *args, **kwargs)
-        finally:
-            READING.reset(token)
-
-    def error(self, message: str, ex: Exception | None = None):
-        if not self.exit_on_error or debug():
-            return super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        text = argument_message(message, ex)
-        named = REQUIRED.search(text) is not None  # the setting to give: no pointer needed
-        if not named and not any(isinstance(e, yaml.YAMLError) for e in exception_chain(ex)):
-            text = f"{text} (settings: {settings_help(parser, *setting_of(message, ex))})"
-        print_error(text)
-        sys.exit(EXIT_USAGE)

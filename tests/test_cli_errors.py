@@ -86,6 +86,7 @@ def files(cifar_jpg_root, tmp_path_factory) -> dict[str, Path]:
     # YAML a user mistyped: a list left open, a key indented under a value
     (root / "bad.yaml").write_text("seed_everything: 0\ntrainer:\n  max_steps: 1\nmodel: [open\n")
     (root / "model.yaml").write_text("class_path: SimCLR\ninit_args:\n  base_lr: 1\n   x: 1\n")
+    (root / "trainer_typo.yaml").write_text("trainer:\n  max_epoch: 2\n")  # max_epochs
     return {
         "data": data,
         "unlabeled": unlabeled.parent,
@@ -99,6 +100,7 @@ def files(cifar_jpg_root, tmp_path_factory) -> dict[str, Path]:
         "text": root / "text.ckpt",
         "bad_yaml": root / "bad.yaml",
         "model_yaml": root / "model.yaml",
+        "trainer_typo": root / "trainer_typo.yaml",
         "root": root,
     }
 
@@ -141,8 +143,8 @@ CASES = [
         fit("--model.tempertaure=0.1"),
         2,
         [
-            "model.tempertaure is not a setting of simclr_lightning.SimCLR",
-            "(settings: simclr-lightning fit --model.help SimCLR)",
+            "model.tempertaure is not a setting of simclr_lightning.SimCLR: did you mean "
+            "model.temperature? (settings: simclr-lightning fit --model.help SimCLR)",
         ],
     ),
     (
@@ -156,7 +158,29 @@ CASES = [
         "data typo points to its class's settings",
         fit("--data.batchsize=3"),
         2,
-        ["data.batchsize", "(settings: simclr-lightning fit --data.help ImageFolderDataModule)"],
+        [
+            "data.batchsize is not a setting of simclr_lightning.ImageFolderDataModule: did you "
+            "mean data.batch_size? (settings: simclr-lightning fit --data.help "
+            "ImageFolderDataModule)"
+        ],
+    ),
+    (
+        "typo in a data setting's group",
+        fit("--data.augmentaton.image_size=8"),
+        2,
+        [
+            "data.augmentaton.image_size is not a setting of simclr_lightning."
+            "ImageFolderDataModule: did you mean data.augmentation.image_size?"
+        ],
+    ),
+    (
+        "unknown data setting with no close one",
+        fit("--data.zzz.image_size=8"),
+        2,
+        [
+            "data.zzz.image_size is not a setting of simclr_lightning.ImageFolderDataModule "
+            "(settings: simclr-lightning fit --data.help ImageFolderDataModule)"
+        ],
     ),
     ("batch size", fit("--data.batch_size=1"), 2, ["data.batch_size=1"]),
     ("task", fit("--data.task=foo"), 2, ["data.task='foo'"]),
@@ -208,7 +232,23 @@ CASES = [
         2,
         ["trainer.max_epochs='abc'", "int", "(settings: simclr-lightning fit --help)"],
     ),
-    ("unknown argument", fit("--foo=1"), 2, ["unrecognized arguments: --foo=1"]),
+    ("unknown argument", fit("--foo=1"), 2, ["foo is not a setting (settings: simclr-lightning"]),
+    ("two unknown arguments", fit("--foo=1", "--bar", "2"), 2, ["arguments: --foo=1 --bar 2"]),
+    (
+        "abbreviated setting refused",  # argparse would take it for trainer.max_epochs
+        fit("--trainer.max_epoch=2"),
+        2,
+        ["trainer.max_epoch is not a setting: did you mean trainer.max_epochs? (settings: "],
+    ),
+    (
+        "config file's misspelt key",
+        fit("--config={trainer_typo}"),
+        2,
+        [
+            "trainer.max_epoch is not a setting: did you mean trainer.max_epochs? (settings: "
+            "simclr-lightning fit --help)"
+        ],
+    ),
     ("missing config", fit("--config=nope.yaml"), 2, ["config", "nope.yaml", "does not exist"]),
     (
         "config of bad YAML",
@@ -249,7 +289,8 @@ CASES = [
         fit("--trainer.callbacks+=OnlineLinearProbe", "--trainer.callbacks.lrr=0"),
         2,
         [
-            "trainer.callbacks.lrr is not a setting of simclr_lightning.OnlineLinearProbe",
+            "trainer.callbacks.lrr is not a setting of simclr_lightning.OnlineLinearProbe: did "
+            "you mean trainer.callbacks.lr?",
             "(settings: simclr-lightning fit --trainer.callbacks.help OnlineLinearProbe)",
         ],
     ),
