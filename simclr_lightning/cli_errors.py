@@ -114,8 +114,18 @@ def report(err: BaseException, prog: str = PROG) -> int | None:
     if found is None:
         return None
     message, code = found
+    end_progress_bars()
     print_error(message, prog)
     return code
+
+
+def end_progress_bars() -> None:
+    """Closes the progress bars an error stopped mid-line: their last ``\\r`` update has no
+    newline, and on a terminal the error would be printed at the end of the bar's line."""
+    tqdm = sys.modules.get("tqdm")  # imported by Lightning's progress bar, if it ran
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+    sys.stdout.flush()
 
 
 # -- a command the model has no step for ---------------------------------------------------------

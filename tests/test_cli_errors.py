@@ -528,6 +528,27 @@ def test_real_process_prints_one_line_and_exit_code(files):
     )
 
 
+def test_error_after_a_progress_bar_starts_its_own_line(files):
+    """The bar (stdout) and the error (stderr) share a terminal: the error is not printed at
+    the end of the bar's last ``\\r`` update. One pipe for both stands in for the terminal."""
+    args = fit("--model.base_lr=1e30", "--trainer.limit_train_batches=3")
+    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
+    args.append("--trainer.enable_progress_bar=true")
+    run = subprocess.run(
+        [sys.executable, "-m", "simclr_lightning", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert "Epoch 0:" in run.stdout  # the bar ran
+    errors = [line for line in run.stdout.split("\n") if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("simclr-lightning: error: train/loss is nan")
+
+
 def test_simclr_debug_shows_the_traceback(files):
     run = subprocess_run(fit("--model.backbone=resnet99"), files, SIMCLR_DEBUG="1")
     assert run.returncode == 1
