@@ -18,6 +18,8 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from simclr_lightning.errors import SettingError
 
+Found = tuple[str, str]  # (what the callback does that misses the measurement, the fix)
+
 
 def check_monitors(trainer: L.Trainer, keys: Iterable[str], every_n_epochs: int, owner: str):
     """Raise a :class:`SettingError` for the first callback of ``trainer`` that monitors one of
@@ -29,19 +31,20 @@ def check_monitors(trainer: L.Trainer, keys: Iterable[str], every_n_epochs: int,
         if monitor not in keys:
             continue
         if isinstance(callback, EarlyStopping):
-            problem = _early_stopping_problem(trainer, callback, every_n_epochs)
+            found = _early_stopping_problem(trainer, callback, every_n_epochs, owner)
         elif isinstance(callback, ModelCheckpoint):
-            problem = _checkpoint_problem(trainer, callback, every_n_epochs)
+            found = _checkpoint_problem(trainer, callback, every_n_epochs, owner)
         else:
             continue
-        if problem is None:
+        if found is None:
             continue
+        problem, fix = found
         name = f"{type(callback).__name__}(monitor={monitor!r})"
         raise SettingError(
             f"{name} {problem}, but {owner} logs {monitor} only at the end of "
             f"{_epochs(every_n_epochs)} ({owner}.every_n_epochs={every_n_epochs}): it would "
             f"fail where {monitor} is missing, or read its last value again as if measured. "
-            f"{_fix(callback, every_n_epochs, owner, problem)}"
+            f"{fix}"
         )
 
 
@@ -49,66 +52,74 @@ def _epochs(n: int) -> str:
     return "each epoch" if n == 1 else f"every {n} epochs"
 
 
-def _inside_epochs(trainer: L.Trainer, n: int) -> str | None:
+INSIDE = "Validate once an epoch (trainer.val_check_interval=1.0), or monitor another metric"
+
+
+def _inside_epochs(trainer: L.Trainer, n: int, owner: str, does: str) -> Found | None:
     """Why validations inside epochs would miss the measurement, or None (none there)."""
     if trainer.check_val_every_n_epoch is None:  # by steps: measured at every one, if due
-        return None if n == 1 else "checks at validations counted in steps (every epoch's)"
+        if n == 1:
+            return None
+        fix = f"Set {owner}.every_n_epochs=1 (measured at every validation)"
+        return f"{does} at validations counted in steps (every epoch's)", fix
     if trainer.val_check_interval != 1.0:  # measured only at the epoch-end one
-        return "checks at validations inside epochs (trainer.val_check_interval)"
+        return f"{does} at validations inside epochs (trainer.val_check_interval)", INSIDE
     return None
 
 
-def _early_stopping_problem(trainer: L.Trainer, stop: EarlyStopping, n: int) -> str | None:
+def _early_stopping_problem(
+    trainer: L.Trainer, stop: EarlyStopping, n: int, owner: str
+) -> Found | None:
     every = trainer.check_val_every_n_epoch
+    fix = (
+        f"Set {owner}.every_n_epochs=1 and trainer.check_val_every_n_epoch={n} (the "
+        f"measurement at every validation, every {n} epochs), or monitor a metric of every epoch"
+    )
     on_train_end = getattr(stop, "_check_on_train_epoch_end", None)  # None: Lightning's rule
     if on_train_end is None:
         on_train_end = trainer.val_check_interval == 1.0 and every == 1
     if on_train_end:
-        return None if n == 1 and every == 1 else "checks at every epoch's end"
-    inside = _inside_epochs(trainer, n)
+        return None if n == 1 and every == 1 else ("checks at every epoch's end", fix)
+    inside = _inside_epochs(trainer, n, owner, "checks")
     if inside is not None or every is None:
         return inside
-    return None if every % n == 0 else f"checks at every validation ({_epochs(every)})"
+    if every % n == 0:
+        return None
+    return f"checks at every validation ({_epochs(every)}: trainer.check_val_every_n_epoch)", fix
 
 
-def _checkpoint_problem(trainer: L.Trainer, checkpoint: ModelCheckpoint, n: int) -> str | None:
+def _checkpoint_problem(
+    trainer: L.Trainer, checkpoint: ModelCheckpoint, n: int, owner: str
+) -> Found | None:
+    fix = f"Give the checkpoint every_n_epochs={n} (or a multiple), or set {owner}.every_n_epochs=1"
     if getattr(checkpoint, "_every_n_train_steps", 0) or getattr(
         checkpoint, "_train_time_interval", None
     ):
-        return "saves by steps or time (every_n_train_steps, train_time_interval)"
+        return (
+            "saves by steps or time (every_n_train_steps, train_time_interval)",
+            "Save by epochs (every_n_epochs) for this metric, or monitor another metric",
+        )
     m = getattr(checkpoint, "_every_n_epochs", 1)
     if m < 1:
         return None  # saves no top-k checkpoint: never compares the metric
     every = trainer.check_val_every_n_epoch
     if getattr(checkpoint, "_save_on_train_epoch_end", None):  # at epochs' ends only
         if every is None:
-            return "saves at epochs' ends, which validations counted in steps may not reach"
+            return (
+                "saves at epochs' ends, which validations counted in steps may not reach",
+                "Save at validations (the checkpoint's save_on_train_epoch_end: false)",
+            )
         aligned = m % math.lcm(every, n) == 0  # the end-of-epoch validation measured
-        return None if aligned else f"saves at the end of {_epochs(m)}"
-    inside = _inside_epochs(trainer, n)
+        return None if aligned else (f"saves at the end of {_epochs(m)}", fix)
+    inside = _inside_epochs(trainer, n, owner, "saves")
     if inside is not None:
-        return inside.replace("checks", "saves")
+        return inside
     if every is None:
         return None  # n == 1: every validation measured
     saved_at = math.lcm(every, m)  # at validations: those of every lcm(every, m) epochs
-    return None if saved_at % n == 0 else f"saves at the end of {_epochs(saved_at)}"
-
-
-def _fix(callback: L.Callback, n: int, owner: str, problem: str) -> str:
-    if "inside epochs" in problem:
-        return "Validate once an epoch (trainer.val_check_interval=1.0), or monitor another metric"
-    if "validations counted in steps may not" in problem:
-        return "Save at validations (the checkpoint's save_on_train_epoch_end: false)"
-    if "counted in steps" in problem:
-        return f"Set {owner}.every_n_epochs=1 (measured at every validation)"
-    if "by steps or time" in problem:
-        return "Save by epochs (every_n_epochs) for this metric, or monitor another metric"
-    if isinstance(callback, ModelCheckpoint):
-        return (
-            f"Give the checkpoint every_n_epochs={n} (or a multiple), or set "
-            f"{owner}.every_n_epochs=1"
-        )
-    return (
-        f"Set {owner}.every_n_epochs=1 and trainer.check_val_every_n_epoch={n} (the "
-        f"measurement at every validation, every {n} epochs), or monitor a metric of every epoch"
-    )
+    if saved_at % n == 0:
+        return None
+    why = [f"trainer.check_val_every_n_epoch={every}"] if every > 1 else []
+    why += [f"every_n_epochs={m}"] if m > 1 else []
+    because = f" ({', '.join(why)})" if why else ""
+    return f"saves at the end of {_epochs(saved_at)}{because}", fix

@@ -228,6 +228,8 @@ def _misaligned_monitors():
         (1, {"val_check_interval": 0.5}, EarlyStopping(top1), "validations inside epochs"),
         (3, {}, ModelCheckpoint(monitor=top1, mode="max"), "saves at the end of each epoch"),
         (2, {}, ModelCheckpoint(monitor=top1, every_n_epochs=3), "every 3 epochs"),
+        (2, {"check_val_every_n_epoch": 3}, ModelCheckpoint(monitor=top1),
+         r"saves at the end of every 3 epochs \(trainer.check_val_every_n_epoch=3\)"),
         (1, {}, ModelCheckpoint(monitor="knn/val_top5", every_n_train_steps=2), "by steps"),
         (
             1,
