@@ -141,6 +141,7 @@ class SimCLRCLI(LightningCLI):
         model = config.get("model")
         class_path = model.get("class_path") if hasattr(model, "get") else None
         fit = self.config.get("subcommand") == "fit"
+        refuse_optimizer_override(config, class_path)
         check_ckpt_path(config.get("ckpt_path"), class_path, fit)
         # the model's settings as given, before LightningCLI puts a --ckpt_path file's over them
         self._given_model = explicit_model_settings(parser, args)
@@ -201,6 +202,41 @@ class SimCLRCLI(LightningCLI):
             raise SettingError("trainer: " + " ".join(str(err).split())) from err
         finally:
             self.trainer_defaults["callbacks"] = defaults
+
+
+# The settings of this package's modules that LightningCLI's --optimizer would drop.
+OWN_OPTIMIZER = {
+    "SimCLR": "model.optimizer (lars, sgd, adamw), model.base_lr (scaled by the global batch), "
+    "model.weight_decay, model.momentum, model.warmup_epochs and model.final_lr_ratio",
+    "LinearEval": "model.optimizer (sgd, lars), model.lr, model.lr_scaling, model.weight_decay, "
+    "model.momentum and model.nesterov",
+}
+
+
+def refuse_optimizer_override(config, class_path: str | None) -> None:
+    """LightningCLI's ``--optimizer`` replaces a model's ``configure_optimizers`` (and
+    ``--lr_scheduler`` alone is dropped): for SimCLR and LinearEval that silently loses the
+    learning-rate scaling, the warm-up and cosine schedule and the BatchNorm and bias
+    exclusion from weight decay. A model of another package keeps LightningCLI's rule."""
+    given = [k for k in ("optimizer", "lr_scheduler") if config.get(k) is not None]
+    module, _, name = (class_path or "").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if given else None
+    except (ImportError, AttributeError, ValueError):
+        return
+    own = next(
+        (
+            (base.__name__, OWN_OPTIMIZER[base.__name__])
+            for base in getattr(cls, "__mro__", ())
+            if base.__name__ in OWN_OPTIMIZER and base.__module__.startswith("simclr_lightning")
+        ),
+        None,
+    )
+    if own is not None:
+        raise SettingError(
+            f"--{given[0]} is not used with {own[0]}, which sets its own optimiser and "
+            f"schedule: set {own[1]} instead (see --model.help {own[0]})"
+        )
 
 
 def explicit_model_settings(parser, args) -> dict[str, Any]:

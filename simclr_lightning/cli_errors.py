@@ -78,12 +78,20 @@ def user_error(err: BaseException) -> tuple[str, int] | None:
 
 # Lightning's check of trainer.devices / num_nodes against the launcher (SLURM, torchrun)
 LAUNCH_MISMATCH = re.compile(r"You set `(devices|num_nodes)=.* does not match.*", re.S)
+# Lightning's errors of a setting that are not ValueErrors: trainer.devices of the wrong kind,
+# an EarlyStopping monitoring a metric nothing logged (at the first validation's end)
+LIGHTNING_SETTING = re.compile(
+    r"`devices` selected with `\w+` should be .*|Early stopping conditioned on metric .*", re.S
+)
 
 
 def _own_message(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, ValueError) and LAUNCH_MISMATCH.fullmatch(str(exc)):
         said = re.sub(r"`(devices|num_nodes)=", r"`trainer.\1=", str(exc))
         return one_line(said.replace("`", "")), EXIT_USAGE
+    if isinstance(exc, (TypeError, RuntimeError)) and LIGHTNING_SETTING.fullmatch(str(exc)):
+        said = str(exc).replace("`devices`", "trainer.devices").replace("`", "")
+        return one_line(said), EXIT_USAGE
     if isinstance(exc, USAGE_ERRORS):
         said = missing_step_message(exc) or missing_data_message(exc)
         return one_line(said or worker_message(str(exc))), EXIT_USAGE

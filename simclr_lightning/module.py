@@ -145,6 +145,8 @@ class SimCLR(L.LightningModule):
         require(warmup_epochs >= 0, "model.warmup_epochs", warmup_epochs, ">= 0")
         require(0 <= final_lr_ratio <= 1, "model.final_lr_ratio", final_lr_ratio, "in [0, 1]")
         require(temperature > 0, "model.temperature", temperature, "> 0")
+        require(0 <= momentum < 1, "model.momentum", momentum, "in [0, 1)")
+        require(lars_eta > 0, "model.lars_eta", lars_eta, "> 0")
         require(loss in ("ntxent", "supcon"), "model.loss", loss, "ntxent or supcon")
         require(
             optimizer in ("lars", "sgd", "adamw"),

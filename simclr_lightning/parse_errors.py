@@ -41,10 +41,20 @@ def argument_message(message: str, err: BaseException | None) -> str:
     if (syntax := yaml_message(key, message, chain)) is not None:
         return syntax
     if found := re.fullmatch(r"Expected a (.+?)\. Got value: (.*)", leaf):
-        return f"{key or 'value'}={found.group(2)!r} is invalid: must be {_type(found.group(1))}"
+        allowed = union_types(chain) or _type(found.group(1))  # the union's, not its last type
+        return f"{key or 'value'}={found.group(2)!r} is invalid: must be {allowed}"
     if found := re.fullmatch(r"Option '(.+)' is not accepted", leaf):
+        if class_path and BASE_CLASS.fullmatch(class_path):  # --model.x before --model/--config
+            return (
+                f"{key}.{found.group(1)} is given before any {key} class: give --{key} CLASS, "
+                f"or the --config that names one, before the {key}'s settings"
+            )
         owner = f" of {class_path}" if class_path else ""
         return f"{key}.{found.group(1)} is not a setting{owner}"
+    if found := re.fullmatch(r"module '([\w.]+)' has no attribute '(\w+)'", leaf):
+        module, name = found.groups()
+        also = close_class(name, module)
+        return f"{key}={module}.{name} is not a class: {module} has no {name}{also}"
     if found := re.fullmatch(r"(Group|Subcommand) '([\w.]+)' does not accept option '(.+)'", leaf):
         group = f"{found.group(2)}." if found.group(1) == "Group" else ""  # a config file's key
         return f"{group}{found.group(3)} is not a setting"
@@ -54,7 +64,10 @@ def argument_message(message: str, err: BaseException | None) -> str:
         setting = f"{key}.{found.group(1)}" if key else found.group(1)
         return f"{setting} is not a setting" + (f" of {class_path}" if class_path else "")
     if found := re.fullmatch(r"Expected a dot import path string: (.*)", leaf):
-        return f"{key}={found.group(1)!r} is invalid: must be a class name or dotted import path"
+        also = close_class(found.group(1), "simclr_lightning")
+        return (
+            f"{key}={found.group(1)!r} is invalid: must be a class name or dotted import path{also}"
+        )
     if found := re.fullmatch(r"(?:([\w.]+): )?the following arguments are required: (.+)", leaf):
         return required_message(found.group(1) or key, found.group(2).split(", "))
     return f"{key}: {leaf}" if key else leaf
@@ -140,10 +153,17 @@ def settings_help(parser, key: str, class_path: str | None) -> str:
     )
     if group is None:
         return f"{command} --help"
-    if class_path is None or BASE_CLASS.fullmatch(class_path):
+    if class_path is None or BASE_CLASS.fullmatch(class_path) or not init_arguments(class_path):
         return f"{command} --{group}.help CLASS_PATH_OR_NAME"
     name = class_path.removeprefix("simclr_lightning.")
     return f"{command} --{group}.help {name if '.' not in name else class_path}"
+
+
+def close_class(name: str, module: str) -> str:
+    """``: did you mean ImageFolderDataModule?`` for a misspelt class of ``module``, or ""."""
+    names = [n for n in dir(sys.modules.get(module)) if n[:1].isupper()]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.85)
+    return f": did you mean {close[0]}?" if close else ""
 
 
 NOT_A_SETTING = re.compile(r"([\w.]+) is not a setting(?: of ([\w.]+))?")
@@ -198,6 +218,39 @@ def init_arguments(class_path: str) -> list[str]:
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
     return names
+
+
+UNION = re.compile(
+    r"Does not validate against any of the Union subtypes\s*Subtypes: \[(.*?)\]\s*Errors:", re.S
+)
+
+
+def union_types(chain: list[BaseException]) -> str | None:
+    """What a union setting allows (``trainer.precision``: its literals and null), from
+    jsonargparse's ``Subtypes: [...]``: the innermost error names only the last type tried."""
+    found = next((m for e in chain if (m := UNION.search(str(e)))), None)
+    if found is None:
+        return None
+    parts, depth, start, text = [], 0, 0, found.group(1)
+    for i, char in enumerate(text):
+        depth += (char in "[<") - (char in "]>")
+        if char == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    kinds, values, seen = [], [], set()
+    for part in map(_type, parts):
+        if part.startswith("one of "):
+            for value in part.removeprefix("one of ").split(", "):
+                if value.strip("'") not in seen:  # '32' after 32: the same to a user
+                    seen.add(value.strip("'"))
+                    values.append(value)
+        else:
+            kinds.append("null" if part == "NoneType" else part)
+    if any("." in kind for kind in kinds):  # a class (data, model): not a plain value
+        return None
+    allowed = ([f"one of {', '.join(values)}"] if values else []) + kinds
+    return " or ".join(allowed) if len(allowed) < 3 else f"{', '.join(allowed[:-1])} or null"
 
 
 def _type(text: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, ProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -139,7 +139,10 @@ def warn_unmeasured_validation(trainer: L.Trainer) -> None:
     callback takes the features its ``validation_step`` returns: the run exits cleanly and
     prints no figure at all, as if it had measured nothing worth showing."""
     base = L.Callback.on_validation_batch_end
-    if any(type(c).on_validation_batch_end is not base for c in trainer.callbacks):
+    if any(
+        type(c).on_validation_batch_end is not base and not isinstance(c, ProgressBar)
+        for c in trainer.callbacks
+    ):  # a progress bar counts batches: it takes no features
         return
     rank_zero_warn(
         "validate of a SimCLR model measures nothing by itself: its validation_step returns "

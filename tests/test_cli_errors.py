@@ -151,7 +151,45 @@ CASES = [
         "model setting of no class points to the group's help",
         ["fit", "--model.tempertaure=0.1"],
         2,
-        ["model.tempertaure", "(settings: simclr-lightning fit --model.help CLASS_PATH_OR_NAME)"],
+        [
+            "model.tempertaure is given before any model class: give --model CLASS, or the "
+            "--config that names one, before the model's settings",
+            "(settings: simclr-lightning fit --model.help CLASS_PATH_OR_NAME)",
+        ],
+    ),
+    (
+        "LightningCLI's --optimizer would drop SimCLR's own",
+        fit("--optimizer=torch.optim.SGD", "--optimizer.lr=0.5"),
+        2,
+        ["--optimizer is not used with SimCLR, which sets its own", "model.base_lr"],
+    ),
+    (
+        "LightningCLI's --lr_scheduler alone was dropped silently",
+        fit("--lr_scheduler=torch.optim.lr_scheduler.ConstantLR"),
+        2,
+        ["--lr_scheduler is not used with SimCLR", "model.warmup_epochs"],
+    ),
+    (
+        "momentum",
+        fit("--model.momentum=-1"),
+        2,
+        ["model.momentum=-1.0 is invalid: must be in [0, 1)"],
+    ),
+    ("LARS eta", fit("--model.lars_eta=0"), 2, ["model.lars_eta=0.0 is invalid: must be > 0"]),
+    (
+        "misspelt class name",
+        fit("--data=ImageFoldrDataModule"),
+        2,
+        ["data='ImageFoldrDataModule' is invalid", "did you mean ImageFolderDataModule?"],
+    ),
+    (
+        "misspelt class path",
+        fit("--data=simclr_lightning.ImageFoldrDataModule"),
+        2,
+        [
+            "simclr_lightning has no ImageFoldrDataModule: did you mean ImageFolderDataModule? "
+            "(settings: simclr-lightning fit --data.help CLASS_PATH_OR_NAME)"
+        ],
     ),
     # data settings and data
     (
@@ -233,6 +271,36 @@ CASES = [
         ["trainer.max_epochs='abc'", "int", "(settings: simclr-lightning fit --help)"],
     ),
     ("unknown argument", fit("--foo=1"), 2, ["foo is not a setting (settings: simclr-lightning"]),
+    (
+        "a union's types, not its last one",
+        fit("--trainer.precision=bf32-mixed"),
+        2,
+        ["trainer.precision='bf32-mixed' is invalid: must be one of 64, 32, 16,", "'bf16-mixed'"],
+    ),
+    (
+        "bool or int",
+        fit("--seed_everything=1.5"),
+        2,
+        ["seed_everything='1.5'", "must be bool or int"],
+    ),
+    (
+        "int, float or null",
+        fit("--trainer.limit_train_batches=abc"),
+        2,
+        ["trainer.limit_train_batches='abc' is invalid: must be int, float or null"],
+    ),
+    (
+        "devices of the wrong kind",
+        fit("--trainer.devices=abc"),
+        2,
+        ["trainer.devices selected with CPUAccelerator should be an int > 0"],
+    ),
+    (
+        "EarlyStopping of a metric nothing logs",
+        fit("--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/top1"),
+        2,
+        ["Early stopping conditioned on metric val/top1 which is not available", "train/loss"],
+    ),
     ("two unknown arguments", fit("--foo=1", "--bar", "2"), 2, ["arguments: --foo=1 --bar 2"]),
     (
         "abbreviated setting refused",  # argparse would take it for trainer.max_epochs

@@ -4,6 +4,8 @@ encoder."""
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import pytest
 import torch
@@ -99,3 +101,21 @@ def test_the_quick_start_checkpoints_refresh_last_ckpt_every_epoch(name, tmp_pat
     trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))
     assert seen.at_epoch_start == [False, True, True]
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 2
+
+
+def test_the_fashion_mnist_overlay_keeps_the_quick_starts_checkpoint(fashion_mnist_dir):
+    """README's Fashion-MNIST command replaced outputs/quickstart/last.ckpt (the file the
+    quick start's evaluation and export read) with a one-channel encoder."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from simclr_lightning import KNNReport, MNISTDataModule
+
+    cli = cli_main(
+        [*config("quickstart.yaml", "fashion_mnist.yaml"), *CPU,
+         f"--data.data_dir={fashion_mnist_dir}"],
+        run=False,
+    )  # fmt: skip
+    saves = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert [os.path.relpath(c.dirpath) for c in saves] == [os.path.join("outputs", "fashion_mnist")]
+    assert any(isinstance(c, KNNReport) for c in cli.trainer.callbacks)
+    assert isinstance(cli.datamodule, MNISTDataModule) and cli.model.hparams.in_channels == 1

@@ -277,6 +277,10 @@ def test_validate_of_simclr_without_a_monitor_says_it_measures_nothing():
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 2, (8,))
     with pytest.warns(UserWarning, match="validate of a SimCLR model measures nothing"):
         quiet_trainer().validate(model, datamodule=FeatureData((x, y), (x, y)))
+    # the progress bar (on in every CLI run) also has an on_validation_batch_end: it takes no
+    # features, and the warning was never shown where it was due
+    with pytest.warns(UserWarning, match="validate of a SimCLR model measures nothing"):
+        quiet_trainer(enable_progress_bar=True).validate(model, FeatureData((x, y), (x, y)))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="validate of a SimCLR model")
         trainer = quiet_trainer(callbacks=[KNNMonitor(k=3)])

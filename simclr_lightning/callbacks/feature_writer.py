@@ -58,6 +58,13 @@ class FeatureWriter(BasePredictionWriter):
         self._labels: list[Tensor] | None = []  # None once a batch has no labels
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if any(c.__name__ == "LinearEval" for c in type(pl_module).__mro__):  # probabilities
+            raise SettingError(
+                f"FeatureWriter writes an encoder's features, and {type(pl_module).__name__}."
+                f"predict_step returns class probabilities: write those with "
+                f"simclr_lightning.PredictionWriter, or predict the encoder's features with "
+                f"the pretraining (SimCLR) checkpoint"
+            )
         self.path, self._tmp = output_paths(self.output, trainer)
         # opened now: a folder that cannot be written fails before predicting, not after
         self._file = open_output(self._tmp, "FeatureWriter.output", self.output, "wb")

@@ -138,7 +138,8 @@ class KNNReport(L.Callback):
             (f"chance ({round(1 / r['chance_top1'])} classes)", r["chance_top1"], ""),
             (self._start, r["init_top1"], ""),
             (
-                f"after SimCLR ({_epochs_trained(trainer)}, {trainer.global_step} steps)",
+                f"after {_method(trainer.lightning_module)} ({_epochs_trained(trainer)}, "
+                f"{trainer.global_step} steps)",
                 r["final_top1"],
                 f"{gain:+.1f} points",
             ),
@@ -168,3 +169,9 @@ def _epochs_trained(trainer: L.Trainer) -> str:
 def _labelled(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     keep = labels >= 0
     return features[keep], labels[keep]
+
+
+def _method(model) -> str:
+    """What the run pretrained with: SimCLR, or supervised contrastive (SupCon) learning."""
+    loss = getattr(getattr(model, "hparams", None), "get", lambda _: None)("loss")
+    return "SupCon" if loss == "supcon" else "SimCLR"

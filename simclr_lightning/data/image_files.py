@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from functools import partial
 from numbers import Integral, Real
@@ -15,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from simclr_lightning.data.corrupt import SkippedFiles, load_image, verify_files
 from simclr_lightning.data.failed_batches import AgreesAfterPredict
-from simclr_lightning.data.image_folder import IMAGE_EXTENSIONS, visible_image
+from simclr_lightning.data.folders import IMAGE_EXTENSIONS, folder_images
 from simclr_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -43,25 +42,6 @@ def list_images(paths: str | Sequence[str]) -> list[str]:
             f"data.paths={list(map(str, paths))} holds no images "
             f"(looked for {', '.join(IMAGE_EXTENSIONS)})"
         )
-    return files
-
-
-def folder_images(folder: Path, root: Path, above: frozenset[str]) -> list[str]:
-    """The images under ``folder`` (in ``root``), through symlinked folders as training's
-    ImageFolder goes (``os.walk(followlinks=True)``), but not into a folder it is already
-    inside (``above``: real paths), which a link to a parent would repeat without end. A
-    dangling link named as an image is kept: reading it names it, as training does."""
-    real = os.path.realpath(folder)
-    if real in above:
-        return []
-    files = []
-    for entry in os.scandir(folder):
-        path = Path(entry.path)
-        if entry.is_dir():  # follows a link
-            if not entry.name.startswith("."):
-                files += folder_images(path, root, above | {real})
-        elif (entry.is_file() or entry.is_symlink()) and visible_image(path, root):
-            files.append(str(path))
     return files
 
 

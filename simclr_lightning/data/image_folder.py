@@ -9,7 +9,6 @@ from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision import datasets
 
 from simclr_lightning.data.base import SimCLRDataModule
 from simclr_lightning.data.corrupt import (
@@ -21,89 +20,16 @@ from simclr_lightning.data.corrupt import (
 )
 from simclr_lightning.data.device_store import DeviceImageStore
 from simclr_lightning.data.encoded import collate_encoded, read_encoded
-from simclr_lightning.data.subsets import SkipsCorruptFiles
+from simclr_lightning.data.folders import (
+    IMAGE_EXTENSIONS,
+    ImageFolderFiles,
+    UnlabeledImages,
+    check_layout,
+    class_folders,
+    listed,
+)
 from simclr_lightning.data.transforms import IMAGENET_VIEWS, SimCLRAugmentation
 from simclr_lightning.errors import SettingError, require
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def class_folders(folder: Path) -> list[str]:
-    """The class folders of a split, sorted, leaving out hidden ones (``.ipynb_checkpoints``
-    that Jupyter leaves, ``.DS_Store`` folders ...): torchvision's ImageFolder counts them as
-    classes, which shifts every label after them."""
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def visible_image(path: str | Path, root: str | Path) -> bool:
-    """An image file under ``root`` with no hidden part in its path below ``root``: not
-    Jupyter's ``.ipynb_checkpoints/*-checkpoint.jpg`` copies (duplicates) nor macOS's ``._x.jpg``
-    resource forks (not images: they would stop the run as corrupt)."""
-    parts = Path(path).relative_to(root).parts
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS and not any(
-        part.startswith(".") for part in parts
-    )
-
-
-def check_layout(folder: Path) -> list[str]:
-    """The class folders of a split, once sure that no image lies beside them: ImageFolder
-    would drop it unseen (and a folder of unlabeled images holding a subfolder would become
-    one class of the subfolder's images alone)."""
-    classes = class_folders(folder)
-    loose = sorted(p.name for p in folder.iterdir() if visible_image(p, folder) and not p.is_dir())
-    if classes and loose:
-        raise SettingError(
-            f"{folder} holds {len(loose)} image(s) (e.g. {loose[0]}) beside its class folder(s) "
-            f"({listed(classes)}): put all images of a split inside class folders (labelled), "
-            f"or none (unlabeled images: move the subfolder(s) out)"
-        )
-    return classes
-
-
-def listed(names: list[str], at_most: int = 10) -> str:
-    """``names`` for a one-line message: the first ``at_most`` and how many there are."""
-    shown = ", ".join(names[:at_most])
-    return shown if len(names) <= at_most else f"{shown}, ... ({len(names)} in all)"
-
-
-class ImageFolderFiles(SkipsCorruptFiles, datasets.ImageFolder):
-    """torchvision's ImageFolder, able to skip undecodable files (``data.skip_corrupt``).
-
-    ``class_to_idx`` numbers the classes as given (the training split's) instead of from the
-    folder's own sub-folders: ``val/`` without one training class must not shift the labels
-    of the classes sorted after it. Hidden folders are no classes (:func:`class_folders`),
-    and hidden files or folders inside a class hold no images (:func:`visible_image`)."""
-
-    read_item = datasets.ImageFolder.__getitem__
-
-    def __init__(self, root: str, *args, class_to_idx: dict[str, int] | None = None, **kwargs):
-        self.given_class_to_idx = class_to_idx
-        kwargs.setdefault("is_valid_file", partial(visible_image, root=root))
-        super().__init__(root, *args, **kwargs)
-
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        mapping = self.given_class_to_idx
-        if mapping is None:
-            mapping = {name: i for i, name in enumerate(class_folders(Path(directory)))}
-        return sorted(mapping, key=mapping.__getitem__), mapping
-
-
-class UnlabeledImages(SkipsCorruptFiles, Dataset):
-    """Images directly in a folder, without class folders; labels are -1 (unknown)."""
-
-    def __init__(self, root: Path, transform=None, loader=load_rgb) -> None:
-        self.files = sorted(
-            str(p) for p in root.iterdir() if visible_image(p, root) and p.is_file()
-        )
-        self.transform = transform
-        self.loader = loader
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def read_item(self, index: int):
-        image = self.loader(self.files[index])
-        return (self.transform(image) if self.transform else image), -1
 
 
 class ImageFolderDataModule(SimCLRDataModule):
@@ -189,6 +115,13 @@ class ImageFolderDataModule(SimCLRDataModule):
             raise SettingError(
                 f"data.task=classify needs labelled images, and data.root={str(self.root)!r} "
                 f"has none: train/ holds no class folders (train/<class>/<image>)"
+            )
+        if stage != "fit" and not (self.root / "val").is_dir():  # Lightning would run nothing
+            raise SettingError(
+                f"data.root={str(self.root)!r} has no val/ folder, the held-out images "
+                f"simclr-lightning {stage} reads: add {self.root / 'val'}/<class>/<image>"
+                + (", or give any images as --data ImageFilesDataModule --data.paths DIR")
+                * (stage == "predict")
             )
         if self.verify:
             self.verify_splits(["train", "val"] if stage == "fit" else ["val"])
@@ -300,7 +233,7 @@ class ImageFolderDataModule(SimCLRDataModule):
                     str(folder),
                     transform=transform,
                     loader=loader,
-                    allow_empty=True,
+                    allow_empty=split != "train",  # val/: warned, as a missing class
                     class_to_idx=class_to_idx,
                 )
             except FileNotFoundError as err:

@@ -54,9 +54,16 @@ def read_idx(path: Path) -> np.ndarray:
 class IdxImages(Dataset):
     """Grayscale images as [1, H, W] uint8 tensors, the input torchvision v2 works fastest on."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        transform=None,
+        classes: list[str] | None = None,
+    ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.classes = classes  # torchvision's names ("T-shirt/top" ...): predictions name them
         self.images = torch.from_numpy(images.copy()).unsqueeze(1)
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.transform = transform
@@ -161,4 +168,4 @@ class MNISTDataModule(SimCLRDataModule):
                 f"holds {len(images)} images but {paths[1].name} {len(labels)} labels",
                 "the two files are of different sets; replace them",
             )
-        return IdxImages(images, labels, transform)
+        return IdxImages(images, labels, transform, classes=list(_INFO[self.dataset][0].classes))

@@ -13,8 +13,8 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 
 from simclr_lightning.data.corrupt import load_rgb
+from simclr_lightning.data.folders import UnlabeledImages
 from simclr_lightning.data.image_files import ImageFiles
-from simclr_lightning.data.image_folder import UnlabeledImages
 from simclr_lightning.data.mnist import IdxImages
 from simclr_lightning.data.subsets import underlying
 

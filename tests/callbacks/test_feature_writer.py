@@ -272,3 +272,16 @@ def test_a_simclr_checkpoint_under_prediction_writer_points_to_feature_writer(en
     trainer = quiet_trainer(callbacks=[PredictionWriter(str(tmp_path / "p.csv"))])
     with pytest.raises(SettingError, match=r"simclr_lightning\.FeatureWriter instead \(--trainer"):
         trainer.predict(SimCLR.load_from_checkpoint(encoder), loader)
+
+
+def test_a_classifier_under_feature_writer_points_to_prediction_writer(tmp_path):
+    """A LinearEval checkpoint's predict_step returns class probabilities: they were written
+    as the "features" of every image, silently. Refused before predicting, no file left."""
+    from simclr_lightning import LinearEval
+
+    model = LinearEval(num_classes=3, backbone="resnet18")
+    loader = DataLoader(TensorDataset(torch.rand(4, 3, 16, 16)), batch_size=2)
+    trainer = quiet_trainer(callbacks=[FeatureWriter(str(tmp_path / "f.npz"))])
+    with pytest.raises(SettingError, match="LinearEval.predict_step returns class probabilit"):
+        trainer.predict(model, loader)
+    assert list(tmp_path.iterdir()) == []

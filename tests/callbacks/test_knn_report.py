@@ -190,3 +190,17 @@ def test_the_report_says_the_epochs_trained_and_the_neighbours_there_are(capsys,
     out = capsys.readouterr().out
     assert f"after SimCLR ({said})" in out
     assert "(weighted, k=120, against 120 training images)" in out
+
+
+def test_a_supcon_run_is_reported_as_supcon(capsys):
+    """configs/supcon.yaml's run was reported "after SimCLR"."""
+
+    class SupConDrift(Drift):
+        def __init__(self, dim: int):
+            super().__init__(dim)
+            self.hparams["loss"] = "supcon"
+
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[KNNReport(k=5)])
+    trainer.fit(SupConDrift(8), datamodule=HeldOutData(noisy(40, 0), noisy(20, 1), batch_size=10))
+    out = capsys.readouterr().out
+    assert "after SupCon (" in out and "after SimCLR" not in out

@@ -72,7 +72,6 @@ def test_corrupt_image_error_names_the_file(tmp_path):
     bad = tmp_path / "train" / "a" / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
     dm = ImageFolderDataModule(str(tmp_path), **small())
-    dm.setup("validate")
     dm.train_set = dm.make_dataset("train", dm.eval_transform())
     with pytest.raises(CorruptImageError, match="broken.jpg"):
         dm.train_set[0]
@@ -120,6 +119,13 @@ def test_fashion_mnist_from_the_original_idx_files(fashion_mnist_dir, tmp_path):
     x, _ = dm.val_set[0]
     expected = (read_image_file(str(raw))[0].float() / 255 - 0.2860) / 0.3530
     torch.testing.assert_close(x[0], expected, atol=1e-5, rtol=0)
+    # predictions name the classes of the dataset's label table (Zalando's README), not 0-9
+    from simclr_lightning.data.class_names import dataset_class_names
+
+    assert dataset_class_names(dm) == [
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ]  # fmt: skip
 
 
 def test_mnist_missing_files_say_where_to_put_them(tmp_path):

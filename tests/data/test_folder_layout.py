@@ -178,3 +178,74 @@ def test_predict_paths_follow_symlinked_folders_and_keep_dangling_links(tmp_path
     with pytest.warns(CorruptImageWarning, match="gone.png"):
         paths = [p for _, batch in dm.predict_dataloader() for p in batch]
     assert len(paths) == 3 and not any(p.endswith("gone.png") for p in paths)
+
+
+def test_training_samples_are_torchvisions_on_an_ordinary_tree(tmp_path):
+    """The samples (files, their order, labels) of a tree with nested folders, a symlinked
+    class folder and upper-case extensions are torchvision ImageFolder's own."""
+    from torchvision.datasets import ImageFolder
+
+    write_images(tmp_path / "train" / "cat", 3, seed=0)
+    write_images(tmp_path / "train" / "cat" / "nested" / "deeper", 2, seed=1)
+    write_images(tmp_path / "elsewhere", 2, seed=2)
+    (tmp_path / "train" / "dog").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "train" / "cat" / "0.png").rename(tmp_path / "train" / "cat" / "0.PNG")
+    dm = data(tmp_path)
+    dm.setup("fit")
+    assert dm.train_set.samples == ImageFolder(str(tmp_path / "train")).samples
+
+
+def test_a_link_to_a_folder_above_is_not_walked_again(tmp_path):
+    """``train/cat/up -> ..``: torchvision walked train/ again under cat/, about 40 levels
+    deep, serving every dog image 40 times labelled cat. Reference: the real files, each
+    labelled by its class folder."""
+    write_images(tmp_path / "train" / "cat", 2, seed=0)
+    write_images(tmp_path / "train" / "dog", 3, seed=1)
+    (tmp_path / "train" / "cat" / "up").symlink_to("..")
+    dm = data(tmp_path)
+    dm.setup("fit")
+    real = sorted((p.parent.name, p.name) for p in (tmp_path / "train").glob("*/*.png"))
+    served = sorted((Path(f).parent.name, Path(f).name) for f, _ in dm.train_set.samples)
+    assert served == real and len(served) == 5
+    assert all(
+        label == ["cat", "dog"].index(Path(f).parent.name) for f, label in dm.train_set.samples
+    )
+
+
+def test_a_training_class_with_no_images_is_refused_naming_what_it_holds(tmp_path):
+    """A class of .gif (or .heic) files trained as a class with no images, silently:
+    torchvision's own check was off (``allow_empty``, for val/'s missing classes)."""
+    write_images(tmp_path / "train" / "cat", 2, seed=0)
+    (tmp_path / "train" / "gifs").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / "gifs" / f"{i}.gif")
+    (tmp_path / "train" / "empty").mkdir()
+    with pytest.raises(FileNotFoundError) as refused:
+        data(tmp_path).setup("fit")
+    message = str(refused.value)
+    assert "class folder(s) empty, gifs hold no images" in message
+    assert "they hold 3 .gif" in message and "\n" not in message
+
+
+def test_a_held_out_class_folder_with_no_images_is_a_warning(tmp_path):
+    for split in ("train", "val"):
+        write_images(tmp_path / split / "cat", 2, seed=0)
+        write_images(tmp_path / split / "dog", 2, seed=1)
+    for path in (tmp_path / "val" / "cat").iterdir():
+        path.unlink()
+    dm = data(tmp_path)
+    with pytest.warns(UserWarning, match=r"class folder\(s\) cat hold no images"):
+        dm.setup("fit")
+    assert [label for _, label in dm.val_set.samples] == [1, 1]  # dog keeps train/'s label
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_held_out_stages_without_val_are_refused(tmp_path, stage):
+    """Lightning ran nothing and exited 0: predict wrote no file, test measured nothing."""
+    write_images(tmp_path / "train" / "cat", 2, seed=0)
+    with pytest.raises(
+        SettingError,
+        match=f"has no val/ folder, the held-out images simclr-lightning {stage} reads",
+    ) as refused:
+        data(tmp_path).setup(stage)
+    assert ("ImageFilesDataModule" in str(refused.value)) == (stage == "predict")
