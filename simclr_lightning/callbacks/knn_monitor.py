@@ -146,8 +146,16 @@ class KNNMonitor(L.Callback):
         bank_size, top_label = gather(
             torch.tensor([len(shard), int(shard_labels.max()) if len(shard) else -1], device=device)
         ).T
-        if int(bank_size.sum()) == 0 or len(query) == 0:
-            rank_zero_warn("KNNMonitor: no labelled training or validation images; skipping")
+        lacking = [
+            split
+            for split, empty in (
+                ("training", int(bank_size.sum()) == 0),
+                ("validation", len(query) == 0),
+            )
+            if empty
+        ]  # a labelled train/ beside a flat val/ is no bank-less run
+        if lacking:
+            rank_zero_warn(f"KNNMonitor: no labelled {' or '.join(lacking)} images; skipping")
             return
         num_classes = self.num_classes or int(top_label.max()) + 1
         scores = sharded_knn_predict(

@@ -322,3 +322,13 @@ def test_monitors_of_knn_at_its_epochs_read_a_fresh_measurement_each_time(tmp_pa
     assert trainer.current_epoch == 9 and stop.wait_count == 2
     assert best.best_model_path.endswith("epoch=2-step=12.ckpt")  # the first; none better
     assert float(best.best_model_score) == float(trainer.callback_metrics["knn/val_top1"])
+
+
+def test_unlabelled_validation_images_are_named_as_what_is_missing():
+    """train/ of class folders beside a flat val/ (labels -1): the warning said "no labelled
+    training or validation images" though the training images are labelled."""
+    x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
+    trainer = quiet_trainer(max_epochs=1, callbacks=[KNNMonitor(k=3)])
+    with pytest.warns(UserWarning, match="KNNMonitor: no labelled validation images; skipping"):
+        trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, torch.full_like(y, -1))))
+    assert "knn/val_top1" not in trainer.callback_metrics
