@@ -235,7 +235,7 @@ def refuse_optimizer_override(config, class_path: str | None) -> None:
     if own is not None:
         raise SettingError(
             f"--{given[0]} is not used with {own[0]}, which sets its own optimiser and "
-            f"schedule: set {own[1]} instead (see --model.help {own[0]})"
+            f"schedule: set {own[1]} instead (simclr-lightning fit --model.help {own[0]})"
         )
 
 

@@ -228,10 +228,15 @@ UNION = re.compile(
 def union_types(chain: list[BaseException]) -> str | None:
     """What a union setting allows (``trainer.precision``: its literals and null), from
     jsonargparse's ``Subtypes: [...]``: the innermost error names only the last type tried."""
-    found = next((m for e in chain if (m := UNION.search(str(e)))), None)
-    if found is None:
-        return None
-    parts, depth, start, text = [], 0, 0, found.group(1)
+    for error in reversed(chain):  # the innermost: outer ones are a group's class (model)
+        if (found := UNION.search(str(error))) and (allowed := _union(found.group(1))):
+            return allowed
+    return None
+
+
+def _union(text: str) -> str | None:
+    """A union's ``Subtypes`` text as what a user may give, or None for a union of classes."""
+    parts, depth, start = [], 0, 0
     for i, char in enumerate(text):
         depth += (char in "[<") - (char in "]>")
         if char == "," and depth == 0:
@@ -250,7 +255,7 @@ def union_types(chain: list[BaseException]) -> str | None:
     if any("." in kind for kind in kinds):  # a class (data, model): not a plain value
         return None
     allowed = ([f"one of {', '.join(values)}"] if values else []) + kinds
-    return " or ".join(allowed) if len(allowed) < 3 else f"{', '.join(allowed[:-1])} or null"
+    return f"{', '.join(allowed[:-1])} or {allowed[-1]}" if len(allowed) > 1 else allowed[0]
 
 
 def _type(text: str) -> str:

@@ -284,6 +284,12 @@ CASES = [
         ["seed_everything='1.5'", "must be bool or int"],
     ),
     (
+        "a model setting's union, inside the model's class union",
+        fit("--model.head_hidden_dim=abc"),
+        2,
+        ["model.head_hidden_dim='abc' is invalid: must be int or null (settings: "],
+    ),
+    (
         "int, float or null",
         fit("--trainer.limit_train_batches=abc"),
         2,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
-from functools import partial
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -70,7 +69,6 @@ class ImageFolderFiles(SkipsCorruptFiles, datasets.ImageFolder):
 
     def __init__(self, root: str, *args, class_to_idx: dict[str, int] | None = None, **kwargs):
         self.given_class_to_idx = class_to_idx
-        kwargs.setdefault("is_valid_file", partial(visible_image, root=root))
         super().__init__(root, *args, **kwargs)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
@@ -109,8 +107,8 @@ class ImageFolderFiles(SkipsCorruptFiles, datasets.ImageFolder):
                 f"(looked for {', '.join(IMAGE_EXTENSIONS)}{other_files(Path(directory), empty)})"
             )
             if not allow_empty:
-                raise FileNotFoundError(
-                    f"data.root: {problem}: add images, convert them, or remove the folder(s)"
+                raise FileNotFoundError(  # the data module says data.root
+                    f"{problem}: add images, convert them, or remove the folder(s)"
                 )
             warnings.warn(f"{problem}: no images of those classes here", stacklevel=2)
         return samples

@@ -51,6 +51,9 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(shape)
 
 
+FASHION_CLASSES = list(datasets.FashionMNIST.classes)  # "T-shirt/top", "Trouser" ...
+
+
 class IdxImages(Dataset):
     """Grayscale images as [1, H, W] uint8 tensors, the input torchvision v2 works fastest on."""
 
@@ -168,4 +171,5 @@ class MNISTDataModule(SimCLRDataModule):
                 f"holds {len(images)} images but {paths[1].name} {len(labels)} labels",
                 "the two files are of different sets; replace them",
             )
-        return IdxImages(images, labels, transform, classes=list(_INFO[self.dataset][0].classes))
+        names = FASHION_CLASSES if self.dataset == "fashion_mnist" else None  # MNIST's: 0-9
+        return IdxImages(images, labels, transform, classes=names)

@@ -223,7 +223,7 @@ def test_a_training_class_with_no_images_is_refused_naming_what_it_holds(tmp_pat
     with pytest.raises(FileNotFoundError) as refused:
         data(tmp_path).setup("fit")
     message = str(refused.value)
-    assert "class folder(s) empty, gifs hold no images" in message
+    assert message.startswith(f"data.root: {tmp_path / 'train'}: class folder(s) empty, gifs hold")
     assert "they hold 3 .gif" in message and "\n" not in message
 
 
