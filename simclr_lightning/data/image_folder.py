@@ -15,6 +15,7 @@ from simclr_lightning.data.corrupt import (
     DeviceSkips,
     SkipCorrupt,
     dataset_files,
+    load_image,
     load_rgb,
     verify_files,
 )
@@ -28,8 +29,19 @@ from simclr_lightning.data.folders import (
     class_folders,
     listed,
 )
-from simclr_lightning.data.transforms import IMAGENET_VIEWS, SimCLRAugmentation
+from simclr_lightning.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    IMAGENET_VIEWS,
+    SimCLRAugmentation,
+)
 from simclr_lightning.errors import SettingError, require
+
+# ImageNet's statistics through PIL's luminance weights (ITU-R 601-2: L = 0.299 R + 0.587 G
+# + 0.114 B), the grayscale images' defaults; the std so weighted is an approximation.
+LUMA = (0.299, 0.587, 0.114)
+GRAY_MEAN = (round(sum(w * m for w, m in zip(LUMA, IMAGENET_MEAN, strict=True)), 4),)
+GRAY_STD = (round(sum(w * s for w, s in zip(LUMA, IMAGENET_STD, strict=True)), 4),)
 
 
 class ImageFolderDataModule(SimCLRDataModule):
@@ -47,6 +59,10 @@ class ImageFolderDataModule(SimCLRDataModule):
             workers, or ``gpu``: workers only read the files and the batch is decoded on the
             device (nvJPEG) before the views are made. Either way views are cropped from the
             full image, as the CPU pipeline crops them.
+        channels: 3 reads every image as RGB; 1 as grayscale (PIL's luminance), for an
+            encoder of ``model.in_channels: 1`` (X-rays, scans ...): one ``mean``/``std``
+            value, by default ImageNet's through the same luminance weights. Its views are
+            made on the CPU (``augment: gpu`` decodes RGB).
         resident: with ``augment: gpu``, decode the whole training split once and keep it on
             the device as uint8 (all images must share one size, e.g. the CIFAR-10 JPEG
             copy: 150 MB); batches are then drawn by index, with no loader workers.
@@ -69,12 +85,15 @@ class ImageFolderDataModule(SimCLRDataModule):
         root: str,
         augmentation: SimCLRAugmentation = IMAGENET_VIEWS,
         decode: Literal["cpu", "gpu"] = "cpu",
+        channels: int = 3,
         resident: bool = False,
         skip_corrupt: bool = False,
         verify: bool = False,
         **kwargs,
     ) -> None:
         require(decode in ("cpu", "gpu"), "data.decode", decode, "cpu or gpu")
+        require(channels in (1, 3), "data.channels", channels, "1 (grayscale) or 3 (RGB)")
+        self.channels = channels
         self.decode = decode
         self.resident = resident
         self.skip_corrupt = skip_corrupt
@@ -95,6 +114,11 @@ class ImageFolderDataModule(SimCLRDataModule):
                 f"(ImageNet layout) or {root}/train/<image> for unlabeled images"
             )
         super().__init__(augmentation=augmentation, **kwargs)
+        if channels == 1 and self.on_device:
+            raise SettingError(
+                "data.channels=1 makes its views on the CPU, and data.augment=gpu decodes "
+                "images as RGB: set data.augment=cpu (or data.channels=3)"
+            )
         if (decode == "gpu" or resident) and not self.on_device:
             warnings.warn(
                 f"data.decode={decode} and data.resident={str(resident).lower()} apply to views "
@@ -103,6 +127,11 @@ class ImageFolderDataModule(SimCLRDataModule):
                 f"transformed on the CPU",
                 stacklevel=2,
             )
+
+    def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self.channels == 1:
+            return GRAY_MEAN, GRAY_STD
+        return super().channel_stats()
 
     @property
     def num_classes(self) -> int | None:
@@ -223,7 +252,7 @@ class ImageFolderDataModule(SimCLRDataModule):
                 warnings.warn(f"{folder} does not exist: no validation", stacklevel=2)
                 return None
             raise FileNotFoundError(f"{folder} does not exist")
-        loader = load_rgb
+        loader = load_rgb if self.channels == 3 else partial(load_image, mode="L")
         if transform is None:  # the device path: bytes or uint8 pixels, made into views later
             loader = partial(read_encoded, decode=self.decode == "cpu" or self.resident)
         if check_layout(folder):

@@ -42,4 +42,6 @@ class SampleDataModule(ImageFolderDataModule):
         super().__init__(root=str(sample_root()), augmentation=augmentation, **kwargs)
 
     def channel_stats(self):
+        if self.channels == 1:  # grayscale: the image folder's own
+            return super().channel_stats()
         return CIFAR10_MEAN, CIFAR10_STD

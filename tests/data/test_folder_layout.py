@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from simclr_lightning import ImageFolderDataModule, SimCLRAugmentation
@@ -249,3 +250,41 @@ def test_held_out_stages_without_val_are_refused(tmp_path, stage):
     ) as refused:
         data(tmp_path).setup(stage)
     assert ("ImageFilesDataModule" in str(refused.value)) == (stage == "predict")
+
+
+def test_a_grayscale_folder_trains_a_one_channel_encoder(tmp_path):
+    """data.channels=1: images read as PIL's luminance, normalised by ImageNet's statistics
+    through the same weights (computed here from the published values), one channel from the
+    loader to the encoder; the device views (RGB decoding) are refused."""
+    import lightning as L
+
+    from simclr_lightning import SimCLR
+    from tests.helpers import quiet_trainer
+
+    for split in ("train", "val"):
+        for name, grey in (("cat", 40), ("dog", 200)):
+            (tmp_path / split / name).mkdir(parents=True)
+            for k in range(4):
+                rgb = np.full((8, 8, 3), (grey, grey + 10, grey - 20), np.uint8)
+                Image.fromarray(rgb).save(tmp_path / split / name / f"{k}.png")
+    dm = data(tmp_path, channels=1)
+    dm.setup("fit")
+    luma = (0.299, 0.587, 0.114)
+    mean = sum(w * m for w, m in zip(luma, (0.485, 0.456, 0.406), strict=True))
+    std = sum(w * s for w, s in zip(luma, (0.229, 0.224, 0.225), strict=True))
+    image, label = dm.val_set[0]  # cat: (40, 50, 20) to the rounded luminance
+    level = round(0.299 * 40 + 0.587 * 50 + 0.114 * 20)
+    assert image.shape == (1, 8, 8) and label == 0
+    expected = torch.full((1, 8, 8), (level / 255 - mean) / std)
+    torch.testing.assert_close(image, expected, atol=2e-3, rtol=0)
+    (x_a, x_b), _ = next(iter(dm.train_dataloader()))
+    assert x_a.shape == x_b.shape == (2, 1, 8, 8)
+    model = SimCLR(backbone="timm:test_resnet", cifar_stem=False, in_channels=1, head_hidden_dim=8,
+                   head_output_dim=8, optimizer="sgd", base_lr=0.01, warmup_epochs=0)  # fmt: skip
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 2 and isinstance(trainer, L.Trainer)
+    with pytest.raises(SettingError, match="data.channels=1 makes its views on the CPU"):
+        data(tmp_path, channels=1, augment="gpu")
+    with pytest.raises(SettingError, match="data.channels=2 is invalid"):
+        data(tmp_path, channels=2)
