@@ -42,6 +42,8 @@ def env_checks(cifar_root: Path | None) -> dict:
         cpu_cores=os.cpu_count(),
         gpu=torch.cuda.get_device_name() if cuda else None,
         bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+        shm_gib=shm_gib(),  # the loader workers' batches pass through it (a CPU pipeline's
+        # 224 px batch of 256 is 0.3 GB): a container's 64 MB default kills them ("Bus error")
     )
     smi = shutil.which("nvidia-smi")
     out["nvidia_smi"] = (
@@ -64,6 +66,15 @@ def env_checks(cifar_root: Path | None) -> dict:
     out["status"] = "failed" if failed else "ok"
     print(json.dumps({k: v for k, v in out.items() if k != "nvidia_smi"}, indent=1))
     return out
+
+
+def shm_gib() -> dict[str, float] | str:
+    """``/dev/shm``'s size and free space in GiB, or why it could not be read."""
+    try:
+        usage = shutil.disk_usage("/dev/shm")
+    except OSError as err:
+        return f"unreadable: {err}"
+    return dict(total=round(usage.total / 2**30, 2), free=round(usage.free / 2**30, 2))
 
 
 def import_everything() -> dict[str, str]:
