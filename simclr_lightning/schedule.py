@@ -41,11 +41,13 @@ def carried_step(
     them in this run's batches). A checkpoint past the new epoch's end (``batches >=
     new_per_epoch``) restarts that epoch: a loader that ``loader_resumes`` (this library's,
     with ``state_dict``) then has no batch left of it, a plain loader serves it again whole."""
-    if not (old_per_epoch and new_per_epoch) or old_per_epoch == new_per_epoch:
-        return step  # the same epochs, or one of them unknown (a loader without a length)
+    if not (old_per_epoch and new_per_epoch):
+        return step  # one of them unknown (a loader without a length)
     epochs, batches = divmod(step, old_per_epoch)
-    if resumed_at is not None:
+    if resumed_at is not None:  # also at an equal count: an integer limit_train_batches
         batches = resumed_at
+    elif old_per_epoch == new_per_epoch:
+        return step
     elif batches >= new_per_epoch and not loader_resumes:
         batches = 0
     return epochs * new_per_epoch + min(batches, new_per_epoch)

@@ -215,3 +215,44 @@ def test_a_second_stop_in_the_resumed_epoch_counts_its_images(tmp_path, monkeypa
     fit(6, -1, last)
     counts = Counter(trained)
     assert sorted(counts) == list(range(40)) and set(counts.values()) == {1}
+
+
+def test_a_resume_under_an_integer_batch_limit_carries_the_schedule(folder, tmp_path):
+    """trainer.limit_train_batches=4 makes every epoch 4 steps at any batch size: the schedule
+    kept the checkpoint's step (5: epoch 1 after a batch of 4 images) while the loader went
+    on after this run's 2 batches of those images, so the cosine never reached its end (at
+    one process from two, 84% of the way). Reference: the paper's rule from step 4 + 2."""
+
+    class Rates(Callback):
+        def __init__(self) -> None:
+            self.rows: list[tuple[int, float]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.rows.append((batch_idx, trainer.optimizers[0].param_groups[0]["lr"]))
+
+    def fit(batch: int, ckpt_path=None, **trainer_kwargs):
+        data = ImageFolderDataModule(
+            str(folder), SimCLRAugmentation(image_size=8), batch_size=batch, num_workers=0
+        )
+        model = SimCLR(
+            cifar_stem=False, warmup_epochs=0, base_lr=0.3, head_hidden_dim=8, head_output_dim=8
+        )
+        rates = Rates()
+        trainer = quiet_trainer(
+            max_epochs=2,
+            limit_train_batches=4,
+            limit_val_batches=0,
+            callbacks=[rates, *trainer_kwargs.pop("cb", [])],
+            **trainer_kwargs,
+        )
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+        return rates.rows, trainer
+
+    save = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=5, save_top_k=1)
+    fit(4, cb=[save], enable_checkpointing=True)
+    rows, trainer = fit(2, tmp_path / "step=5.ckpt")
+    assert [i for i, _ in rows] == [2, 3]  # this run's batches 2 and 3 of epoch 1's 4
+    peak = 0.3 * 2 / 256
+    want = [peak * cosine_schedule_reference(s, 0, 8, 0.0) for s in (6, 7)]
+    assert [lr for _, lr in rows] == pytest.approx(want)
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 8  # the cosine's end

@@ -4,14 +4,16 @@ pretraining (randomly initialised) and after, beside chance, printed when traini
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from simclr_lightning.distributed import RowCollector, encode_rows, shard_loader
+from simclr_lightning.callbacks.signal_agreement import stop_requested
+from simclr_lightning.distributed import PassCutShort, RowCollector, encode_rows, shard_loader
 from simclr_lightning.errors import require
 from simclr_lightning.evaluation.knn import knn_predict, top_k_accuracy
 from simclr_lightning.last_checkpoint import resumed_checkpoint
@@ -20,8 +22,11 @@ from simclr_lightning.stop_position import epoch_in_progress, stopped_inside_epo
 
 def encode(trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader):
     """Features ``pl_module(x)`` and labels of every image of ``loader``, each rank encoding
-    its shard, gathered so every rank holds all rows once."""
-    rows = encode_rows(trainer, pl_module, shard_loader(loader, trainer), RowCollector())
+    its shard, gathered so every rank holds all rows once. A stop signal cuts the pass at its
+    next batch (:class:`PassCutShort`): over 70,000 images it outlasted a scheduler's grace
+    period, and a second SIGTERM too."""
+    stop = partial(stop_requested, trainer)
+    rows = encode_rows(trainer, pl_module, shard_loader(loader, trainer), RowCollector(), stop=stop)
     return rows.gather(trainer, pl_module.device)
 
 
@@ -101,7 +106,11 @@ class KNNReport(L.Callback):
         if trainer.fast_dev_run:
             return
         if self._init is None:
-            self._init = self.measure(trainer, pl_module)
+            try:
+                self._init = self.measure(trainer, pl_module)
+            except PassCutShort as cut:  # the first step stops and saves (Preemption)
+                rank_zero_info(f"KNNReport: no measurement: the run is stopping ({cut})")
+                return
             resumed = resumed_checkpoint(trainer)
             if resumed:
                 self._start = f"encoder resumed from {os.path.basename(resumed)}"
@@ -111,8 +120,13 @@ class KNNReport(L.Callback):
         # CPU (a pass over ImageNet there takes hours) and leaving DDP unable to gather.
         if trainer.fast_dev_run:
             return
-        assert self._init is not None
-        final = self.measure(trainer, pl_module)
+        if self._init is None:  # its start was cut short by a signal
+            return
+        try:
+            final = self.measure(trainer, pl_module)
+        except PassCutShort as cut:
+            rank_zero_info(f"KNNReport: no report: the run is stopping ({cut})")
+            return
         chance = 1.0 / final["num_classes"]
         self.results = {
             "chance_top1": chance,

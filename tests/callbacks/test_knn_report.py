@@ -204,3 +204,51 @@ def test_a_supcon_run_is_reported_as_supcon(capsys):
     trainer.fit(SupConDrift(8), datamodule=HeldOutData(noisy(40, 0), noisy(20, 1), batch_size=10))
     out = capsys.readouterr().out
     assert "after SupCon (" in out and "after SimCLR" not in out
+
+
+@pytest.mark.parametrize("when", ["start", "end"])
+def test_a_stop_signal_cuts_the_reports_pass_short(tmp_path, capsys, when):
+    """A SIGTERM while the report encodes the training set: its passes never looked, so
+    over Fashion-MNIST's 70,000 images the run outlived the scheduler's grace period (and a
+    second SIGTERM). Now the pass ends at the batch the signal came in, and the run stops and
+    saves at its next step (Preemption), or, at the end, finishes without the report."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from simclr_lightning import Preemption
+    from tests.helpers import SignalAt
+
+    class Signalling(HeldOutData):
+        def __init__(self, train, val) -> None:
+            super().__init__(train, val, batch_size=10)
+            self.bank = SignalAt(*train, at=None, signum=signal.SIGTERM)
+
+        def eval_train_dataloader(self):
+            return DataLoader(self.bank, batch_size=4)
+
+    class ArmAtTrainEnd(KNNReport):  # the signal in the final pass, not the first
+        def on_train_end(self, trainer, pl_module):
+            data.bank.at, data.bank.read = 9, []
+            super().on_train_end(trainer, pl_module)
+
+    data = Signalling(noisy(40, 0), noisy(20, 1))
+    if when == "start":
+        data.bank.at = 9  # in the bank's third batch of four
+        report = KNNReport(k=5)
+    else:
+        report = ArmAtTrainEnd(k=5)
+    trainer = quiet_trainer(
+        max_epochs=1, limit_val_batches=0, default_root_dir=str(tmp_path),
+        callbacks=[report, Preemption()],
+    )  # fmt: skip
+    if when == "start":
+        with pytest.raises(SIGTERMException):
+            trainer.fit(Drift(8), datamodule=data)
+        saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+        assert saved["global_step"] == trainer.global_step == 1  # stopped at the first step
+    else:
+        trainer.fit(Drift(8), datamodule=data)
+        assert trainer.global_step == 4  # the epoch trained whole
+    assert data.bank.read == list(range(12))  # batches 0-2 of 10, none after the signal
+    assert "kNN top-1" not in capsys.readouterr().out and report.results == {}
