@@ -54,10 +54,12 @@ from simclr_lightning.module import SimCLR
 from simclr_lightning.optim import LARS
 from simclr_lightning.supcon import SupConLoss
 from simclr_lightning.tiled_loss import TiledNTXent
+from simclr_lightning.warning_format import install as _install_warning_format
 
 __version__ = "0.2.0"
 
 _deprecated.install()
+_install_warning_format()  # after Lightning's formatter, which the imports above installed
 
 __all__ = [
     "AtomicCheckpointIO",
