@@ -4,7 +4,6 @@ settings that depend on the machine chosen for the machine it runs on."""
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import logging
 import sys
@@ -26,9 +25,11 @@ from simclr_lightning.callbacks.preemption import SIGTERM_EXIT_CODE
 from simclr_lightning.checkpoint_io import check_ckpt_path
 from simclr_lightning.cli_errors import report
 from simclr_lightning.errors import SettingError
+from simclr_lightning.evaluation import LinearEval
 from simclr_lightning.hardware import device_kind, forks, hardware_precision
 from simclr_lightning.last_checkpoint import earlier_runs_last, newer_stop_checkpoint
-from simclr_lightning.parse_errors import OneLineErrorParser
+from simclr_lightning.module import SimCLR
+from simclr_lightning.parse_errors import OneLineErrorParser, class_of
 
 # Warnings a user of this command cannot act on (the library already chose for them).
 QUIET = (
@@ -69,14 +70,8 @@ def _is_checkpoint_io(plugin: Any) -> bool:
     if isinstance(plugin, CheckpointIO):
         return True
     class_path = plugin.get("class_path") if hasattr(plugin, "get") else None
-    if not isinstance(class_path, str) or "." not in class_path:
-        return False
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return False
-    return isinstance(cls, type) and issubclass(cls, CheckpointIO)
+    cls = class_of(class_path) if isinstance(class_path, str) else None
+    return cls is not None and issubclass(cls, CheckpointIO)
 
 
 def with_plugin(plugins, class_path: str) -> list:
@@ -204,38 +199,25 @@ class SimCLRCLI(LightningCLI):
             self.trainer_defaults["callbacks"] = defaults
 
 
-# The settings of this package's modules that LightningCLI's --optimizer would drop.
-OWN_OPTIMIZER = {
-    "SimCLR": "model.optimizer (lars, sgd, adamw), model.base_lr (scaled by the global batch), "
-    "model.weight_decay, model.momentum, model.warmup_epochs and model.final_lr_ratio",
-    "LinearEval": "model.optimizer (sgd, lars), model.lr, model.lr_scaling, model.weight_decay, "
-    "model.momentum and model.nesterov",
-}
-
-
 def refuse_optimizer_override(config, class_path: str | None) -> None:
     """LightningCLI's ``--optimizer`` replaces a model's ``configure_optimizers`` (and
     ``--lr_scheduler`` alone is dropped): for SimCLR and LinearEval that silently loses the
     learning-rate scaling, the warm-up and cosine schedule and the BatchNorm and bias
     exclusion from weight decay. A model of another package keeps LightningCLI's rule."""
     given = [k for k in ("optimizer", "lr_scheduler") if config.get(k) is not None]
-    module, _, name = (class_path or "").rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name) if given else None
-    except (ImportError, AttributeError, ValueError):
-        return
-    own = next(
-        (
-            (base.__name__, OWN_OPTIMIZER[base.__name__])
-            for base in getattr(cls, "__mro__", ())
-            if base.__name__ in OWN_OPTIMIZER and base.__module__.startswith("simclr_lightning")
-        ),
-        None,
-    )
+    cls = class_of(class_path) if given else None
+    own = next((c for c in (SimCLR, LinearEval) if cls is not None and issubclass(cls, c)), None)
     if own is not None:
+        settings = (
+            "model.optimizer (lars, sgd, adamw), model.base_lr (scaled by the global batch), "
+            "model.warmup_epochs and model.final_lr_ratio"
+            if own is SimCLR
+            else "model.optimizer (sgd, lars), model.lr and model.lr_scaling"
+        )
         raise SettingError(
-            f"--{given[0]} is not used with {own[0]}, which sets its own optimiser and "
-            f"schedule: set {own[1]} instead (simclr-lightning fit --model.help {own[0]})"
+            f"--{given[0]} is not used with {own.__name__}, which sets its own optimiser and "
+            f"schedule: set {settings} (with model.weight_decay, model.momentum) instead "
+            f"(simclr-lightning fit --model.help {own.__name__})"
         )
 
 

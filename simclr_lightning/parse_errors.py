@@ -153,7 +153,7 @@ def settings_help(parser, key: str, class_path: str | None) -> str:
     )
     if group is None:
         return f"{command} --help"
-    if class_path is None or BASE_CLASS.fullmatch(class_path) or not init_arguments(class_path):
+    if class_path is None or BASE_CLASS.fullmatch(class_path) or class_of(class_path) is None:
         return f"{command} --{group}.help CLASS_PATH_OR_NAME"
     name = class_path.removeprefix("simclr_lightning.")
     return f"{command} --{group}.help {name if '.' not in name else class_path}"
@@ -198,16 +198,22 @@ def close_setting(text: str, parser, key: str) -> str | None:
     return f"{group}.{close[0]}{rest}" if group else close[0] + rest
 
 
+def class_of(class_path: str | None) -> type | None:
+    """The class a dotted ``class_path`` names, or None when it cannot be imported."""
+    module, _, name = (class_path or "").rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return found if isinstance(found, type) else None
+
+
 def init_arguments(class_path: str) -> list[str]:
     """The arguments jsonargparse reads for a class: its ``__init__``'s, and its bases' while
     each passes ``**kwargs`` on."""
-    module, _, name = class_path.rpartition(".")
-    try:
-        mro = getattr(importlib.import_module(module), name).__mro__
-    except (ImportError, AttributeError, ValueError):
-        return []
+    cls = class_of(class_path)
     names: list[str] = []
-    for klass in mro:
+    for klass in cls.__mro__ if cls is not None else ():
         if "__init__" not in vars(klass):
             continue
         try:
@@ -296,11 +302,12 @@ class OneLineErrorParser(LightningArgumentParser):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self._given_subcommand() or self
         text = argument_message(message, ex)
+        key, class_path = setting_of(message, ex)
         named = REQUIRED.search(text) is not None  # the setting to give: no pointer needed
-        if (close := close_setting(text, parser, setting_of(message, ex)[0])) is not None:
+        if (close := close_setting(text, parser, key)) is not None:
             text = f"{text}: did you mean {close}?"
         if not named and not any(isinstance(e, yaml.YAMLError) for e in exception_chain(ex)):
-            text = f"{text} (settings: {settings_help(parser, *setting_of(message, ex))})"
+            text = f"{text} (settings: {settings_help(parser, key, class_path)})"
         print_error(text)
         sys.exit(EXIT_USAGE)
 

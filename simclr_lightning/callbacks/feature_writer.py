@@ -21,6 +21,7 @@ from simclr_lightning.callbacks.prediction_writer import (
     output_paths,
 )
 from simclr_lightning.errors import SettingError, require
+from simclr_lightning.evaluation.linear_eval import LinearEval
 
 FORMATS = (".npz", ".pt")
 
@@ -58,7 +59,7 @@ class FeatureWriter(BasePredictionWriter):
         self._labels: list[Tensor] | None = []  # None once a batch has no labels
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if any(c.__name__ == "LinearEval" for c in type(pl_module).__mro__):  # probabilities
+        if isinstance(pl_module, LinearEval):  # its predict_step: class probabilities
             raise SettingError(
                 f"FeatureWriter writes an encoder's features, and {type(pl_module).__name__}."
                 f"predict_step returns class probabilities: write those with "

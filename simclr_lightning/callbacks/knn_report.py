@@ -187,5 +187,4 @@ def _labelled(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 def _method(model) -> str:
     """What the run pretrained with: SimCLR, or supervised contrastive (SupCon) learning."""
-    loss = getattr(getattr(model, "hparams", None), "get", lambda _: None)("loss")
-    return "SupCon" if loss == "supcon" else "SimCLR"
+    return "SupCon" if getattr(model, "hparams", {}).get("loss") == "supcon" else "SimCLR"

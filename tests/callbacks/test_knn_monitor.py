@@ -258,17 +258,24 @@ def _aligned_monitors():
     ]
 
 
-@pytest.mark.parametrize("every, settings, callback", _aligned_monitors())
-def test_a_monitor_of_knn_measured_at_every_check_is_kept(tmp_path, every, settings, callback):
+def monitor_run(tmp_path, every: int, settings: dict, callback, max_epochs: int):
+    """A trainer with a kNN monitor of every ``every`` epochs beside ``callback``
+    (EarlyStopping or ModelCheckpoint watching its metric), checkpointing on, and its fit."""
     x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
     trainer = quiet_trainer(
-        max_epochs=4,
+        max_epochs=max_epochs,
         default_root_dir=tmp_path,
         enable_checkpointing=True,
         callbacks=[KNNMonitor(k=3, every_n_epochs=every), callback],
         **settings,
     )
-    trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))
+    return trainer, lambda: trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))
+
+
+@pytest.mark.parametrize("every, settings, callback", _aligned_monitors())
+def test_a_monitor_of_knn_measured_at_every_check_is_kept(tmp_path, every, settings, callback):
+    trainer, fit = monitor_run(tmp_path, every, settings, callback, max_epochs=4)
+    fit()
     assert "knn/val_top1" in trainer.callback_metrics  # no refusal, no Lightning error
 
 
@@ -279,16 +286,9 @@ def test_a_monitor_of_knn_at_epochs_without_it_is_refused_before_training(
     """Lightning would stop the run after its first epoch (or keep reading the last kNN value:
     an EarlyStopping that is not strict, with patience 2, stops 2 epochs after the first
     measurement for a lack of improvement nobody measured)."""
-    x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
-    trainer = quiet_trainer(
-        max_epochs=12,
-        default_root_dir=tmp_path,
-        enable_checkpointing=True,
-        callbacks=[KNNMonitor(k=3, every_n_epochs=every), callback],
-        **settings,
-    )
+    trainer, fit = monitor_run(tmp_path, every, settings, callback, max_epochs=12)
     with pytest.raises(SettingError, match=words) as caught:
-        trainer.fit(FeatureModule(6), datamodule=FeatureData((x, y), (x, y)))
+        fit()
     assert trainer.global_step == 0
     assert f"KNNMonitor.every_n_epochs={every}" in str(caught.value)
     fix = {"inside epochs": "trainer.val_check_interval=1.0", "by steps": "Save by epochs"}
