@@ -322,7 +322,7 @@ def test_only_settings_the_user_gave_are_said_to_give_way_to_the_checkpoint(
     model = LinearEval(num_classes=10, cifar_stem=False, lr=0.1)  # as its checkpoint holds
     model.hparams["class_names"] = [str(i) for i in range(10)]  # read from the data at fit
     with caplog.at_level("INFO"):
-        say_checkpoint_settings(given | {"checkpoint": "outputs/quickstart/last.ckpt"}, model)
+        say_checkpoint_settings(given | {"checkpoint": "outputs/q/checkpoints/last.ckpt"}, model)
     said = [r.getMessage() for r in caplog.records if "checkpoint's settings" in r.getMessage()]
     assert said == [
         "simclr-lightning: the model is built with its checkpoint's settings: "

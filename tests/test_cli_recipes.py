@@ -104,7 +104,7 @@ def test_the_quick_start_checkpoints_refresh_last_ckpt_every_epoch(name, tmp_pat
 
 
 def test_the_fashion_mnist_overlay_keeps_the_quick_starts_checkpoint(fashion_mnist_dir):
-    """README's Fashion-MNIST command replaced outputs/quickstart/last.ckpt (the file the
+    """README's Fashion-MNIST command replaced the quick start's last.ckpt (the file the
     quick start's evaluation and export read) with a one-channel encoder."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -116,6 +116,7 @@ def test_the_fashion_mnist_overlay_keeps_the_quick_starts_checkpoint(fashion_mni
         run=False,
     )  # fmt: skip
     saves = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
-    assert [os.path.relpath(c.dirpath) for c in saves] == [os.path.join("outputs", "fashion_mnist")]
+    folder = os.path.join("outputs", "fashion_mnist", "checkpoints")
+    assert [os.path.relpath(c.dirpath) for c in saves] == [folder]
     assert any(isinstance(c, KNNReport) for c in cli.trainer.callbacks)
     assert isinstance(cli.datamodule, MNISTDataModule) and cli.model.hparams.in_channels == 1
