@@ -166,6 +166,9 @@ class KNNReport(L.Callback):
         lines += [
             f"  {name:<40} {100 * value:5.1f}%  {note}".rstrip() for name, value, note in rows
         ]
+        from simclr_lightning.cli_errors import end_progress_bars
+
+        end_progress_bars()  # else the epoch's bar, closed after this, draws itself below
         print("\n".join(lines), flush=True)
 
 

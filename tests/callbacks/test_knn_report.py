@@ -252,3 +252,15 @@ def test_a_stop_signal_cuts_the_reports_pass_short(tmp_path, capsys, when):
         assert trainer.global_step == 4  # the epoch trained whole
     assert data.bank.read == list(range(12))  # batches 0-2 of 10, none after the signal
     assert "kNN top-1" not in capsys.readouterr().out and report.results == {}
+
+
+def test_the_report_comes_after_the_progress_bar(capsys):
+    """The report was printed while the epoch's bar was still open: on closing, the bar drew
+    itself again below the table, so the run's last line was a bar, not the result."""
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[KNNReport(k=15)],
+                            enable_progress_bar=True)  # fmt: skip
+    trainer.fit(Drift(8), datamodule=HeldOutData(noisy(40, 0), noisy(20, 1), batch_size=10))
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    lines = [line for line in out.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1].startswith("  after SimCLR (1 epoch, 4 steps)"), lines[-4:]
