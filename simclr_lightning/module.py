@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from simclr_lightning.backbones import build_backbone
-from simclr_lightning.batches import check_channels, two_views
+from simclr_lightning.batches import check_channels, check_two_view_data, two_views
 from simclr_lightning.checkpoint import with_class_path
 from simclr_lightning.data.transforms import preprocessing_of
 from simclr_lightning.distributed import already_synced, mean_over_processes
@@ -241,7 +241,9 @@ class SimCLR(L.LightningModule):
         self._watch.push(self.global_step, mean_loss, stats["z_std"], watch_collapse=logging_step)
         # Not in the progress bar: Lightning reads every progress-bar value on the host after
         # every batch (whatever log_every_n_steps, even with the bar off), a GPU wait per step.
-        self._loss_mean.log(self, mean_loss, len(x_a))  # train/loss, _step and _epoch
+        # train/loss, _step and _epoch: the epoch's mean weighs a step by its global batch
+        # (the same within a run, not across a resume at another world size)
+        self._loss_mean.log(self, mean_loss, len(x_a) * self.trainer.world_size)
         if self._watch.loss is not None:  # the bar shows the loss the watch has read instead
             self.log("loss", self._watch.loss, prog_bar=True, logger=False, on_step=True)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
@@ -268,6 +270,7 @@ class SimCLR(L.LightningModule):
             require_labels(self.trainer.datamodule)
         if stage == "fit":
             check_checkpoint_folders(self.trainer)
+            check_two_view_data(self.trainer.datamodule)
         elif stage == "validate":
             warn_unmeasured_validation(self.trainer)
 

@@ -191,7 +191,8 @@ def classifier_rates(
     trainer: L.Trainer, lr: float, backbone_lr: float | None, lr_scaling: LRScaling
 ) -> tuple[float, float]:
     """The classifier's and the encoder's peak rates (``backbone_lr`` None: ``lr``): the
-    rule scales both by the global batch (devices x nodes x data.batch_size)."""
+    rule scales both by the images of an optimizer step (devices x nodes x data.batch_size x
+    trainer.accumulate_grad_batches)."""
     scale = 1.0
     if lr_scaling != "none":
         scale = scaled_learning_rate(1.0, global_batch_size(trainer), lr_scaling)

@@ -150,8 +150,9 @@ def training_batches(trainer: L.Trainer) -> float:
 
 
 def global_batch_size(trainer: L.Trainer, per_device: int | None = None) -> int:
-    """Images per optimizer step over all processes (devices x nodes): what a learning-rate
-    rule scales by. ``per_device`` None reads the data module's, else the train loader's."""
+    """Images per optimizer step over all processes (devices x nodes, times the accumulated
+    batches): what a learning-rate rule scales by. ``per_device`` None reads the data
+    module's, else the train loader's."""
     if per_device is None:
         per_device = getattr(trainer.datamodule, "batch_size", None)
     if per_device is None:
@@ -162,7 +163,7 @@ def global_batch_size(trainer: L.Trainer, per_device: int | None = None) -> int:
             "cannot tell the per-device batch size model.lr_scaling scales by: use a data "
             "module or DataLoader with a batch_size (SimCLR: or set model.batch_size)"
         )
-    return per_device * trainer.world_size
+    return per_device * trainer.world_size * trainer.accumulate_grad_batches
 
 
 def epoch_steps(trainer: L.Trainer) -> int:

@@ -34,6 +34,24 @@ class SplitRanks(L.Callback):
         torch.manual_seed(100 + rank)
 
 
+class EpochLoss(L.Callback):
+    """Each finished epoch's ``train/loss_epoch``: Lightning reduces it after the epoch's end
+    hooks, so it is read when the next epoch starts and when training ends."""
+
+    def __init__(self) -> None:
+        self.means: dict[int, float] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._read(trainer, trainer.current_epoch - 1)
+
+    def on_train_end(self, trainer, pl_module):
+        self._read(trainer, trainer.current_epoch - 1)
+
+    def _read(self, trainer, epoch: int) -> None:
+        if epoch >= 0 and "train/loss_epoch" in trainer.callback_metrics:
+            self.means[epoch] = float(trainer.callback_metrics["train/loss_epoch"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, required=True)
@@ -56,7 +74,7 @@ def main() -> None:
     model = NoisySimCLR(
         cifar_stem=False, warmup_epochs=1, base_lr=0.3, head_hidden_dim=32, head_output_dim=16
     )
-    trace = Trace()
+    trace, epoch_loss = Trace(), EpochLoss()
     every = ModelCheckpoint(args.ckpt_dir, "{step}", every_n_train_steps=2, save_top_k=-1)
     trainer = L.Trainer(  # tests.ddp_helpers.ddp_trainer's setup, with checkpoints
         accelerator="cpu",
@@ -65,14 +83,14 @@ def main() -> None:
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[SplitRanks(), trace, RNGState(), every],
+        callbacks=[SplitRanks(), trace, epoch_loss, RNGState(), every],
         max_epochs=2,
         limit_val_batches=0,
         precision="32-true",
     )
     trainer.fit(model, datamodule=data, ckpt_path=args.ckpt)
     torch.save(
-        {"rows": trace.rows, "world": trainer.world_size},
+        {"rows": trace.rows, "world": trainer.world_size, "epoch_loss": epoch_loss.means},
         args.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt",
     )
 

@@ -4,9 +4,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from simclr_lightning import SimCLR, build_resnet
+from simclr_lightning import ImageFolderDataModule, SimCLR, build_resnet
 from simclr_lightning.errors import SettingError
-from tests.helpers import quiet_trainer
+from tests.helpers import quiet_trainer, write_png_folder
 from tests.reference import (
     cosine_schedule_reference,
     nt_xent_official_reference,
@@ -215,6 +215,20 @@ def test_a_batch_of_another_shape_is_one_clear_error(batch, shown):
     ) as err:
         model.training_step(batch, 0)
     assert shown in str(err.value)
+
+
+def test_data_of_single_labelled_views_is_refused_naming_data_task(tmp_path):
+    """A pretraining config after an evaluation one keeps data.task=classify: the run failed
+    at its first batch with a shape error that did not name the setting."""
+    write_png_folder(tmp_path, count=4, size=16)
+    data = ImageFolderDataModule(str(tmp_path), batch_size=4, task="classify", num_workers=0)
+    trainer = quiet_trainer(max_steps=1)
+    with pytest.raises(SettingError, match=(
+        r"^SimCLR pretrains on two augmented views of each image: set data.task=pretrain "
+        r"\(got data.task='classify', single views for LinearEval\)$"
+    )):  # fmt: skip
+        trainer.fit(SimCLR(head_hidden_dim=16, head_output_dim=8), datamodule=data)
+    assert trainer.global_step == 0
 
 
 def test_an_endless_run_is_refused_before_training():

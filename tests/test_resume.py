@@ -209,3 +209,10 @@ def test_a_ddp_checkpoint_resumed_on_one_process_keeps_the_paper_schedule(ddp_ru
     want = [0.3 * 3 / 256 * cosine_schedule_reference(s + 2, 6, 12, 0.0) for s in steps]
     assert [lr for _, _, lr in one["rows"]] == pytest.approx(want)
     assert all(torch.isfinite(loss) for _, loss, _ in one["rows"])
+    # train/loss_epoch is the mean over epoch 0's 18 images: 2 steps of 6 before the resume
+    # (each the mean of the 2 ranks' losses), 2 of 3 after it; it weighed each step by the
+    # images of one process (3 and 3), as if the steps before had been half as large.
+    before = [float(full[0]["rows"][i][1] + full[1]["rows"][i][1]) / 2 for i in range(2)]
+    after = [float(loss) for step, loss, _ in one["rows"] if step <= 4]
+    want_mean = (6 * sum(before) + 3 * sum(after)) / 18
+    assert one["epoch_loss"][0] == pytest.approx(want_mean, rel=1e-5)

@@ -4,12 +4,14 @@ against pretraining's), and whether a checkpoint is a pretraining one."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from simclr_lightning.checkpoint import ARCH_KEYS
 from simclr_lightning.data.class_names import dataset_class_names
 from simclr_lightning.data.transforms import preprocessing_of
 from simclr_lightning.errors import SettingError
@@ -38,6 +40,45 @@ def classify_data(
     return names, preprocessing
 
 
+def checkpoint_architecture(cls: type, given: dict, saved: dict) -> dict:
+    """The encoder's settings (``backbone``, ``cifar_stem``, ...): the checkpoint's, which
+    its weights need; a setting given otherwise than both its default and the checkpoint's
+    value is said to be ignored, not dropped in silence."""
+    defaults = inspect.signature(cls.__init__).parameters
+    ignored = [
+        f"model.{key}={given[key]!r}"
+        for key, value in saved.items()
+        if given.get(key) not in (value, defaults[key].default)
+    ]
+    if ignored:
+        kept = ", ".join(f"{key}={value!r}" for key, value in saved.items())
+        rank_zero_warn(
+            f"{', '.join(ignored)} ignored: the encoder is built as model.checkpoint's "
+            f"({kept}), which its weights need",
+            category=UserWarning,
+        )
+    return {key: given.get(key) for key in ARCH_KEYS} | saved
+
+
+def warn_idle_settings(hparams: Any, ckpt_path: Any) -> None:
+    """Settings a fit would otherwise ignore in silence: without ``checkpoint`` (nor a
+    LinearEval checkpoint to resume) the classifier learns on a randomly initialised encoder,
+    a baseline rarely meant, and ``backbone_lr`` trains nothing without ``finetune``."""
+    if hparams.checkpoint is None and ckpt_path is None:
+        rank_zero_warn(
+            "model.checkpoint is not set: LinearEval trains its classifier on a randomly "
+            "initialised encoder (a baseline); give the SimCLR checkpoint to evaluate as "
+            "--model.checkpoint",
+            category=UserWarning,
+        )
+    if hparams.backbone_lr is not None and not hparams.finetune:
+        rank_zero_warn(
+            f"model.backbone_lr={hparams.backbone_lr} is ignored: the encoder is frozen; set "
+            f"model.finetune=true to train it at that rate",
+            category=UserWarning,
+        )
+
+
 def listed(names: list[str], shown: int = 5) -> str:
     """The first ``shown`` names, and how many more: an ellipsis after a complete list read as
     classes left out."""
@@ -46,26 +87,81 @@ def listed(names: list[str], shown: int = 5) -> str:
 
 
 def check_normalisation(pretraining: dict[str, Any], here: dict | None) -> None:
-    """Warn when linear evaluation normalises its images otherwise than pretraining did: the
-    frozen encoder (its BatchNorm statistics too) then sees every input shifted from those it
-    learned on, and the accuracy drops with no error. Nothing to compare when either side
-    is unknown (a checkpoint from before the record, a user's own loaders)."""
-    pretrained = pretraining.get("preprocessing")
-    if not pretrained or not here:
+    """Warn when linear evaluation prepares its images otherwise than pretraining did (another
+    normalisation or image size): the frozen encoder (its BatchNorm statistics too) then sees
+    inputs unlike those it learned on, and the accuracy drops with no error. Nothing to
+    compare when either side is unknown (a checkpoint from before the record, a user's own
+    loaders)."""
+    changed = preparation_changes(pretraining.get("preprocessing"), here)
+    if changed:
+        rank_zero_warn(
+            f"model.checkpoint={pretraining.get('checkpoint')!r} was pretrained on images "
+            f"prepared otherwise: {'; '.join(changed)}: the encoder sees inputs unlike those "
+            f"it learned on; set them to pretraining's",
+            category=UserWarning,
+        )
+
+
+def preparation_changes(before: dict | None, now: dict | None) -> list[str]:
+    """The data settings of ``now``'s preprocessing that differ from ``before``'s, as
+    ``data.augmentation.<key>=<now> (was <before>)``; none where either is unknown."""
+    if not before or not now:
+        return []
+    changes = []
+    for key in ("image_size", "mean", "std"):
+        was, given = before.get(key), now.get(key)
+        if was is None or given is None:
+            continue
+        if key == "image_size":
+            same = was == given
+        else:
+            same = len(was) == len(given) and all(
+                math.isclose(a, b, abs_tol=1e-6) for a, b in zip(was, given, strict=True)
+            )
+        if not same:
+            shown = (given, was) if key == "image_size" else (_rounded(given), _rounded(was))
+            changes.append(f"data.augmentation.{key}={shown[0]} (was {shown[1]})")
+    return changes
+
+
+def check_evaluated_data(model, trainer) -> None:
+    """Before ``test``/``validate``/``predict`` of a trained classifier: data with other
+    classes is scored against the wrong ones (an image folder numbers its classes by their
+    sorted names, so one class fewer shifts every label after it) and data prepared otherwise
+    than the classifier's training loses accuracy, both with no error."""
+    datamodule, stage = trainer.datamodule, trainer.state.fn.value
+    if datamodule is None:
         return
-    saved, given = pretrained["mean"] + pretrained["std"], here["mean"] + here["std"]
-    if len(saved) == len(given) and all(
-        math.isclose(a, b, abs_tol=1e-6) for a, b in zip(saved, given, strict=True)
-    ):
-        return
-    rank_zero_warn(
-        f"model.checkpoint={pretraining.get('checkpoint')!r} was pretrained on images "
-        f"normalised with mean={_rounded(pretrained['mean'])} std={_rounded(pretrained['std'])}, "
-        f"but the data normalises with mean={_rounded(here['mean'])} std={_rounded(here['std'])}"
-        f": the encoder sees inputs unlike those it learned on; set data.augmentation.mean and "
-        f"data.augmentation.std to pretraining's",
-        category=UserWarning,
-    )
+    names, trained = dataset_class_names(datamodule), model.class_names
+    if stage != "predict" and names is not None:  # prediction reads no labels
+        num_classes = model.hparams.num_classes
+        if len(names) != num_classes:
+            raise SettingError(
+                f"the classifier has {num_classes} classes"
+                f"{f' ({listed(trained)})' if trained else ''} but the {stage} data has "
+                f"{len(names)} ({listed(names)}): its labels would be scored against other "
+                f"classes; {stage} on data with the classifier's classes"
+            )
+        if trained is not None and names != trained:
+            i = next(i for i, (a, b) in enumerate(zip(names, trained, strict=True)) if a != b)
+            order = sorted(names) == sorted(trained)
+            problem = (
+                f"the {stage} data's class {i} is {names[i]!r} and the classifier's {trained[i]!r}"
+            )
+            if order:
+                raise SettingError(
+                    f"{problem}: the same classes in another order, so its labels would be "
+                    f"scored against other classes; give the classes in the classifier's order"
+                )
+            rank_zero_warn(f"{problem}: labels are scored by their number", category=UserWarning)
+    changed = preparation_changes(model.preprocessing, preprocessing_of(datamodule))
+    if changed:
+        rank_zero_warn(
+            f"the classifier was trained on images prepared otherwise than the {stage} "
+            f"data's: {'; '.join(changed)}: its accuracy drops with no error; set them as "
+            f"in its training (its checkpoint records them)",
+            category=UserWarning,
+        )
 
 
 def _rounded(values: list[float]) -> list[float]:

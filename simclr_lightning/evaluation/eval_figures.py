@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from simclr_lightning.distributed import sum_over_processes
+from simclr_lightning.distributed import already_synced, sum_over_processes
 
 
 class StageFigures(nn.Module):
@@ -78,3 +78,13 @@ class StageFigures(nn.Module):
             out[f"{self.stage}/top5{suffix}"] = top5.compute()
             out[f"{self.stage}/loss{suffix}"] = torch.tensor(loss_sum / rows)
         return out
+
+    def log_to(self, module) -> None:
+        """Logs :meth:`results` through ``module``: over every labelled image of all processes
+        (without DistributedSampler's padding repeats); ``sync_dist`` would average the
+        processes' means instead, which differ in size. Every process logs them, as DDP needs
+        the same keys everywhere."""
+        for name, value in self.results().items():
+            already_synced(name)
+            top1 = name.startswith(f"{self.stage}/top1")
+            module.log(name, value, prog_bar=top1, add_dataloader_idx=False)  # named already

@@ -23,9 +23,12 @@ from simclr_lightning.distributed import (
 from simclr_lightning.epoch_sums import EpochSums, ResumedEpochMean
 from simclr_lightning.errors import CheckpointError, require
 from simclr_lightning.evaluation.classify_data import (
+    check_evaluated_data,
+    checkpoint_architecture,
     classify_batch,
     classify_data,
     refuse_pretraining,
+    warn_idle_settings,
 )
 from simclr_lightning.evaluation.eval_figures import StageFigures
 from simclr_lightning.heads import ProjectionHead
@@ -47,9 +50,9 @@ class LinearEval(L.LightningModule):
     ``checkpoint`` is a SimCLR (or LinearEval, or exported) checkpoint; its architecture
     (``backbone``, ``cifar_stem``, ``in_channels``, ``timm_kwargs``) overrides the arguments of
     the same names, which only matter without one. ``head_layers`` k > 0 keeps the first k
-    layers of the pretrained projection head under the classifier: SimCLR v2 fine-tunes from
-    the first one (google-research/simclr ``ft_proj_selector``), which beats fine-tuning from
-    the encoder when few labels are used. Frozen (the default): ``requires_grad=False`` and
+    layers of the pretrained projection head under the classifier: SimCLR v2 fine-tunes from the
+    first one (google-research/simclr ``ft_proj_selector``), which beats fine-tuning from the
+    encoder when few labels are used. Frozen (the default): ``requires_grad=False`` and
     BatchNorm kept in eval mode, so the features are exactly the pretrained ones. ``finetune``
     trains the encoder and kept head layers too, at ``backbone_lr``. The classifier starts at
     zero (the official ``zero_init_logits_layer``). The learning rate follows a cosine over the
@@ -59,13 +62,12 @@ class LinearEval(L.LightningModule):
     ``data.label_fraction`` for the semi-supervised protocol).
 
     Logs ``train/loss``, ``train/top1``, ``val/top1``, ``val/top5``, ``val/loss``,
-    ``test/top1``, ``test/top5``, ``test/loss``, each over the labelled images of all
-    processes (under DDP the same as one process holding every batch); several val/test
-    loaders have their own figures (``val/top1/dataloader_idx_1``), a loader without a
-    labelled image none.
-    ``predict_step`` returns class probabilities. Class names
-    (from an ImageFolder's ``classes``, or ``class_names``) and the evaluation preprocessing
-    are stored in the checkpoint for prediction.
+    ``test/top1``, ``test/top5``, ``test/loss``, each over the labelled images of all processes
+    (under DDP the same as one process holding every batch); several val/test loaders have their
+    own figures (``val/top1/dataloader_idx_1``), a loader without a labelled image none.
+    ``predict_step`` returns class probabilities. Class names (from an ImageFolder's
+    ``classes``, or ``class_names``) and the evaluation preprocessing are stored in the
+    checkpoint for prediction.
 
     Args:
         optimizer: sgd (Nesterov momentum) or lars (SimCLR's linear evaluation); LARS skips
@@ -73,7 +75,8 @@ class LinearEval(L.LightningModule):
             (the official ``head_supervised``), whose weight is.
         lr: peak learning rate of the head, scaled by ``lr_scaling``.
         lr_scaling: ``linear`` (``lr * B / 256``, the paper's linear evaluation), ``sqrt``
-            (``lr * sqrt(B)``, v2's fine-tuning) or ``none``, B the global batch (all devices).
+            (``lr * sqrt(B)``, v2's fine-tuning) or ``none``, B the images of an optimizer
+            step (all devices, times ``trainer.accumulate_grad_batches``).
         backbone_lr: of the encoder (and kept head layers) when fine-tuning, scaled as ``lr``;
             None means ``lr``.
         head_layers: pretrained projection-head layers kept under the classifier (0: none).
@@ -126,14 +129,11 @@ class LinearEval(L.LightningModule):
         self.pretraining = checkpoints.pretraining_record(loaded)  # the normalisation to repeat
         if loaded is not None:
             state, arch = checkpoints.load_backbone_state(loaded)
-            arch = {"backbone": backbone, "cifar_stem": cifar_stem, "in_channels": in_channels,
-                    "timm_kwargs": timm_kwargs, **arch}  # fmt: skip
+            arch = checkpoint_architecture(type(self), self.hparams, arch)  # it wins, said
             if head_layers:
                 projection, head_config = checkpoints.projection_layers(loaded, head_layers)
-            # What was built, so this module's own checkpoints rebuild it without the file.
-            self.hparams.update(arch, head_config=head_config)
-            backbone, cifar_stem = arch["backbone"], arch["cifar_stem"]
-            in_channels, timm_kwargs = arch["in_channels"], arch["timm_kwargs"]
+            self.hparams.update(arch, head_config=head_config)  # its checkpoints need no file
+            backbone, cifar_stem, in_channels, timm_kwargs = arch.values()  # ARCH_KEYS order
         self.backbone, self.feature_dim = build_backbone(
             backbone, cifar_stem, in_channels, timm_kwargs=timm_kwargs
         )
@@ -212,12 +212,12 @@ class LinearEval(L.LightningModule):
         # The mean over the global batch's labelled rows, as one process holding every batch
         # computes it: DDP averages the W processes' gradients, hence the factor W (a mean
         # per process would weigh a process's rows by how few labelled rows it holds).
-        loss = loss_sum * (rank_and_world_size()[1] / rows)
+        world = rank_and_world_size()[1]
+        loss = loss_sum * (world / rows)
         mean_loss = stats[0] / rows
         self._train_sums.add(self.current_epoch, stats[1:])
-        # Not in the progress bar (Lightning reads bar values on the host after every
-        # batch): the bar shows it as read back two steps late.
-        self._loss_mean.log(self, mean_loss, len(y))  # train/loss, _step and _epoch
+        # The bar shows it read back two steps late: Lightning reads bar values every batch.
+        self._loss_mean.log(self, mean_loss, len(y) * world)  # weighed by the global batch
         self._reads.push(None, mean_loss)
         for _, (value,) in self._reads.ready():
             self._bar_loss = torch.tensor(value)
@@ -226,9 +226,11 @@ class LinearEval(L.LightningModule):
         return loss
 
     def on_train_start(self) -> None:
-        # Lightning keeps the mode the module had before fit (load_from_checkpoint gives eval):
-        # fine-tuning would then run with frozen BatchNorm. train() keeps a frozen encoder frozen.
+        # Lightning keeps the mode from before fit (eval after load_from_checkpoint): fine-tuning
+        # would run with frozen BatchNorm. train() keeps a frozen encoder frozen.
         self.train()
+        already_synced("train/loss", "train/top1")  # over all processes: no sync_dist
+        warn_idle_settings(self.hparams, self.trainer.ckpt_path)  # known once restored
         list(self._reads.drain())  # nothing of an earlier fit
         self._loss_mean.start()
         self._train_sums.start_fit()
@@ -258,6 +260,15 @@ class LinearEval(L.LightningModule):
         keep = (y >= 0) & real_rows(loader, batch_idx, len(y), y.device)
         getattr(self, f"{stage}_figures").update(dataloader_idx, logits[keep], y[keep])
 
+    def on_test_start(self) -> None:  # predict's too, and validate's (fit's is at setup)
+        check_evaluated_data(self, self.trainer)
+
+    on_predict_start = on_test_start
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "validate":
+            check_evaluated_data(self, self.trainer)
+
     def on_validation_epoch_start(self) -> None:
         self.val_figures.start(loader_count(self.trainer.val_dataloaders), self.device)
 
@@ -265,19 +276,10 @@ class LinearEval(L.LightningModule):
         self.test_figures.start(loader_count(self.trainer.test_dataloaders), self.device)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_figures(self.val_figures)
+        self.val_figures.log_to(self)
 
     def on_test_epoch_end(self) -> None:
-        self._log_figures(self.test_figures)
-
-    def _log_figures(self, figures: StageFigures) -> None:
-        """Over every labelled image of all processes (without DistributedSampler's padding
-        repeats); ``sync_dist`` would average the processes' means instead, which differ in
-        size. Every process logs them, as DDP needs the same keys everywhere."""
-        for name, value in figures.results().items():
-            already_synced(name)
-            top1 = name.startswith(f"{figures.stage}/top1")
-            self.log(name, value, prog_bar=top1, add_dataloader_idx=False)  # named already
+        self.test_figures.log_to(self)
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities in float32 whatever the run's precision: the encoder may run
@@ -312,12 +314,10 @@ class LinearEval(L.LightningModule):
         if stage == "fit":
             check_rate_finder(self.trainer, self.hparams.lr_scaling, "LinearEval")
             check_checkpoint_folders(self.trainer)
-        # logged without sync_dist: their values are already over all processes
-        already_synced("train/loss", "train/top1")
-        datamodule = self.trainer.datamodule if self.trainer is not None else None
-        if datamodule is None or stage != "fit":
+        if stage != "fit" or self.trainer.datamodule is None:
             return
-        names, preprocessing = classify_data(datamodule, self.hparams.num_classes, self.pretraining)
+        names, preprocessing = classify_data(self.trainer.datamodule, self.hparams.num_classes,
+                                             self.pretraining)  # fmt: skip
         if names is not None and self.class_names is None:
             self.class_names = names
             self.hparams["class_names"] = names

@@ -107,18 +107,21 @@ def test_finetuning_trains_the_encoder_at_its_own_rate(simclr_ckpt, mode):
     assert sorted(set(spy.lrs[0])) == [0.01, 0.1]
 
 
-@pytest.mark.parametrize(
-    ("scaling", "factor"), [("linear", 8 / 256), ("sqrt", math.sqrt(8)), ("none", 1.0)]
-)
-def test_learning_rates_scale_with_the_batch_as_the_paper(simclr_ckpt, scaling, factor):
+@pytest.mark.parametrize("accumulate", [1, 3])
+@pytest.mark.parametrize("scaling", ["linear", "sqrt", "none"])
+def test_learning_rates_scale_with_the_batch_as_the_paper(simclr_ckpt, scaling, accumulate):
     """google-research/simclr scales fine-tuning's and linear evaluation's rates as
-    pretraining's: lr x B/256 (linear) or lr x sqrt(B), B the global batch (8 here)."""
+    pretraining's: lr x B/256 (linear) or lr x sqrt(B), B the images of one optimizer step
+    (8 a batch here, times the accumulated batches: the rule scaled for 8 whatever the
+    accumulation)."""
+    images = 8 * accumulate
+    factor = {"linear": images / 256, "sqrt": math.sqrt(images), "none": 1.0}[scaling]
     path, _ = simclr_ckpt
     model = LinearEval(
         str(path), num_classes=3, finetune=True, lr=0.1, backbone_lr=0.01, lr_scaling=scaling
     )
     spy = Spy()
-    fit(model, epochs=1, spy=spy)
+    fit(model, epochs=1, spy=spy, accumulate_grad_batches=accumulate)
     assert sorted(set(spy.lrs[0])) == pytest.approx([0.01 * factor, 0.1 * factor], rel=1e-12)
 
 

@@ -1,5 +1,5 @@
-"""Linear evaluation normalises as pretraining did: SimCLR checkpoints record the data's
-normalisation, and LinearEval warns when its data normalises otherwise (a frozen encoder then
+"""Linear evaluation prepares images as pretraining did: SimCLR checkpoints record the data's
+normalisation and image size, and LinearEval warns when its data differs (a frozen encoder then
 sees inputs unlike any it learned on, and accuracy drops with no error)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tests.helpers import quiet_trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CIFAR = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # not the ImageNet defaults
-MISMATCH = "was pretrained on images normalised with"
+MISMATCH = "was pretrained on images prepared otherwise"
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,9 @@ def folder(tmp_path_factory):
     return root
 
 
-def data(root, stats, task: str = "pretrain") -> ImageFolderDataModule:
+def data(root, stats, task: str = "pretrain", image_size: int = 16) -> ImageFolderDataModule:
     mean, std = stats if stats else (None, None)
-    aug = SimCLRAugmentation(image_size=16, mean=mean, std=std)
+    aug = SimCLRAugmentation(image_size=image_size, mean=mean, std=std)
     return ImageFolderDataModule(str(root), augmentation=aug, batch_size=4, task=task)
 
 
@@ -50,13 +50,13 @@ def pretrained(folder, tmp_path_factory):
     return path
 
 
-def linear_eval_warnings(checkpoint, folder, stats) -> list[str]:
-    """The normalisation warnings of one LinearEval step from ``checkpoint`` on ``folder``."""
+def linear_eval_warnings(checkpoint, folder, stats, image_size: int = 16) -> list[str]:
+    """The preparation warnings of one LinearEval step from ``checkpoint`` on ``folder``."""
     model = LinearEval(str(checkpoint), num_classes=2, lr=0.1)
     trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(model, data(folder, stats, task="classify"))
+        trainer.fit(model, data(folder, stats, task="classify", image_size=image_size))
     return [str(w.message) for w in caught if MISMATCH in str(w.message)]
 
 
@@ -73,9 +73,16 @@ def test_linear_eval_with_pretrainings_normalisation_is_quiet(pretrained, folder
 def test_linear_eval_with_other_normalisation_warns_naming_both(pretrained, folder):
     (message,) = linear_eval_warnings(pretrained, folder, None)  # ImageNet's defaults
     assert f"model.checkpoint={str(pretrained)!r}" in message
-    assert "mean=[0.4914, 0.4822, 0.4465]" in message  # pretraining's
-    assert "mean=[0.485, 0.456, 0.406]" in message  # ImageNet's, the data module's default
-    assert "data.augmentation.mean" in message
+    # ImageNet's, the data module's default, and pretraining's
+    assert "data.augmentation.mean=[0.485, 0.456, 0.406] (was [0.4914, 0.4822, 0.4465])" in message
+    assert "data.augmentation.std=" in message and "image_size" not in message
+
+
+def test_linear_eval_at_another_image_size_warns(pretrained, folder):
+    """An encoder pretrained on 16 px crops evaluated at 24 px: only the normalisation was
+    compared before, and the 224 px default on a 32 px CIFAR encoder said nothing."""
+    (message,) = linear_eval_warnings(pretrained, folder, CIFAR, image_size=24)
+    assert "data.augmentation.image_size=24 (was 16)" in message and "mean" not in message
 
 
 def test_a_linear_eval_checkpoint_keeps_the_record_for_the_next_evaluation(
@@ -86,7 +93,7 @@ def test_a_linear_eval_checkpoint_keeps_the_record_for_the_next_evaluation(
     trainer.fit(model, data(folder, CIFAR, task="classify"))
     trainer.save_checkpoint(tmp_path / "linear.ckpt")
     (message,) = linear_eval_warnings(tmp_path / "linear.ckpt", folder, None)
-    assert "mean=[0.4914, 0.4822, 0.4465]" in message
+    assert "(was [0.4914, 0.4822, 0.4465])" in message
 
 
 def test_a_checkpoint_without_the_record_is_not_checked(pretrained, folder, tmp_path):

@@ -1,0 +1,149 @@
+"""A trained classifier is tested, validated and used on data like its training's: other
+classes were scored against the wrong ones (ImageFolder numbers classes by their sorted names,
+so one class fewer shifted every label after it) and other preprocessing lost accuracy, both
+without a word; and the encoder's settings a checkpoint overrides are said to be ignored."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from simclr_lightning import LinearEval
+from simclr_lightning.errors import SettingError
+from tests.evaluation.test_normalisation import CIFAR, data
+from tests.helpers import quiet_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def image_folder(root, classes: tuple[str, ...]):
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for label in classes:
+            (root / split / label).mkdir(parents=True)
+            for i in range(4):
+                pixels = torch.randint(0, 256, (16, 16, 3), generator=gen, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(root / split / label / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A LinearEval checkpoint trained on classes a, b, c at 16 px with CIFAR statistics."""
+    root = image_folder(tmp_path_factory.mktemp("abc"), ("a", "b", "c"))
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(LinearEval(num_classes=3, lr=0.1), data(root, CIFAR, task="classify"))
+    path = root / "linear.ckpt"
+    trainer.save_checkpoint(path)
+    return root, path
+
+
+def evaluated(path, datamodule, command: str = "test") -> tuple[list[str], dict]:
+    """The warnings and figures of ``command`` of the checkpoint at ``path``."""
+    trainer = quiet_trainer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = getattr(trainer, command)
+        run(LinearEval(num_classes=3), datamodule=datamodule, ckpt_path=path, weights_only=False)
+    said = [str(w.message) for w in caught if "classifier" in str(w.message)]
+    return said, dict(trainer.callback_metrics)
+
+
+def test_the_classifiers_own_data_is_tested_quietly(classifier):
+    root, path = classifier
+    said, figures = evaluated(path, data(root, CIFAR, task="classify"))
+    assert said == [] and "test/top1" in figures
+
+
+@pytest.mark.parametrize("command", ["test", "validate"])
+def test_data_with_another_number_of_classes_is_refused(classifier, tmp_path,
+                                                        command):  # fmt: skip
+    _, path = classifier
+    two = image_folder(tmp_path, ("b", "c"))
+    with pytest.raises(SettingError, match=(
+        rf"^the classifier has 3 classes \(a, b, c\) but the {command} data has 2 \(b, c\): "
+        r"its labels would be scored against other classes"
+    )):  # fmt: skip
+        evaluated(path, data(two, CIFAR, task="classify"), command)
+
+
+def test_classes_in_another_order_are_refused(classifier):
+    root, path = classifier
+    reordered = data(root, CIFAR, task="classify")
+    reordered.setup("test")
+    reordered.val_set.classes = ["b", "a", "c"]  # a dataset of a user's, numbered otherwise
+    with pytest.raises(SettingError, match=r"test data's class 0 is 'b' and the classifier's 'a'"):
+        evaluated(path, reordered)
+
+
+def test_classes_named_otherwise_are_scored_by_number_with_a_warning(classifier, tmp_path):
+    _, path = classifier
+    said, figures = evaluated(
+        path, data(image_folder(tmp_path, ("a", "b", "d")), CIFAR, "classify")
+    )
+    assert said == [
+        "the test data's class 2 is 'd' and the classifier's 'c': labels are scored by their number"
+    ]
+    assert "test/top1" in figures
+
+
+@pytest.mark.parametrize("command", ["test", "predict"])
+def test_data_prepared_otherwise_warns_naming_the_settings(classifier, command):
+    root, path = classifier
+    said, _ = evaluated(path, data(root, None, task="classify", image_size=24), command)
+    (message,) = said
+    assert message.startswith(
+        f"the classifier was trained on images prepared otherwise than the {command} data's: "
+        "data.augmentation.image_size=24 (was 16); data.augmentation.mean=[0.485, 0.456, 0.406]"
+        " (was [0.4914, 0.4822, 0.4465]); data.augmentation.std="
+    )
+
+
+def test_an_encoder_setting_the_checkpoint_overrides_is_said_to_be_ignored(tmp_path):
+    from tests.test_checkpoint import save_simclr_checkpoint
+
+    path = tmp_path / "simclr.ckpt"
+    save_simclr_checkpoint(path, cifar_stem=True, in_channels=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LinearEval(str(path), num_classes=3)  # the defaults: nothing to say
+        model = LinearEval(str(path), num_classes=3, backbone="resnet50", in_channels=2)
+    said = [str(w.message) for w in caught if "ignored" in str(w.message)]
+    assert said == [
+        "model.backbone='resnet50', model.in_channels=2 ignored: the encoder is built as "
+        "model.checkpoint's (backbone='resnet18', cifar_stem=True, in_channels=1, "
+        "timm_kwargs=None), which its weights need"
+    ]
+    assert model.hparams.backbone == "resnet18" and model.hparams.in_channels == 1
+
+
+def fit_warnings(model: LinearEval, root, ckpt_path=None) -> list[str]:
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)  # a resume trains its 2nd step
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, data(root, CIFAR, task="classify"), ckpt_path=ckpt_path)
+    return [str(w.message) for w in caught if str(w.message).startswith("model.")]
+
+
+def test_settings_a_fit_would_ignore_are_said(classifier, tmp_path):
+    """Without model.checkpoint the classifier learned on a random encoder, and backbone_lr
+    without finetune trained nothing, both in silence; a resumed fit has its encoder."""
+    from tests.test_checkpoint import save_simclr_checkpoint
+
+    root, path = classifier
+    assert fit_warnings(LinearEval(num_classes=3), root) == [
+        "model.checkpoint is not set: LinearEval trains its classifier on a randomly initialised "
+        "encoder (a baseline); give the SimCLR checkpoint to evaluate as --model.checkpoint"
+    ]
+    resumed = LinearEval(num_classes=3, backbone_lr=0.01)
+    assert fit_warnings(resumed, root, ckpt_path=path) == [
+        "model.backbone_lr=0.01 is ignored: the encoder is frozen; set model.finetune=true to "
+        "train it at that rate"
+    ]
+    simclr = tmp_path / "simclr.ckpt"
+    save_simclr_checkpoint(simclr, cifar_stem=True, in_channels=3)
+    assert fit_warnings(LinearEval(str(simclr), num_classes=3, finetune=True,
+                                   backbone_lr=0.01), root) == []  # fmt: skip
