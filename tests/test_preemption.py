@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 
 import lightning as L
 import pytest
@@ -14,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
-from simclr_lightning import CorruptImageError, Preemption, SimCLR
+from simclr_lightning import CorruptFilesError, CorruptImageError, Preemption, SimCLR
 from tests.helpers import quiet_trainer
 from tests.preemption_runs import (
     SLURM_JOB,
@@ -159,3 +160,58 @@ def test_a_stop_before_any_step_keeps_the_checkpoint_resumed_from(tmp_path, capl
             fit(bad, ckpt_path, steps=4)
         assert last.read_bytes() == trained
         assert "no checkpoint written" in caplog.text
+
+
+class AsIfTwoProcesses(Preemption):
+    """Preemption seeing the real Trainer's state with world_size 2: one process of a DDP run,
+    without starting a second."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        class Proxy:
+            world_size = 2
+
+            def __getattr__(self, name):
+                return getattr(trainer, name)
+
+        super().on_exception(Proxy(), pl_module, exception)
+
+
+class VerifyFails(L.LightningDataModule):
+    """data.verify's error, raised in setup as every process of a DDP run raises it."""
+
+    def setup(self, stage: str) -> None:
+        raise CorruptFilesError([("/data/train/a/bad.jpg", "empty file")], 24, None)
+
+
+LONE_WARNING = "a corrupt image stopped one process of a distributed run"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_data_check_in_setup_under_ddp_warns_of_no_lost_checkpoint(tmp_path, caplog):
+    """Stopped in setup, nothing trained: not "the last checkpoint is the one ModelCheckpoint
+    wrote" (there is none), only what one process says. After trained steps a lone corrupt
+    image still warns, and nothing is saved (the other ranks wait in a collective)."""
+
+    def fit(data: dict) -> list[str]:
+        L.seed_everything(0, verbose=False)
+        model = SimCLR(cifar_stem=False, head_hidden_dim=32, head_output_dim=16, warmup_epochs=0)
+        trainer = quiet_trainer(
+            max_steps=8,
+            precision="32-true",
+            enable_checkpointing=True,
+            callbacks=[AsIfTwoProcesses(), ModelCheckpoint(tmp_path, save_last=True)],
+        )
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+            warnings.simplefilter("always")
+            with pytest.raises(CorruptImageError):
+                trainer.fit(model, **data)
+        assert trainer.global_step == (4 if "train_dataloaders" in data else 0)
+        return [str(w.message) for w in caught]
+
+    said = fit({"datamodule": VerifyFails()})
+    assert not [m for m in said if LONE_WARNING in m], said
+    assert "stopped before this run finished a step: no checkpoint written" in caplog.text
+    caplog.clear()
+    said = fit({"train_dataloaders": DataLoader(BadFileAt(24, bad=13), batch_size=3)})
+    assert [m for m in said if LONE_WARNING in m], said
+    assert not list(tmp_path.glob("*.ckpt"))  # 4 steps, no epoch end: nothing could be saved

@@ -13,8 +13,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from simclr_lightning.callbacks.signal_agreement import stop_requested
+from simclr_lightning.data.class_names import says_unlabeled
 from simclr_lightning.distributed import PassCutShort, RowCollector, encode_rows, shard_loader
-from simclr_lightning.errors import require
+from simclr_lightning.errors import SettingError, require
 from simclr_lightning.evaluation.knn import knn_predict, top_k_accuracy
 from simclr_lightning.last_checkpoint import resumed_checkpoint
 from simclr_lightning.stop_position import epoch_in_progress, stopped_inside_epoch
@@ -98,6 +99,8 @@ class KNNReport(L.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._init = None  # a checkpoint's figure, if any, is loaded after this
+        if stage == "fit" and not trainer.fast_dev_run:
+            refuse_unreportable(trainer.datamodule)
         self._start = "randomly initialised encoder"
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -181,6 +184,30 @@ def _epochs_trained(trainer: L.Trainer) -> str:
         done = epoch_in_progress(trainer) + batches / trainer.num_training_batches
     text = f"{done:.2f}".rstrip("0").rstrip(".")
     return f"{text} epoch" + ("" if text == "1" else "s")
+
+
+def refuse_unreportable(datamodule: Any) -> None:
+    """Refuse, before any pass, data the report cannot score: it failed with a traceback
+    after encoding the whole training split."""
+    name = type(datamodule).__name__
+    if not hasattr(datamodule, "eval_train_dataloader"):
+        problem = (
+            f"a data module with eval_train_dataloader() (the training images unaugmented) and "
+            f"test_dataloader() (all held-out images), as every SimCLRDataModule has; got {name}"
+        )
+    elif says_unlabeled(datamodule):
+        problem = (
+            f"labelled images, and the data module ({name}) has none (num_classes=None, e.g. "
+            f"data.root/train without class folders)"
+        )
+    elif hasattr(datamodule, "val_set") and datamodule.val_set is None:
+        problem = f"held-out images, and the data module ({name}) has none (e.g. no data.root/val)"
+    else:
+        return
+    raise SettingError(
+        f"KNNReport needs {problem}: remove the KNNReport callback (configs/quickstart.yaml "
+        f"lists it)"
+    )
 
 
 def _labelled(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -71,22 +71,23 @@ class Preemption(Callback):
         first_step, self._first_step = self._first_step, None  # (no teardown after this)
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        alone = not isinstance(exception, CorruptImageStop)
-        if isinstance(exception, CorruptImageError) and alone and trainer.world_size > 1:
-            rank_zero_warn(
-                "no checkpoint written: a corrupt image stopped one process of a distributed "
-                "run; the last checkpoint is the one ModelCheckpoint wrote"
-            )
-            return
         if not isinstance(exception, (SIGTERMException, CorruptImageError)):
             return
         if first_step in (None, trainer.global_step):
             # Stopped in setup (data.verify, the resident store), the checkpoint's restore, the
             # sanity check or the first step: saving now would write untrained weights over
-            # the checkpoint resumed from, or over an earlier run's last.ckpt.
+            # the checkpoint resumed from, or over an earlier run's last.ckpt. Checked first:
+            # under DDP too, nothing trained, so no ModelCheckpoint file to point to.
             rank_zero_info(
                 "simclr-lightning: stopped before this run finished a step: no checkpoint "
                 "written (nothing new to save; the checkpoints already there are kept)"
+            )
+            return
+        alone = not isinstance(exception, CorruptImageStop)
+        if isinstance(exception, CorruptImageError) and alone and trainer.world_size > 1:
+            rank_zero_warn(
+                "no checkpoint written: a corrupt image stopped one process of a distributed "
+                "run; the last checkpoint is the one ModelCheckpoint wrote"
             )
             return
         self.saved_path = self.checkpoint_path(trainer)

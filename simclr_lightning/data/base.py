@@ -219,6 +219,9 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
             check_batch_size(len(self.train_set), self.batch_size, world, self.drop_last, self.task)
             if self.on_device:
                 self.device_store = self.make_device_store(self.train_set)
+            if self.device_store is not None:  # without the files skip_corrupt left out
+                n = len(self.device_store)
+                check_batch_size(n, self.batch_size, world, self.drop_last, self.task)
         if self.val_set is None:
             self.val_set = self.make_dataset("val", self.eval_transform())
 

@@ -40,6 +40,11 @@ def reason_of(err: BaseException) -> str:
     """Why decoding failed, in words a user can act on (PIL's own names a BytesIO)."""
     if isinstance(err, UnidentifiedImageError):
         return "not an image format PIL can read"
+    if isinstance(err, Image.DecompressionBombError):  # a large photo, not a damaged file
+        return (
+            f"larger than PIL's decompression-bomb limit, not damaged ({err}); shrink it, or "
+            f"raise PIL.Image.MAX_IMAGE_PIXELS (data.augment=gpu decodes it without the limit)"
+        )
     return f"{type(err).__name__}: {err}"
 
 

@@ -14,7 +14,7 @@ from torchvision import datasets
 from simclr_lightning.data.base import SimCLRDataModule
 from simclr_lightning.data.device_store import DeviceImageStore
 from simclr_lightning.data.transforms import MNIST_VIEWS, SimCLRAugmentation
-from simclr_lightning.errors import DataFileError, require
+from simclr_lightning.errors import DataFileError, SettingError, require
 
 _INFO = {
     # name: (torchvision class, its folder, mean, std)
@@ -128,6 +128,21 @@ class MNISTDataModule(SimCLRDataModule):
                     return candidate
         return None
 
+    def _check_kind(self, images: np.ndarray, path: Path) -> None:
+        """MNIST's and Fashion-MNIST's files have the same names: one read as the other took
+        the other's normalisation and class names in silence. Their mean pixels (0.131 and
+        0.286 of 255) tell them apart; images near neither (a dataset of one's own in their
+        format) are not judged."""
+        mean = float(images.mean(dtype=np.float64)) / 255
+        for other, (_, _, (other_mean,), _) in _INFO.items():
+            own_mean = _INFO[self.dataset][2][0]
+            if other != self.dataset and abs(mean - other_mean) < 0.03 < abs(mean - own_mean):
+                raise SettingError(
+                    f"data.data_dir={self.data_dir!r} holds {other}, not data.dataset="
+                    f"{self.dataset!r}: the mean pixel of {path.name} is {mean:.3f} of 255, "
+                    f"{other}'s {other_mean:.3f}; set data.dataset={other}"
+                )
+
     def prepare_data(self) -> None:
         if self._find(_FILES["train"][0]) is None and self.download:
             cls, _, _, _ = _INFO[self.dataset]
@@ -171,5 +186,6 @@ class MNISTDataModule(SimCLRDataModule):
                 f"holds {len(images)} images but {paths[1].name} {len(labels)} labels",
                 "the two files are of different sets; replace them",
             )
+        self._check_kind(images, paths[0])
         names = FASHION_CLASSES if self.dataset == "fashion_mnist" else None  # MNIST's: 0-9
         return IdxImages(images, labels, transform, classes=names)

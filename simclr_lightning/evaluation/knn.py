@@ -112,7 +112,10 @@ def _topk_lowest_index_first(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def top_k_accuracy(scores: Tensor, labels: Tensor, k: int) -> Tensor:
-    """Fraction of rows whose label is among the ``k`` highest scores."""
+    """Fraction of rows whose label is among the ``k`` highest scores. A class scoring 0 got no
+    neighbour's vote and is never a hit: with fewer than ``k`` voted classes, ``topk`` would
+    fill the other places with arbitrary unvoted classes."""
     k = min(k, scores.shape[1])
-    hits = (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+    top = scores.topk(k, dim=1)
+    hits = ((top.indices == labels[:, None]) & (top.values > 0)).any(dim=1)
     return hits.float().mean()

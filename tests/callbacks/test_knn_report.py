@@ -264,3 +264,35 @@ def test_the_report_comes_after_the_progress_bar(capsys):
     out = captured.out + captured.err
     lines = [line for line in out.replace("\r", "\n").splitlines() if line.strip()]
     assert lines[-1].startswith("  after SimCLR (1 epoch, 4 steps)"), lines[-4:]
+
+
+@pytest.mark.parametrize(
+    ("layout", "said"),
+    [
+        ("unlabeled", r"labelled images, and the data module \(ImageFolderDataModule\) has none"),
+        ("no val", r"held-out images, and the data module \(ImageFolderDataModule\) has none"),
+    ],
+)
+def test_data_the_report_cannot_score_is_refused_before_any_pass(tmp_path, layout, said):
+    """An image folder without class folders, or without val/: a traceback after the pass
+    over the whole training split (the quick start's config lists the report)."""
+    import shutil
+
+    from simclr_lightning import ImageFolderDataModule, SimCLR
+    from simclr_lightning.errors import SettingError
+    from tests.helpers import write_png_folder
+
+    write_png_folder(tmp_path, count=8, size=16, splits=("train",))
+    if layout == "unlabeled":
+        for path in (tmp_path / "train").rglob("*.png"):
+            path.rename(tmp_path / "train" / f"{path.parent.name}_{path.name}")
+        shutil.rmtree(tmp_path / "train" / "c0")
+        shutil.rmtree(tmp_path / "train" / "c1")
+    report = KNNReport(k=5)
+    passes = []
+    report.measure = lambda *args: passes.append(args)  # no pass may run
+    data = ImageFolderDataModule(str(tmp_path), batch_size=4, num_workers=0)
+    trainer = quiet_trainer(max_steps=1, callbacks=[report])
+    with pytest.raises(SettingError, match=rf"^KNNReport needs {said}.*: remove the KNNReport"):
+        trainer.fit(SimCLR(head_hidden_dim=16, head_output_dim=8), datamodule=data)
+    assert passes == [] and trainer.global_step == 0

@@ -79,6 +79,24 @@ def test_each_kind_of_bad_file_is_named_with_its_reason(bad_folder):
     assert "truncated" in reasons["truncated.jpg"].lower()
 
 
+def test_an_image_over_pils_pixel_limit_is_called_large_not_damaged(tmp_path, monkeypatch):
+    """PIL refuses images over Image.MAX_IMAGE_PIXELS x 2 (a 14000 x 13000 photo): the error
+    read as a damaged file, and said nothing of the limit nor of the GPU path's decoder."""
+    from PIL import Image
+
+    from simclr_lightning.data.corrupt import load_rgb
+
+    path = tmp_path / "large.png"
+    Image.new("RGB", (30, 20)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # 600 pixels: over twice the limit
+    with pytest.raises(CorruptImageError) as failure:
+        load_rgb(str(path))
+    reason = failure.value.reason
+    assert reason.startswith("larger than PIL's decompression-bomb limit, not damaged (Image ")
+    assert reason.endswith("raise PIL.Image.MAX_IMAGE_PIXELS (data.augment=gpu decodes it "
+                           "without the limit)")  # fmt: skip
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_without_skip_the_loader_raises_the_error_naming_the_file(bad_folder, workers):
     root, bad = bad_folder

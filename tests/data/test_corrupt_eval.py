@@ -21,6 +21,7 @@ from simclr_lightning import (
     SimCLRAugmentation,
 )
 from simclr_lightning.data.failed_batches import FailedBatch
+from simclr_lightning.errors import SettingError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,6 +168,17 @@ def test_resident_store_says_bad_files_were_left_out(folder):
     assert sorted(m.split("'")[1] for m in said) == sorted(str(p) for p in bad[:2])
     assert not any("served in its place" in m for m in said)
     assert all("left out" in m for m in said)
+
+
+def test_a_batch_the_resident_store_cannot_fill_is_refused(folder):
+    """The batch size was checked against the 8 training files, before the store left the 2
+    bad ones out: a batch of 7 then gave no training batch, and the fit ended at once, exit 0."""
+    root, _, _ = folder
+    dm = data(root, augment="gpu", resident=True, persistent_workers=False, batch_size=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptImageWarning)
+        with pytest.raises(SettingError, match=r"^data.batch_size=7 is larger than the 6 "):
+            dm.setup("fit")
 
 
 def test_verify_with_skip_lists_the_bad_files_and_goes_on(folder):

@@ -17,7 +17,7 @@ from simclr_lightning import (
     SimCLRAugmentation,
 )
 from simclr_lightning.data.encoded import ImageBatch
-from simclr_lightning.errors import CorruptImageError
+from simclr_lightning.errors import CorruptImageError, SettingError
 from tests.helpers import quiet_trainer
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -126,6 +126,33 @@ def test_fashion_mnist_from_the_original_idx_files(fashion_mnist_dir, tmp_path):
         "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
     ]  # fmt: skip
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """LeCun's idx format: 2 zero bytes, 0x08 (uint8), the rank, big-endian int32 sizes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_and_fashion_mnist_files_are_not_taken_for_each_other(fashion_mnist_dir, tmp_path):
+    """The two datasets' files have the same names: MNIST digits under the default
+    data.dataset=fashion_mnist were normalised and named as clothes, in silence."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 60), ("t10k", 20)):  # digit-like: 13% of pixels lit (0.131)
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte",
+                  255 * (rng.random((n, 28, 28)) < 0.131))  # fmt: skip
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    with pytest.raises(SettingError, match=(
+        rf"^data.data_dir={str(tmp_path)!r} holds mnist, not data.dataset='fashion_mnist': "
+        r"the mean pixel of train-images-idx3-ubyte is 0.13\d of 255, mnist's 0.131; set "
+        r"data.dataset=mnist$"
+    )):  # fmt: skip
+        MNISTDataModule(str(tmp_path), **small(28)).setup("fit")
+    digits = MNISTDataModule(str(tmp_path), dataset="mnist", **small(28))
+    digits.setup("fit")
+    assert len(digits.train_set) == 60
+    with pytest.raises(SettingError, match=r"holds fashion_mnist, not data.dataset='mnist'"):
+        MNISTDataModule(str(fashion_mnist_dir), dataset="mnist", **small(28)).setup("fit")
 
 
 def test_mnist_missing_files_say_where_to_put_them(tmp_path):

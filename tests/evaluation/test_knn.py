@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from simclr_lightning.evaluation.knn import knn_predict, sharded_knn_predict
+from simclr_lightning.evaluation.knn import knn_predict, sharded_knn_predict, top_k_accuracy
 from tests.reference import weighted_knn_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,6 +88,57 @@ def test_small_temperatures_vote_without_overflow(temperature):
     want = weighted_knn_scores(query, bank, labels, 4, 10, temperature)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def brute_force_top_k(query, bank, labels, query_labels, k, temperature, top):
+    """Wu et al. 2018 in float64, one query at a time: the k most cosine-similar bank rows vote
+    exp(sim / T) for their class; a query is a hit when its class got a vote and fewer than
+    ``top`` classes outscore it."""
+    query = torch.nn.functional.normalize(query.double(), dim=1)
+    bank = torch.nn.functional.normalize(bank.double(), dim=1)
+    hits = 0
+    for q, y in zip(query, query_labels.tolist(), strict=True):
+        sims = (bank @ q).tolist()
+        nearest = sorted(range(len(bank)), key=lambda j: -sims[j])[:k]
+        votes: dict[int, float] = {}
+        for j in nearest:
+            c = int(labels[j])
+            votes[c] = votes.get(c, 0.0) + math.exp(sims[j] / temperature)
+        if y in votes and sum(v > votes[y] for v in votes.values()) < top:
+            hits += 1
+    return hits / len(query)
+
+
+def clustered(num_classes: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tight clusters around orthogonal directions, one per class: a query's k <= per_class
+    nearest rows all come from its own cluster, so only one class gets votes."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    x = torch.eye(num_classes)[labels] + 0.05 * torch.randn(len(labels), num_classes, generator=gen)
+    return x, labels
+
+
+@pytest.mark.parametrize("num_classes", [6, 10])
+def test_top_5_never_counts_a_class_without_votes(num_classes):
+    """Every query's neighbours are of one class; queries labelled with another class are
+    misses at top-5 too, not hits wherever topk fills places with zero-score classes."""
+    bank, bank_labels = clustered(num_classes, 30, seed=0)
+    query, cluster = clustered(num_classes, 8, seed=1)
+    query_labels = (cluster + torch.arange(len(query)) % 3) % num_classes  # 2 of 3 mislabelled
+    scores = knn_predict(query, bank, bank_labels, num_classes, k=20, temperature=0.1)
+    assert ((scores > 0).sum(dim=1) == 1).all()  # the case in question: one voted class
+    for top in (1, 5):
+        want = brute_force_top_k(query, bank, bank_labels, query_labels, 20, 0.1, top)
+        assert float(top_k_accuracy(scores, query_labels, top)) == pytest.approx(want)
+    assert want < 1  # some queries' own class got no vote
+
+
+def test_top_k_counts_a_voted_class_among_several():
+    """Three voted classes: a label scored third is a top-5 hit, a label with no vote is not."""
+    scores = torch.tensor([[0.0, 3.0, 0.0, 1.0, 0.0, 0.0, 2.0]] * 4)
+    labels = torch.tensor([3, 6, 0, 5])  # hand count: 3 and 6 voted, 0 and 5 not
+    assert float(top_k_accuracy(scores, labels, 5)) == 0.5
+    assert float(top_k_accuracy(scores, labels, 1)) == 0.0
 
 
 def sharded_scores(query, unit_bank, labels, shards: list[torch.Tensor], **kwargs) -> list:
