@@ -205,9 +205,10 @@ def export_backbone(
     ``fc``, ``inferred``: read from the shapes of a file that records none, :func:`infer_arch`;
     ``backbone`` None where they tell nothing) and the ``preprocessing`` (None if unrecorded).
     """
-    from simclr_lightning.export_cli import sequential_code  # the command's, which imports this
+    from simclr_lightning.export_cli import refuse_same_file, sequential_code  # imports this
 
     require(head_layers >= 0, setting, head_layers, ">= 0")
+    refuse_same_file(checkpoint_path, output_path)
     checkpoint = load_checkpoint(checkpoint_path, "checkpoint")
     state, arch = load_backbone_state(checkpoint, "checkpoint")
     inferred = infer_arch(state) if not arch else None

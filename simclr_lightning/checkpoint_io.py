@@ -23,7 +23,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
-from simclr_lightning.errors import CheckpointError
+from simclr_lightning.errors import CheckpointError, SettingError
 
 # What torch.load raises on a truncated or garbled file: the zip reader's RuntimeError, and for
 # anything else (the legacy pickle format, text) what the weights-only unpickler meets in garbage:
@@ -247,9 +247,15 @@ def check_ckpt_path(
     """Before LightningCLI reads ``--ckpt_path`` (it loads the hyperparameters with a bare
     ``torch.load``): a truncated file, one Lightning did not write (an exported state dict,
     which it fails on with a bare KeyError), one of another model class, or for ``fit`` one
-    without the optimizer's state, is a one-line error. Only files are checked;
-    ``last``/``best`` and missing paths are the Trainer's to resolve. The checkpoint's
-    hyperparameters, or {}."""
+    without the optimizer's state, is a one-line error, as is ``best``, which no command
+    can have. Other files are not checked; ``last``, ``hpc`` and missing paths are the
+    Trainer's to resolve. The checkpoint's hyperparameters, or {}."""
+    if path == "best":  # Lightning's bare ValueError, misleading when ModelCheckpoint monitors
+        raise SettingError(
+            "ckpt_path='best' is invalid for a command: it names the best checkpoint of a fit "
+            "earlier in the same Python process; give that file (in ModelCheckpoint's dirpath, "
+            "its name holds the score), or last"
+        )
     if not path or not Path(local_path(path)).is_file():
         return {}
     load = {"map_location": "cpu", "weights_only": True, "mmap": True}  # mmap: reads no tensors
@@ -277,6 +283,18 @@ def check_ckpt_path(
     raise CheckpointError(
         "ckpt_path", path, f"is a checkpoint of {saved}, not of --model {model_class_path}: {fix}"
     )
+
+
+def check_hpc_checkpoint(default_root_dir: str | os.PathLike) -> None:
+    """``--ckpt_path hpc`` without the ``hpc_ckpt_<n>.ckpt`` that Lightning's SLURM requeue
+    saves in ``trainer.default_root_dir``: one line, where Lightning raised a bare ValueError."""
+    folder = Path(local_path(default_root_dir))
+    if _is_local_file_protocol(str(default_root_dir)) and not any(folder.glob("hpc_ckpt_*.ckpt")):
+        raise SettingError(
+            f"ckpt_path='hpc' is invalid here: trainer.default_root_dir={str(folder)!r} holds no "
+            f"hpc_ckpt_<n>.ckpt (Lightning's SLURM requeue writes them); give a checkpoint "
+            f"file, or last"
+        )
 
 
 LIGHTNING_VERSION = "pytorch-lightning_version"  # in every checkpoint Lightning writes

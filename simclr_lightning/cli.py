@@ -22,14 +22,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import simclr_lightning  # noqa: F401  (imports the classes so short names like SimCLR resolve)
 from simclr_lightning.callbacks import Preemption, RNGState
 from simclr_lightning.callbacks.preemption import SIGTERM_EXIT_CODE
-from simclr_lightning.checkpoint_io import check_ckpt_path
+from simclr_lightning.checkpoint_io import check_ckpt_path, check_hpc_checkpoint
 from simclr_lightning.cli_errors import report
+from simclr_lightning.config_order import check_config_order
 from simclr_lightning.errors import SettingError
 from simclr_lightning.evaluation import LinearEval
 from simclr_lightning.hardware import device_kind, forks, hardware_precision
 from simclr_lightning.last_checkpoint import earlier_runs_last, newer_stop_checkpoint
 from simclr_lightning.module import SimCLR
 from simclr_lightning.parse_errors import OneLineErrorParser, class_of
+from simclr_lightning.run_checks import check_launch
 
 # Warnings a user of this command cannot act on (the library already chose for them).
 QUIET = (
@@ -131,6 +133,7 @@ class SimCLRCLI(LightningCLI):
     choice is said in the log; a value set in a config or on the command line is kept."""
 
     def parse_arguments(self, parser, args) -> None:
+        check_config_order(args)  # an overlay before the config it adds to
         super().parse_arguments(parser, args)
         config = self.config.get(self.config.get("subcommand") or "") or self.config
         model = config.get("model")
@@ -161,6 +164,8 @@ class SimCLRCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "hpc":
+            check_hpc_checkpoint(self.trainer.default_root_dir)
         if config.get("ckpt_path") == "last":
             found = earlier_runs_last(self.trainer)
             found = newer_stop_checkpoint(self.trainer, found) or found  # a stop under SLURM
@@ -190,13 +195,15 @@ class SimCLRCLI(LightningCLI):
             d for d in defaults if not any(isinstance(c, type(d)) for c in given)
         ]
         try:
-            return super()._instantiate_trainer(config, callbacks)
+            trainer = super()._instantiate_trainer(config, callbacks)
         except ValueError as err:  # Lightning's check of its arguments: a setting to change
             if isinstance(err, SettingError):
                 raise
             raise SettingError("trainer: " + " ".join(str(err).split())) from err
         finally:
             self.trainer_defaults["callbacks"] = defaults
+        check_launch(trainer)  # torchrun's processes, a trainer of one
+        return trainer
 
 
 def refuse_optimizer_override(config, class_path: str | None) -> None:

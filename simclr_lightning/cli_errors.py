@@ -84,8 +84,18 @@ LIGHTNING_SETTING = re.compile(
     r"`devices` selected with `\w+` should be .*|Early stopping conditioned on metric .*", re.S
 )
 
+# Lightning's check, in Trainer.__init__ (before any data is read), that no two stateful
+# callbacks share a state_key: most often a config's callback given again on the command line
+DUPLICATE_CALLBACK = re.compile(r"Found more than one stateful callback of type `(\w+)`\..*", re.S)
+
 
 def _own_message(exc: BaseException) -> tuple[str, int] | None:
+    if isinstance(exc, RuntimeError) and (twice := DUPLICATE_CALLBACK.fullmatch(str(exc))):
+        return (
+            f"trainer.callbacks: {twice[1]} is given more than once (e.g. once in a config and "
+            f"again with --trainer.callbacks+=); give it once: two of them would save their "
+            f"state under the same key of the checkpoint"
+        ), EXIT_USAGE
     if isinstance(exc, ValueError) and LAUNCH_MISMATCH.fullmatch(str(exc)):
         said = re.sub(r"`(devices|num_nodes)=", r"`trainer.\1=", str(exc))
         return one_line(said.replace("`", "")), EXIT_USAGE
@@ -94,10 +104,28 @@ def _own_message(exc: BaseException) -> tuple[str, int] | None:
         return one_line(said), EXIT_USAGE
     if isinstance(exc, USAGE_ERRORS):
         said = missing_step_message(exc) or missing_data_message(exc)
-        return one_line(said or worker_message(str(exc))), EXIT_USAGE
+        where = "" if isinstance(exc, SettingError) else refusing_part(exc)  # or logger
+        return where + one_line(said or worker_message(str(exc))), EXIT_USAGE
     if isinstance(exc, RUN_ERRORS) or (isinstance(exc, OSError) and exc.errno in USER_ERRNOS):
         return one_line(worker_message(str(exc))), EXIT_FAILURE
     return None
+
+
+def refusing_part(exc: BaseException) -> str:
+    """``trainer.callbacks (EarlyStopping): `` (or ``trainer.logger (WandbLogger): ``) where a
+    callback's or logger's ``__init__`` refused its arguments with a bare message (`` `mode`
+    can be min, max, got maximum``), which names neither; empty otherwise."""
+    from lightning.pytorch import Callback
+    from lightning.pytorch.loggers import Logger
+
+    owner, tb = "", exc.__traceback__
+    while tb is not None:
+        frame, made = tb.tb_frame, tb.tb_frame.f_locals.get("self")
+        if frame.f_code.co_name == "__init__" and isinstance(made, (Callback, Logger)):
+            setting = "trainer.callbacks" if isinstance(made, Callback) else "trainer.logger"
+            owner = f"{setting} ({type(made).__name__}): "
+        tb = tb.tb_next
+    return owner
 
 
 def worker_message(text: str) -> str:
@@ -192,7 +220,8 @@ def _running_cli(exc: BaseException) -> LightningCLI | None:
 def print_error(message: str, prog: str = PROG) -> None:
     rank = getattr(rank_zero_only, "rank", 0) or 0
     where = f"{prog} [rank {rank}]" if rank else prog
-    print(f"{where}: error: {message}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"{where}: error: {message}\n")  # one write: ranks do not interleave
+    sys.stderr.flush()
 
 
 def one_line(text: str) -> str:

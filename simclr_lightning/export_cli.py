@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Any
 
 from torch import nn
 
 from simclr_lightning.checkpoint import export_backbone, preprocessing_path
+from simclr_lightning.checkpoint_io import local_path
+from simclr_lightning.errors import SettingError
 
 
 def sequential_code(layers: nn.Sequential) -> str:
@@ -29,6 +32,20 @@ def sequential_code(layers: nn.Sequential) -> str:
         else:
             parts.append(f"nn.{type(m).__name__}()")
     return f"nn.Sequential({', '.join(parts)})"
+
+
+def refuse_same_file(checkpoint_path: str | os.PathLike, output_path: str | os.PathLike) -> None:
+    """Refuse an output that is the checkpoint itself (same spelling, another spelling, or a
+    symlink either way): the plain state dict would replace the Lightning checkpoint, and the
+    run could no longer be resumed."""
+    src, dst = local_path(checkpoint_path), local_path(output_path)
+    same = os.fspath(src) == os.fspath(dst)
+    if same or (os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst)):
+        raise SettingError(
+            f"output {os.fspath(output_path)} is the checkpoint {os.fspath(checkpoint_path)} "
+            f"itself: the export would replace it and the run could no longer be resumed; give "
+            f"another output path"
+        )
 
 
 EXPORT_PROG = "simclr-lightning-export"

@@ -37,6 +37,8 @@ def argument_message(message: str, err: BaseException | None) -> str:
     setting from the ``Parser key`` of each level, the reason from the innermost error."""
     chain = list(exception_chain(err))
     key, class_path = setting_of(message, err)
+    if not key and (named := re.match(r"--([\w.]+): ", message)):  # --model.help CLASS
+        key = named.group(1)
     leaf = one_line(str(chain[-1]) if chain else message)
     if (syntax := yaml_message(key, message, chain)) is not None:
         return syntax

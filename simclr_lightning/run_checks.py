@@ -101,6 +101,22 @@ def check_equal_batches(trainer: L.Trainer, n: int, batch_idx: int) -> None:
     )
 
 
+def check_launch(trainer: L.Trainer) -> None:
+    """Refuse a command launched as several processes (torchrun, or another launcher that sets
+    WORLD_SIZE) whose trainer runs as one: Lightning then picks its single-device strategy,
+    and each process trains alone on all the data at one process's batch and learning rate,
+    writing over the others' checkpoints, with no error."""
+    launched = int(os.environ.get("WORLD_SIZE") or 1)
+    if launched > 1 and trainer.world_size == 1:
+        raise SettingError(
+            f"launched as {launched} processes (WORLD_SIZE={launched}: torchrun, srun ...) but "
+            f"trainer.devices={trainer.num_devices} x trainer.num_nodes={trainer.num_nodes} "
+            f"runs one, so each would train alone on all the data: set --trainer.devices to "
+            f"the processes of one node (and --trainer.num_nodes to the nodes) with "
+            f"--trainer.strategy ddp"
+        )
+
+
 def check_checkpoint_folders(trainer: L.Trainer) -> None:
     """Refuse, before any work, a ``ModelCheckpoint`` folder this run cannot write (read-only,
     another user's): its first save would come after the first epoch, or at the end of the

@@ -7,6 +7,7 @@ import torch
 
 from simclr_lightning import SimCLR
 from simclr_lightning.cli import cli_main
+from simclr_lightning.errors import SettingError
 from tests.helpers import REPO, make_subset, quiet_trainer
 
 FAST_CPU = [
@@ -493,3 +494,38 @@ def test_a_stop_checkpoint_is_taken_only_when_newer_than_lightnings_own_last(tmp
     assert newer_stop_checkpoint(trainer, None) is None  # Lightning's rule: the newer last
     os.utime(stop, (3000, 3000))
     assert newer_stop_checkpoint(trainer, None) == str(stop)
+
+
+TORCHRUN_RANK_0_OF_2 = {
+    "WORLD_SIZE": "2",
+    "RANK": "0",
+    "LOCAL_RANK": "0",
+    "GROUP_RANK": "0",
+    "LOCAL_WORLD_SIZE": "2",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29531",
+    "TORCHELASTIC_RUN_ID": "test",
+}
+
+
+def test_a_torchrun_launch_with_a_trainer_of_one_device_is_refused(tmp_path, monkeypatch):
+    """``torchrun --nproc_per_node 2 -m simclr_lightning fit`` without --trainer.devices 2
+    ran two separate single-process trainings on all the data, both writing last.ckpt, and
+    exited 0. The environment is torchrun's for rank 0; nothing starts a process group here."""
+    for name, value in TORCHRUN_RANK_0_OF_2.items():
+        monkeypatch.setenv(name, value)
+    base = ["--config", str(REPO / "configs" / "quickstart.yaml"), "--trainer.accelerator=cpu"]
+    base += [f"--trainer.default_root_dir={tmp_path}"]
+    with pytest.raises(SettingError, match=(
+        r"^launched as 2 processes \(WORLD_SIZE=2: torchrun, srun ...\) but trainer.devices=1 "
+        r"x trainer.num_nodes=1 runs one, so each would train alone on all the data: set "
+        r"--trainer.devices"
+    )):  # fmt: skip
+        cli_main(base, run=False)
+    cli = cli_main(base + ["--trainer.devices=2", "--trainer.strategy=ddp"], run=False)
+    assert cli.trainer.world_size == 2
+    # and the quick start on 2 devices normalises over the global batch, as one process
+    # holding both batches would (per device, its losses were not the single process's)
+    from simclr_lightning import GlobalBatchNorm
+
+    assert isinstance(cli.trainer.strategy._layer_sync, GlobalBatchNorm)

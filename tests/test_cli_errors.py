@@ -87,6 +87,9 @@ def files(cifar_jpg_root, tmp_path_factory) -> dict[str, Path]:
     (root / "bad.yaml").write_text("seed_everything: 0\ntrainer:\n  max_steps: 1\nmodel: [open\n")
     (root / "model.yaml").write_text("class_path: SimCLR\ninit_args:\n  base_lr: 1\n   x: 1\n")
     (root / "trainer_typo.yaml").write_text("trainer:\n  max_epoch: 2\n")  # max_epochs
+    (root / "knn_report.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: simclr_lightning.KNNReport\n"
+    )
     return {
         "data": data,
         "unlabeled": unlabeled.parent,
@@ -101,6 +104,7 @@ def files(cifar_jpg_root, tmp_path_factory) -> dict[str, Path]:
         "bad_yaml": root / "bad.yaml",
         "model_yaml": root / "model.yaml",
         "trainer_typo": root / "trainer_typo.yaml",
+        "knn_report": root / "knn_report.yaml",
         "root": root,
     }
 
@@ -307,6 +311,12 @@ CASES = [
         2,
         ["Early stopping conditioned on metric val/top1 which is not available", "train/loss"],
     ),
+    (
+        "callback in the config and again on the command line",
+        fit("--config={knn_report}", "--trainer.callbacks+=simclr_lightning.KNNReport"),
+        2,
+        ["trainer.callbacks: KNNReport is given more than once", "give it once"],
+    ),
     ("two unknown arguments", fit("--foo=1", "--bar", "2"), 2, ["arguments: --foo=1 --bar 2"]),
     (
         "abbreviated setting refused",  # argparse would take it for trainer.max_epochs
@@ -389,6 +399,68 @@ CASES = [
         ["ckpt_path=", "truncated.ckpt", "truncated or corrupt"],
     ),
     ("resume empty", fit("--ckpt_path={empty}"), 1, ["empty.ckpt", "is empty (0 bytes)"]),
+    (
+        "a logger's own refusal of its settings",
+        fit(
+            "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+            "--trainer.logger.offline=true",
+            "--trainer.logger.log_model=true",
+        ),
+        2,
+        [
+            "trainer.logger (WandbLogger): Providing log_model=True and offline=True is an "
+            "invalid configuration",
+            "Hint: Set `offline=False`",
+        ],
+    ),  # fmt: skip
+    (
+        "a Lightning callback's own refusal of its settings",
+        fit(
+            "--trainer.callbacks+=EarlyStopping",
+            "--trainer.callbacks.monitor=train/loss",
+            "--trainer.callbacks.mode=maximum",
+        ),
+        2,
+        ["trainer.callbacks (EarlyStopping): `mode` can be min, max, got maximum"],
+    ),  # fmt: skip
+    (
+        "an overlay before the config it adds to",
+        [
+            "fit",
+            f"--config={REPO / 'configs' / 'monitors.yaml'}",
+            f"--config={REPO / 'configs' / 'quickstart.yaml'}",
+        ],
+        2,
+        [
+            "monitors.yaml appends to trainer.callbacks (callbacks+:), and --config ",
+            "quickstart.yaml, given after it, sets them anew, dropping what it added: give "
+            "--config ",
+        ],
+    ),  # fmt: skip
+    (
+        "help of a misspelt class",
+        ["fit", "--model.help", "SimCLRR"],
+        2,
+        ["model.help='SimCLRR' is invalid: must be a class name", "did you mean SimCLR?"],
+    ),
+    (
+        "best in a new process",
+        validate("--ckpt_path=best"),
+        2,
+        ["ckpt_path='best' is invalid for a command", "same Python process", "or last"],
+    ),
+    (
+        "hpc without its file",
+        fit("--ckpt_path=hpc"),
+        2,
+        ["ckpt_path='hpc' is invalid here", "holds no hpc_ckpt_<n>.ckpt", "or last"],
+    ),
+    (
+        "pretraining on single views",
+        fit("--data.task=classify"),
+        2,
+        ["SimCLR pretrains on two augmented views", "set data.task=pretrain"],
+    ),
     (
         "resume weights only",
         fit("--ckpt_path={weights}"),

@@ -135,9 +135,13 @@ def test_export_prints_and_saves_the_pretraining_preprocessing(tmp_path, capsys)
     torch.testing.assert_close(scope["preprocess"](image), want, atol=1e-3, rtol=0)
 
     # a file that records none (the export itself) leaves no stale record at its output
-    main([str(out), str(out)])
+    again = tmp_path / "again.pt"
+    main([str(tmp_path / "pretrain.ckpt"), str(again)])
+    assert Path(f"{again}.preprocessing.json").exists()
+    capsys.readouterr()
+    main([str(out), str(again)])
     assert "records no preprocessing" in capsys.readouterr().out
-    assert not Path(f"{out}.preprocessing.json").exists()
+    assert not Path(f"{again}.preprocessing.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -212,3 +216,41 @@ def test_a_file_url_checkpoint_saves_and_loads_at_its_local_path(tmp_path, monke
     assert list(work.iterdir()) == []  # no ./file:/... folder
     torch.testing.assert_close(io.load_checkpoint(url)["weight"], torch.arange(3.0))
     torch.testing.assert_close(io.load_checkpoint(str(target))["weight"], torch.arange(3.0))
+
+
+def test_output_that_is_the_checkpoint_itself_is_refused_before_writing(tmp_path, capsys):
+    """Same path, another spelling, a symlink either way, a symlinked folder: the Lightning
+    checkpoint must keep its bytes (a plain state dict over it ends the run's resumability)."""
+    run = tmp_path / "out"
+    run.mkdir()
+    ckpt = run / "last.ckpt"
+    save_simclr_checkpoint(ckpt, cifar_stem=True, in_channels=1)
+    data = ckpt.read_bytes()
+    (tmp_path / "link.ckpt").symlink_to(ckpt)  # a symlink to the checkpoint
+    real = run / "epoch=0.ckpt"  # and a checkpoint its symlinked last.ckpt names
+    real.write_bytes(data)
+    (run / "last_link.ckpt").symlink_to(real.name)
+    (tmp_path / "run_link").symlink_to(run, target_is_directory=True)
+
+    same = export("out/last.ckpt", "out/last.ckpt", cwd=tmp_path)
+    line = one_error_line(same)
+    assert "simclr-lightning-export: error: output out/last.ckpt is the checkpoint" in line
+    assert "give another output path" in line and same.returncode == 2
+    pairs = [
+        (str(ckpt), f"{tmp_path}/out/../out/./last.ckpt"),
+        (str(ckpt), str(tmp_path / "link.ckpt")),
+        (str(tmp_path / "link.ckpt"), str(ckpt)),
+        (str(run / "last_link.ckpt"), str(real)),
+        (str(ckpt), str(tmp_path / "run_link" / "last.ckpt")),
+        (f"file://{ckpt}", str(ckpt)),
+    ]
+    for source, output in pairs:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            main([source, output])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "is the checkpoint" in err, (source, output, err)
+    for path in (ckpt, real):
+        assert path.read_bytes() == data
+        assert not Path(f"{path}.preprocessing.json").exists()
+    assert (tmp_path / "link.ckpt").is_symlink() and (run / "last_link.ckpt").is_symlink()
