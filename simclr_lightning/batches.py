@@ -25,18 +25,6 @@ def two_views(batch: Any) -> tuple[tuple[Tensor, Tensor], Tensor]:
     return (views[0], views[1]), batch[1]
 
 
-def check_two_view_data(datamodule: Any) -> None:
-    """Refuse, before any work, a data module that serves single labelled views (``task:
-    classify``, linear evaluation's, kept when a pretraining config follows an evaluation
-    one): it failed at the first batch with the shape error of :func:`two_views`."""
-    task = getattr(datamodule, "task", "pretrain")
-    if task != "pretrain":
-        raise SettingError(
-            f"SimCLR pretrains on two augmented views of each image: set data.task=pretrain "
-            f"(got data.task={task!r}, single views for LinearEval)"
-        )
-
-
 def _shape_of(batch: Any) -> str:
     if isinstance(batch, Tensor):
         return f"a tensor of shape {tuple(batch.shape)}"

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from simclr_lightning.backbones import build_backbone
-from simclr_lightning.batches import check_channels, check_two_view_data, two_views
+from simclr_lightning.batches import check_channels, two_views
 from simclr_lightning.checkpoint import with_class_path
 from simclr_lightning.data.transforms import preprocessing_of
 from simclr_lightning.distributed import already_synced, mean_over_processes
@@ -31,6 +31,7 @@ from simclr_lightning.run_checks import (
     check_accumulation,
     check_checkpoint_folders,
     check_equal_batches,
+    check_pretraining_run,
     warn_unmeasured_validation,
 )
 from simclr_lightning.schedule import (
@@ -270,7 +271,7 @@ class SimCLR(L.LightningModule):
             require_labels(self.trainer.datamodule)
         if stage == "fit":
             check_checkpoint_folders(self.trainer)
-            check_two_view_data(self.trainer.datamodule)
+            check_pretraining_run(self.trainer)
         elif stage == "validate":
             warn_unmeasured_validation(self.trainer)
 

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import GradientAccumulationScheduler, ProgressBar
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    GradientAccumulationScheduler,
+    ModelCheckpoint,
+    ProgressBar,
+)
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -99,6 +104,37 @@ def check_equal_batches(trainer: L.Trainer, n: int, batch_idx: int) -> None:
         f"DistributedSampler does, trainer.use_distributed_sampler=true), or set "
         f"model.gather_distributed=false"
     )
+
+
+# The metrics of this library's callbacks, by prefix: monitoring one without its callback
+# failed at the end of the first epoch, after an epoch of work
+METRIC_SOURCES = {"knn/": "KNNMonitor", "probe/": "OnlineLinearProbe"}
+
+
+def check_pretraining_run(trainer: L.Trainer) -> None:
+    """Refuse, before any work, data that serves single labelled views (``task: classify``,
+    linear evaluation's, kept when a pretraining config follows an evaluation one), which
+    failed at the first batch with a shape error, and an ``EarlyStopping`` or
+    ``ModelCheckpoint`` on a metric of a callback the run does not have."""
+    task = getattr(trainer.datamodule, "task", "pretrain")
+    if task != "pretrain":
+        raise SettingError(
+            f"SimCLR pretrains on two augmented views of each image: set data.task=pretrain "
+            f"(got data.task={task!r}, single views for LinearEval)"
+        )
+    have = {cls.__name__ for callback in trainer.callbacks for cls in type(callback).__mro__}
+    for callback in trainer.callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if not isinstance(callback, (EarlyStopping, ModelCheckpoint)) or not monitor:
+            continue
+        owner = next((o for p, o in METRIC_SOURCES.items() if monitor.startswith(p)), None)
+        if owner is not None and owner not in have:
+            raise SettingError(
+                f"{type(callback).__name__}(monitor={monitor!r}) watches a metric only {owner} "
+                f"logs, and the run has no {owner}: add it (--trainer.callbacks+="
+                f"simclr_lightning.{owner}, or --config configs/monitors.yaml), or monitor "
+                f"another metric"
+            )
 
 
 def check_launch(trainer: L.Trainer) -> None:

@@ -456,6 +456,13 @@ CASES = [
         ["ckpt_path='hpc' is invalid here", "holds no hpc_ckpt_<n>.ckpt", "or last"],
     ),
     (
+        "a monitor of a metric no callback of the run logs",
+        fit("--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=knn/val_top1"),
+        2,
+        ["EarlyStopping(monitor='knn/val_top1') watches a metric only KNNMonitor logs, and the "
+         "run has no KNNMonitor", "--trainer.callbacks+=simclr_lightning.KNNMonitor"],
+    ),  # fmt: skip
+    (
         "pretraining on single views",
         fit("--data.task=classify"),
         2,

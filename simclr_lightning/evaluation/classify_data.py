@@ -44,11 +44,11 @@ def checkpoint_architecture(cls: type, given: dict, saved: dict) -> dict:
     """The encoder's settings (``backbone``, ``cifar_stem``, ...): the checkpoint's, which
     its weights need; a setting given otherwise than both its default and the checkpoint's
     value is said to be ignored, not dropped in silence."""
-    defaults = inspect.signature(cls.__init__).parameters
+    defaults = inspect.signature(cls.__init__).parameters  # a subclass's may lack some
     ignored = [
         f"model.{key}={given[key]!r}"
         for key, value in saved.items()
-        if given.get(key) not in (value, defaults[key].default)
+        if key in given and given[key] not in (value, getattr(defaults.get(key), "default", value))
     ]
     if ignored:
         kept = ", ".join(f"{key}={value!r}" for key, value in saved.items())
