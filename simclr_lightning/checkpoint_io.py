@@ -253,8 +253,8 @@ def check_ckpt_path(
     if path == "best":  # Lightning's bare ValueError, misleading when ModelCheckpoint monitors
         raise SettingError(
             "ckpt_path='best' is invalid for a command: it names the best checkpoint of a fit "
-            "earlier in the same Python process; give that file (in ModelCheckpoint's dirpath, "
-            "its name holds the score), or last"
+            "earlier in the same Python process; give that file (in ModelCheckpoint's "
+            "dirpath), or last"
         )
     if not path or not Path(local_path(path)).is_file():
         return {}

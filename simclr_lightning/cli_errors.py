@@ -92,9 +92,11 @@ DUPLICATE_CALLBACK = re.compile(r"Found more than one stateful callback of type 
 def _own_message(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, RuntimeError) and (twice := DUPLICATE_CALLBACK.fullmatch(str(exc))):
         return (
-            f"trainer.callbacks: {twice[1]} is given more than once (e.g. once in a config and "
-            f"again with --trainer.callbacks+=); give it once: two of them would save their "
-            f"state under the same key of the checkpoint"
+            f"trainer.callbacks: two {twice[1]} callbacks have the same state key, under which "
+            f"a checkpoint keeps one state (one given in a config and again with "
+            f"--trainer.callbacks+=?): give it once, or make their state keys differ (for "
+            f"ModelCheckpoint its monitor, mode, every_n_train_steps, every_n_epochs or "
+            f"train_time_interval)"
         ), EXIT_USAGE
     if isinstance(exc, ValueError) and LAUNCH_MISMATCH.fullmatch(str(exc)):
         said = re.sub(r"`(devices|num_nodes)=", r"`trainer.\1=", str(exc))
@@ -231,7 +233,7 @@ def one_line(text: str) -> str:
 # What to give when a config names no class for a whole group (a parse error or a run).
 WHOLE_GROUPS = {
     "model": "--model SimCLR, or a config that has one (--config configs/quickstart.yaml: "
-    "every file in configs/ does)",
+    "every main config in configs/ does; monitors.yaml and the like add to one)",
     "data": "--data ImageFolderDataModule --data.root DIR, or a config that has one "
     "(--config configs/quickstart.yaml)",
 }

@@ -14,12 +14,12 @@ from simclr_lightning.errors import SettingError
 
 
 def config_files(args: list[str]) -> list[str]:
-    """The ``--config`` files of a command line, in order."""
+    """The ``--config`` (``-c``) files of a command line, in order."""
     files, rest = [], iter(args)
     for arg in rest:
-        if arg == "--config":
+        if arg in ("--config", "-c"):
             files.append(next(rest, ""))
-        elif arg.startswith("--config="):
+        elif arg.startswith(("--config=", "-c=")):
             files.append(arg.split("=", 1)[1])
     return files
 

@@ -315,7 +315,7 @@ CASES = [
         "callback in the config and again on the command line",
         fit("--config={knn_report}", "--trainer.callbacks+=simclr_lightning.KNNReport"),
         2,
-        ["trainer.callbacks: KNNReport is given more than once", "give it once"],
+        ["trainer.callbacks: two KNNReport callbacks have the same state key", "give it once"],
     ),
     ("two unknown arguments", fit("--foo=1", "--bar", "2"), 2, ["arguments: --foo=1 --bar 2"]),
     (
@@ -438,6 +438,18 @@ CASES = [
         ],
     ),  # fmt: skip
     (
+        "an overlay before the config it adds to, with -c",
+        [
+            "fit",
+            "-c",
+            str(REPO / "configs" / "monitors.yaml"),
+            "-c",
+            str(REPO / "configs" / "quickstart.yaml"),
+        ],
+        2,
+        ["monitors.yaml appends to trainer.callbacks (callbacks+:)"],
+    ),  # fmt: skip
+    (
         "help of a misspelt class",
         ["fit", "--model.help", "SimCLRR"],
         2,
@@ -459,8 +471,11 @@ CASES = [
         "a monitor of a metric no callback of the run logs",
         fit("--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=knn/val_top1"),
         2,
-        ["EarlyStopping(monitor='knn/val_top1') watches a metric only KNNMonitor logs, and the "
-         "run has no KNNMonitor", "--trainer.callbacks+=simclr_lightning.KNNMonitor"],
+        [
+            "EarlyStopping(monitor='knn/val_top1') watches a metric only KNNMonitor logs, and the "
+            "run has no KNNMonitor",
+            "--trainer.callbacks+=simclr_lightning.KNNMonitor",
+        ],
     ),  # fmt: skip
     (
         "pretraining on single views",

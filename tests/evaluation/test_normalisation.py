@@ -78,6 +78,13 @@ def test_linear_eval_with_other_normalisation_warns_naming_both(pretrained, fold
     assert "data.augmentation.std=" in message and "image_size" not in message
 
 
+def test_statistics_quoted_to_more_digits_are_the_same(pretrained, folder):
+    """CIFAR-10's statistics to 8 digits against the 4 of pretraining: the warning named
+    values it printed as equal."""
+    eight = ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768))
+    assert linear_eval_warnings(pretrained, folder, eight) == []
+
+
 def test_linear_eval_at_another_image_size_warns(pretrained, folder):
     """An encoder pretrained on 16 px crops evaluated at 24 px: only the normalisation was
     compared before, and the 224 px default on a 32 px CIFAR encoder said nothing."""
