@@ -62,14 +62,9 @@ class KNNReport(L.Callback):
         self._start = "randomly initialised encoder"
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """kNN top-1/top-5 of ``pl_module``'s features now, and the split sizes."""
+        """kNN top-1/top-5 of ``pl_module``'s features now, and the split sizes (the data
+        module checked at setup: :func:`refuse_unreportable`)."""
         datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "eval_train_dataloader"):
-            raise RuntimeError(
-                "KNNReport needs a data module with eval_train_dataloader() (the training images "
-                "without augmentation) and test_dataloader() (all held-out images), as every "
-                "SimCLRDataModule has"
-            )
         bank, bank_labels = _labelled(
             *encode(trainer, pl_module, datamodule.eval_train_dataloader())
         )

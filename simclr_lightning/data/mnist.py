@@ -134,8 +134,8 @@ class MNISTDataModule(SimCLRDataModule):
         0.286 of 255) tell them apart; images near neither (a dataset of one's own in their
         format) are not judged."""
         mean = float(images.mean(dtype=np.float64)) / 255
+        own_mean = _INFO[self.dataset][2][0]
         for other, (_, _, (other_mean,), _) in _INFO.items():
-            own_mean = _INFO[self.dataset][2][0]
             if other != self.dataset and abs(mean - other_mean) < 0.03 < abs(mean - own_mean):
                 raise SettingError(
                     f"data.data_dir={self.data_dir!r} holds {other}, not data.dataset="
