@@ -15,10 +15,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from simclr_lightning.callbacks.prediction_writer import (
-    _row_ids,
     kept_indices,
     open_output,
     output_paths,
+    row_ids,
 )
 from simclr_lightning.errors import SettingError, require
 from simclr_lightning.evaluation.linear_eval import LinearEval
@@ -34,12 +34,12 @@ class FeatureWriter(BasePredictionWriter):
     The format follows ``output``'s suffix: ``.npz`` (``numpy.load``: ``features`` float32
     ``[N, D]``, ``ids`` strings, ``labels`` int64) or ``.pt`` (``torch.load``: the same keys, a
     float32 tensor, a list of strings and an int64 tensor). Features are float32 whatever the
-    run's precision. An id is the file's path when the batch carries one
-    (``ImageFilesDataModule``), else the dataset index; a file left out by ``skip_corrupt``
-    has no row. Rows are kept on the CPU batch by batch and written at the end to a temporary
-    file renamed then, so an interrupted run leaves no partial file; with several processes
-    each writes its own shard to ``<stem>.rank<r><suffix>`` (concatenate them: ids tell the
-    rows apart).
+    run's precision. An id is the image's path (the batch's, or its folder dataset's:
+    ``ImageFilesDataModule``, an image folder's ``val/``), else the dataset index; a file left
+    out by ``skip_corrupt`` has no row. Rows are kept on the CPU batch by batch and written at
+    the end to a temporary file renamed then, so an interrupted run leaves no partial file;
+    with several processes each writes its own shard to ``<stem>.rank<r><suffix>``
+    (concatenate them: ids tell the rows apart).
     """
 
     def __init__(self, output: str) -> None:
@@ -97,7 +97,7 @@ class FeatureWriter(BasePredictionWriter):
         if batch_indices is not None and len(batch_indices) != n:  # rows left out
             batch_indices = kept_indices(trainer, dataloader_idx, batch_indices)
         self._features.append(features)
-        self._ids += _row_ids(batch, batch_indices, n)
+        self._ids += row_ids(trainer, dataloader_idx, batch, batch_indices, n)
         labels = _labels(batch, n)
         if self._labels is not None:
             self._labels = None if labels is None else [*self._labels, labels]

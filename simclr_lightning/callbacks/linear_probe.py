@@ -300,6 +300,12 @@ def _datamodule_classes(trainer: L.Trainer) -> int:
             f"without class folders): remove the OnlineLinearProbe callback, or give class "
             f"folders (train/<class>/<image>); if the labels exist, set its num_classes"
         )
+    if num_classes == 1:  # setting num_classes would not mend it
+        raise SettingError(
+            f"OnlineLinearProbe needs labelled images of at least 2 classes, and the data "
+            f"module ({type(datamodule).__name__}) has 1: give another class folder, or remove "
+            f"the OnlineLinearProbe callback"
+        )
     if not isinstance(num_classes, int) or num_classes < 2:
         raise SettingError(
             f"OnlineLinearProbe: num_classes is not set and the data module "

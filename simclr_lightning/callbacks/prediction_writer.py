@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
-from simclr_lightning.data.subsets import left_out
+from simclr_lightning.data.subsets import left_out, underlying
 from simclr_lightning.errors import SettingError, require
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
@@ -28,9 +28,10 @@ class PredictionWriter(BasePredictionWriter):
     ``{"file", "prediction", "probabilities": {class: p}}``). The model's ``predict_step``
     returns ``[B, C]`` probabilities (:class:`~simclr_lightning.evaluation.LinearEval` does);
     class names come from ``class_names``, else the model's ``class_names``, else 0..C-1.
-    The file column is the path when the batch carries one (``ImageFilesDataModule``), else
-    the dataset index. Rows go to a temporary file renamed at the end, so an interrupted run
-    leaves no partial file; with several processes each writes ``<stem>.rank<r><suffix>``.
+    The file column is the image's path: the one the batch carries (``ImageFilesDataModule``)
+    or its folder dataset's (an image folder's ``val/``); else the dataset index (CIFAR). Rows
+    go to a temporary file renamed at the end, so an interrupted run leaves no partial file;
+    with several processes each writes ``<stem>.rank<r><suffix>``.
     """
 
     def __init__(self, output: str, class_names: list[str] | None = None) -> None:
@@ -72,7 +73,7 @@ class PredictionWriter(BasePredictionWriter):
             )
         if batch_indices is not None and len(batch_indices) != len(probs):  # rows left out
             batch_indices = kept_indices(trainer, dataloader_idx, batch_indices)
-        files = _row_ids(batch, batch_indices, len(probs))
+        files = row_ids(trainer, dataloader_idx, batch, batch_indices, len(probs))
         best = probs.argmax(dim=1).tolist()
         for file, row, k in zip(files, probs.tolist(), best, strict=True):
             if self.format == "jsonl":
@@ -148,20 +149,38 @@ def open_output(tmp: Path, setting: str, output: Path, mode: str) -> IO:
         ) from err
 
 
+def _predict_dataset(trainer, dataloader_idx: int):
+    loaders = trainer.predict_dataloaders
+    loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+    return getattr(loader, "dataset", None)
+
+
 def kept_indices(trainer, dataloader_idx: int, batch_indices) -> list[int]:
     """``batch_indices`` less the files the loader left out of the batch (``skip_corrupt``):
     the dataset index of each row, which Lightning's indices no longer match one to one."""
-    loaders = trainer.predict_dataloaders
-    loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
     indices = torch.as_tensor([int(i) for i in batch_indices], dtype=torch.long)
-    return indices[~left_out(getattr(loader, "dataset", None), indices)].tolist()
+    return indices[~left_out(_predict_dataset(trainer, dataloader_idx), indices)].tolist()
 
 
-def _row_ids(batch, batch_indices, n: int) -> list[str]:
+def row_ids(trainer, dataloader_idx: int, batch, batch_indices, n: int) -> list[str]:
+    """Each row's image: the path the batch carries (``ImageFilesDataModule``), else the file
+    its dataset index names in a folder dataset (an image folder's ``val/``: a bare index
+    left the user to find ``val_set.samples``), else the index."""
     if isinstance(batch, (tuple, list)) and len(batch) > 1:
         meta = batch[1]
         if isinstance(meta, (list, tuple)) and all(isinstance(m, str) for m in meta):
             return list(meta)
-    if batch_indices is not None and len(batch_indices) == n:
-        return [str(int(i)) for i in batch_indices]
-    return [""] * n
+    if batch_indices is None or len(batch_indices) != n:
+        return [""] * n
+    indices = [int(i) for i in batch_indices]
+    dataset = _predict_dataset(trainer, dataloader_idx)
+    if dataset is not None and indices:
+        inner, mapped = underlying(dataset, torch.as_tensor(indices))
+        samples, files = getattr(inner, "samples", None), getattr(inner, "files", None)
+        try:
+            paths = [samples[i][0] if samples is not None else files[i] for i in mapped.tolist()]
+        except (TypeError, IndexError, KeyError):  # not a folder dataset's list of files
+            paths = []
+        if paths and all(isinstance(p, (str, os.PathLike)) for p in paths):
+            return [str(p) for p in paths]
+    return [str(i) for i in indices]

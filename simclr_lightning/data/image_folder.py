@@ -152,9 +152,22 @@ class ImageFolderDataModule(SimCLRDataModule):
                 + (", or give any images as --data ImageFilesDataModule --data.paths DIR")
                 * (stage == "predict")
             )
+        if self.task == "classify" and stage != "predict":
+            self.check_labelled_val()
         if self.verify:
             self.verify_splits(["train", "val"] if stage == "fit" else ["val"])
         super().setup(stage)
+
+    def check_labelled_val(self) -> None:
+        """A classifier is scored on val/'s labels: images there without class folders have
+        none, and every metric of the run (a checkpoint's monitor too) would silently lack."""
+        val, classes = self.root / "val", class_folders(self.root / "train")
+        if classes and val.is_dir() and not class_folders(val):
+            raise SettingError(
+                f"data.root={str(self.root)!r}: val/ has no class folders but train/ has "
+                f"({listed(classes)}), and data.task=classify scores val/'s labels: put its "
+                f"images in class folders as train/'s (val/<class>/<image>)"
+            )
 
     def verify_splits(self, splits: list[str]) -> None:
         """Decode every image of ``splits`` (those not verified yet) and raise one error

@@ -30,6 +30,11 @@ def classify_data(
             f"(got data.task={datamodule.task!r})"
         )
     names = dataset_class_names(datamodule)
+    if names is not None and len(names) < 2:  # model.num_classes=1 would be refused next
+        raise SettingError(
+            f"the data has {len(names)} class ({listed(names)}): a classifier needs images of "
+            f"at least 2 classes (a class folder each)"
+        )
     if names is not None and len(names) != num_classes:
         raise SettingError(
             f"model.num_classes={num_classes} but the data has {len(names)} classes "
@@ -143,14 +148,10 @@ def check_evaluated_data(model, trainer) -> None:
                 f"{len(names)} ({listed(names)}): its labels would be scored against other "
                 f"classes; {stage} on data with the classifier's classes"
             )
-        # Other names are left alone (model.class_names may be display names of the data's)
-        if trained is not None and names != trained and sorted(names) == sorted(trained):
-            i = next(i for i, (a, b) in enumerate(zip(names, trained, strict=True)) if a != b)
-            raise SettingError(
-                f"the {stage} data's class {i} is {names[i]!r} and the classifier's "
-                f"{trained[i]!r}: the same classes in another order, so its labels would be "
-                f"scored against other classes; give the classes in the classifier's order"
-            )
+        # The data's names at training (model.class_names may be display names of them)
+        trained = getattr(model, "data_class_names", None) or trained
+        if trained is not None and names != trained:
+            check_class_order(names, trained, stage)
     changed = preparation_changes(model.preprocessing, preprocessing_of(datamodule))
     if changed:
         rank_zero_warn(
@@ -159,6 +160,34 @@ def check_evaluated_data(model, trainer) -> None:
             f"in its training (its checkpoint records them)",
             category=UserWarning,
         )
+
+
+def check_class_order(names: list[str], trained: list[str], stage: str) -> None:
+    """Labels are scored by number: a class both have at another number (a renamed or
+    missing folder shifts the sorted ones after it) is refused, other names a warning."""
+    for i, name in enumerate(names):
+        if name in trained and trained.index(name) != i:
+            raise SettingError(
+                f"the {stage} data's class {i} is {name!r}, the classifier's class "
+                f"{trained.index(name)}: its labels would be scored against other classes (the "
+                f"data's: {listed(names)}; the classifier's: {listed(trained)}); give the "
+                f"classifier's classes, in its order"
+            )
+    rank_zero_warn(
+        f"the {stage} data's classes ({listed(names)}) are not the ones the classifier was "
+        f"trained on ({listed(trained)}): they are scored by number, class 0 as "
+        f"{trained[0]!r} and so on",
+        category=UserWarning,
+    )
+
+
+def record_class_names(model, names: list[str] | None) -> None:
+    """The fit data's class names, which later evaluations are checked against, and the ones
+    predictions are written with, unless ``model.class_names`` gave others."""
+    model.data_class_names = names
+    if names is not None and model.class_names is None:
+        model.class_names = names
+        model.hparams["class_names"] = names
 
 
 def _rounded(values: list[float]) -> list[float]:

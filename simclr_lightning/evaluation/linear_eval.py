@@ -27,6 +27,7 @@ from simclr_lightning.evaluation.classify_data import (
     checkpoint_architecture,
     classify_batch,
     classify_data,
+    record_class_names,
     refuse_pretraining,
     warn_idle_settings,
 )
@@ -116,12 +117,8 @@ class LinearEval(L.LightningModule):
         require(
             not nesterov or momentum > 0, "model.momentum", momentum, "> 0 with model.nesterov=true"
         )
-        require(
-            class_names is None or len(class_names) == num_classes,
-            "model.class_names",
-            class_names,
-            f"a list of model.num_classes={num_classes} names",
-        )
+        require(class_names is None or len(class_names) == num_classes, "model.class_names",
+                class_names, f"a list of model.num_classes={num_classes} names")  # fmt: skip
         require(head_layers >= 0, "model.head_layers", head_layers, ">= 0")
         self.save_hyperparameters()
         state, projection = None, None
@@ -165,6 +162,7 @@ class LinearEval(L.LightningModule):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         self.class_names = list(class_names) if class_names is not None else None
+        self.data_class_names: list[str] | None = None  # the fit data's, checked against
         self.preprocessing: dict[str, Any] | None = None
         self.val_figures = StageFigures("val", num_classes)
         self.test_figures = StageFigures("test", num_classes)
@@ -318,9 +316,7 @@ class LinearEval(L.LightningModule):
             return
         names, preprocessing = classify_data(self.trainer.datamodule, self.hparams.num_classes,
                                              self.pretraining)  # fmt: skip
-        if names is not None and self.class_names is None:
-            self.class_names = names
-            self.hparams["class_names"] = names
+        record_class_names(self, names)
         self.preprocessing = preprocessing or self.preprocessing
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -332,6 +328,7 @@ class LinearEval(L.LightningModule):
             checkpoint["hyper_parameters"] = hparams
         checkpoint["linear_eval"] = {
             "class_names": self.class_names,
+            "data_class_names": self.data_class_names,
             "preprocessing": self.preprocessing,
             "pretraining": self.pretraining,
             **self._train_sums.state_dict(),  # the epoch so far, the same on every rank
@@ -343,6 +340,7 @@ class LinearEval(L.LightningModule):
         extra = checkpoint.get("linear_eval") or {}
         if extra.get("class_names") is not None:
             self.class_names = list(extra["class_names"])
+        self.data_class_names = extra.get("data_class_names")  # None: saved before it was kept
         self.preprocessing = extra.get("preprocessing") or self.preprocessing
         self.pretraining = extra.get("pretraining") or self.pretraining
         self._train_sums.load_state_dict(extra)

@@ -146,7 +146,8 @@ def test_pt_file_with_labels_appears_only_when_predict_ends(encoder, tmp_path):
 
 
 def test_a_skipped_file_has_no_row(encoder, tmp_path):
-    """An image folder with ``skip_corrupt``: rows keep their dataset index and label."""
+    """An image folder with ``skip_corrupt``: rows keep their file and label (ids were bare
+    dataset indices, which left the user to find ``val_set.samples``)."""
     files = sorted(write_png_folder(tmp_path / "data", 8, 16, ("train", "val"))[8:])
     # (ImageFolder's order: c0/0, 2, 4, 6, then c1/1, 3, 5, 7)
     files[5].write_bytes(b"not a png")  # c1/3.png, dataset index 5
@@ -164,7 +165,7 @@ def test_a_skipped_file_has_no_row(encoder, tmp_path):
         trainer.predict(SimCLR.load_from_checkpoint(encoder), datamodule=data)
     kept = [0, 1, 2, 3, 4, 6, 7]
     with np.load(out) as written:
-        assert written["ids"].tolist() == [str(i) for i in kept]
+        assert written["ids"].tolist() == [str(files[i]) for i in kept]
         assert written["labels"].tolist() == [0, 0, 0, 0, 1, 1, 1]
         torch.testing.assert_close(
             torch.from_numpy(written["features"]).double(),
@@ -256,7 +257,7 @@ def test_each_process_writes_its_own_shard(tmp_path):
     in process 1 of 2)."""
     out = tmp_path / "features.pt"
     writer = FeatureWriter(str(out))
-    trainer = SimpleNamespace(world_size=2, global_rank=1)
+    trainer = SimpleNamespace(world_size=2, global_rank=1, predict_dataloaders=None)
     writer.on_predict_start(trainer, None)
     features = torch.arange(6.0).view(3, 2)
     writer.write_on_batch_end(trainer, None, features, [1, 3, 5], (features, None), 0, 0)

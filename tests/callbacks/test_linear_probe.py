@@ -221,6 +221,21 @@ def test_probe_without_num_classes_anywhere_says_what_to_set():
         )
 
 
+class OneClassData(FeatureData):
+    num_classes = 1  # an image folder with one class folder
+
+
+def test_probe_on_data_of_one_class_does_not_advise_setting_num_classes():
+    """It said the data module "does not say how many classes" and to set num_classes: it
+    says 1, and no setting makes a classifier of one class."""
+    data = OneClassData(separable(64, 0), separable(32, 1))
+    said = r"at least 2 classes, and the data module \(OneClassData\) has 1"
+    with pytest.raises(ValueError, match=said):
+        quiet_trainer(max_epochs=1, callbacks=[OnlineLinearProbe()]).fit(
+            FeatureModule(16), datamodule=data
+        )
+
+
 def test_probe_validation_matches_brute_force_top_k():
     """10 classes of overlapping clusters, some rows unlabelled: top-1 and top-5 over the
     labelled rows, counted here by hand."""

@@ -206,4 +206,5 @@ def test_rows_keep_their_dataset_index_when_a_bad_file_is_left_out(tmp_path):
         trainer.predict(Probabilities(), datamodule=data)
     with open(out, newline="") as f:
         ids = [row["file"] for row in csv.DictReader(f)]
-    assert ids == ["0", "1", "2", "3", "4", "6", "7"]  # the bad file, index 5, has no row
+    files = sorted(str(f) for f in (tmp_path / "data" / "val").rglob("*.png"))  # by class
+    assert ids == [files[i] for i in (0, 1, 2, 3, 4, 6, 7)]  # the bad file, index 5, has no row

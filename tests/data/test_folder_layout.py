@@ -288,3 +288,17 @@ def test_a_grayscale_folder_trains_a_one_channel_encoder(tmp_path):
         data(tmp_path, channels=1, augment="gpu")
     with pytest.raises(SettingError, match="data.channels=2 is invalid"):
         data(tmp_path, channels=2)
+
+
+@pytest.mark.parametrize("stage", ["fit", "validate", "test"])
+def test_a_classifier_refuses_a_val_split_without_labels(tmp_path, stage):
+    """Loose images in val/ beside a labelled train/: labelled -1, they were all dropped from
+    the metrics, so a fit trained a whole epoch before its checkpoint's val/top1 was missing
+    and ``test`` exited 0 printing nothing. Pretraining and prediction read no val labels."""
+    write_images(tmp_path / "train" / "cat", 2, seed=0)
+    write_images(tmp_path / "train" / "dog", 2, seed=1)
+    write_images(tmp_path / "val", 2, seed=2)
+    with pytest.raises(SettingError, match=r"val/ has no class folders but train/ has \(cat, dog"):
+        data(tmp_path, task="classify").setup(stage)
+    data(tmp_path, task="classify").setup("predict")
+    data(tmp_path, task="pretrain").setup(stage)

@@ -75,17 +75,56 @@ def test_classes_in_another_order_are_refused(classifier):
     reordered = data(root, CIFAR, task="classify")
     reordered.setup("test")
     reordered.val_set.classes = ["b", "a", "c"]  # a dataset of a user's, numbered otherwise
-    with pytest.raises(SettingError, match=r"test data's class 0 is 'b' and the classifier's 'a'"):
+    with pytest.raises(SettingError, match=r"test data's class 0 is 'b', the classifier's class 1"):
         evaluated(path, reordered)
 
 
-def test_classes_named_otherwise_are_scored_by_number_quietly(classifier, tmp_path):
-    """Other names of as many classes may be display names (model.class_names): a warning
-    there fired on every test of a classifier on its own data."""
+@pytest.mark.parametrize("command", ["test", "validate"])
+def test_a_renamed_class_that_shifts_the_others_is_refused(classifier, tmp_path, command):
+    """Folder ``a`` renamed ``d``: the sorted classes are b, c, d, so b's images were scored
+    as the classifier's a with no error (test/top1 near 0 for a good classifier)."""
+    _, path = classifier
+    bcd = image_folder(tmp_path, ("b", "c", "d"))
+    with pytest.raises(SettingError, match=(
+        rf"^the {command} data's class 0 is 'b', the classifier's class 1: its labels would be "
+        r"scored against other classes \(the data's: b, c, d; the classifier's: a, b, c\)"
+    )):  # fmt: skip
+        evaluated(path, data(bcd, CIFAR, task="classify"), command)
+
+
+def test_classes_named_otherwise_are_scored_by_number_with_a_warning(classifier, tmp_path):
     _, path = classifier
     abd = image_folder(tmp_path, ("a", "b", "d"))
     said, figures = evaluated(path, data(abd, CIFAR, task="classify"))
+    assert said == [
+        "the test data's classes (a, b, d) are not the ones the classifier was trained on "
+        "(a, b, c): they are scored by number, class 0 as 'a' and so on"
+    ]
+    assert "test/top1" in figures
+
+
+def test_display_names_are_not_compared_with_the_data(classifier, tmp_path):
+    """model.class_names may name the data's folders for people (n01440764 as tench): the
+    classifier's own data is tested quietly, and predictions carry the display names."""
+    root, _ = classifier
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+    model = LinearEval(num_classes=3, class_names=["Ant", "Bee", "Cat"])
+    trainer.fit(model, data(root, CIFAR, task="classify"))
+    trainer.save_checkpoint(tmp_path / "named.ckpt")
+    said, figures = evaluated(tmp_path / "named.ckpt", data(root, CIFAR, task="classify"))
     assert said == [] and "test/top1" in figures
+    loaded = torch.load(tmp_path / "named.ckpt", weights_only=False)["linear_eval"]
+    assert loaded["class_names"] == ["Ant", "Bee", "Cat"]
+    assert loaded["data_class_names"] == ["a", "b", "c"]
+
+
+def test_one_class_is_refused_without_advising_num_classes_1(tmp_path):
+    """The count check said "set --model.num_classes 1", which LinearEval then refused."""
+    one = image_folder(tmp_path, ("cats",))
+    with pytest.raises(SettingError, match=(
+        r"^the data has 1 class \(cats\): a classifier needs images of at least 2 classes"
+    )):  # fmt: skip
+        quiet_trainer(max_steps=1).fit(LinearEval(num_classes=3), data(one, CIFAR, task="classify"))
 
 
 @pytest.mark.parametrize("command", ["test", "predict"])
