@@ -23,7 +23,8 @@ import simclr_lightning  # noqa: F401  (imports the classes so short names like 
 from simclr_lightning.callbacks import Preemption, RNGState
 from simclr_lightning.callbacks.preemption import SIGTERM_EXIT_CODE
 from simclr_lightning.checkpoint_io import check_ckpt_path, check_hpc_checkpoint
-from simclr_lightning.cli_errors import report
+from simclr_lightning.cli_errors import lightning_setting, report
+from simclr_lightning.command_checks import check_command, check_trainer_settings
 from simclr_lightning.config_order import check_config_order
 from simclr_lightning.errors import SettingError
 from simclr_lightning.evaluation import LinearEval
@@ -164,6 +165,7 @@ class SimCLRCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
+        check_command(self.subcommand, self.model, config.get("ckpt_path"), self.trainer.callbacks)
         if config.get("ckpt_path") == "hpc":
             check_hpc_checkpoint(self.trainer.default_root_dir)
         if config.get("ckpt_path") == "last":
@@ -194,12 +196,14 @@ class SimCLRCLI(LightningCLI):
         self.trainer_defaults["callbacks"] = [
             d for d in defaults if not any(isinstance(c, type(d)) for c in given)
         ]
+        check_trainer_settings(config, self.subcommand)
         try:
             trainer = super()._instantiate_trainer(config, callbacks)
         except ValueError as err:  # Lightning's check of its arguments: a setting to change
             if isinstance(err, SettingError):
                 raise
-            raise SettingError("trainer: " + " ".join(str(err).split())) from err
+            said = lightning_setting(err) or "trainer: " + " ".join(str(err).split())
+            raise SettingError(said) from err
         finally:
             self.trainer_defaults["callbacks"] = defaults
         check_launch(trainer)  # torchrun's processes, a trainer of one

@@ -12,6 +12,7 @@ keeps the full traceback. Anything else is a bug and keeps its traceback too."""
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import re
@@ -104,8 +105,13 @@ def _own_message(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, (TypeError, RuntimeError)) and LIGHTNING_SETTING.fullmatch(str(exc)):
         said = str(exc).replace("`devices`", "trainer.devices").replace("`", "")
         return one_line(said), EXIT_USAGE
+    if isinstance(exc, ModuleNotFoundError) and (need := MISSING_PACKAGE.match(str(exc))):
+        return (
+            f"{refusing_part(exc)}needs {need[1]}, which is not installed here: "
+            f"pip install '{need[1]}', or choose another"
+        ), EXIT_FAILURE
     if isinstance(exc, USAGE_ERRORS):
-        said = missing_step_message(exc) or missing_data_message(exc)
+        said = missing_step_message(exc) or missing_data_message(exc) or lightning_setting(exc)
         where = "" if isinstance(exc, SettingError) else refusing_part(exc)  # or logger
         return where + one_line(said or worker_message(str(exc))), EXIT_USAGE
     if isinstance(exc, RUN_ERRORS) or (isinstance(exc, OSError) and exc.errno in USER_ERRNOS):
@@ -113,19 +119,55 @@ def _own_message(exc: BaseException) -> tuple[str, int] | None:
     return None
 
 
+# lightning_utilities' RequirementCache, raised by a logger or accelerator whose package is not
+# installed (MLFlowLogger's mlflow, the tpu accelerator's torch_xla)
+MISSING_PACKAGE = re.compile(r"Requirement '([^']+)' not met")
+BAD_STRATEGY = re.compile(r"You selected an invalid strategy name: `strategy='([^']*)'`.*", re.S)
+
+
+def lightning_setting(exc: BaseException) -> str | None:
+    """Lightning's messages of a trainer setting that name neither it nor what is allowed:
+    ``No supported gpu backend found!`` (``trainer.accelerator gpu`` on a machine without
+    one, running a GPU recipe on a laptop) and an unknown strategy, "a string or a Strategy"
+    though it is a string, with a list cut short."""
+    text = str(exc).strip()
+    if text == "No supported gpu backend found!":
+        return (
+            "trainer.accelerator='gpu' is invalid on this machine, which has no CUDA or MPS "
+            "device: use --trainer.accelerator cpu, or auto (a GPU where there is one)"
+        )
+    if bad := BAD_STRATEGY.fullmatch(text):
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        names = sorted(StrategyRegistry.available_strategies())
+        close = difflib.get_close_matches(bad[1], names, n=1)
+        guess = f"did you mean {close[0]}? " if close else ""
+        main = [n for n in names if "find_unused" not in n and "offload" not in n]
+        return (
+            f"trainer.strategy={bad[1]!r} is invalid: {guess}give auto, {', '.join(main)} "
+            f"(or their _find_unused_parameters_true, _offload variants), or a Strategy class"
+        )
+    return None
+
+
 def refusing_part(exc: BaseException) -> str:
-    """``trainer.callbacks (EarlyStopping): `` (or ``trainer.logger (WandbLogger): ``) where a
-    callback's or logger's ``__init__`` refused its arguments with a bare message (`` `mode`
-    can be min, max, got maximum``), which names neither; empty otherwise."""
+    """``trainer.callbacks (EarlyStopping): `` (or ``trainer.logger (WandbLogger): ``,
+    ``trainer.accelerator (XLAAccelerator): ``) where a callback's, logger's or accelerator's
+    ``__init__`` refused its arguments with a bare message (`` `mode` can be min, max, got
+    maximum``), which names neither; empty otherwise."""
+    from lightning.fabric.accelerators import Accelerator
     from lightning.pytorch import Callback
     from lightning.pytorch.loggers import Logger
+
+    settings = {Callback: "trainer.callbacks", Logger: "trainer.logger"}
+    settings[Accelerator] = "trainer.accelerator"
 
     owner, tb = "", exc.__traceback__
     while tb is not None:
         frame, made = tb.tb_frame, tb.tb_frame.f_locals.get("self")
-        if frame.f_code.co_name == "__init__" and isinstance(made, (Callback, Logger)):
-            setting = "trainer.callbacks" if isinstance(made, Callback) else "trainer.logger"
-            owner = f"{setting} ({type(made).__name__}): "
+        kind = next((k for k in settings if isinstance(made, k)), None)
+        if frame.f_code.co_name == "__init__" and kind is not None:
+            owner = f"{settings[kind]} ({type(made).__name__}): "
         tb = tb.tb_next
     return owner
 

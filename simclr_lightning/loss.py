@@ -46,7 +46,8 @@ def batch_layout(
     if n * world < 2:
         raise SettingError(
             f"{loss} needs a global batch of at least 2 images (got {n} per process x "
-            f"{world} processes): raise data.batch_size"
+            f"{world} processes): raise data.batch_size, or drop a last partial batch of one "
+            f"(drop_last)"
         )
     return n, rank, world
 

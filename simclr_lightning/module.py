@@ -31,6 +31,7 @@ from simclr_lightning.run_checks import (
     check_accumulation,
     check_checkpoint_folders,
     check_equal_batches,
+    check_last_batch,
     check_pretraining_run,
     warn_unmeasured_validation,
 )
@@ -283,8 +284,8 @@ class SimCLR(L.LightningModule):
         already_synced("train/loss")
         replan_if_tuned(self, self.lr, "SimCLR")  # BatchSizeFinder, LearningRateFinder
         carry_schedule_over(self)  # resumed with another global batch
-        # nothing of an earlier fit: its non-finite loss would stop this one at its first step
-        self._watch.reset()
+        check_last_batch(self.trainer)  # a DataLoader given to fit, not a data module's
+        self._watch.reset()  # an earlier fit's non-finite loss would stop this one at once
         self._loss_mean.start()
 
     def on_train_epoch_end(self) -> None:

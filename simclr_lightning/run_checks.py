@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from simclr_lightning.errors import SettingError
 from simclr_lightning.lagged_reads import LaggedReads
@@ -135,6 +136,26 @@ def check_pretraining_run(trainer: L.Trainer) -> None:
                 f"simclr_lightning.{owner}, or --config configs/monitors.yaml), or monitor "
                 f"another metric"
             )
+
+
+def check_last_batch(trainer: L.Trainer) -> None:
+    """A training DataLoader passed to ``fit`` (a data module's own refuse this before setup)
+    whose last batch holds one image per process: NT-Xent and BatchNorm cannot use it, and
+    the run stopped there, at the end of its first epoch, advising a larger batch size."""
+    loader = trainer.train_dataloader
+    if not isinstance(loader, DataLoader) or loader.batch_size is None or loader.drop_last:
+        return
+    try:
+        per_rank = len(loader.sampler)  # a DistributedSampler's: this process's share
+    except TypeError:  # an iterable dataset's
+        return
+    reached = trainer.num_training_batches >= math.ceil(per_rank / loader.batch_size)
+    if per_rank % loader.batch_size == 1 and reached:
+        raise SettingError(
+            f"the training DataLoader (batch_size={loader.batch_size}, drop_last=False) "
+            f"leaves a last batch of 1 image per process ({per_rank} images each), which "
+            f"NT-Xent and BatchNorm cannot use: give it drop_last=True, or another batch_size"
+        )
 
 
 def check_launch(trainer: L.Trainer) -> None:

@@ -318,6 +318,69 @@ CASES = [
         ["trainer.callbacks: two KNNReport callbacks have the same state key", "give it once"],
     ),
     ("two unknown arguments", fit("--foo=1", "--bar", "2"), 2, ["arguments: --foo=1 --bar 2"]),
+    # trainer settings Lightning takes, then fails on mid-run (a modulo by zero) or runs to
+    # nothing with exit 0
+    (
+        "validate every 0 epochs",
+        fit("--trainer.check_val_every_n_epoch=0"),
+        2,
+        ["trainer.check_val_every_n_epoch=0 is invalid: must be >= 1"],
+    ),
+    (
+        "validate every 0 batches",
+        fit("--trainer.val_check_interval=0"),
+        2,
+        ["trainer.val_check_interval=0 is invalid: must be > 0"],
+    ),
+    (
+        "negative clipping",
+        fit("--trainer.gradient_clip_val=-1"),
+        2,
+        ["trainer.gradient_clip_val=-1.0 is invalid: must be >= 0"],
+    ),
+    (
+        "negative log interval",
+        fit("--trainer.log_every_n_steps=-1"),
+        2,
+        ["trainer.log_every_n_steps=-1 is invalid: must be >= 1 (0: never log)"],
+    ),
+    (
+        "a fit of no epochs",
+        fit("--trainer.max_epochs=0"),
+        2,
+        ["trainer.max_epochs=0 is invalid: a fit of it trains nothing"],
+    ),
+    (
+        "a fit of no batches",
+        fit("--trainer.limit_train_batches=0"),
+        2,
+        ["trainer.limit_train_batches=0 is invalid: a fit of it trains nothing"],
+    ),
+    (
+        "predict with no writer",
+        [
+            "predict",
+            *TINY,
+            "--data.root={data}",
+            "--ckpt_path={simclr}",
+            "--trainer.default_root_dir={root}/predict",
+        ],  # fmt: skip
+        2,
+        ["simclr-lightning predict keeps nothing without a writer callback", "FeatureWriter"],
+    ),
+    (
+        "test of a classifier never trained",
+        [
+            "test",
+            *EVAL,
+            "--data.root={data}",
+            "--model.checkpoint={simclr}",
+            "--model.num_classes=2",
+            "--trainer.default_root_dir={root}/untrained",
+        ],
+        2,
+        ["test of a LinearEval whose classifier was never trained", "--ckpt_path"],
+    ),
     (
         "abbreviated setting refused",  # argparse would take it for trainer.max_epochs
         fit("--trainer.max_epoch=2"),
@@ -747,3 +810,49 @@ def test_devices_that_do_not_match_torchrun_are_one_line(files, monkeypatch, cap
         "simclr-lightning: error: You set trainer.devices=1 and trainer.num_nodes=1 in "
         "Lightning, but the product (1 * 1) does not match the world size (2)."
     )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine has a gpu backend")
+def test_a_gpu_recipe_on_a_machine_without_one_names_the_setting(files, monkeypatch, capsys):
+    """Lightning's "No supported gpu backend found!" named neither trainer.accelerator nor
+    what this machine can run."""
+    code, err = run_main(fit("--trainer.accelerator=gpu"), files, monkeypatch, capsys)
+    assert code == 2
+    assert err.splitlines()[-1] == (
+        "simclr-lightning: error: trainer.accelerator='gpu' is invalid on this machine, which "
+        "has no CUDA or MPS device: use --trainer.accelerator cpu, or auto (a GPU where there "
+        "is one)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "owner", "package"),
+    [
+        ("--trainer.accelerator=tpu", "trainer.accelerator (XLAAccelerator)", "torch_xla"),
+        ("--trainer.logger=MLFlowLogger", "trainer.logger (MLFlowLogger)", "mlflow"),
+    ],
+)
+def test_a_package_a_setting_needs_is_one_line(setting, owner, package, files, monkeypatch,
+                                                capsys):  # fmt: skip
+    """A logger's or accelerator's missing package came as a 70-line traceback."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    code, err = run_main(fit(setting), files, monkeypatch, capsys)
+    assert "Traceback" not in err and code == 1
+    line = err.splitlines()[-1]
+    assert line.startswith(f"simclr-lightning: error: {owner}: needs {package}>="), line
+    need = line.split("needs ")[1].split(",")[0]  # the version is Lightning's to require
+    assert line.endswith(f"which is not installed here: pip install '{need}', or choose another")
+
+
+def test_a_mistyped_strategy_is_given_the_close_name(files, monkeypatch, capsys):
+    code, err = run_main(fit("--trainer.strategy=dpp"), files, monkeypatch, capsys)
+    assert code == 2
+    line = err.splitlines()[-1]
+    assert line.startswith(
+        "simclr-lightning: error: trainer.strategy='dpp' is invalid: did you mean ddp? give "
+        "auto, ddp, "
+    )
+    assert "ddp_spawn_find_unused" not in line and "or a Strategy class" in line

@@ -286,3 +286,45 @@ def test_validate_of_simclr_without_a_monitor_says_it_measures_nothing():
         trainer = quiet_trainer(callbacks=[KNNMonitor(k=3)])
         trainer.validate(model, datamodule=FeatureData((x, y), (x, y)))
     assert "knn/val_top1" in trainer.callback_metrics
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """``n`` random ``((view_a, view_b), label)`` samples of 16 px."""
+
+    def __init__(self, n: int) -> None:
+        self.images = torch.rand(n, 2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return (self.images[i, 0], self.images[i, 1]), 0
+
+
+@pytest.mark.parametrize(
+    ("images", "drop_last", "limit", "refused"),
+    [
+        (17, False, None, True),
+        (17, True, None, False),
+        (17, False, 2, False),
+        (16, False, None, False),
+    ],
+)
+def test_a_plain_loaders_last_batch_of_one_is_refused_before_any_step(images, drop_last, limit,
+                                                                       refused):  # fmt: skip
+    """17 images in batches of 8 given to fit as a DataLoader: the run stopped at the end of
+    its epoch on the batch of one, advising a larger data.batch_size (it was 8)."""
+    loader = DataLoader(TwoViews(images), batch_size=8, drop_last=drop_last)
+    model = SimCLR(backbone="resnet18", head_hidden_dim=16, head_output_dim=8, optimizer="sgd")
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=limit, limit_val_batches=0)
+    if refused:
+        said = (
+            r"^the training DataLoader \(batch_size=8, drop_last=False\) leaves a last batch of "
+            r"1 image per process \(17 images each\)"
+        )
+        with pytest.raises(SettingError, match=said):
+            trainer.fit(model, loader)
+        assert trainer.global_step == 0
+    else:
+        trainer.fit(model, loader)
+        assert trainer.global_step == (limit or images // 8)

@@ -136,6 +136,7 @@ def check_evaluated_data(model, trainer) -> None:
     sorted names, so one class fewer shifts every label after it) and data prepared otherwise
     than the classifier's training loses accuracy, both with no error."""
     datamodule, stage = trainer.datamodule, trainer.state.fn.value
+    refuse_untrained(model.head, stage)
     if datamodule is None:
         return
     names, trained = dataset_class_names(datamodule), model.class_names
@@ -159,6 +160,19 @@ def check_evaluated_data(model, trainer) -> None:
             f"data's: {'; '.join(changed)}: its accuracy drops with no error; set them as "
             f"in its training (its checkpoint records them)",
             category=UserWarning,
+        )
+
+
+def refuse_untrained(head, stage: str) -> None:
+    """A classifier of all-zero weights (``zero_init_classifier``, before any step) scores
+    every image as class 0 with probability 1/C: a ``test`` or ``predict`` of a LinearEval
+    config without ``--ckpt_path`` (its ``model.checkpoint`` is only the encoder) reported
+    chance figures and exited 0."""
+    if not (head.weight.any() or head.bias.any()):
+        raise SettingError(
+            f"{stage} of a LinearEval whose classifier was never trained (its weights are all "
+            f"zero): give the trained LinearEval checkpoint as --ckpt_path (ckpt_path= in "
+            f"Python); model.checkpoint is only the pretrained encoder, which fit trains on"
         )
 
 
