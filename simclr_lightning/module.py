@@ -18,6 +18,7 @@ from simclr_lightning.epoch_sums import ResumedEpochMean
 from simclr_lightning.errors import require
 from simclr_lightning.grad_cache import embed_in_chunks
 from simclr_lightning.heads import ProjectionHead
+from simclr_lightning.loading import LoadsItsOwnCheckpoints
 from simclr_lightning.loss import LossReduction, NTXentLoss
 from simclr_lightning.optim import (
     LRScaling,
@@ -49,7 +50,7 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 COMPILE_MODES = get_args(CompileMode)
 
 
-class SimCLR(L.LightningModule):
+class SimCLR(LoadsItsOwnCheckpoints, L.LightningModule):
     """SimCLR pretraining (Chen et al. 2020; v2 head: Chen et al. 2020b).
 
     Training batches are ``((view_a, view_b), labels)``. With ``loss: ntxent`` (SimCLR) labels
@@ -150,18 +151,10 @@ class SimCLR(L.LightningModule):
         require(0 <= momentum < 1, "model.momentum", momentum, "in [0, 1)")
         require(lars_eta > 0, "model.lars_eta", lars_eta, "> 0")
         require(loss in ("ntxent", "supcon"), "model.loss", loss, "ntxent or supcon")
-        require(
-            optimizer in ("lars", "sgd", "adamw"),
-            "model.optimizer",
-            optimizer,
-            "one of lars, sgd, adamw",
-        )
-        require(
-            lr_scaling in ("linear", "sqrt", "none"),
-            "model.lr_scaling",
-            lr_scaling,
-            "one of linear, sqrt, none",
-        )
+        require(optimizer in ("lars", "sgd", "adamw"), "model.optimizer", optimizer,
+                "one of lars, sgd, adamw")  # fmt: skip
+        require(lr_scaling in ("linear", "sqrt", "none"), "model.lr_scaling", lr_scaling,
+                "one of linear, sqrt, none")  # fmt: skip
         require(batch_size is None or batch_size >= 2, "model.batch_size", batch_size, ">= 2")
         require(
             compile_mode in COMPILE_MODES,

@@ -34,6 +34,7 @@ from simclr_lightning.evaluation.classify_data import (
 from simclr_lightning.evaluation.eval_figures import StageFigures
 from simclr_lightning.heads import ProjectionHead
 from simclr_lightning.lagged_reads import LaggedReads
+from simclr_lightning.loading import LoadsItsOwnCheckpoints
 from simclr_lightning.optim import LRScaling, classifier_optimizer, classifier_rates
 from simclr_lightning.run_checks import check_checkpoint_folders
 from simclr_lightning.schedule import (
@@ -45,7 +46,7 @@ from simclr_lightning.schedule import (
 from simclr_lightning.stop_position import save_as_inside_epoch
 
 
-class LinearEval(L.LightningModule):
+class LinearEval(LoadsItsOwnCheckpoints, L.LightningModule):
     """A linear classifier on a (frozen) SimCLR encoder: linear evaluation, or fine-tuning.
 
     ``checkpoint`` is a SimCLR (or LinearEval, or exported) checkpoint; its architecture

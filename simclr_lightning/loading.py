@@ -1,0 +1,45 @@
+"""``load_from_checkpoint`` that names the class a checkpoint is of: Lightning rebuilt the
+model from another class's hyperparameters, and the first one that class refused was the
+error (``model.head_layers=2 is invalid`` for a SimCLR checkpoint given to LinearEval)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from simclr_lightning.checkpoint_io import local_path, read_checkpoint
+from simclr_lightning.errors import CheckpointError
+from simclr_lightning.parse_errors import class_of
+
+
+class LoadsItsOwnCheckpoints:
+    """Mixed into SimCLR and LinearEval, before ``LightningModule``."""
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        refuse_other_class(cls, checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
+
+
+def refuse_other_class(cls: type, path: Any) -> None:
+    """Refuse a local checkpoint whose recorded class is neither ``cls`` nor related to it (a
+    subclass of it, or it of that one: a user's subclass loads the library's checkpoints)."""
+    if not isinstance(path, (str, os.PathLike)) or not Path(local_path(path)).is_file():
+        return  # a stream or a remote URL: Lightning's to read
+    load = {"map_location": "cpu", "weights_only": True, "mmap": True}  # mmap: reads no tensors
+    try:
+        checkpoint = read_checkpoint(path, "checkpoint_path", **load)
+    except CheckpointError:
+        return  # Lightning's own load says what it can
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    saved = (hparams or {}).get("_class_path")
+    other = class_of(saved) if isinstance(saved, str) else None
+    if other is None or issubclass(other, cls) or issubclass(cls, other):
+        return
+    fix = f"load it with {other.__name__}.load_from_checkpoint"
+    if cls.__name__ == "LinearEval":
+        fix += f"; to evaluate its encoder give it as LinearEval(checkpoint={str(path)!r})"
+    raise CheckpointError(
+        "checkpoint_path", path, f"is a checkpoint of {saved}, not of {cls.__name__}: {fix}"
+    )
