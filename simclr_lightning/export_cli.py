@@ -88,7 +88,9 @@ def preprocessing_code(record: dict[str, Any] | None, sidecar: str) -> str:
     encoder's pretraining data were (the evaluation view of
     :func:`~simclr_lightning.data.transforms.eval_transform`, with torchvision alone), or a
     comment where the checkpoint records nothing: with another normalisation (torchvision's
-    ImageNet statistics for a CIFAR encoder) the features are not the pretrained ones."""
+    ImageNet statistics for a CIFAR encoder) the features are not the pretrained ones. It
+    converts the image first, as the library's reader does (RGB, or L for one channel): a
+    PNG with alpha, a palette or CMYK image gave a tensor of the wrong number of channels."""
     if not record:
         return (
             "    # the checkpoint records no preprocessing: normalise inputs as its pretraining "
@@ -98,11 +100,13 @@ def preprocessing_code(record: dict[str, Any] | None, sidecar: str) -> str:
     resize = f"T.Resize(({size}, {size}))"
     if ratio is not None and ratio < 1:
         resize = f"T.Resize({math.ceil(size / ratio)}), T.CenterCrop({size})"
+    mode = "L" if len(record["mean"]) == 1 else "RGB"  # a mean per channel
     return (
         f"    # its inputs as in pretraining ({size} px; also in {sidecar}):\n"
         f"    T = torchvision.transforms\n"
         f"    mean, std = {list(record['mean'])}, {list(record['std'])}\n"
-        f"    preprocess = T.Compose([{resize}, T.ToTensor(), T.Normalize(mean, std)])"
+        f'    convert = T.Lambda(lambda image: image.convert("{mode}"))  # RGBA, palette...\n'
+        f"    preprocess = T.Compose([convert, {resize}, T.ToTensor(), T.Normalize(mean, std)])"
     )
 
 

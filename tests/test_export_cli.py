@@ -24,7 +24,7 @@ from simclr_lightning import SampleDataModule, SimCLR, apply_stem
 from simclr_lightning.backbones import build_backbone
 from simclr_lightning.checkpoint_io import AtomicCheckpointIO
 from simclr_lightning.data.sample import sample_root
-from simclr_lightning.export_cli import main
+from simclr_lightning.export_cli import main, preprocessing_code
 from simclr_lightning.heads import ScaleBatchNorm1d
 from tests.helpers import quiet_trainer
 from tests.test_checkpoint import save_simclr_checkpoint
@@ -142,6 +142,24 @@ def test_export_prints_and_saves_the_pretraining_preprocessing(tmp_path, capsys)
     main([str(out), str(again)])
     assert "records no preprocessing" in capsys.readouterr().out
     assert not Path(f"{again}.preprocessing.json").exists()
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_the_printed_preprocessing_reads_images_of_any_mode(channels):
+    """``preprocess(Image.open(p))`` on an RGBA, palette, CMYK or grayscale file failed with a
+    tensor size mismatch in Normalize: the library's reader converts every image to RGB (L
+    for a one-channel encoder), and so does the printed code now."""
+    mode = "RGB" if channels == 3 else "L"
+    record = {"image_size": 8, "mean": [0.5] * channels, "std": [0.25] * channels}
+    scope = {"torchvision": torchvision}
+    exec(textwrap.dedent(preprocessing_code(record, "enc.pt.preprocessing.json")), scope)
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 10, 4), dtype=np.uint8)
+    rgba = Image.fromarray(pixels, "RGBA")
+    images = [rgba, rgba.convert("P"), rgba.convert("CMYK"), rgba.convert("L"), rgba.convert("RGB")]
+    for image in images:
+        got = scope["preprocess"](image)
+        assert got.shape == (channels, 8, 8), image.mode
+        torch.testing.assert_close(got, scope["preprocess"](image.convert(mode)), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,8 @@ class KNNMonitor(L.Callback):
 
     Args:
         num_classes: None reads the data module's ``num_classes``, else 1 + the largest bank
-            label.
+            label. Another number than the data module's is refused at setup; a label past
+            it when measured (validation labels before the bank pass).
         k / temperature: neighbours and the softmax temperature of their votes.
         every_n_epochs: the bank pass costs one inference epoch over the training set.
         chunk_size: query rows scored at once (memory: chunk_size x bank shard floats).
@@ -95,6 +96,7 @@ class KNNMonitor(L.Callback):
         datamodule = trainer.datamodule
         if stage in ("fit", "validate"):  # before any work, not at the first kNN epoch
             require_bank(datamodule)
+        refuse_other_class_count("KNNMonitor", self._given_num_classes, datamodule)
         if stage == "fit":
             check_monitors(trainer, KNN_KEYS, self.every_n_epochs, "KNNMonitor")
         if self.num_classes is None and datamodule is not None and says_unlabeled(datamodule):
@@ -133,6 +135,7 @@ class KNNMonitor(L.Callback):
         device = pl_module.device
         query, query_labels = self.val_rows.gather(trainer, device)
         self.val_rows.reset()
+        self._refuse_labels_past_classes(query_labels)  # before the bank pass
         try:
             shard, shard_labels, shard_index = self._encode_bank(trainer, pl_module)
         except PassCutShort as cut:
@@ -157,6 +160,7 @@ class KNNMonitor(L.Callback):
         if lacking:
             rank_zero_warn(f"KNNMonitor: no labelled {' or '.join(lacking)} images; skipping")
             return
+        self._refuse_labels_past_classes(top_label)  # the same on every rank: all raise
         num_classes = self.num_classes or int(top_label.max()) + 1
         scores = sharded_knn_predict(
             query,
@@ -173,6 +177,17 @@ class KNNMonitor(L.Callback):
         # keeps Lightning from warning about unsynced epoch-level metrics.
         for key, k in zip(KNN_KEYS, (1, 5), strict=True):
             pl_module.log(key, top_k_accuracy(scores, query_labels, k), sync_dist=True)
+
+    def _refuse_labels_past_classes(self, labels: Tensor) -> None:
+        """A bank label past num_classes failed the vote's scatter with a bare index error, a
+        query's was never scored right. The labels are gathered from every rank: every rank
+        raises, or none."""
+        top = int(labels.max()) if len(labels) else -1
+        if self.num_classes and top >= self.num_classes:
+            message = labels_past_classes(
+                "KNNMonitor", self.num_classes, self._given_num_classes, top
+            )
+            raise SettingError(message)
 
     @torch.no_grad()
     def _encode_bank(
@@ -207,3 +222,29 @@ def require_bank(datamodule: Any) -> Any:
             "datamodule= to the Trainer's fit/validate, not dataloaders"
         )
     return datamodule
+
+
+def refuse_other_class_count(name: str, given: int | None, datamodule: Any) -> None:
+    """Refuse at setup a ``num_classes`` other than the data module's (this monitor's, the
+    probe's, the report's): the first batch, or kNN epoch, failed with a torch error naming
+    no setting."""
+    count = getattr(datamodule, "num_classes", None)
+    if given is not None and isinstance(count, int) and count >= 2 and count != given:
+        raise SettingError(
+            f"{name}.num_classes={given} is invalid: must be {count}, the classes of the data "
+            f"module ({type(datamodule).__name__}), or null to read them "
+            f"(--trainer.callbacks.num_classes on the command line)"
+        )
+
+
+def labels_past_classes(name: str, num_classes: int, given: int | None, top: int) -> str:
+    """The message for labels up to ``top``, past ``num_classes`` (``given`` or the data's)."""
+    if given is None:
+        return (
+            f"{name}: the data module says num_classes={num_classes}, but its labels go up to "
+            f"{top}: correct the data module's num_classes"
+        )
+    return (
+        f"{name}.num_classes={given} is invalid: must be above the largest label, {top} "
+        f"(--trainer.callbacks.num_classes on the command line)"
+    )

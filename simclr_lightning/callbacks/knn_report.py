@@ -1,5 +1,6 @@
 """Did pretraining help? Weighted kNN top-1 on the whole held-out split for the encoder before
-pretraining (randomly initialised) and after, beside chance, printed when training ends."""
+pretraining (as initialised, or as loaded) and after, beside chance, printed when training
+ends."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from functools import partial
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
+from simclr_lightning.callbacks.knn_monitor import labels_past_classes, refuse_other_class_count
 from simclr_lightning.callbacks.signal_agreement import stop_requested
 from simclr_lightning.data.class_names import says_unlabeled
 from simclr_lightning.distributed import PassCutShort, RowCollector, encode_rows, shard_loader
@@ -42,9 +46,12 @@ class KNNReport(L.Callback):
     in ``self.results`` and sent to the loggers as ``knn_report/init_top1`` and
     ``knn_report/final_top1``.
 
-    The first figure is kept in checkpoints: a resumed run reports the encoder as the run
-    began, not as it was when resumed. (Resumed from a checkpoint written without this
-    callback, it measures and names the resumed encoder instead.)
+    The first figure is named "randomly initialised encoder" only where the module's
+    normalisation layers are as constructed (:func:`freshly_initialised`); weights loaded
+    before the fit (``load_from_checkpoint``, ``load_state_dict``) are the "encoder at the
+    start of the run". It is kept in checkpoints: a resumed run
+    reports the encoder as the run began, not as it was when resumed. (Resumed from a
+    checkpoint written without this callback, it measures and names the resumed encoder.)
 
     Args:
         k / temperature: of the weighted vote.
@@ -59,7 +66,7 @@ class KNNReport(L.Callback):
         self.num_classes = num_classes
         self.results: dict[str, float] = {}
         self._init: dict[str, float] | None = None
-        self._start = "randomly initialised encoder"
+        self._start = LOADED
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """kNN top-1/top-5 of ``pl_module``'s features now, and the split sizes (the data
@@ -71,11 +78,11 @@ class KNNReport(L.Callback):
         query, labels = _labelled(*encode(trainer, pl_module, datamodule.test_dataloader()))
         if not len(bank) or not len(query):
             raise RuntimeError("KNNReport needs labelled training and held-out images")
-        num_classes = (
-            self.num_classes
-            or getattr(datamodule, "num_classes", None)
-            or int(bank_labels.max()) + 1
-        )
+        told = self.num_classes or getattr(datamodule, "num_classes", None)
+        num_classes = told or int(bank_labels.max()) + 1
+        top = max(int(bank_labels.max()), int(labels.max()))  # every rank holds all rows
+        if told and top >= told:  # a bare index error from the vote, or wrong figures
+            raise SettingError(labels_past_classes("KNNReport", told, self.num_classes, top))
         scores = knn_predict(query, bank, bank_labels, num_classes, self.k, self.temperature)
         return {
             "top1": float(top_k_accuracy(scores, labels, 1)),
@@ -96,7 +103,8 @@ class KNNReport(L.Callback):
         self._init = None  # a checkpoint's figure, if any, is loaded after this
         if stage == "fit" and not trainer.fast_dev_run:
             refuse_unreportable(trainer.datamodule)
-        self._start = "randomly initialised encoder"
+            refuse_other_class_count("KNNReport", self.num_classes, trainer.datamodule)
+        self._start = LOADED
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Not on_fit_start: a fit that trains nothing (resumed at max_epochs, as a requeued job
@@ -104,14 +112,17 @@ class KNNReport(L.Callback):
         if trainer.fast_dev_run:
             return
         if self._init is None:
+            resumed = resumed_checkpoint(trainer)
+            if resumed:
+                start = f"encoder resumed from {os.path.basename(resumed)}"
+            else:
+                start = "randomly initialised encoder" if freshly_initialised(pl_module) else LOADED
             try:
                 self._init = self.measure(trainer, pl_module)
             except PassCutShort as cut:  # the first step stops and saves (Preemption)
                 rank_zero_info(f"KNNReport: no measurement: the run is stopping ({cut})")
                 return
-            resumed = resumed_checkpoint(trainer)
-            if resumed:
-                self._start = f"encoder resumed from {os.path.basename(resumed)}"
+            self._start = start
 
     def on_train_end(self, trainer, pl_module) -> None:
         # Not on_fit_end: Lightning tears the strategy down before it, moving the module to the
@@ -168,6 +179,34 @@ class KNNReport(L.Callback):
 
         end_progress_bars()  # else the epoch's bar, closed after this, draws itself below
         print("\n".join(lines), flush=True)
+
+
+LOADED = "encoder at the start of the run"  # weights of unknown origin: loaded, maybe trained
+
+
+@torch.no_grad()
+def freshly_initialised(module: nn.Module) -> bool:
+    """Whether ``module`` has normalisation layers and all are as constructed: batch norms
+    that never normalised a training batch (running mean 0, variance 1, nothing counted),
+    layer and group norms of scale 1 and shift 0. Trained weights move them, so weights
+    loaded before the fit, which nothing else records, are not called random; a module
+    without such layers cannot tell, and is not."""
+    told = False
+    for m in module.modules():
+        if isinstance(m, _BatchNorm) and m.running_mean is not None:
+            fresh = m.running_mean.eq(0).all() & m.running_var.eq(1).all()
+            if m.num_batches_tracked is not None:
+                fresh &= m.num_batches_tracked.eq(0)
+        elif isinstance(m, nn.LayerNorm | nn.GroupNorm) and m.weight is not None:
+            fresh = m.weight.eq(1).all()
+            if m.bias is not None:
+                fresh &= m.bias.eq(0).all()
+        else:
+            continue
+        if not fresh:
+            return False
+        told = True
+    return told
 
 
 def _epochs_trained(trainer: L.Trainer) -> str:

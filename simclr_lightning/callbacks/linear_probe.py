@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 from torchmetrics.classification import MulticlassAccuracy
 
+from simclr_lightning.callbacks.knn_monitor import labels_past_classes, refuse_other_class_count
 from simclr_lightning.data.loaders import align_resumed_epoch
 from simclr_lightning.distributed import (
     already_synced,
@@ -54,6 +55,8 @@ class OnlineLinearProbe(L.Callback):
     Args:
         num_classes: classes of the labels; None reads the data module's ``num_classes``
             (every SimCLRDataModule of labelled images has one), so configs need no number.
+            Another number than the data module's is refused at setup; a label past it at
+            the next validation or the epoch's end (a training step reads nothing back).
         optimizer: adam (robust to the scale of unnormalised features) or sgd (momentum).
         lr / weight_decay / momentum: of the probe's optimizer.
         schedule: constant, or cosine decay to 0 over the training batches of the run.
@@ -109,6 +112,7 @@ class OnlineLinearProbe(L.Callback):
                 "OnlineLinearProbe needs pl_module.feature_dim, the width of the features "
                 "training_step returns"
             )
+        refuse_other_class_count("OnlineLinearProbe", self._given_num_classes, trainer.datamodule)
         self.num_classes = self._given_num_classes or _datamodule_classes(trainer)
         if stage == "fit":  # a new fit starts the probe's schedule again, as its module's
             self.steps, self._saved_per_epoch = 0, 0  # (a checkpoint's state comes after)
@@ -136,6 +140,7 @@ class OnlineLinearProbe(L.Callback):
         self.val_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro").to(device)
         self.val_top5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro").to(device)
         self._train_sums = EpochSums(3)  # loss, correct, rows over all ranks
+        self._top_label, self._top_val_label = torch.tensor(-1, device=device), -1
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
 
@@ -162,13 +167,16 @@ class OnlineLinearProbe(L.Callback):
         features = outputs["features"].detach().to(device, torch.float32)
         labels = outputs["labels"].to(device, torch.long)  # a user's int32 labels too
         # Unlabelled rows (label < 0) get weight 0 rather than being indexed out: a boolean
-        # index would make the host wait for the GPU at every step.
-        keep = labels >= 0
+        # index would make the host wait for the GPU at every step. So do labels past
+        # num_classes, refused at the epoch's end or the next validation, not read here.
+        self._top_label = torch.maximum(self._top_label, labels.max())
+        keep = (labels >= 0) & (labels < self.num_classes)
         classifier.train()
         optimizer.zero_grad(set_to_none=False)
         with torch.enable_grad():
             logits = classifier(features)
-            losses = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+            targets = labels.clamp(0, self.num_classes - 1)
+            losses = F.cross_entropy(logits, targets, reduction="none")
             # A sum, not a mean: divided below by the labelled rows over all ranks.
             loss_sum = torch.where(keep, losses, 0.0).sum()
             loss_sum.backward()
@@ -189,6 +197,7 @@ class OnlineLinearProbe(L.Callback):
         self._train_sums.add(trainer.current_epoch, packed[-3:])
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._refuse_labels_past_classes(trainer)
         sums = self._train_sums.of(trainer.current_epoch)
         if sums is None:
             return
@@ -211,6 +220,7 @@ class OnlineLinearProbe(L.Callback):
         self.val_top1.reset()
         self.val_top5.reset()
         self._val_rows = 0
+        self._top_val_label = -1
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
@@ -227,6 +237,9 @@ class OnlineLinearProbe(L.Callback):
         keep = (labels >= 0) & real_rows(loader, batch_idx, len(labels), labels.device)
         if not keep.any():
             return
+        # refused at the epoch's end, on every rank at once (torchmetrics raised a bare error)
+        self._top_val_label = max(self._top_val_label, int(labels[keep].max()))
+        keep &= labels < self.num_classes
         self.classifier.eval()
         logits = self.classifier(features[keep])
         self.val_top1.update(logits, labels[keep])
@@ -234,7 +247,10 @@ class OnlineLinearProbe(L.Callback):
         self._val_rows += int(keep.sum())
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self.classifier is None or trainer.sanity_checking:
+        if self.classifier is None:
+            return
+        self._refuse_labels_past_classes(trainer)  # the sanity check's too: before any training
+        if trainer.sanity_checking:
             return
         if not trainer.strategy.reduce_boolean_decision(self._val_rows > 0, all=False):
             return
@@ -253,6 +269,17 @@ class OnlineLinearProbe(L.Callback):
         pl_module.log("probe/val_top5", top5, sync_dist=True)
         self.val_top1.reset()
         self.val_top5.reset()
+
+    def _refuse_labels_past_classes(self, trainer: L.Trainer) -> None:
+        """Raised on every rank where any rank's labels reached num_classes: one read of the
+        largest training label, at an epoch's end or a validation (which read anyway)."""
+        top = torch.maximum(
+            self._top_label, torch.tensor(self._top_val_label, device=self._top_label.device)
+        )
+        top = int(trainer.strategy.reduce(top, reduce_op="max"))
+        if top >= self.num_classes:
+            name, given = "OnlineLinearProbe", self._given_num_classes
+            raise SettingError(labels_past_classes(name, self.num_classes, given, top))
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -17,6 +17,9 @@ from simclr_lightning.data.subsets import SkipsCorruptFiles
 from simclr_lightning.errors import SettingError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Images in formats not read, beside ones that are: left out, which is said (a folder of only
+# these is an error naming them, see other_files)
+UNREAD_IMAGES = (".gif", ".heic", ".heif", ".avif", ".jfif", ".jp2", ".svg", ".dng", ".cr2", ".nef")
 
 
 def class_folders(folder: Path) -> list[str]:
@@ -91,12 +94,12 @@ class ImageFolderFiles(SkipsCorruptFiles, datasets.ImageFolder):
         A class folder with no image file is an error (``allow_empty``: a warning), naming
         the files it does hold: torchvision's error names neither."""
         top = frozenset({os.path.realpath(directory)})
-        samples, empty = [], []
+        samples, empty, unread = [], [], Counter()
         for name in sorted(class_to_idx):
             folder = Path(directory) / name
             if not folder.is_dir():
                 continue  # a class val/ lacks: warned about by the data module
-            files = folder_images(folder, Path(directory), top)
+            files = folder_images(folder, Path(directory), top, unread)
             files.sort(key=lambda f: (os.path.dirname(f), os.path.basename(f)))
             samples += [(f, class_to_idx[name]) for f in files]
             if not files:
@@ -111,6 +114,7 @@ class ImageFolderFiles(SkipsCorruptFiles, datasets.ImageFolder):
                     f"{problem}: add images, convert them, or remove the folder(s)"
                 )
             warnings.warn(f"{problem}: no images of those classes here", stacklevel=2)
+        warn_unread(directory, unread)
         return samples
 
 
@@ -121,6 +125,7 @@ class UnlabeledImages(SkipsCorruptFiles, Dataset):
         self.files = sorted(
             str(p) for p in root.iterdir() if visible_image(p, root) and p.is_file()
         )
+        warn_unread(root, Counter(p.suffix.lower() for p in root.iterdir() if unread_image(p)))
         self.transform = transform
         self.loader = loader
 
@@ -132,7 +137,25 @@ class UnlabeledImages(SkipsCorruptFiles, Dataset):
         return (self.transform(image) if self.transform else image), -1
 
 
-def folder_images(folder: Path, root: Path, above: frozenset[str]) -> list[str]:
+def unread_image(path: Path) -> bool:
+    return path.suffix.lower() in UNREAD_IMAGES and not path.name.startswith(".")
+
+
+def warn_unread(split: str | Path, unread: Counter) -> None:
+    """Say how many images of formats not read a split leaves out: GIFs beside JPEGs in a
+    class folder were dropped without a word."""
+    if unread:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in unread.most_common())
+        warnings.warn(
+            f"{split}: {sum(unread.values())} image(s) in formats not read are left out "
+            f"({kinds}; read: {', '.join(IMAGE_EXTENSIONS)}): convert them to train on them",
+            stacklevel=3,
+        )
+
+
+def folder_images(
+    folder: Path, root: Path, above: frozenset[str], unread: Counter | None = None
+) -> list[str]:
     """The images under ``folder`` (in ``root``), through symlinked folders as training's
     ImageFolder goes (``os.walk(followlinks=True)``), but not into a folder it is already
     inside (``above``: real paths), which a link to a parent would repeat without end. A
@@ -145,9 +168,11 @@ def folder_images(folder: Path, root: Path, above: frozenset[str]) -> list[str]:
         path = Path(entry.path)
         if entry.is_dir():  # follows a link
             if not entry.name.startswith("."):
-                files += folder_images(path, root, above | {real})
+                files += folder_images(path, root, above | {real}, unread)
         elif (entry.is_file() or entry.is_symlink()) and visible_image(path, root):
             files.append(str(path))
+        elif unread is not None and unread_image(path):
+            unread[path.suffix.lower()] += 1
     return files
 
 

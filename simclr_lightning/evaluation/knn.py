@@ -26,10 +26,15 @@ def knn_predict(
     ``query`` and ``bank`` need not be normalised. At most ``chunk_size`` query rows are scored
     at a time, so memory stays at ``chunk_size x len(bank)`` similarities. ``k`` larger than the
     bank uses the whole bank. Ties at the k-th similarity are broken towards the lower bank
-    index, so the result does not depend on how ``topk`` orders equal values.
+    index, so the result does not depend on how ``topk`` orders equal values. Bank rows
+    labelled below 0 (unlabelled images, -1) are left out: the neighbours are the nearest
+    labelled rows.
     """
     if len(bank) != len(bank_labels):
         raise ValueError(f"bank has {len(bank)} rows but bank_labels {len(bank_labels)}")
+    top = int(bank_labels.max()) if len(bank_labels) else -1
+    if top >= num_classes:  # else an index error from the vote's scatter, naming nothing
+        raise ValueError(f"bank_labels go up to {top}: num_classes={num_classes} is too few")
     index = torch.arange(len(bank), device=bank.device)
     unit = F.normalize(bank.float(), dim=1)
     return sharded_knn_predict(
@@ -58,6 +63,7 @@ def sharded_knn_predict(
     per-process top-k (values, bank positions, labels) are merged with one all-gather of k
     entries per query, keeping the tie rule with bank positions. Memory per process is
     O(shard + chunk_size x shard); the result is that of one process holding the whole bank.
+    Rows labelled below 0 are left out (a copy of the shard only where it has some).
     """
     if k < 1 or temperature <= 0 or chunk_size < 1:
         raise ValueError(
@@ -67,6 +73,10 @@ def sharded_knn_predict(
     gather = all_gather or (lambda t: t[None])
     query = F.normalize(query.float(), dim=1).to(shard.dtype)
     shard_labels = shard_labels.to(query.device, torch.long)
+    unlabelled = shard_labels < 0
+    if unlabelled.any():  # -1 is no class: the vote would scatter to an index out of range
+        keep = ~unlabelled
+        shard, shard_labels, shard_index = shard[keep], shard_labels[keep], shard_index[keep]
     scores = query.new_zeros(len(query), num_classes, dtype=torch.float32)
     bank_size = int(gather(torch.tensor([len(shard)], device=query.device)).sum())
     if bank_size == 0:

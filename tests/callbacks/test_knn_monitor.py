@@ -147,6 +147,38 @@ def test_monitor_reads_num_classes_and_reports_at_the_last_epoch():
     assert "knn/val_top1" not in metrics.epochs[0] and "knn/val_top1" in metrics.epochs[1]
 
 
+class TwoClassData(FeatureData):
+    num_classes = 2
+
+
+def test_num_classes_other_than_the_data_modules_is_refused_before_training():
+    """num_classes=1 on a 2-class folder: "index 1 is out of bounds for dimension 1 with size
+    1" at the first kNN epoch's end."""
+    x, y = torch.randn(16, 6), torch.randint(0, 2, (16,))
+    trainer = quiet_trainer(max_epochs=1, callbacks=[KNNMonitor(num_classes=1, k=3)])
+    said = r"^KNNMonitor.num_classes=1 is invalid: must be 2, the classes of the data module "
+    with pytest.raises(SettingError, match=said + r"\(TwoClassData\), or null"):
+        trainer.fit(FeatureModule(6), datamodule=TwoClassData((x, y), (x, y)))
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("split", ["bank", "validation"])
+def test_labels_past_num_classes_are_refused_naming_the_setting(split):
+    """Labels 0-2, num_classes=2, data that does not count its classes: a bank label 2 was an
+    index error in the vote, a validation label 2 a query never scored right. Validation
+    labels are checked before the pass over the training set."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 6, generator=gen), torch.arange(24) % 2
+    wide = torch.arange(24) % 3
+    train, val = ((x, wide), (x, y)) if split == "bank" else ((x, y), (x, wide))
+    monitor = CountingPasses(num_classes=2, k=3)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[monitor])
+    said = r"^KNNMonitor.num_classes=2 is invalid: must be above the largest label, 2 \("
+    with pytest.raises(SettingError, match=said):
+        trainer.fit(FeatureModule(6), datamodule=FeatureData(train, val))
+    assert len(monitor.passes) == (1 if split == "bank" else 0)
+
+
 class BankSignalData(FeatureData):
     """The kNN bank's dataset sends SIGTERM while it is read (a scheduler stopping the run in
     the middle of the bank pass, the longest stretch without a training step)."""

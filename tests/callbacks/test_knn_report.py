@@ -8,11 +8,15 @@ import csv
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from simclr_lightning import KNNReport
+from simclr_lightning.errors import SettingError
 from tests.helpers import FeatureData, FeatureModule, quiet_trainer
 from tests.reference import weighted_knn_top1
+
+LOADED = "encoder at the start of the run"  # weights the report cannot tell are fresh
 
 
 class HeldOutData(FeatureData):
@@ -32,6 +36,18 @@ class Drift(FeatureModule):
 
     def training_step(self, batch, batch_idx):
         return {"loss": (self.w - 1) ** 2, "features": self(batch[0]).detach(), "labels": batch[1]}
+
+
+class Normed(Drift):
+    """Drift behind a batch norm, whose statistics tell a fresh module from a trained one.
+    Fresh ones (mean 0, variance 1) scale every feature alike: the kNN of Drift."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.norm = nn.BatchNorm1d(dim, affine=False)
+
+    def forward(self, x):
+        return super().forward(self.norm(x))
 
 
 def noisy(n: int, seed: int):
@@ -67,14 +83,14 @@ def test_a_resumed_run_reports_the_encoder_the_run_began_with(tmp_path, capsys):
     train, val = noisy(120, 0), noisy(53, 1)
     data = HeldOutData(train, val, batch_size=10)
     first = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[KNNReport(k=15)])
-    first.fit(Drift(8), datamodule=data)
+    first.fit(Normed(8), datamodule=data)
     first.save_checkpoint(tmp_path / "epoch1.ckpt")
     assert first.callbacks[0].results["final_top1"] != first.callbacks[0].results["init_top1"]
 
     before = weighted_knn_top1(train[0], train[1], val[0], val[1], k=15, temperature=0.1)
     report = KNNReport(k=15)
     resumed = quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[report])
-    resumed.fit(Drift(8), datamodule=data, ckpt_path=tmp_path / "epoch1.ckpt")
+    resumed.fit(Normed(8), datamodule=data, ckpt_path=tmp_path / "epoch1.ckpt")
     assert report.results["init_top1"] == pytest.approx(before)
     assert "randomly initialised encoder" in capsys.readouterr().out
 
@@ -84,7 +100,7 @@ def test_a_resumed_run_reports_the_encoder_the_run_began_with(tmp_path, capsys):
     torch.save(ckpt, tmp_path / "bare.ckpt")
     report = KNNReport(k=15)
     resumed = quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[report])
-    resumed.fit(Drift(8), datamodule=data, ckpt_path=tmp_path / "bare.ckpt")
+    resumed.fit(Normed(8), datamodule=data, ckpt_path=tmp_path / "bare.ckpt")
     assert report.results["init_top1"] == pytest.approx(first.callbacks[0].results["final_top1"])
     assert "encoder resumed from bare.ckpt" in capsys.readouterr().out
 
@@ -173,9 +189,98 @@ def test_a_run_tuned_by_the_batch_size_finder_reports_a_random_start(capsys):
     report = KNNReport(k=5)
     finder = BatchSizeFinder(mode="power", init_val=4, max_trials=0, steps_per_trial=1)
     trainer = quiet_trainer(max_epochs=1, limit_val_batches=1, callbacks=[finder, report])
-    trainer.fit(Drift(8), datamodule=HeldOutData(noisy(40, 0), noisy(20, 1), batch_size=10))
+    trainer.fit(Normed(8), datamodule=HeldOutData(noisy(40, 0), noisy(20, 1), batch_size=10))
     out = capsys.readouterr().out
     assert "randomly initialised encoder" in out and "resumed" not in out
+
+
+def test_weights_loaded_before_the_fit_are_not_called_random(tmp_path, capsys):
+    """``load_from_checkpoint`` (or ``load_state_dict``) then ``fit``: the report called the
+    trained encoder "randomly initialised"; only a ckpt_path resume said otherwise."""
+    data = HeldOutData(noisy(40, 0), noisy(20, 1), batch_size=10)
+    first = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[KNNReport(k=5)])
+    first.fit(Normed(8), datamodule=data)
+    first.save_checkpoint(tmp_path / "pretrained.ckpt")
+    assert "randomly initialised encoder" in capsys.readouterr().out  # a fresh module
+
+    copied = Normed(8)
+    copied.load_state_dict(first.lightning_module.state_dict())
+    for model in (Normed.load_from_checkpoint(tmp_path / "pretrained.ckpt", dim=8), copied):
+        trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[KNNReport(k=5)])
+        trainer.fit(model, datamodule=data)
+        out = capsys.readouterr().out
+        assert f"  {LOADED}  " in out and "randomly" not in out
+    # a module without normalisation layers cannot be told fresh: nothing is claimed
+    quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[KNNReport(k=5)]).fit(
+        Drift(8), datamodule=data
+    )
+    out = capsys.readouterr().out
+    assert f"  {LOADED}  " in out and "randomly" not in out
+
+
+def test_a_simclr_encoder_loaded_from_its_checkpoint_is_not_called_random(tmp_path, capsys):
+    """The reviewer's case: ``SimCLR.load_from_checkpoint(ck)``, then a fit with the report;
+    a fresh SimCLR is still "randomly initialised" (the quick start's report)."""
+    from simclr_lightning import ImageFolderDataModule, SimCLR, SimCLRAugmentation
+    from tests.helpers import write_png_folder
+
+    write_png_folder(tmp_path, count=8, size=16, splits=("train", "val"))
+    aug = SimCLRAugmentation(image_size=8)
+    fresh = SimCLR("timm:test_resnet", cifar_stem=False, head_hidden_dim=8, head_output_dim=8)
+    for model, start in ((fresh, "randomly initialised encoder"), (None, LOADED)):
+        if model is None:
+            model = SimCLR.load_from_checkpoint(tmp_path / "simclr.ckpt")
+        data = ImageFolderDataModule(str(tmp_path), aug, batch_size=4, num_workers=0)
+        trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[KNNReport(k=3)])
+        trainer.fit(model, datamodule=data)
+        trainer.save_checkpoint(tmp_path / "simclr.ckpt")
+        rows = capsys.readouterr().out.splitlines()
+        assert rows[rows.index(next(r for r in rows if "chance (2 classes)" in r)) + 1].startswith(
+            f"  {start}  "
+        )
+
+
+def test_fresh_encoders_are_told_from_trained_and_loaded_ones():
+    """Batch norms by their running statistics (a ResNet's, zero-initialised scales too),
+    layer norms by their scale and shift (a ViT's)."""
+    import torchvision
+
+    from simclr_lightning.callbacks.knn_report import freshly_initialised
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(zero_init_residual=True)
+    vit = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.GroupNorm(2, 8))
+    assert freshly_initialised(resnet) and freshly_initialised(vit)
+    assert not freshly_initialised(nn.Linear(4, 4))  # nothing to tell by
+
+    trained = torchvision.models.resnet18()
+    trained(torch.randn(2, 3, 32, 32))  # a training-mode pass moves the statistics
+    assert not freshly_initialised(trained)
+    resnet.load_state_dict(trained.state_dict())
+    assert not freshly_initialised(resnet)
+    with torch.no_grad():
+        vit[1].bias.add_(0.1)
+    assert not freshly_initialised(vit)
+
+
+def test_a_num_classes_the_labels_exceed_is_refused(capsys):
+    """num_classes=3 for labels 0-4 failed in the vote's scatter with an index error."""
+
+    class Uncounted(FeatureData):  # no num_classes: the setting is all there is
+        test_dataloader = HeldOutData.test_dataloader
+
+    data = Uncounted(noisy(40, 0), noisy(20, 1), batch_size=10)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[KNNReport(3, 0.1, 3)])
+    said = r"^KNNReport.num_classes=3 is invalid: must be above the largest label, 4 \("
+    with pytest.raises(SettingError, match=said):
+        trainer.fit(Drift(8), datamodule=data)
+    assert trainer.global_step == 0
+
+    # where the data module says how many, another number is refused before any pass
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[KNNReport(3, 0.1, 4)])
+    said = r"^KNNReport.num_classes=4 is invalid: must be 5, the classes of the data module \("
+    with pytest.raises(SettingError, match=said):
+        trainer.fit(Drift(8), datamodule=HeldOutData(noisy(40, 0), noisy(20, 1), batch_size=10))
 
 
 @pytest.mark.parametrize("limits, said", [({"max_epochs": 2}, "2 epochs, 24 steps"),

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from simclr_lightning.callbacks import OnlineLinearProbe
+from simclr_lightning.errors import SettingError
 from simclr_lightning.module import SimCLR
 from tests.helpers import EpochMetrics, FeatureData, FeatureModule, quiet_trainer
 from tests.reference import cosine_schedule_reference
@@ -234,6 +235,44 @@ def test_probe_on_data_of_one_class_does_not_advise_setting_num_classes():
         quiet_trainer(max_epochs=1, callbacks=[OnlineLinearProbe()]).fit(
             FeatureModule(16), datamodule=data
         )
+
+
+def test_probe_num_classes_other_than_the_data_modules_is_refused_at_setup():
+    """num_classes=3 for 4 classes failed at the first batch: IndexError "Target 3 is out of
+    bounds" (or torchmetrics' RuntimeError), naming no setting."""
+    data = CountedData(separable(64, 0), separable(32, 1))
+    trainer = quiet_trainer(max_epochs=1, callbacks=[OnlineLinearProbe(num_classes=3)])
+    said = r"^OnlineLinearProbe.num_classes=3 is invalid: must be 4, the classes of the data "
+    with pytest.raises(SettingError, match=said + r"module \(CountedData\), or null"):
+        trainer.fit(FeatureModule(16), datamodule=data)
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_labels_past_num_classes_are_refused_naming_the_setting(validation):
+    """Labels 0-3, num_classes=3, a data module that does not count them. With validation,
+    its sanity check refuses them before any training; without, the first epoch's end (a
+    training step reads nothing back on the host, so the rows are set aside there)."""
+    data = FeatureData(separable(64, 0), separable(32, 1), batch_size=16)
+    probe = OnlineLinearProbe(num_classes=3)
+    trainer = quiet_trainer(
+        max_epochs=2, callbacks=[probe], limit_val_batches=1.0 if validation else 0
+    )
+    said = r"^OnlineLinearProbe.num_classes=3 is invalid: must be above the largest label, 3 \("
+    with pytest.raises(SettingError, match=said):
+        trainer.fit(FeatureModule(16), datamodule=data)
+    assert trainer.global_step == (0 if validation else 4)
+    assert probe.classifier.weight.isfinite().all()
+
+
+def test_labels_past_the_data_modules_class_count_blame_the_data_module():
+    """num_classes read from the data module: no setting of the probe would mend it."""
+    (x, y), val = separable(64, 0), separable(32, 1)
+    data = CountedData((x, torch.where(y == 3, 4, y)), val, batch_size=16)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[OnlineLinearProbe()], limit_val_batches=0)
+    said = r"^OnlineLinearProbe: the data module says num_classes=4, but its labels go up to 4: "
+    with pytest.raises(SettingError, match=said + "correct the data module's num_classes$"):
+        trainer.fit(FeatureModule(16), datamodule=data)
 
 
 def test_probe_validation_matches_brute_force_top_k():

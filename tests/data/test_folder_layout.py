@@ -302,3 +302,28 @@ def test_a_classifier_refuses_a_val_split_without_labels(tmp_path, stage):
         data(tmp_path, task="classify").setup(stage)
     data(tmp_path, task="classify").setup("predict")
     data(tmp_path, task="pretrain").setup(stage)
+
+
+def test_images_in_formats_not_read_beside_read_ones_are_said(tmp_path):
+    """A class folder of one JPEG and 3 GIFs trained on the JPEG alone, without a word (a
+    folder of GIFs alone is an error naming them)."""
+    write_images(tmp_path / "labelled" / "train" / "cat", 2, seed=0)
+    write_images(tmp_path / "labelled" / "train" / "dog", 2, seed=1)
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "labelled" / "train" / "dog" / f"{i}.gif")
+    (tmp_path / "labelled" / "train" / "dog" / "notes.txt").write_text("not an image")
+    write_images(tmp_path / "flat" / "train", 2, seed=2)
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "train" / "x.heic", format="PNG")
+    said = []
+    for root, kinds in (("labelled", "3 .gif"), ("flat", "1 .heic")):
+        with pytest.warns(UserWarning, match=r"image\(s\) in formats not read are left out") as w:
+            data(tmp_path / root).setup("fit")
+        said += [str(m.message) for m in w if "formats not read" in str(m.message)]
+        assert f"({kinds}; read: .jpg, .jpeg, .png" in said[-1]
+    assert said[0].startswith(f"{tmp_path / 'labelled' / 'train'}: 3 image(s)")
+    assert said[1].startswith(f"{tmp_path / 'flat' / 'train'}: 1 image(s)")
+    write_images(tmp_path / "clean" / "train" / "cat", 2, seed=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data(tmp_path / "clean").setup("fit")
+    assert not [w for w in caught if "formats not read" in str(w.message)]

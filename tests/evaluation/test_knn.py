@@ -78,6 +78,40 @@ def test_knn_predict_bank_smaller_than_k_and_classes():
     torch.testing.assert_close(scores, want)
 
 
+@pytest.mark.parametrize("k", [1, 5, 30])
+def test_bank_rows_labelled_minus_one_are_left_out(k):
+    """KNNMonitor documents -1 (an unlabelled image) as ignored: knn_predict failed with
+    "index -1 is out of bounds". The neighbours are the nearest labelled rows, counted here
+    with a plain loop over the whole bank that skips the unlabelled ones."""
+    gen = torch.Generator().manual_seed(k)
+    query, bank = torch.randn(9, 6, generator=gen), torch.randn(40, 6, generator=gen)
+    labels = torch.randint(0, 3, (40,), generator=gen)
+    labels[::3] = -1
+    unit_q = torch.nn.functional.normalize(query.double(), dim=1)
+    unit_b = torch.nn.functional.normalize(bank.double(), dim=1)
+    want = torch.zeros(9, 3, dtype=torch.float64)
+    for i, q in enumerate(unit_q):
+        sims = (unit_b @ q).tolist()
+        labelled = [j for j in sorted(range(40), key=lambda j: (-sims[j], j)) if labels[j] >= 0]
+        for j in labelled[:k]:
+            want[i, labels[j]] += math.exp((sims[j] - sims[labelled[0]]) / 0.2)
+    for chunk in (4, 100):
+        got = knn_predict(query, bank, labels, 3, k=k, temperature=0.2, chunk_size=chunk)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    positions = torch.arange(40)
+    shards = [positions[0::2], positions[1::2]]  # and split over two processes
+    unit = torch.nn.functional.normalize(bank, dim=1)
+    for got in sharded_scores(query, unit, labels, shards, num_classes=3, k=k, temperature=0.2):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_bank_labels_past_num_classes_are_named():
+    """An index error from the vote's scatter named neither the labels nor num_classes."""
+    bank, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])
+    with pytest.raises(ValueError, match=r"^bank_labels go up to 3: num_classes=3 is too few"):
+        knn_predict(torch.randn(2, 4), bank, labels, num_classes=3)
+
+
 @pytest.mark.parametrize("temperature", [0.01, 0.002])
 def test_small_temperatures_vote_without_overflow(temperature):
     """exp(1 / 0.01) overflows float32: every class with a neighbour would score inf."""
