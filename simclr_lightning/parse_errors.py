@@ -66,7 +66,7 @@ def argument_message(message: str, err: BaseException | None) -> str:
         setting = f"{key}.{found.group(1)}" if key else found.group(1)
         return f"{setting} is not a setting" + (f" of {class_path}" if class_path else "")
     if found := re.fullmatch(r"Expected a dot import path string: (.*)", leaf):
-        also = close_class(found.group(1), "simclr_lightning")
+        also = close_class(found.group(1), *CLASS_MODULES.get(key or "", ["simclr_lightning"]))
         return (
             f"{key}={found.group(1)!r} is invalid: must be a class name or dotted import path{also}"
         )
@@ -161,9 +161,16 @@ def settings_help(parser, key: str, class_path: str | None) -> str:
     return f"{command} --{group}.help {name if '.' not in name else class_path}"
 
 
-def close_class(name: str, module: str) -> str:
-    """``: did you mean ImageFolderDataModule?`` for a misspelt class of ``module``, or ""."""
-    names = [n for n in dir(sys.modules.get(module)) if n[:1].isupper()]
+# Where LightningCLI finds the short class names of a setting (CSVLogger, EarlyStopping)
+CLASS_MODULES = {
+    "trainer.logger": ["lightning.pytorch.loggers"],
+    "trainer.callbacks": ["simclr_lightning", "lightning.pytorch.callbacks"],
+}
+
+
+def close_class(name: str, *modules: str) -> str:
+    """``: did you mean ImageFolderDataModule?`` for a misspelt class of ``modules``, or ""."""
+    names = [n for m in modules for n in dir(sys.modules.get(m)) if n[:1].isupper()]
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.85)
     return f": did you mean {close[0]}?" if close else ""
 

@@ -187,6 +187,18 @@ CASES = [
         ["data='ImageFoldrDataModule' is invalid", "did you mean ImageFolderDataModule?"],
     ),
     (
+        "misspelt logger",  # the close name was only looked for among simclr_lightning's
+        fit("--trainer.logger=CSVLoger"),
+        2,
+        ["trainer.logger='CSVLoger' is invalid", "did you mean CSVLogger?"],
+    ),
+    (
+        "misspelt Lightning callback",
+        fit("--trainer.callbacks+=EarlyStoping"),
+        2,
+        ["trainer.callbacks='EarlyStoping' is invalid", "did you mean EarlyStopping?"],
+    ),
+    (
         "misspelt class path",
         fit("--data=simclr_lightning.ImageFoldrDataModule"),
         2,
