@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from simclr_lightning.errors import SettingError
@@ -49,12 +49,22 @@ def check_trainer_settings(config: Mapping[str, Any], subcommand: str | None) ->
             _refuse(key, value, "a fit of it trains nothing: give a number above 0")
 
 
+def takes_predictions(callback: Callback) -> bool:
+    """A writer: Lightning's kind, or a user's callback with a predict hook of its own (not
+    Lightning's other callbacks: a progress bar or ThroughputMonitor writes no rows)."""
+    if isinstance(callback, BasePredictionWriter):
+        return True
+    hooks = ("on_predict_batch_end", "on_predict_epoch_end", "on_predict_end")
+    own = any(getattr(type(callback), h) is not getattr(Callback, h) for h in hooks)
+    return own and not type(callback).__module__.startswith("lightning.pytorch.callbacks")
+
+
 def check_command(subcommand: str, model: Any, ckpt_path: Any, callbacks: list) -> None:
     """LightningCLI drops what ``trainer.predict`` returns: without a writer callback the
     command read every image, computed every row, kept none and exited 0. A SimCLR
     ``validate``/``test``/``predict`` without ``--ckpt_path`` runs a randomly initialised
     encoder: a baseline sometimes, a forgotten checkpoint more often."""
-    if subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+    if subcommand == "predict" and not any(map(takes_predictions, callbacks)):
         raise SettingError(
             "simclr-lightning predict keeps nothing without a writer callback: add "
             "--trainer.callbacks+=simclr_lightning.PredictionWriter --trainer.callbacks.output "

@@ -61,3 +61,18 @@ def test_predict_needs_a_writer_of_either_kind(tmp_path):
         check_command("predict", model, "x.ckpt", [])
     check_command("predict", model, "x.ckpt", [FeatureWriter(str(tmp_path / "f.npz"))])
     check_command("predict", model, "x.ckpt", [PredictionWriter(str(tmp_path / "p.csv"))])
+
+
+def test_a_users_own_writer_callback_is_a_writer(tmp_path):
+    """A callback that writes in its own predict hook, not a BasePredictionWriter, was not
+    told from none; Lightning's progress bars and other callbacks write nothing."""
+    from lightning.pytorch.callbacks import Callback, ThroughputMonitor, TQDMProgressBar
+
+    class MyWriter(Callback):
+        def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, idx=0):
+            pass
+
+    model = SimCLR(backbone="resnet18")
+    check_command("predict", model, "x.ckpt", [TQDMProgressBar(), MyWriter()])
+    with pytest.raises(SettingError, match="predict keeps nothing without a writer callback"):
+        check_command("predict", model, "x.ckpt", [TQDMProgressBar(), ThroughputMonitor(len)])
