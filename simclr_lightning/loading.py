@@ -4,13 +4,13 @@ error (``model.head_layers=2 is invalid`` for a SimCLR checkpoint given to Linea
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any
 
 from simclr_lightning.checkpoint_io import local_path, read_checkpoint
 from simclr_lightning.errors import CheckpointError
-from simclr_lightning.parse_errors import class_of
 
 
 class LoadsItsOwnCheckpoints:
@@ -43,3 +43,13 @@ def refuse_other_class(cls: type, path: Any) -> None:
     raise CheckpointError(
         "checkpoint_path", path, f"is a checkpoint of {saved}, not of {cls.__name__}: {fix}"
     )
+
+
+def class_of(class_path: str | None) -> type | None:
+    """The class a dotted ``class_path`` names, or None when it cannot be imported."""
+    module, _, name = (class_path or "").rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return found if isinstance(found, type) else None

@@ -5,7 +5,6 @@ text and the nested union report: the parser LightningCLI builds for ``simclr-li
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import re
 import sys
@@ -23,6 +22,7 @@ from simclr_lightning.cli_errors import (
     one_line,
     print_error,
 )
+from simclr_lightning.loading import class_of
 
 # The config file jsonargparse is reading: its YAML errors say only "<unicode string>".
 READING: ContextVar[str | None] = ContextVar("READING", default=None)
@@ -205,16 +205,6 @@ def close_setting(text: str, parser, key: str) -> str | None:
     if not close:
         return None
     return f"{group}.{close[0]}{rest}" if group else close[0] + rest
-
-
-def class_of(class_path: str | None) -> type | None:
-    """The class a dotted ``class_path`` names, or None when it cannot be imported."""
-    module, _, name = (class_path or "").rpartition(".")
-    try:
-        found = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
-    return found if isinstance(found, type) else None
 
 
 def init_arguments(class_path: str) -> list[str]:
