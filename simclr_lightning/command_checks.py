@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, EarlyStopping
 from lightning.pytorch.utilities import rank_zero_warn
 
 from simclr_lightning.errors import SettingError
@@ -72,6 +72,12 @@ def check_command(subcommand: str, model: Any, ckpt_path: Any, callbacks: list) 
             "simclr_lightning.FeatureWriter with output features.npz (a SimCLR checkpoint's "
             "encoder features)"
         )
+    for callback in callbacks:  # Lightning takes any patience; below 0 it stops as 0 does
+        if isinstance(callback, EarlyStopping) and callback.patience < 0:
+            raise SettingError(
+                f"trainer.callbacks (EarlyStopping): patience={callback.patience} is invalid: "
+                f"must be >= 0, the checks with no improvement before it stops"
+            )
     if isinstance(model, SimCLR) and subcommand != "fit" and not ckpt_path:
         rank_zero_warn(
             f"{subcommand} of a SimCLR model without --ckpt_path: its encoder is randomly "

@@ -357,6 +357,16 @@ CASES = [
         ["trainer.log_every_n_steps=-1 is invalid: must be >= 1 (0: never log)"],
     ),
     (
+        "negative patience",
+        fit(
+            "--trainer.callbacks+=EarlyStopping",
+            "--trainer.callbacks.monitor=train/loss",
+            "--trainer.callbacks.patience=-3",
+        ),
+        2,
+        ["trainer.callbacks (EarlyStopping): patience=-3 is invalid: must be >= 0"],
+    ),
+    (
         "a fit of no epochs",
         fit("--trainer.max_epochs=0"),
         2,
