@@ -61,7 +61,8 @@ def takes_predictions(callback: Callback) -> bool:
 
 def check_command(subcommand: str, model: Any, ckpt_path: Any, callbacks: list) -> None:
     """LightningCLI drops what ``trainer.predict`` returns: without a writer callback the
-    command read every image, computed every row, kept none and exited 0. A SimCLR
+    command read every image, computed every row, kept none and exited 0. An
+    ``EarlyStopping`` patience below 0 is taken by Lightning as 0. A SimCLR
     ``validate``/``test``/``predict`` without ``--ckpt_path`` runs a randomly initialised
     encoder: a baseline sometimes, a forgotten checkpoint more often."""
     if subcommand == "predict" and not any(map(takes_predictions, callbacks)):
