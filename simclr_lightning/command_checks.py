@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, EarlyStopping
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -39,7 +40,7 @@ def check_trainer_settings(config: Mapping[str, Any], subcommand: str | None) ->
         _refuse("gradient_clip_val", clip, "must be >= 0 (0 or null: no clipping)")
     log_every = config.get("log_every_n_steps")
     if log_every is not None and log_every < 0:
-        _refuse("log_every_n_steps", log_every, "must be >= 1 (0: never log)")
+        _refuse("log_every_n_steps", log_every, "must be >= 0 (0: never log)")
     if subcommand != "fit":
         return
     nothing = {"max_epochs": 0, "max_steps": 0, "limit_train_batches": 0}
@@ -49,13 +50,16 @@ def check_trainer_settings(config: Mapping[str, Any], subcommand: str | None) ->
             _refuse(key, value, "a fit of it trains nothing: give a number above 0")
 
 
-def takes_predictions(callback: Callback) -> bool:
-    """A writer: Lightning's kind, or a user's callback with a predict hook of its own (not
-    Lightning's other callbacks: a progress bar or ThroughputMonitor writes no rows)."""
+PREDICT_HOOKS = ("on_predict_batch_end", "on_predict_epoch_end", "on_predict_end")
+
+
+def takes_predictions(callback: Any) -> bool:
+    """A writer: Lightning's kind, or a user's callback or model with a predict hook of its
+    own (not Lightning's other callbacks: a progress bar or ThroughputMonitor writes no rows)."""
     if isinstance(callback, BasePredictionWriter):
         return True
-    hooks = ("on_predict_batch_end", "on_predict_epoch_end", "on_predict_end")
-    own = any(getattr(type(callback), h) is not getattr(Callback, h) for h in hooks)
+    base = L.LightningModule if isinstance(callback, L.LightningModule) else Callback
+    own = any(getattr(type(callback), h) is not getattr(base, h) for h in PREDICT_HOOKS)
     return own and not type(callback).__module__.startswith("lightning.pytorch.callbacks")
 
 
@@ -65,7 +69,7 @@ def check_command(subcommand: str, model: Any, ckpt_path: Any, callbacks: list) 
     ``EarlyStopping`` patience below 0 is taken by Lightning as 0. A SimCLR
     ``validate``/``test``/``predict`` without ``--ckpt_path`` runs a randomly initialised
     encoder: a baseline sometimes, a forgotten checkpoint more often."""
-    if subcommand == "predict" and not any(map(takes_predictions, callbacks)):
+    if subcommand == "predict" and not any(map(takes_predictions, [model, *callbacks])):
         raise SettingError(
             "simclr-lightning predict keeps nothing without a writer callback: add "
             "--trainer.callbacks+=simclr_lightning.PredictionWriter --trainer.callbacks.output "

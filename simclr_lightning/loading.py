@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
+
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 
 from simclr_lightning.checkpoint_io import local_path, read_checkpoint
 from simclr_lightning.errors import CheckpointError
@@ -16,7 +19,7 @@ from simclr_lightning.errors import CheckpointError
 class LoadsItsOwnCheckpoints:
     """Mixed into SimCLR and LinearEval, before ``LightningModule``."""
 
-    @classmethod
+    @_restricted_classmethod  # Lightning's: called on an instance it raises, not loads nothing
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         refuse_other_class(cls, checkpoint_path)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
@@ -34,7 +37,7 @@ def refuse_other_class(cls: type, path: Any) -> None:
         return  # Lightning's own load says what it can
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     saved = (hparams or {}).get("_class_path")
-    other = class_of(saved) if isinstance(saved, str) else None
+    other = imported_class(saved)
     if other is None or issubclass(other, cls) or issubclass(cls, other):
         return
     fix = f"load it with {other.__name__}.load_from_checkpoint"
@@ -52,4 +55,12 @@ def class_of(class_path: str | None) -> type | None:
         found = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return None
+    return found if isinstance(found, type) else None
+
+
+def imported_class(class_path: Any) -> type | None:
+    """The class a checkpoint's ``class_path`` names among the modules already imported, or
+    None: importing a module a file names would run its code (Lightning guards the same)."""
+    module, _, name = class_path.rpartition(".") if isinstance(class_path, str) else ("", "", "")
+    found = getattr(sys.modules.get(module), name, None) if module else None
     return found if isinstance(found, type) else None

@@ -277,7 +277,7 @@ class SimCLR(LoadsItsOwnCheckpoints, L.LightningModule):
         already_synced("train/loss")
         replan_if_tuned(self, self.lr, "SimCLR")  # BatchSizeFinder, LearningRateFinder
         carry_schedule_over(self)  # resumed with another global batch
-        check_last_batch(self.trainer)  # a DataLoader given to fit, not a data module's
+        check_last_batch(self.trainer, self.hparams.gather_distributed)  # a plain DataLoader
         self._watch.reset()  # an earlier fit's non-finite loss would stop this one at once
         self._loss_mean.start()
 

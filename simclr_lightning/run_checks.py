@@ -138,24 +138,30 @@ def check_pretraining_run(trainer: L.Trainer) -> None:
             )
 
 
-def check_last_batch(trainer: L.Trainer) -> None:
+def check_last_batch(trainer: L.Trainer, gathered: bool) -> None:
     """A training DataLoader passed to ``fit`` (a data module's own refuse this before setup)
-    whose last batch holds one image per process: NT-Xent and BatchNorm cannot use it, and
-    the run stopped there, at the end of its first epoch, advising a larger batch size."""
+    whose last batch is a global batch of one image, with no negative for NT-Xent (one per
+    process under DDP is a global batch of W when the loss ``gathered`` them): the run
+    stopped there, at the end of its first epoch, advising a larger batch size."""
     loader = trainer.train_dataloader
     if not isinstance(loader, DataLoader) or loader.batch_size is None or loader.drop_last:
+        return
+    if gathered and trainer.world_size > 1:
         return
     try:
         per_rank = len(loader.sampler)  # a DistributedSampler's: this process's share
     except TypeError:  # an iterable dataset's
         return
-    reached = trainer.num_training_batches >= math.ceil(per_rank / loader.batch_size)
-    if per_rank % loader.batch_size == 1 and reached:
-        raise SettingError(
-            f"the training DataLoader (batch_size={loader.batch_size}, drop_last=False) "
-            f"leaves a last batch of 1 image per process ({per_rank} images each), which "
-            f"NT-Xent and BatchNorm cannot use: give it drop_last=True, or another batch_size"
-        )
+    batches = math.ceil(per_rank / loader.batch_size)
+    if per_rank % loader.batch_size != 1 or trainer.num_training_batches < batches:
+        return  # no batch of one, or limit_train_batches stops before it
+    if 0 <= trainer.max_steps < batches:
+        return  # the run stops before it
+    raise SettingError(
+        f"the training DataLoader (batch_size={loader.batch_size}, drop_last=False) leaves a "
+        f"last batch of 1 image ({per_rank} images), which holds no negative for NT-Xent: "
+        f"give it drop_last=True, or another batch_size"
+    )
 
 
 def check_launch(trainer: L.Trainer) -> None:

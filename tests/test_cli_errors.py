@@ -354,7 +354,7 @@ CASES = [
         "negative log interval",
         fit("--trainer.log_every_n_steps=-1"),
         2,
-        ["trainer.log_every_n_steps=-1 is invalid: must be >= 1 (0: never log)"],
+        ["trainer.log_every_n_steps=-1 is invalid: must be >= 0 (0: never log)"],
     ),
     (
         "negative patience",

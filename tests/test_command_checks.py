@@ -76,3 +76,16 @@ def test_a_users_own_writer_callback_is_a_writer(tmp_path):
     check_command("predict", model, "x.ckpt", [TQDMProgressBar(), MyWriter()])
     with pytest.raises(SettingError, match="predict keeps nothing without a writer callback"):
         check_command("predict", model, "x.ckpt", [TQDMProgressBar(), ThroughputMonitor(len)])
+
+
+def test_a_model_that_writes_its_own_predictions_needs_no_writer():
+    """A user's LinearEval subclass saving its predictions in on_predict_epoch_end was
+    refused as keeping nothing."""
+
+    class SavingEval(LinearEval):
+        def on_predict_epoch_end(self) -> None:
+            pass
+
+    check_command("predict", SavingEval(num_classes=2, backbone="resnet18"), "x.ckpt", [])
+    with pytest.raises(SettingError, match="predict keeps nothing"):
+        check_command("predict", LinearEval(num_classes=2, backbone="resnet18"), "x.ckpt", [])

@@ -4,6 +4,8 @@ the model from the other class's hyperparameters, and the error was the first on
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -58,3 +60,25 @@ def test_own_and_related_classes_load(checkpoints):
         torch.testing.assert_close(mine.state_dict()[name], weight)
     linear = LinearEval.load_from_checkpoint(checkpoints / "linear.ckpt")
     assert linear.head.weight.any()  # trained: the loaded weights, not the zero init
+
+
+def test_a_class_path_a_checkpoint_names_is_not_imported(checkpoints, tmp_path, monkeypatch):
+    """The class check imported the module a checkpoint's ``_class_path`` named: a file could
+    run code on load, which Lightning's own check (imported modules only) guards against."""
+    (tmp_path / "planted_module.py").write_text(
+        f"open({str(tmp_path / 'ran')!r}, 'w').close()\nclass X:\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    checkpoint = torch.load(checkpoints / "simclr.ckpt", weights_only=False)
+    checkpoint["hyper_parameters"]["_class_path"] = "planted_module.X"
+    torch.save(checkpoint, tmp_path / "planted.ckpt")
+    SimCLR.load_from_checkpoint(tmp_path / "planted.ckpt")  # Lightning ignores the name here
+    assert not (tmp_path / "ran").exists() and "planted_module" not in sys.modules
+
+
+def test_called_on_an_instance_it_still_refuses(checkpoints):
+    """A plain classmethod over Lightning's restricted one loaded a new model and dropped it:
+    ``model.load_from_checkpoint(path)`` left ``model`` untrained without a word."""
+    model = LinearEval(num_classes=3)
+    with pytest.raises(TypeError, match="cannot be called on an instance"):
+        model.load_from_checkpoint(checkpoints / "linear.ckpt")

@@ -320,7 +320,7 @@ def test_a_plain_loaders_last_batch_of_one_is_refused_before_any_step(images, dr
     if refused:
         said = (
             r"^the training DataLoader \(batch_size=8, drop_last=False\) leaves a last batch of "
-            r"1 image per process \(17 images each\)"
+            r"1 image \(17 images\), which holds no negative for NT-Xent"
         )
         with pytest.raises(SettingError, match=said):
             trainer.fit(model, loader)
@@ -328,3 +328,25 @@ def test_a_plain_loaders_last_batch_of_one_is_refused_before_any_step(images, dr
     else:
         trainer.fit(model, loader)
         assert trainer.global_step == (limit or images // 8)
+
+
+@pytest.mark.parametrize(
+    ("world", "gathered", "max_steps", "refused"),
+    [(1, True, -1, True), (2, True, -1, False), (2, False, -1, True), (1, True, 2, False)],
+)
+def test_a_last_batch_of_one_per_process_is_refused_only_where_it_is_the_global_batch(
+    world, gathered, max_steps, refused
+):
+    """Under DDP with the gather, one image per process is a global batch of W, which trains
+    (it was refused); max_steps inside the first epoch never reaches it."""
+    from simclr_lightning.run_checks import check_last_batch
+
+    loader = DataLoader(TwoViews(17), batch_size=8)  # batches of 8, 8, 1 in this process
+    trainer = SimpleNamespace(
+        train_dataloader=loader, world_size=world, num_training_batches=3, max_steps=max_steps
+    )
+    if refused:
+        with pytest.raises(SettingError, match="leaves a last batch of 1 image"):
+            check_last_batch(trainer, gathered)
+    else:
+        check_last_batch(trainer, gathered)

@@ -49,7 +49,7 @@ class KNNMonitor(L.Callback):
 
     Args:
         num_classes: None reads the data module's ``num_classes``, else 1 + the largest bank
-            label. Another number than the data module's is refused at setup; a label past
+            label. Fewer than the data module's classes is refused at setup; a label past
             it when measured (validation labels before the bank pass).
         k / temperature: neighbours and the softmax temperature of their votes.
         every_n_epochs: the bank pass costs one inference epoch over the training set.
@@ -225,14 +225,15 @@ def require_bank(datamodule: Any) -> Any:
 
 
 def refuse_other_class_count(name: str, given: int | None, datamodule: Any) -> None:
-    """Refuse at setup a ``num_classes`` other than the data module's (this monitor's, the
+    """Refuse at setup a ``num_classes`` below the data module's (this monitor's, the
     probe's, the report's): the first batch, or kNN epoch, failed with a torch error naming
-    no setting."""
+    no setting. More is left alone: unused classes cost nothing, and a data module may
+    count more than its labels use."""
     count = getattr(datamodule, "num_classes", None)
-    if given is not None and isinstance(count, int) and count >= 2 and count != given:
+    if given is not None and isinstance(count, int) and count >= 2 and given < count:
         raise SettingError(
-            f"{name}.num_classes={given} is invalid: must be {count}, the classes of the data "
-            f"module ({type(datamodule).__name__}), or null to read them "
+            f"{name}.num_classes={given} is invalid: must be at least {count}, the classes of "
+            f"the data module ({type(datamodule).__name__}), or null to read them "
             f"(--trainer.callbacks.num_classes on the command line)"
         )
 

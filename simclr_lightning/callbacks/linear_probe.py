@@ -55,7 +55,7 @@ class OnlineLinearProbe(L.Callback):
     Args:
         num_classes: classes of the labels; None reads the data module's ``num_classes``
             (every SimCLRDataModule of labelled images has one), so configs need no number.
-            Another number than the data module's is refused at setup; a label past it at
+            Fewer than the data module's classes is refused at setup; a label past it at
             the next validation or the epoch's end (a training step reads nothing back).
         optimizer: adam (robust to the scale of unnormalised features) or sgd (momentum).
         lr / weight_decay / momentum: of the probe's optimizer.

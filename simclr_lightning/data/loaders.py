@@ -40,8 +40,8 @@ def check_batch_size(
     n_images: int, batch_size: int, world: int, drop_last: bool, task: str
 ) -> None:
     """Refuse, before training, a per-device batch the shards cannot fill where the last
-    partial batch is dropped, or a pretraining last batch of one image (NT-Xent and BatchNorm
-    need at least two; ``classify`` leaves such a batch out instead, see
+    partial batch is dropped, or a pretraining last batch of one image in one process (NT-Xent
+    needs two in the global batch; ``classify`` leaves such a batch out instead, see
     :class:`ResumableSampler`)."""
     per_rank = math.ceil(n_images / world)  # DistributedSampler pads to equal shards
     if drop_last and per_rank < batch_size:
@@ -50,11 +50,11 @@ def check_batch_size(
             f"images each of the {world} process(es) gets ({n_images} in all): lower "
             f"data.batch_size or use more data"
         )
-    if not drop_last and task == "pretrain" and per_rank % batch_size == 1:
+    if not drop_last and task == "pretrain" and world == 1 and per_rank % batch_size == 1:
         raise SettingError(
-            f"data.batch_size={batch_size} leaves a last batch of 1 image per process "
-            f"({per_rank} images each), which NT-Xent and BatchNorm cannot use: set "
-            f"data.drop_last=true or change data.batch_size"
+            f"data.batch_size={batch_size} leaves a last batch of 1 image ({n_images} in "
+            f"all), which holds no negative for NT-Xent: set data.drop_last=true or change "
+            f"data.batch_size"
         )
     if not drop_last and task == "classify" and per_rank < 2:
         raise SettingError(

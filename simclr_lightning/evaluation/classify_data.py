@@ -149,9 +149,13 @@ def check_evaluated_data(model, trainer) -> None:
                 f"{len(names)} ({listed(names)}): its labels would be scored against other "
                 f"classes; {stage} on data with the classifier's classes"
             )
-        # The data's names at training (model.class_names may be display names of them)
-        trained = getattr(model, "data_class_names", None) or trained
-        if trained is not None and names != trained:
+        # The data's names at training (model.class_names may be display names of them); a
+        # checkpoint saved before they were kept has only class_names: the same ones in
+        # another order are refused, other names left alone
+        recorded = getattr(model, "data_class_names", None)
+        if recorded is not None and names != recorded:
+            check_class_order(names, recorded, stage)
+        elif recorded is None and trained and names != trained and sorted(names) == sorted(trained):
             check_class_order(names, trained, stage)
     changed = preparation_changes(model.preprocessing, preprocessing_of(datamodule))
     if changed:

@@ -156,8 +156,8 @@ def test_num_classes_other_than_the_data_modules_is_refused_before_training():
     1" at the first kNN epoch's end."""
     x, y = torch.randn(16, 6), torch.randint(0, 2, (16,))
     trainer = quiet_trainer(max_epochs=1, callbacks=[KNNMonitor(num_classes=1, k=3)])
-    said = r"^KNNMonitor.num_classes=1 is invalid: must be 2, the classes of the data module "
-    with pytest.raises(SettingError, match=said + r"\(TwoClassData\), or null"):
+    said = r"^KNNMonitor.num_classes=1 is invalid: must be at least 2, the classes of the data "
+    with pytest.raises(SettingError, match=said + r"module \(TwoClassData\), or null"):
         trainer.fit(FeatureModule(6), datamodule=TwoClassData((x, y), (x, y)))
     assert trainer.global_step == 0
 

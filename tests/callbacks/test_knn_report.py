@@ -278,7 +278,7 @@ def test_a_num_classes_the_labels_exceed_is_refused(capsys):
 
     # where the data module says how many, another number is refused before any pass
     trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[KNNReport(3, 0.1, 4)])
-    said = r"^KNNReport.num_classes=4 is invalid: must be 5, the classes of the data module \("
+    said = r"^KNNReport.num_classes=4 is invalid: must be at least 5, the classes of the data "
     with pytest.raises(SettingError, match=said):
         trainer.fit(Drift(8), datamodule=HeldOutData(noisy(40, 0), noisy(20, 1), batch_size=10))
 

@@ -242,8 +242,8 @@ def test_probe_num_classes_other_than_the_data_modules_is_refused_at_setup():
     bounds" (or torchmetrics' RuntimeError), naming no setting."""
     data = CountedData(separable(64, 0), separable(32, 1))
     trainer = quiet_trainer(max_epochs=1, callbacks=[OnlineLinearProbe(num_classes=3)])
-    said = r"^OnlineLinearProbe.num_classes=3 is invalid: must be 4, the classes of the data "
-    with pytest.raises(SettingError, match=said + r"module \(CountedData\), or null"):
+    said = r"^OnlineLinearProbe.num_classes=3 is invalid: must be at least 4, the classes of "
+    with pytest.raises(SettingError, match=said + r"the data module \(CountedData\), or null"):
         trainer.fit(FeatureModule(16), datamodule=data)
     assert trainer.global_step == 0
 
@@ -452,3 +452,12 @@ def test_lightnings_sync_dist_advice_is_not_given_for_the_probes_summed_figures(
             warnings.warn(advice, PossibleUserWarning, stacklevel=1)
     said = [str(w.message) for w in caught if "It is recommended" in str(w.message)]
     assert len(said) == 1 and "probe/val_top1" in said[0]  # not one the probe sums itself
+
+
+def test_probe_num_classes_above_the_data_modules_trains():
+    """More classes than the data module counts are unused logits, not an error: a data
+    module may count more classes than its labels use."""
+    data = CountedData(separable(64, 0), separable(32, 1), batch_size=32)
+    probe = OnlineLinearProbe(num_classes=6, lr=0.05)
+    quiet_trainer(max_epochs=1, callbacks=[probe]).fit(FeatureModule(16), datamodule=data)
+    assert probe.classifier.out_features == 6

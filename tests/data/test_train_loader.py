@@ -134,3 +134,15 @@ def test_without_workers_the_process_generators_are_left_alone():
     next(iter(dm.train_dataloader()))
     assert torch.equal(torch.get_rng_state(), before[0])
     assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
+
+
+def test_a_pretraining_last_batch_of_one_is_refused_only_in_one_process():
+    """data.drop_last=false, 17 images in batches of 8: one process ends on a batch of one,
+    no negative for NT-Xent; two processes of 9 end on one each, a global batch of 2, which
+    trains (it was refused)."""
+    with pytest.raises(SettingError, match=r"leaves a last batch of 1 image \(17 in all\)"):
+        NumberedData(17, task="pretrain", batch_size=8, drop_last=False).setup("fit")
+    for rank in range(2):
+        dm = as_rank(NumberedData(17, task="pretrain", batch_size=8, drop_last=False), rank, 2)
+        dm.setup("fit")
+        assert [len(b) for b in epoch_ids(dm)] == [8, 1]

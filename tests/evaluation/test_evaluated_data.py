@@ -184,3 +184,19 @@ def test_settings_a_fit_would_ignore_are_said(classifier, tmp_path):
     save_simclr_checkpoint(simclr, cifar_stem=True, in_channels=3)
     assert fit_warnings(LinearEval(str(simclr), num_classes=3, finetune=True,
                                    backbone_lr=0.01), root) == []  # fmt: skip
+
+
+def test_a_checkpoint_saved_before_the_data_names_were_kept(classifier, tmp_path):
+    """Without data_class_names, model.class_names may be display names: the classifier's own
+    data is tested quietly (it was warned about), and its classes in another order refused."""
+    root, path = classifier
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["linear_eval"]["data_class_names"]
+    checkpoint["linear_eval"]["class_names"] = ["Ant", "Bee", "Cat"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    said, figures = evaluated(tmp_path / "old.ckpt", data(root, CIFAR, task="classify"))
+    assert said == [] and "test/top1" in figures
+    checkpoint["linear_eval"]["class_names"] = ["b", "a", "c"]
+    torch.save(checkpoint, tmp_path / "old_reordered.ckpt")
+    with pytest.raises(SettingError, match=r"test data's class 0 is 'a', the classifier's class 1"):
+        evaluated(tmp_path / "old_reordered.ckpt", data(root, CIFAR, task="classify"))
