@@ -271,14 +271,10 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
         if self.device_store is not None:  # images live on the device: serve indices only
             indices = IndexDataset(len(self.device_store))
             return self.train_order.loader(
-                indices,
-                self.trainer,
-                self.batch_size,
-                seeded=False,
-                drop_last=self.drop_last,
+                indices, self.trainer, self.batch_size, seeded=False, drop_last=self.drop_last,
                 # pinned, Lightning's copy of each index batch does not make the host wait
                 pin_memory=self.pin_memory and torch.cuda.is_available(),
-            )
+            )  # fmt: skip
         workers = self.workers
         return self.train_order.loader(
             self.train_set,
@@ -341,6 +337,7 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
         its dataset index (:class:`~simclr_lightning.callbacks.PredictionWriter`)."""
         if self.val_set is None:
             return []
+        self.refuse_empty_shards(len(self.val_set), f"{type(self).__name__}'s held-out split")
         return self._loader(self.val_set, self.val_batch_size)
 
     def eval_train_dataloader(self) -> DataLoader:

@@ -189,6 +189,19 @@ class AgreesAfterPredict:
         if stage == "predict" and self._agrees_after_predict():
             self._predict_agreement().ready()
 
+    def refuse_empty_shards(self, n_images: int, what: str) -> None:
+        """Refuse a ``predict`` of fewer images than processes: Lightning's sampler leaves a
+        process no image and fails there with a bare assertion while the others wait in a
+        collective, a hang a SIGTERM did not end. Every process raises at once."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if n_images < world:
+            most = max(n_images, 1)
+            raise SettingError(
+                f"{what} holds {n_images} image(s) for {world} processes, and each predicts "
+                f"its own share: one would have none; predict on at most {most} device(s) "
+                f"(--trainer.devices {most})"
+            )
+
     def on_exception(self, exception: BaseException) -> None:
         # The process that failed (whatever the error: the others would wait for it); its
         # own error goes on. Once: not again for a failure of the agreement itself.

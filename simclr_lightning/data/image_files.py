@@ -194,6 +194,7 @@ class ImageFilesDataModule(AgreesAfterPredict, L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         # Built here, not in setup(): the model's checkpoint (and its preprocessing) is only
         # loaded after setup.
+        self.refuse_empty_shards(len(self.files), "data.paths")
         size, channels, transform = self.size_channels_and_transform()
         mode = "L" if channels == 1 else "RGB"
         self.dataset = ImageFiles(self.files, transform, self.skip_corrupt, mode)

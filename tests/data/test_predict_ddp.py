@@ -4,6 +4,7 @@ finishes, and the two ranks together predict every image once, as one process do
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -97,3 +98,25 @@ def test_any_failure_of_one_rank_ends_predict_on_every_rank(uneven_folder, tmp_p
     assert proc.returncode != 0 and time.monotonic() - started < 120
     assert "process 1 of 2 failed: RuntimeError: boom on rank 1" in proc.stderr
     assert not list(out.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("files", [True, False], ids=["files", "folder"])
+def test_fewer_images_than_processes_is_refused_on_every_rank(tmp_path, files):
+    """One image for 2 processes: Lightning's unpadded sampler gave rank 1 none and failed
+    there with a bare assertion while rank 0 waited in a collective, both for good (a
+    SIGTERM did not end them)."""
+    for split in ("train", "val"):
+        folder = tmp_path / "data" / split / "c0"
+        folder.mkdir(parents=True)
+        Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(folder / "0.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--root", str(tmp_path / "data"), *(["--files"] if files else [])]
+    started = time.monotonic()
+    proc = launch("ddp_predict_script.py", WORLD, out, args, timeout=150)
+    assert proc.returncode != 0 and time.monotonic() - started < 150
+    what = "data.paths" if files else "ImageFolderDataModule's held-out split"
+    said = f"{what}.* holds 1 image\\(s\\) for 2 processes, and each predicts its own share"
+    assert len(re.findall(said, proc.stderr)) == WORLD, proc.stderr[-3000:]
+    assert "predict on at most 1 device(s) (--trainer.devices 1)" in proc.stderr
