@@ -359,7 +359,8 @@ def test_predicting_with_a_grayscale_models_preprocessing_serves_one_channel(
     recorded = {"image_size": 28, "mean": [0.2860], "std": [0.3530], "resize_ratio": 1.0}
 
     dm = ImageFilesDataModule(str(tmp_path), batch_size=3)
-    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(preprocessing=recorded))
+    model = SimpleNamespace(preprocessing=recorded)
+    dm.trainer = SimpleNamespace(lightning_module=model, world_size=1)
     images, paths = next(iter(dm.predict_dataloader()))
     assert [Path(p).name for p in paths] == ["0.png", "1.png", "2.png"]
     assert images.shape == (3, 1, 28, 28)
