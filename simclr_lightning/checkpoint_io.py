@@ -241,6 +241,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         )
 
 
+def read_lazily(path: Any, setting: str) -> Any:
+    """The checkpoint at a local ``path`` with its tensors memory-mapped, not read (a check of
+    what it records costs no load of the weights); None for no path, a stream or a remote
+    URL, which are Lightning's to read."""
+    if not isinstance(path, (str, os.PathLike)) or not Path(local_path(path)).is_file():
+        return None
+    return read_checkpoint(path, setting, map_location="cpu", weights_only=True, mmap=True)
+
+
 def check_ckpt_path(
     path: str | os.PathLike | None, model_class_path: str | None, fit: bool = False
 ) -> dict[str, Any]:
@@ -256,10 +265,9 @@ def check_ckpt_path(
             "earlier in the same Python process; give that file (in ModelCheckpoint's "
             "dirpath), or last"
         )
-    if not path or not Path(local_path(path)).is_file():
+    checkpoint = read_lazily(path, "ckpt_path")
+    if checkpoint is None:
         return {}
-    load = {"map_location": "cpu", "weights_only": True, "mmap": True}  # mmap: reads no tensors
-    checkpoint = read_checkpoint(path, "ckpt_path", **load)
     if not isinstance(checkpoint, dict) or not {"state_dict", LIGHTNING_VERSION} <= set(checkpoint):
         raise CheckpointError("ckpt_path", path, _not_lightning(checkpoint))
     if fit and isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:

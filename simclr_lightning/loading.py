@@ -5,14 +5,12 @@ error (``model.head_layers=2 is invalid`` for a SimCLR checkpoint given to Linea
 from __future__ import annotations
 
 import importlib
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 
-from simclr_lightning.checkpoint_io import local_path, read_checkpoint
+from simclr_lightning.checkpoint_io import read_lazily
 from simclr_lightning.errors import CheckpointError
 
 
@@ -28,11 +26,8 @@ class LoadsItsOwnCheckpoints:
 def refuse_other_class(cls: type, path: Any) -> None:
     """Refuse a local checkpoint whose recorded class is neither ``cls`` nor related to it (a
     subclass of it, or it of that one: a user's subclass loads the library's checkpoints)."""
-    if not isinstance(path, (str, os.PathLike)) or not Path(local_path(path)).is_file():
-        return  # a stream or a remote URL: Lightning's to read
-    load = {"map_location": "cpu", "weights_only": True, "mmap": True}  # mmap: reads no tensors
     try:
-        checkpoint = read_checkpoint(path, "checkpoint_path", **load)
+        checkpoint = read_lazily(path, "checkpoint_path")  # None: a stream, a remote URL
     except CheckpointError:
         return  # Lightning's own load says what it can
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
