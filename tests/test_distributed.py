@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from simclr_lightning import NTXentLoss
 from tests.ddp_helpers import (
@@ -12,6 +11,7 @@ from tests.ddp_helpers import (
     mlp,
     run_ddp_script,
     run_ddp_script_runs,
+    spawn_gloo,
     torch_ddp_worker,
 )
 from tests.reference import nt_xent_health_reference, nt_xent_reference
@@ -27,11 +27,11 @@ def torch_ddp(tmp_path_factory) -> dict[str, list[dict]]:
     """Each rank's step with the library's gather and with each broken one: one spawn of the
     2 processes (each start imports torch) for the three."""
     out = tmp_path_factory.mktemp("torch_ddp")
-    mp.spawn(
+    spawn_gloo(
         torch_ddp_worker,
-        args=(WORLD, str(out / "init"), str(out), MODES, PER_RANK, TEMPERATURE),
-        nprocs=WORLD,
-        join=True,
+        WORLD,
+        lambda init: (WORLD, init, str(out), MODES, PER_RANK, TEMPERATURE),
+        out,
     )
     return {m: [torch.load(out / f"rank{r}_{m}.pt") for r in range(WORLD)] for m in MODES}
 

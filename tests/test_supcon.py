@@ -146,9 +146,9 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_ddp_equals_one_process_holding_the_whole_batch(tmp_path):
-    import torch.multiprocessing as mp
+    from tests.ddp_helpers import spawn_gloo
 
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_gloo(_ddp_worker, WORLD, lambda init: (init, str(tmp_path)), tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     model = _model()

@@ -15,6 +15,7 @@ from PIL import Image
 
 from simclr_lightning import ImageFolderDataModule, SimCLRAugmentation
 from simclr_lightning.errors import SettingError
+from tests.ddp_helpers import spawn_gloo
 from tests.helpers import quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,9 +111,7 @@ def test_a_loader_built_for_one_process_is_refused_in_two(tmp_path):
     """``trainer.fit(model, train_dataloaders=dm.train_dataloader())`` under DDP: the loader,
     built before any Trainer, held a sampler for one process, which Lightning keeps (it is a
     DistributedSampler): every process trained on the same batches, with the same views."""
-    torch.multiprocessing.spawn(
-        _iterate_in_a_group, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2
-    )
+    spawn_gloo(_iterate_in_a_group, 2, lambda init: (init, str(tmp_path)), tmp_path)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert sorted(results[0]["shard"] + results[1]["shard"]) == list(range(8))  # as built
     for result in results:
