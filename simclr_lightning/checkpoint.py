@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from torch import Tensor, nn
 
-from simclr_lightning.backbones import RESNETS, build_backbone, is_timm
+from simclr_lightning.backbones import is_timm
 from simclr_lightning.checkpoint_io import atomic_save, describe, local_path, read_checkpoint
+from simclr_lightning.encoder_fit import infer_arch, recorded_mismatch, state_differences
 from simclr_lightning.errors import CheckpointError, require
 from simclr_lightning.heads import ProjectionHead
 
@@ -212,6 +212,14 @@ def export_backbone(
     checkpoint = load_checkpoint(checkpoint_path, "checkpoint")
     state, arch = load_backbone_state(checkpoint, "checkpoint")
     inferred = infer_arch(state) if not arch else None
+    mismatch = recorded_mismatch(state, arch) if arch.get("backbone") else None
+    if mismatch:
+        raise CheckpointError(
+            "checkpoint", checkpoint_path,
+            f"holds an encoder that is not the {arch['backbone']} its hyperparameters record "
+            f"({mismatch}): a SimCLR subclass with its own backbone? Save that one with "
+            "torch.save(model.backbone.state_dict(), path)",
+        )  # fmt: skip
     unknown = {"backbone": None, "cifar_stem": False, "in_channels": 3, "timm_kwargs": None}
     arch = (inferred or unknown) | arch
     arch.update(head_layers=head_layers, fc=None, inferred=inferred is not None)
@@ -240,42 +248,26 @@ def _write_json(obj: Any, f: Any) -> None:
     f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
-def infer_arch(state: dict[str, Tensor]) -> dict[str, Any] | None:
-    """The torchvision ResNet (``RESNETS``) and stem whose encoder state dict ``state`` is, from
-    its names and shapes (the ``fc.*`` of a classifier or exported head aside): the 3x3 first
-    convolution is the CIFAR stem, its input channels ``in_channels``. None where no such
-    network has exactly these tensors (a timm model, another network)."""
-    conv1 = state.get("conv1.weight")
-    if conv1 is None or conv1.ndim != 4:
-        return None
-    shapes = {k: v.shape for k, v in state.items() if not k.startswith("fc.")}
-    arch = {"cifar_stem": conv1.shape[-1] == 3, "in_channels": conv1.shape[1], "timm_kwargs": None}
-    for name in RESNETS:
-        with torch.device("meta"):  # the shapes alone, no memory or initialisation
-            net, _ = build_backbone(name, arch["cifar_stem"], arch["in_channels"])
-        if {k: v.shape for k, v in net.state_dict().items()} == shapes:
-            return {"backbone": name, **arch}
-    return None
-
-
 def unfit_problem(
     checkpoint: Source, encoder: nn.Module, state: dict[str, Tensor], arch: dict[str, Any]
 ) -> str:
     """Why the encoder ``state`` of ``checkpoint`` does not load into ``encoder``, built with
     ``arch``, in one line: its first difference and, for a plain state dict (which records no
     architecture), the settings to give, with those its shapes point to (:func:`infer_arch`)."""
-    own = encoder.state_dict()
-    resized = [k for k in state if k in own and state[k].shape != own[k].shape]
-    found = [f"{k} is {list(state[k].shape)} in the file, {list(own[k].shape)} in the encoder"
-             for k in resized[:1]]  # fmt: skip
-    for what, keys in (("missing", [k for k in own if k not in state]),
-                       ("unexpected", [k for k in state if k not in own])):  # fmt: skip
-        found += [f"{len(keys)} keys {what}, e.g. {keys[0]!r}"] if keys else []
+    found = state_differences(encoder.state_dict(), state)
     built = f"cifar_stem={arch['cifar_stem']}, in_channels={arch['in_channels']}"
     if is_timm(arch["backbone"]):
         built = f"timm_kwargs={arch['timm_kwargs']}, in_channels={arch['in_channels']}"
     problem = f"does not fit a {arch['backbone']} encoder with {built} ({'; '.join(found)}): "
-    if _read(checkpoint)[1]:  # a Lightning checkpoint, with its settings
+    hparams = _read(checkpoint)[1]
+    recorded = {k: hparams[k] for k in ARCH_KEYS if k in hparams}
+    if recorded.get("backbone") and recorded_mismatch(state, recorded):
+        return problem + (
+            f"its encoder is not the {recorded['backbone']} its hyperparameters record (a "
+            "SimCLR subclass with its own backbone?): LinearEval builds --model.backbone "
+            "encoders only (torchvision ResNets, timm:<name>)"
+        )
+    if hparams:  # a Lightning checkpoint, with its settings
         return problem + (
             "expected a SimCLR/LinearEval checkpoint or a state dict written by "
             "simclr-lightning-export"

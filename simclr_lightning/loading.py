@@ -5,6 +5,7 @@ error (``model.head_layers=2 is invalid`` for a SimCLR checkpoint given to Linea
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from typing import Any
 
@@ -19,22 +20,55 @@ class LoadsItsOwnCheckpoints:
 
     @_restricted_classmethod  # Lightning's: called on an instance it raises, not loads nothing
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-        refuse_other_class(cls, checkpoint_path)
+        hparams = refuse_other_class(cls, checkpoint_path)
+        kwargs = build_as(cls, hparams) | kwargs  # the caller's own choices win
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
 
 
-def refuse_other_class(cls: type, path: Any) -> None:
+# LightningCLI's, which Lightning's load trusts: builds the class ``_class_path`` names
+INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+
+
+def build_as(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The ``load_from_checkpoint`` arguments that build ``cls`` from a checkpoint whose
+    ``_class_path`` is ``cls``'s or a base class of it (a user's subclass of SimCLR).
+
+    Lightning builds a checkpoint the CLI wrote through ``_instantiator``, which refuses any
+    ``_class_path`` that is not ``cls`` or a subclass; without one it passes every saved
+    hyperparameter, ``_class_path`` included, to an ``__init__`` that takes ``**kwargs``, and
+    SimCLR's refuses it. So: a subclass of the recorded class is built by Lightning's plain
+    rule (its ``__init__`` takes the hyperparameters it names), or, where it takes
+    ``**kwargs``, by the instantiator told its own class path."""
+    saved = hparams.get("_class_path")
+    other = imported_class(saved)
+    if other is None:
+        return {}
+    own = f"{cls.__module__}.{cls.__qualname__}"
+    by_name = "<locals>" not in own  # a class in a function: no importable path
+    takes_any = inspect.getfullargspec(cls.__init__).varkw is not None  # type: ignore[misc]
+    if other is not cls and issubclass(cls, other):
+        if takes_any and by_name:
+            return {"_instantiator": INSTANTIATOR, "_class_path": own}
+        return {"_instantiator": None}
+    if takes_any and by_name and other is cls and "_instantiator" not in hparams:
+        return {"_instantiator": INSTANTIATOR}  # _class_path is this library's record, no argument
+    return {}
+
+
+def refuse_other_class(cls: type, path: Any) -> dict[str, Any]:
     """Refuse a local checkpoint whose recorded class is neither ``cls`` nor related to it (a
-    subclass of it, or it of that one: a user's subclass loads the library's checkpoints)."""
+    subclass of it, or it of that one: a user's subclass loads the library's checkpoints).
+    Returns its hyperparameters ({} where it records none or is not a local file)."""
     try:
         checkpoint = read_lazily(path, "checkpoint_path")  # None: a stream, a remote URL
     except CheckpointError:
-        return  # Lightning's own load says what it can
+        return {}  # Lightning's own load says what it can
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    saved = (hparams or {}).get("_class_path")
+    hparams = hparams if isinstance(hparams, dict) else {}
+    saved = hparams.get("_class_path")
     other = imported_class(saved)
     if other is None or issubclass(other, cls) or issubclass(cls, other):
-        return
+        return hparams
     fix = f"load it with {other.__name__}.load_from_checkpoint"
     if cls.__name__ == "LinearEval":
         fix += f"; to evaluate its encoder give it as LinearEval(checkpoint={str(path)!r})"

@@ -22,15 +22,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_simclr_checkpoint(
-    path: Path, cifar_stem: bool, in_channels: int, size: int = 16, **model_kwargs
+    path: Path,
+    cifar_stem: bool,
+    in_channels: int,
+    size: int = 16,
+    cls: type = SimCLR,
+    **model_kwargs,
 ) -> SimCLR:
     """One real SimCLR step on ``size`` px noise (so BatchNorm statistics are not the
-    defaults), saved by Lightning; ``model_kwargs`` go to SimCLR (e.g. a timm backbone)."""
+    defaults), saved by Lightning; ``model_kwargs`` go to ``cls`` (e.g. a timm backbone)."""
     L.seed_everything(0, verbose=False)
     gen = torch.Generator().manual_seed(0)
     views = torch.randn(2, 8, in_channels, size, size, generator=gen)
     pairs = [((views[0, i], views[1, i]), i % 3) for i in range(8)]
-    model = SimCLR(
+    model = cls(
         cifar_stem=cifar_stem,
         in_channels=in_channels,
         head_hidden_dim=32,

@@ -24,6 +24,8 @@ from simclr_lightning import SampleDataModule, SimCLR, apply_stem
 from simclr_lightning.backbones import build_backbone
 from simclr_lightning.checkpoint_io import AtomicCheckpointIO
 from simclr_lightning.data.sample import sample_root
+from simclr_lightning.errors import CheckpointError
+from simclr_lightning.evaluation import LinearEval
 from simclr_lightning.export_cli import main, preprocessing_code
 from simclr_lightning.heads import ScaleBatchNorm1d
 from tests.helpers import quiet_trainer
@@ -275,3 +277,28 @@ def test_output_that_is_the_checkpoint_itself_is_refused_before_writing(tmp_path
         assert path.read_bytes() == data
         assert not Path(f"{path}.preprocessing.json").exists()
     assert (tmp_path / "link.ckpt").is_symlink() and (run / "last_link.ckpt").is_symlink()
+
+
+class OwnEncoder(SimCLR):
+    """A user's SimCLR whose encoder replaces the ResNet its settings still name."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = nn.Sequential(nn.Conv2d(3, 512, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def test_an_encoder_other_than_the_recorded_network_is_refused(tmp_path):
+    """The export printed ``net = torchvision.models.resnet18()`` and a ``strict=False`` load
+    for a replaced encoder, exit 0: that code loaded nothing and left an untrained ResNet.
+    LinearEval called the same SimCLR checkpoint no SimCLR checkpoint."""
+    save_simclr_checkpoint(tmp_path / "own.ckpt", cifar_stem=False, in_channels=3, cls=OwnEncoder)
+    line = one_error_line(export("own.ckpt", "out.pt", cwd=tmp_path))
+    assert "checkpoint='own.ckpt' holds an encoder that is not the resnet18 its hyperparam" in line
+    assert "keys unexpected, e.g. '0.weight'" in line
+    assert "torch.save(model.backbone.state_dict(), path)" in line
+    assert not (tmp_path / "out.pt").exists()
+    with pytest.raises(CheckpointError, match=(
+        r"its encoder is not the resnet18 its hyperparameters record \(a SimCLR subclass with "
+        r"its own backbone\?\): LinearEval builds --model.backbone encoders only"
+    )):  # fmt: skip
+        LinearEval(checkpoint=str(tmp_path / "own.ckpt"), num_classes=3)

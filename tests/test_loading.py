@@ -21,6 +21,21 @@ class MySimCLR(SimCLR):
     """A user's subclass: it loads the library's checkpoints, which load as it too."""
 
 
+class KwargsSimCLR(SimCLR):
+    """A user's subclass that passes its arguments on: Lightning gives such an ``__init__``
+    every saved hyperparameter, the recorded ``_class_path`` too."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+
+
+# What LightningCLI records with the hyperparameters of the model it builds
+CLI_RECORD = {
+    "_instantiator": "lightning.pytorch.cli.instantiate_module",
+    "_class_path": "simclr_lightning.SimCLR",
+}
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("loading")
@@ -82,3 +97,29 @@ def test_called_on_an_instance_it_still_refuses(checkpoints):
     model = LinearEval(num_classes=3)
     with pytest.raises(TypeError, match="cannot be called on an instance"):
         model.load_from_checkpoint(checkpoints / "linear.ckpt")
+
+
+def test_a_subclass_taking_kwargs_reloads_its_own_checkpoint(tmp_path):
+    """SimCLR refused the ``_class_path`` the checkpoint records: ``TypeError: unexpected
+    keyword argument '_class_path'``."""
+    saved = save_simclr_checkpoint(tmp_path / "own.ckpt", False, 3, cls=KwargsSimCLR)
+    loaded = KwargsSimCLR.load_from_checkpoint(tmp_path / "own.ckpt")
+    assert type(loaded) is KwargsSimCLR and loaded.hparams.head_output_dim == 8
+    for name, weight in saved.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], weight)
+    assert type(SimCLR.load_from_checkpoint(tmp_path / "own.ckpt")) is SimCLR
+
+
+@pytest.mark.parametrize("cls", [MySimCLR, KwargsSimCLR])
+def test_subclasses_load_a_checkpoint_the_cli_wrote(checkpoints, tmp_path, cls):
+    """Lightning builds a CLI checkpoint through its instantiator, which refused any class but
+    the recorded one and its subclasses: ``The class 'simclr_lightning.SimCLR' requested by
+    the checkpoint does not resolve to an already imported subclass of MySimCLR``."""
+    checkpoint = torch.load(checkpoints / "simclr.ckpt", weights_only=False)
+    checkpoint["hyper_parameters"].update(CLI_RECORD)
+    torch.save(checkpoint, tmp_path / "cli.ckpt")
+    loaded = cls.load_from_checkpoint(tmp_path / "cli.ckpt")
+    assert type(loaded) is cls and loaded.hparams.cifar_stem
+    for name, weight in checkpoint["state_dict"].items():
+        torch.testing.assert_close(loaded.state_dict()[name], weight)
+    assert type(SimCLR.load_from_checkpoint(tmp_path / "cli.ckpt")) is SimCLR
