@@ -34,6 +34,7 @@ from simclr_lightning.run_checks import (
     check_equal_batches,
     check_last_batch,
     check_pretraining_run,
+    skip_unread_validation,
     warn_unmeasured_validation,
 )
 from simclr_lightning.schedule import (
@@ -266,6 +267,7 @@ class SimCLR(LoadsItsOwnCheckpoints, L.LightningModule):
         if stage == "fit":
             check_checkpoint_folders(self.trainer)
             check_pretraining_run(self.trainer)
+            skip_unread_validation(self.trainer)
         elif stage == "validate":
             warn_unmeasured_validation(self.trainer)
 

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import (
     ModelCheckpoint,
     ProgressBar,
 )
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -213,15 +213,25 @@ def _unwritable(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def reads_validation(trainer: L.Trainer) -> bool:
+    """Whether anything takes the features SimCLR's ``validation_step`` returns: a callback's
+    ``on_validation_batch_end`` (a progress bar's counts batches only), or the module's own
+    validation hooks (a user's subclass)."""
+    base, module = L.Callback.on_validation_batch_end, type(trainer.lightning_module)
+    return any(
+        type(c).on_validation_batch_end is not base and not isinstance(c, ProgressBar)
+        for c in trainer.callbacks
+    ) or any(
+        getattr(module, hook) is not getattr(L.LightningModule, hook)
+        for hook in ("on_validation_batch_end", "on_validation_epoch_end")
+    ) or module.validation_step.__qualname__ != "SimCLR.validation_step"  # fmt: skip
+
+
 def warn_unmeasured_validation(trainer: L.Trainer) -> None:
     """Say, before a ``validate`` of a SimCLR model, that nothing will be measured when no
     callback takes the features its ``validation_step`` returns: the run exits cleanly and
     prints no figure at all, as if it had measured nothing worth showing."""
-    base = L.Callback.on_validation_batch_end
-    if any(
-        type(c).on_validation_batch_end is not base and not isinstance(c, ProgressBar)
-        for c in trainer.callbacks
-    ):  # a progress bar counts batches: it takes no features
+    if reads_validation(trainer):
         return
     rank_zero_warn(
         "validate of a SimCLR model measures nothing by itself: its validation_step returns "
@@ -229,6 +239,19 @@ def warn_unmeasured_validation(trainer: L.Trainer) -> None:
         "probe, embedding plot) for figures, or measure the encoder by linear evaluation "
         "(configs/linear_eval.yaml)",
         category=UserWarning,
+    )
+
+
+def skip_unread_validation(trainer: L.Trainer) -> None:
+    """A pretraining fit that no monitor watches runs no validation: each pass computed the
+    features of the whole held-out split (1,000 images every epoch of the quick start, 50,000
+    of ImageNet's) for nothing to read them (Lightning's tuners set the limit the same way)."""
+    if trainer.limit_val_batches == 0 or reads_validation(trainer):
+        return
+    trainer.limit_val_batches = 0
+    rank_zero_info(
+        "simclr-lightning: no callback reads validation, so none runs (trainer."
+        "limit_val_batches=0); --config configs/monitors.yaml adds kNN, probe and plots"
     )
 
 

@@ -10,6 +10,7 @@ import re
 import warnings
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -350,3 +351,42 @@ def test_a_last_batch_of_one_per_process_is_refused_only_where_it_is_the_global_
             check_last_batch(trainer, gathered)
     else:
         check_last_batch(trainer, gathered)
+
+
+class CountsValidation(L.Callback):
+    """Counts the validation passes of a fit (sanity check included); it reads no features."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.passes += 1
+
+
+class OwnValidation(SimCLR):
+    """A user's subclass that measures something of its own in validation."""
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.log("val/norm", self(batch[0]).norm(dim=1).mean())
+
+
+@pytest.mark.parametrize(("model_class", "monitor", "passes"), [
+    (SimCLR, False, 0), (SimCLR, True, 3), (OwnValidation, False, 3),
+])  # fmt: skip
+def test_a_fit_no_monitor_reads_runs_no_validation(model_class, monitor, passes, caplog):
+    """Every epoch computed the features of the whole validation split, which nothing read
+    without a monitor (13 s of each quick-start epoch on 2 cores); a monitor, or a subclass
+    with its own validation, still gets every pass (the sanity check and 2 epochs)."""
+    from simclr_lightning import KNNMonitor
+
+    counts = CountsValidation()
+    callbacks = [counts, KNNMonitor(k=3)] if monitor else [counts]
+    val = DataLoader([(torch.randn(3, 16, 16), i % 2) for i in range(8)], batch_size=4)
+    model = model_class(backbone="resnet18", head_hidden_dim=16, head_output_dim=8)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=1, callbacks=callbacks)
+    data = L.LightningDataModule.from_datasets(TwoViews(8), batch_size=4)
+    data.val_dataloader = data.eval_train_dataloader = lambda: val  # what the kNN bank reads
+    with caplog.at_level("INFO"):
+        trainer.fit(model, datamodule=data)
+    assert counts.passes == passes and trainer.global_step == 2
+    assert ("no callback reads validation, so none runs" in caplog.text) == (passes == 0)
