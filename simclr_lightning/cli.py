@@ -29,7 +29,7 @@ from simclr_lightning.config_order import check_config_order
 from simclr_lightning.errors import SettingError
 from simclr_lightning.evaluation import LinearEval
 from simclr_lightning.hardware import device_kind, forks, hardware_precision
-from simclr_lightning.last_checkpoint import earlier_runs_last, newer_stop_checkpoint
+from simclr_lightning.last_checkpoint import last_to_resume
 from simclr_lightning.module import SimCLR
 from simclr_lightning.parse_errors import OneLineErrorParser, class_of
 from simclr_lightning.run_checks import check_launch
@@ -169,10 +169,10 @@ class SimCLRCLI(LightningCLI):
         if config.get("ckpt_path") == "hpc":
             check_hpc_checkpoint(self.trainer.default_root_dir)
         if config.get("ckpt_path") == "last":
-            found = earlier_runs_last(self.trainer)
-            found = newer_stop_checkpoint(self.trainer, found) or found  # a stop under SLURM
+            # found here, not by Lightning, so the model gives way to its settings as for a path
+            found = last_to_resume(self.trainer)
             if found is None:
-                return  # Lightning's own rule finds it (ModelCheckpoint's fixed folder)
+                return  # none: Lightning warns and starts afresh (or finds a remote one)
             config["ckpt_path"] = found
             rank_zero_info(f"simclr-lightning: --ckpt_path last is {found}, the newest run's")
             class_path = f"{type(self.model).__module__}.{type(self.model).__qualname__}"

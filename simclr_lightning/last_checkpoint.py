@@ -12,23 +12,55 @@ import glob
 import os
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
 
-def earlier_runs_last(trainer: L.Trainer) -> str | None:
-    """The newest ``last*.ckpt`` in the checkpoint folders of earlier runs logged like this one
-    (``<save_dir>/<name>/*/checkpoints/``), or None where Lightning's own rule finds it: a
+def earlier_runs_lasts(trainer: L.Trainer) -> list[str]:
+    """The ``last*.ckpt`` files in the checkpoint folders of earlier runs logged like this one
+    (``<save_dir>/<name>/*/checkpoints/``); none where Lightning's own rule finds them: a
     ``ModelCheckpoint`` with a fixed ``dirpath``, or no logger (``<default_root_dir>/
     checkpoints``, the same folder every run)."""
     callbacks = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
     if not callbacks or any(c.dirpath is not None for c in callbacks) or not trainer.loggers:
-        return None
+        return []
     logger = trainer.loggers[0]
     save_dir = logger.save_dir or trainer.default_root_dir
     last = callbacks[0].CHECKPOINT_NAME_LAST
     pattern = os.path.join(save_dir, str(logger.name or ""), "*", "checkpoints", f"{last}*.ckpt")
-    found = [path for path in glob.glob(pattern) if os.path.isfile(path)]
+    return [path for path in glob.glob(pattern) if os.path.isfile(path)]
+
+
+def earlier_runs_last(trainer: L.Trainer) -> str | None:
+    """The newest of :func:`earlier_runs_lasts`, or None."""
+    found = earlier_runs_lasts(trainer)
     return max(found, key=os.path.getmtime) if found else None
+
+
+def fixed_folder_lasts(trainer: L.Trainer) -> list[str]:
+    """The files Lightning's own ``--ckpt_path last`` rule takes the newest of: the
+    ``last*.ckpt`` in each ``ModelCheckpoint``'s fixed ``dirpath`` (``<default_root_dir>/
+    checkpoints`` without a logger), and an ``OnExceptionCheckpoint``'s file."""
+    lasts = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, OnExceptionCheckpoint):  # Lightning's rule counts it too
+            lasts.append(callback.ckpt_path)
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        folder = callback.dirpath  # None until setup: without a logger, Lightning's own
+        if folder is None and not trainer.loggers:
+            folder = os.path.join(trainer.default_root_dir, "checkpoints")
+        if folder is not None:
+            name = f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}"
+            lasts += glob.glob(os.path.join(glob.escape(str(folder)), name))
+    return [path for path in lasts if os.path.isfile(path)]
+
+
+def last_to_resume(trainer: L.Trainer) -> str | None:
+    """The file ``--ckpt_path last`` resumes: the newest ``last*.ckpt`` of the earlier runs'
+    or the fixed folders, or a newer stop's ``hpc_ckpt`` (:func:`newer_stop_checkpoint`)."""
+    found = earlier_runs_lasts(trainer) + fixed_folder_lasts(trainer)
+    last = max(found, key=os.path.getmtime) if found else None
+    return newer_stop_checkpoint(trainer, last) or last
 
 
 def newer_stop_checkpoint(trainer: L.Trainer, last: str | None) -> str | None:
@@ -41,16 +73,7 @@ def newer_stop_checkpoint(trainer: L.Trainer, last: str | None) -> str | None:
     stops = [path for path in stops if os.path.isfile(path)]
     if not stops:
         return None
-    lasts = [last] if last else []
-    for callback in trainer.callbacks:
-        if not isinstance(callback, ModelCheckpoint):
-            continue
-        folder = callback.dirpath  # None until setup: without a logger, Lightning's own
-        if folder is None and not trainer.loggers:
-            folder = os.path.join(trainer.default_root_dir, "checkpoints")
-        if folder is not None:
-            name = f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}"
-            lasts += glob.glob(os.path.join(glob.escape(str(folder)), name))
+    lasts = ([last] if last else []) + fixed_folder_lasts(trainer)
     newest = max(stops, key=os.path.getmtime)
     if any(os.path.getmtime(path) >= os.path.getmtime(newest) for path in lasts):
         return None

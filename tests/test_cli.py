@@ -531,3 +531,32 @@ def test_a_torchrun_launch_with_a_trainer_of_one_device_is_refused(tmp_path, mon
     from simclr_lightning import GlobalBatchNorm
 
     assert isinstance(cli.trainer.strategy._layer_sync, GlobalBatchNorm)
+
+
+def test_ckpt_path_last_in_a_fixed_folder_builds_the_model_with_its_settings(tmp_path, caplog):
+    """With ModelCheckpoint's dirpath fixed (the quick start's), ``last`` was left to
+    Lightning: the model kept the command's changed settings silently (temperature 0.5 over
+    the checkpoint's 0.2), and another optimizer failed in its step (``KeyError:
+    'momentum'``), where the same file given by its path gives way and says so."""
+
+    def run(steps: int, *more: str):
+        return cli_main([
+            "fit", "--model=SimCLR", "--model.backbone=timm:test_resnet",
+            "--model.cifar_stem=false", "--model.head_hidden_dim=8", "--model.head_output_dim=8",
+            "--model.warmup_epochs=0", "--data=SampleDataModule", "--data.batch_size=8",
+            "--data.num_workers=0", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
+            f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path}/c",
+            "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=0", *more,
+        ])  # fmt: skip
+
+    run(2, "--model.temperature=0.2", "--model.optimizer=adamw")
+    with caplog.at_level("INFO"):
+        resumed = run(3, "--ckpt_path=last", "--model.temperature=0.5", "--model.optimizer=sgd")
+    assert resumed.trainer.ckpt_path == str(tmp_path / "c" / "last.ckpt")
+    assert resumed.trainer.global_step == 3
+    assert resumed.model.hparams.temperature == 0.2 and resumed.model.hparams.optimizer == "adamw"
+    assert "the model is built with its checkpoint's settings: model." in caplog.text
+    assert "model.temperature=0.2 (given 0.5)" in caplog.text
+    assert "model.optimizer='adamw' (given 'sgd')" in caplog.text

@@ -300,7 +300,12 @@ class OnlineLinearProbe(L.Callback):
             self._pending_state = state_dict
             return
         self.classifier.load_state_dict(state_dict["classifier"])
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        saved = "adam" if "betas" in state_dict["optimizer"]["param_groups"][0] else "sgd"
+        if saved == self.optimizer_name:  # another one's state broke its step (KeyError)
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+        else:
+            rank_zero_warn(f"OnlineLinearProbe: the checkpoint's probe optimizer is {saved!r}, "
+                           f"not optimizer={self.optimizer_name!r}: it starts afresh")  # fmt: skip
         self.steps = int(state_dict.get("steps", 0))
         self._saved_per_epoch = int(state_dict.get("batches_per_epoch", 0))
         self._train_sums.load_state_dict(state_dict)

@@ -148,9 +148,7 @@ class Preemption(Callback):
             return
         checkpoint = trainer.checkpoint_callback
         keeps_last = isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last
-        if not keeps_last and os.path.abspath(resumed) == os.path.abspath(
-            self.checkpoint_path(trainer)
-        ):
+        if not keeps_last and same_last(resumed, self.checkpoint_path(trainer)):
             trainer.strategy.remove_checkpoint(resumed)
 
     @staticmethod
@@ -243,3 +241,14 @@ def requeue_slurm_job() -> None:
         code = f"{type(err).__name__}: {err}"
     if code != 0:
         rank_zero_warn(f"requeueing SLURM job {job} failed ({code}); the run goes on")
+
+
+def same_last(resumed: str, own: str) -> bool:
+    """Whether ``resumed`` is this run's stop file ``own``, or the one of an earlier run logged
+    beside it (``version_0/checkpoints/last.ckpt`` for ``version_1/checkpoints/last.ckpt``): a
+    resumed run logs to a new version, and the stale file there was left for ``--ckpt_path
+    last`` to go back to."""
+    a, b = os.path.abspath(resumed), os.path.abspath(own)
+    parts = [(os.path.basename(p), os.path.basename(os.path.dirname(p))) for p in (a, b)]
+    folders = [os.path.dirname(os.path.dirname(os.path.dirname(p))) for p in (a, b)]
+    return a == b or (parts[0] == parts[1] and folders[0] == folders[1])

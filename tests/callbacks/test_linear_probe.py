@@ -136,6 +136,24 @@ def test_probe_state_is_saved_and_restored(tmp_path):
     assert restored.steps == 8
 
 
+@pytest.mark.parametrize(("before", "after"), [("adam", "sgd"), ("sgd", "adam")])
+def test_a_resume_with_another_probe_optimizer_starts_it_afresh(tmp_path, before, after):
+    """Another optimizer's state was loaded into the probe's, whose next step then failed
+    (``KeyError: 'momentum'`` in SGD's step): now its state starts afresh, said."""
+    train, val = separable(64, seed=2), separable(16, seed=3)
+    data = FeatureData(train, val, batch_size=16)
+    probe = OnlineLinearProbe(num_classes=4, optimizer=before, lr=0.1)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[probe])
+    trainer.fit(FeatureModule(16), datamodule=data)
+    trainer.save_checkpoint(tmp_path / "probe.ckpt")
+    changed = OnlineLinearProbe(num_classes=4, optimizer=after, lr=0.1)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[changed])
+    said = rf"probe optimizer is '{before}', not optimizer='{after}': it starts afresh"
+    with pytest.warns(UserWarning, match=said):
+        trainer.fit(FeatureModule(16), datamodule=data, ckpt_path=tmp_path / "probe.ckpt")
+    assert changed.steps == 8 and changed.optimizer.state  # it trained on, with its own state
+
+
 def test_probe_without_any_label_stays_at_zero_and_logs_nothing():
     x, _ = separable(32, seed=4)
     unlabeled = torch.full((32,), -1)

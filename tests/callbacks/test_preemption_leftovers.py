@@ -59,6 +59,29 @@ def test_a_resumed_run_brings_the_stops_last_ckpt_to_its_final_step(tmp_path, ca
     assert torch.equal(last["state_dict"]["w"], whole.w.detach())
 
 
+def test_a_finished_resume_in_a_new_logger_version_removes_the_stops_last(tmp_path):
+    """Logged in versioned folders, without ModelCheckpoint(save_last=True): the resumed run
+    logs to version_1 and removed a last.ckpt only there, so version_0's stop file stayed and a
+    later ``--ckpt_path last`` went back to it, dropping the steps trained since."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from simclr_lightning.callbacks.preemption import same_last
+
+    def logged() -> dict:
+        return {"enable_checkpointing": True, "logger": CSVLogger(tmp_path, name="run")}
+
+    with pytest.raises(SIGTERMException):
+        fit(Weight(at=2), **logged())
+    stop = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert global_step(stop) == 2
+    assert fit(Weight(), ckpt_path=str(stop), **logged()).global_step == 2 * BATCHES
+    assert not stop.exists()
+    assert list((tmp_path / "run" / "version_1" / "checkpoints").glob("epoch=1-*.ckpt"))
+    own = "/r/run/version_1/checkpoints/last.ckpt"
+    assert not same_last("/r/other/version_0/checkpoints/last.ckpt", own)
+    assert not same_last("/r/run/version_0/checkpoints/epoch=0-step=2.ckpt", own)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="a shell script as scontrol")
 def test_a_finished_requeued_job_leaves_no_hpc_checkpoint_for_the_next_job(tmp_path, monkeypatch):
     """A SLURM job warned (requeued, then stopped), requeued, stopped again, requeued, and
