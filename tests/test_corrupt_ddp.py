@@ -98,7 +98,9 @@ def test_corrupt_validation_file_under_ddp_stops_every_rank_and_saves_the_epoch(
     original = damage(bad)
 
     work = tmp_path / "run"
-    config, code, out = ddp_run(root, work, {"limit_val_batches": None, "num_sanity_val_steps": 0})
+    reads = [{"class_path": "simclr_lightning.OnlineLinearProbe"}]  # else no validation runs
+    trainer = {"limit_val_batches": None, "num_sanity_val_steps": 0}
+    config, code, out = ddp_run(root, work, trainer, reads)
     assert_stopped_on(bad, code, out)
     assert steps_logged(work) == [1, 1, 2, 2, 3, 3], out[-3000:]
     assert global_step(work / "ckpts" / "last.ckpt") == 3
