@@ -33,6 +33,11 @@ if [[ -f "$SHARED/cifar10-jpg.tar.gz" ]] &&
     ! cmp -s "$SHARED/cifar10-jpg.tar.gz" .gpu-data/cifar10-jpg.tar.gz; then
     cp "$SHARED/cifar10-jpg.tar.gz" .gpu-data/cifar10-jpg.tar.gz
 fi
+if [[ ! -f .gpu-data/cifar10-jpg.tar.gz ]]; then
+    echo "gpu_prepare.sh: error: no $SHARED/cifar10-jpg.tar.gz to copy: set SIMCLR_SHARED_DATA" \
+        "to the folder that holds it" >&2
+    exit 1
+fi
 echo "1fd928ad2fe24946899ef04731ca16ff  .gpu-data/cifar10-jpg.tar.gz" | md5sum -c --quiet
 
 # -- wheels ------------------------------------------------------------------------------------

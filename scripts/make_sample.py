@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -84,6 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-per-class", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not args.archive.is_file():
+        sys.exit(
+            f"make_sample.py: error: --archive={str(args.archive)!r} is not a file: give the "
+            f"CIFAR-10 JPEG tarball cifar10-jpg.tar.gz (its source: shared/data/README.md)"
+        )
     counts = make_sample(
         args.archive, args.out, args.train_per_class, args.val_per_class, args.seed
     )

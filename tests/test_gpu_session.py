@@ -408,3 +408,31 @@ def test_the_tests_part_reads_the_copy_extracted_before_the_steps(tmp_path, monk
     log.touch()
     gpu_session.part_tests(session, log)
     assert envs and all(e["SIMCLR_CIFAR10_JPG"] == str(session._root) for e in envs)
+
+
+def test_the_env_check_fails_only_on_what_the_benchmarks_need():
+    """Without the CLI's wheels (``gpu_prepare.sh --no-wheels``, which the runbook offers) the
+    env part said "failed: fix on the CPU first" for the two CLI modules alone."""
+    from tests.test_benchmarks import load_script
+
+    status = load_script("gpu_env").env_status
+    no_cli = {"simclr_lightning.cli": "ModuleNotFoundError: No module named 'jsonargparse'"}
+    assert status(no_cli, {"gpu_augment": "ok 3 ms"}) == "ok"
+    assert status({"simclr_lightning.loss": "ImportError: x"}, {}) == "failed"
+    assert status({}, {"gpu_augment": "FAILED RuntimeError: x"}) == "failed"
+
+
+def test_gpu_prepare_without_the_shared_data_says_where_it_looked(tmp_path):
+    """It failed in md5sum (``FAILED open or read``), naming neither the folder it read nor
+    the setting that moves it."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(REPO / "benchmarks" / "gpu_prepare.sh", tmp_path / "benchmarks")
+    env = {**os.environ, "SIMCLR_SHARED_DATA": str(tmp_path / "nowhere")}
+    run = subprocess.run(["bash", "benchmarks/gpu_prepare.sh", "--no-wheels"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [
+        f"gpu_prepare.sh: error: no {tmp_path / 'nowhere'}/cifar10-jpg.tar.gz to copy: set "
+        "SIMCLR_SHARED_DATA to the folder that holds it"
+    ]

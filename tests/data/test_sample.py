@@ -44,6 +44,8 @@ def test_make_sample_reproduces_the_committed_sample(cifar_jpg_root, tmp_path):
     cmd = [sys.executable, str(script), "--archive", str(archive), "--out", str(tmp_path / "s")]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     assert tree(tmp_path / "s") == tree(sample_root())
+    # its README too, which described another order of draws than the script's
+    assert (tmp_path / "s" / "README.md").read_text() == (sample_root() / "README.md").read_text()
     other = tmp_path / "seed1"
     subprocess.run(cmd[:-1] + [str(other), "--seed", "1"], check=True, capture_output=True)
     assert tree(other).keys() != tree(sample_root()).keys()
@@ -92,3 +94,14 @@ def test_sample_data_module_serves_the_sample():
     assert data.augmentation.mean == (0.4914, 0.4822, 0.4465)  # CIFAR-10's statistics
     (a, b), y = next(iter(data.train_dataloader()))
     assert a.shape == b.shape == (8, 3, 32, 32)
+
+
+def test_make_sample_without_the_archive_says_so_in_one_line(tmp_path):
+    script = REPO / "scripts" / "make_sample.py"
+    cmd = [sys.executable, str(script), "--archive", str(tmp_path / "no.tar.gz"), "--out", "x"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 1 and not (tmp_path / "x").exists()
+    assert run.stderr.splitlines() == [
+        f"make_sample.py: error: --archive='{tmp_path / 'no.tar.gz'}' is not a file: give the "
+        "CIFAR-10 JPEG tarball cifar10-jpg.tar.gz (its source: shared/data/README.md)"
+    ]
