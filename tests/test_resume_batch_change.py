@@ -256,3 +256,31 @@ def test_a_resume_under_an_integer_batch_limit_carries_the_schedule(folder, tmp_
     want = [peak * cosine_schedule_reference(s, 0, 8, 0.0) for s in (6, 7)]
     assert [lr for _, lr in rows] == pytest.approx(want)
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 8  # the cosine's end
+
+
+def test_a_smaller_batch_past_the_integer_limit_is_refused_before_any_step(folder, tmp_path):
+    """limit_train_batches=4: batches of 4 stop after 3 of epoch 1 (12 images); at batch 2
+    this run's epoch holds 8 images, fewer than those trained on. Lightning then ran epoch 1
+    again (4 more steps at its count), and the schedule reached 0 before the run's end."""
+    from simclr_lightning.errors import SettingError
+
+    def fit(batch: int, ckpt_path=None, **trainer_kwargs):
+        data = ImageFolderDataModule(
+            str(folder), SimCLRAugmentation(image_size=8), batch_size=batch, num_workers=0
+        )
+        model = SimCLR(cifar_stem=False, warmup_epochs=0, head_hidden_dim=8, head_output_dim=8)
+        trainer = quiet_trainer(
+            max_epochs=3, limit_train_batches=4, limit_val_batches=0, **trainer_kwargs
+        )
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+        return trainer
+
+    save = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=7, save_top_k=1)
+    fit(4, callbacks=[save], enable_checkpointing=True)
+    with pytest.raises(SettingError, match=(
+        r"^trainer.limit_train_batches=4 ends epoch 1 of this run \(global batch 2\) before the "
+        r"12 images the checkpoint trained in it \(6 of its batches\): resume with the "
+        r"checkpoint's global batch or without an integer limit_train_batches$"
+    )):  # fmt: skip
+        fit(2, tmp_path / "step=7.ckpt")
+    assert fit(8, tmp_path / "step=7.ckpt").global_step == 7 + 1 + 2  # epoch 1's last 8, then 2

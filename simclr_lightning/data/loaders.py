@@ -214,6 +214,14 @@ class TrainOrder:
             size, drop = loader.batch_size, loader.drop_last
             done = _batches(sampler.kept, size, drop) - _batches(sampler.kept - skip, size, drop)
             self.loop_at = (epoch, batches, done)
+            limit = getattr(self.trainer, "limit_train_batches", None)
+            if isinstance(limit, int) and 0 < limit <= done:  # Lightning would run it again
+                raise SettingError(
+                    f"trainer.limit_train_batches={limit} ends epoch {epoch} of this run (global "
+                    f"batch {self.global_batch}) before the {skip * sampler.num_replicas} images "
+                    f"the checkpoint trained in it ({done} of its batches): resume with the "
+                    f"checkpoint's global batch or without an integer limit_train_batches"
+                )
 
     def _spent(self) -> None:
         """The resumed epoch has started: a loader built later (a fresh fit of this data
