@@ -213,15 +213,24 @@ def _unwritable(folder: str | os.PathLike) -> str | None:
     return None
 
 
+VALIDATION_HOOKS = [f"on_validation{part}" for part in (
+    "_start", "_epoch_start", "_batch_start", "_batch_end", "_epoch_end", "_end")]  # fmt: skip
+
+
 def reads_validation(trainer: L.Trainer) -> bool:
     """Whether anything takes the features SimCLR's ``validation_step`` returns: a callback's
-    ``on_validation_batch_end`` (a progress bar's counts batches only), or the module's own
-    validation hooks (a user's subclass)."""
-    base, module = L.Callback.on_validation_batch_end, type(trainer.lightning_module)
-    return any(
-        type(c).on_validation_batch_end is not base and not isinstance(c, ProgressBar)
-        for c in trainer.callbacks
-    ) or any(
+    ``on_validation_batch_end`` (a progress bar's counts batches only), any validation hook of
+    a user's own callback, or the module's own validation hooks (a user's subclass)."""
+    module = type(trainer.lightning_module)
+
+    def reads(callback: L.Callback) -> bool:
+        own = not type(callback).__module__.startswith(("lightning.", "simclr_lightning."))
+        hooks = VALIDATION_HOOKS if own else ("on_validation_batch_end",)
+        return not isinstance(callback, ProgressBar) and any(
+            getattr(type(callback), hook) is not getattr(L.Callback, hook) for hook in hooks
+        )
+
+    return any(reads(c) for c in trainer.callbacks) or any(
         getattr(module, hook) is not getattr(L.LightningModule, hook)
         for hook in ("on_validation_batch_end", "on_validation_epoch_end")
     ) or module.validation_step.__qualname__ != "SimCLR.validation_step"  # fmt: skip
