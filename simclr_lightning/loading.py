@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import io
 import sys
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 
 from simclr_lightning.checkpoint_io import read_lazily
@@ -21,7 +23,10 @@ class LoadsItsOwnCheckpoints:
     @_restricted_classmethod  # Lightning's: called on an instance it raises, not loads nothing
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         hparams = refuse_other_class(cls, checkpoint_path)
-        kwargs = build_as(cls, hparams) | kwargs  # the caller's own choices win
+        build = build_as(cls, hparams)
+        if build is None:  # no way to keep the record from its **kwargs but to leave it out
+            checkpoint_path, build = without_class_record(checkpoint_path), {}
+        kwargs = build | kwargs  # the caller's own choices win
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
 
 
@@ -29,30 +34,49 @@ class LoadsItsOwnCheckpoints:
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
 
-def build_as(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
+def build_as(cls: type, hparams: dict[str, Any]) -> dict[str, Any] | None:
     """The ``load_from_checkpoint`` arguments that build ``cls`` from a checkpoint whose
-    ``_class_path`` is ``cls``'s or a base class of it (a user's subclass of SimCLR).
+    ``_class_path`` is ``cls``'s or a base class of it (a user's subclass of SimCLR); None
+    where only a copy of the checkpoint without that record can (:func:`without_class_record`).
 
     Lightning builds a checkpoint the CLI wrote through ``_instantiator``, which refuses any
     ``_class_path`` that is not ``cls`` or a subclass; without one it passes every saved
     hyperparameter, ``_class_path`` included, to an ``__init__`` that takes ``**kwargs``, and
     SimCLR's refuses it. So: a subclass of the recorded class is built by Lightning's plain
     rule (its ``__init__`` takes the hyperparameters it names), or, where it takes
-    ``**kwargs``, by the instantiator told its own class path."""
+    ``**kwargs``, by the instantiator told its own class path; a class it cannot name (one
+    defined in a function, or recorded as another process's ``__main__``) from the copy."""
     saved = hparams.get("_class_path")
-    other = imported_class(saved)
-    if other is None:
+    if saved is None:
         return {}
+    other = imported_class(saved)
     own = f"{cls.__module__}.{cls.__qualname__}"
     by_name = "<locals>" not in own  # a class in a function: no importable path
     takes_any = inspect.getfullargspec(cls.__init__).varkw is not None  # type: ignore[misc]
-    if other is not cls and issubclass(cls, other):
-        if takes_any and by_name:
-            return {"_instantiator": INSTANTIATOR, "_class_path": own}
-        return {"_instantiator": None}
-    if takes_any and by_name and other is cls and "_instantiator" not in hparams:
+    if other is not None and other is not cls and issubclass(cls, other):
+        if not takes_any:
+            return {"_instantiator": None}
+        return {"_instantiator": INSTANTIATOR, "_class_path": own} if by_name else None
+    if not takes_any or (other is not None and "_instantiator" in hparams):
+        return {}  # filtered out by Lightning, or the CLI's record of an imported class
+    if other is cls and by_name:
         return {"_instantiator": INSTANTIATOR}  # _class_path is this library's record, no argument
-    return {}
+    return None
+
+
+def without_class_record(path: Any) -> Any:
+    """The checkpoint at ``path`` as an in-memory file without ``_class_path`` and
+    ``_instantiator`` in its hyperparameters (``path`` itself where it cannot be read here)."""
+    checkpoint = read_lazily(path, "checkpoint_path")
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict):
+        return path
+    hparams = dict(checkpoint["hyper_parameters"])
+    for key in ("_class_path", "_instantiator"):
+        hparams.pop(key, None)
+    copy = io.BytesIO()
+    torch.save({**checkpoint, "hyper_parameters": hparams}, copy)
+    copy.seek(0)
+    return copy
 
 
 def refuse_other_class(cls: type, path: Any) -> dict[str, Any]:

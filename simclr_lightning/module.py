@@ -267,9 +267,13 @@ class SimCLR(LoadsItsOwnCheckpoints, L.LightningModule):
         if stage == "fit":
             check_checkpoint_folders(self.trainer)
             check_pretraining_run(self.trainer)
-            skip_unread_validation(self.trainer)
+            self._val_limit = skip_unread_validation(self.trainer)  # put back at teardown
         elif stage == "validate":
             warn_unmeasured_validation(self.trainer)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and getattr(self, "_val_limit", None) is not None:  # the Trainer's own
+            self.trainer.limit_val_batches, self._val_limit = self._val_limit, None
 
     def on_train_start(self) -> None:
         # Lightning keeps whatever train/eval mode the module had before fit; a model left in

@@ -251,17 +251,20 @@ def warn_unmeasured_validation(trainer: L.Trainer) -> None:
     )
 
 
-def skip_unread_validation(trainer: L.Trainer) -> None:
+def skip_unread_validation(trainer: L.Trainer) -> int | float | None:
     """A pretraining fit that no monitor watches runs no validation: each pass computed the
     features of the whole held-out split (1,000 images every epoch of the quick start, 50,000
-    of ImageNet's) for nothing to read them (Lightning's tuners set the limit the same way)."""
-    if trainer.limit_val_batches == 0 or reads_validation(trainer):
-        return
+    of ImageNet's) for nothing to read them (Lightning's tuners set the limit the same way).
+    Returns the Trainer's limit it replaced, for the fit's end to put back (None: kept)."""
+    limit = trainer.limit_val_batches
+    if limit == 0 or reads_validation(trainer):
+        return None
     trainer.limit_val_batches = 0
     rank_zero_info(
         "simclr-lightning: no callback reads validation, so none runs (trainer."
         "limit_val_batches=0); --config configs/monitors.yaml adds kNN, probe and plots"
     )
+    return limit
 
 
 class CollapseWatch:

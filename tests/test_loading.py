@@ -123,3 +123,31 @@ def test_subclasses_load_a_checkpoint_the_cli_wrote(checkpoints, tmp_path, cls):
     for name, weight in checkpoint["state_dict"].items():
         torch.testing.assert_close(loaded.state_dict()[name], weight)
     assert type(SimCLR.load_from_checkpoint(tmp_path / "cli.ckpt")) is SimCLR
+
+
+def test_kwargs_subclasses_it_cannot_name_still_load(checkpoints, tmp_path):
+    """A class defined in a function, or one a script recorded as ``__main__.Kw`` and another
+    process imports from its module: Lightning passed the recorded ``_class_path`` to their
+    ``**kwargs`` (``TypeError: unexpected keyword argument '_class_path'``)."""
+
+    class Local(SimCLR):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+
+    saved = save_simclr_checkpoint(tmp_path / "local.ckpt", False, 3, cls=Local)
+    loaded = Local.load_from_checkpoint(tmp_path / "local.ckpt", map_location="cpu")
+    assert type(loaded) is Local
+    for name, weight in saved.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], weight)
+    checkpoint = torch.load(checkpoints / "simclr.ckpt", weights_only=False)
+    for record in (CLI_RECORD, {"_class_path": "__main__.KwargsSimCLR"}):
+        checkpoint["hyper_parameters"].update(record)
+        torch.save(checkpoint, tmp_path / "other.ckpt")
+        for cls in (Local, KwargsSimCLR):
+            loaded = cls.load_from_checkpoint(tmp_path / "other.ckpt", temperature=0.7)
+            assert type(loaded) is cls and loaded.hparams.cifar_stem
+            assert loaded.hparams.temperature == 0.7  # an override still applies
+            torch.testing.assert_close(
+                loaded.state_dict()["backbone.conv1.weight"],
+                checkpoint["state_dict"]["backbone.conv1.weight"],
+            )

@@ -393,3 +393,6 @@ def test_a_fit_nothing_reads_validation_from_runs_none(model_class, callback, re
     validated = trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed
     assert (validated > 0) == reads and trainer.global_step == 2
     assert ("no callback reads validation, so none runs" in caplog.text) != reads
+    # the Trainer's own limit, back for what it runs next (it stayed 0: a LinearEval fit on
+    # this Trainer then validated nothing)
+    assert trainer.limit_val_batches == 1.0

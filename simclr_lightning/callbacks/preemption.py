@@ -63,6 +63,8 @@ class Preemption(Callback):
         self._resumed_from: str | None = None
         self._first_step: int | None = None  # global_step when this fit's training started
         self._requeued = False  # this fit saved an hpc_ckpt and requeued the job
+        self._stopping = False  # saving a stop's checkpoint now
+        self._resumed_stop = False  # the checkpoint this fit resumed from is a stop's
         self._signals = SignalAgreement()
 
     def on_exception(
@@ -92,7 +94,11 @@ class Preemption(Callback):
             return
         self.saved_path = self.checkpoint_path(trainer)
         claim_last(trainer, self.saved_path)
-        trainer.save_checkpoint(self.saved_path, weights_only=False)
+        self._stopping = True
+        try:
+            trainer.save_checkpoint(self.saved_path, weights_only=False)
+        finally:
+            self._stopping = False
         rank_zero_info(
             f"simclr-lightning: stopped after step {trainer.global_step}; saved "
             f"{self.saved_path} ({self.resume_hint(trainer)})"
@@ -111,8 +117,18 @@ class Preemption(Callback):
         self._first_step = trainer.global_step
         self._signals.install(trainer)
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict) -> None:  # fmt: skip
+        if self._stopping:  # what a finished resume may remove, and nothing else
+            checkpoint["preemption_stop"] = True
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict) -> None:  # fmt: skip
+        self._resumed_stop = bool(checkpoint.get("preemption_stop"))
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._first_step = None
+        self._resumed_stop = False
         self._signals.uninstall(trainer)
 
     def on_train_batch_end(
@@ -148,7 +164,12 @@ class Preemption(Callback):
             return
         checkpoint = trainer.checkpoint_callback
         keeps_last = isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last
-        if not keeps_last and same_last(resumed, self.checkpoint_path(trainer)):
+        own = self.checkpoint_path(trainer)
+        # (an earlier version's file only where a stop wrote it: never another run's last)
+        stale = os.path.abspath(resumed) == os.path.abspath(own) or (
+            self._resumed_stop and same_last(resumed, own)
+        )
+        if not keeps_last and stale:
             trainer.strategy.remove_checkpoint(resumed)
 
     @staticmethod
@@ -244,10 +265,10 @@ def requeue_slurm_job() -> None:
 
 
 def same_last(resumed: str, own: str) -> bool:
-    """Whether ``resumed`` is this run's stop file ``own``, or the one of an earlier run logged
-    beside it (``version_0/checkpoints/last.ckpt`` for ``version_1/checkpoints/last.ckpt``): a
-    resumed run logs to a new version, and the stale file there was left for ``--ckpt_path
-    last`` to go back to."""
+    """Whether ``resumed`` is this run's stop file ``own``, or where an earlier run logged
+    beside it saves one (``version_0/checkpoints/last.ckpt`` for ``version_1/checkpoints/
+    last.ckpt``): a resumed run logs to a new version, and the stale file there was left for
+    ``--ckpt_path last`` to go back to."""
     a, b = os.path.abspath(resumed), os.path.abspath(own)
     parts = [(os.path.basename(p), os.path.basename(os.path.dirname(p))) for p in (a, b)]
     folders = [os.path.dirname(os.path.dirname(os.path.dirname(p))) for p in (a, b)]

@@ -82,6 +82,30 @@ def test_a_finished_resume_in_a_new_logger_version_removes_the_stops_last(tmp_pa
     assert not same_last("/r/run/version_0/checkpoints/epoch=0-step=2.ckpt", own)
 
 
+@pytest.mark.parametrize("layout", ["versions", "folders"])
+def test_a_finished_resume_keeps_another_runs_last(tmp_path, layout):
+    """A last.ckpt that ModelCheckpoint(save_last=True) wrote for a finished run, in an earlier
+    logger version or in a folder beside this run's, went when a run without save_last
+    resumed from it and finished: only a stop's own file may go."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    def run(name: str, keeps_last: bool) -> dict:
+        logger = CSVLogger(tmp_path, name="run") if layout == "versions" else False
+        folder = None if layout == "versions" else tmp_path / "outputs" / name / "checkpoints"
+        saves = ModelCheckpoint(folder, save_last=keeps_last, save_top_k=1)
+        return {"enable_checkpointing": True, "logger": logger, "callbacks": [Preemption(), saves]}
+
+    fit(Weight(), max_epochs=1, **run("a", keeps_last=True))
+    if layout == "versions":
+        first = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    else:
+        first = tmp_path / "outputs" / "a" / "checkpoints" / "last.ckpt"
+    assert global_step(first) == BATCHES
+    resumed = fit(Weight(), ckpt_path=str(first), **run("b", keeps_last=False))
+    assert resumed.global_step == 2 * BATCHES
+    assert first.exists() and global_step(first) == BATCHES
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="a shell script as scontrol")
 def test_a_finished_requeued_job_leaves_no_hpc_checkpoint_for_the_next_job(tmp_path, monkeypatch):
     """A SLURM job warned (requeued, then stopped), requeued, stopped again, requeued, and
