@@ -278,7 +278,7 @@ def test_a_smaller_batch_past_the_integer_limit_is_refused_before_any_step(folde
     save = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=7, save_top_k=1)
     fit(4, callbacks=[save], enable_checkpointing=True)
     with pytest.raises(SettingError, match=(
-        r"^trainer.limit_train_batches=4 ends epoch 1 of this run \(global batch 2\) before the "
+        r"^trainer.limit_train_batches=4 ends epoch 1 of this run \(global batch 2\) within the "
         r"12 images the checkpoint trained in it \(6 of its batches\): resume with the "
         r"checkpoint's global batch or without an integer limit_train_batches$"
     )):  # fmt: skip

@@ -218,7 +218,7 @@ class TrainOrder:
             if isinstance(limit, int) and 0 < limit <= done:  # Lightning would run it again
                 raise SettingError(
                     f"trainer.limit_train_batches={limit} ends epoch {epoch} of this run (global "
-                    f"batch {self.global_batch}) before the {skip * sampler.num_replicas} images "
+                    f"batch {self.global_batch}) within the {skip * sampler.num_replicas} images "
                     f"the checkpoint trained in it ({done} of its batches): resume with the "
                     f"checkpoint's global batch or without an integer limit_train_batches"
                 )
