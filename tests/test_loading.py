@@ -5,6 +5,7 @@ the model from the other class's hyperparameters, and the error was the first on
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +152,19 @@ def test_kwargs_subclasses_it_cannot_name_still_load(checkpoints, tmp_path):
                 loaded.state_dict()["backbone.conv1.weight"],
                 checkpoint["state_dict"]["backbone.conv1.weight"],
             )
+
+
+def test_loggers_get_the_architecture_linear_eval_read_from_its_checkpoint(tmp_path):
+    """Lightning logs ``hparams_initial``, taken before the checkpoint's architecture was read:
+    an evaluation of a 1-channel, ImageNet-stem encoder was logged as the defaults (CIFAR
+    stem, 3 channels), where the model and its own checkpoints had the right ones."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    save_simclr_checkpoint(tmp_path / "simclr.ckpt", cifar_stem=False, in_channels=1)
+    model = LinearEval(str(tmp_path / "simclr.ckpt"), num_classes=3)
+    assert model.backbone.conv1.weight.shape == (64, 1, 7, 7)
+    logger = CSVLogger(tmp_path / "logs")
+    logger.log_hyperparams(model.hparams_initial)
+    logger.save()
+    logged = (Path(logger.log_dir) / "hparams.yaml").read_text()
+    assert "cifar_stem: false" in logged and "in_channels: 1" in logged

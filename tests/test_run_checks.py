@@ -396,3 +396,24 @@ def test_a_fit_nothing_reads_validation_from_runs_none(model_class, callback, re
     # the Trainer's own limit, back for what it runs next (it stayed 0: a LinearEval fit on
     # this Trainer then validated nothing)
     assert trainer.limit_val_batches == 1.0
+
+
+@pytest.mark.parametrize("cadence", [{"check_val_every_n_epoch": 2}, {"val_check_interval": 2}])
+def test_validation_is_kept_where_a_checkpoint_acts_at_its_end(tmp_path, cadence, caplog):
+    """At another cadence than each epoch's end, ModelCheckpoint and EarlyStopping act when
+    validation ends: without validation a run of 4 epochs wrote no checkpoint until the end."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    val = DataLoader([(torch.randn(3, 16, 16), i % 2) for i in range(8)], batch_size=4)
+    data = L.LightningDataModule.from_datasets(TwoViews(8), batch_size=4)
+    data.val_dataloader = lambda: val
+    saves = ModelCheckpoint(tmp_path, "{epoch}", save_top_k=-1)
+    trainer = quiet_trainer(max_epochs=4, limit_train_batches=2, callbacks=[saves],
+                            enable_checkpointing=True, **cadence)  # fmt: skip
+    model = SimCLR(backbone="resnet18", head_hidden_dim=16, head_output_dim=8)
+    with caplog.at_level("INFO"):
+        trainer.fit(model, datamodule=data)
+    assert "so none runs" not in caplog.text
+    assert len(list(tmp_path.glob("epoch=*.ckpt"))) == (
+        2 if "check_val_every_n_epoch" in cadence else 4
+    )

@@ -130,7 +130,8 @@ class LinearEval(LoadsItsOwnCheckpoints, L.LightningModule):
             arch = checkpoint_architecture(type(self), self.hparams, arch)  # it wins, said
             if head_layers:
                 projection, head_config = checkpoints.projection_layers(loaded, head_layers)
-            self.hparams.update(arch, head_config=head_config)  # its checkpoints need no file
+            for record in (self.hparams, self._hparams_initial):  # saved, and what loggers get
+                record.update(arch, head_config=head_config)  # its checkpoints need no file
             backbone, cifar_stem, in_channels, timm_kwargs = arch.values()  # ARCH_KEYS order
         self.backbone, self.feature_dim = build_backbone(
             backbone, cifar_stem, in_channels, timm_kwargs=timm_kwargs
