@@ -105,6 +105,8 @@ def _own_message(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, (TypeError, RuntimeError)) and LIGHTNING_SETTING.fullmatch(str(exc)):
         said = str(exc).replace("`devices`", "trainer.devices").replace("`", "")
         return one_line(said), EXIT_USAGE
+    if isinstance(exc, ValueError) and (said := list_item_error(str(exc))) is not None:
+        return said, EXIT_USAGE
     if isinstance(exc, ModuleNotFoundError) and (need := MISSING_PACKAGE.match(str(exc))):
         return (
             f"{refusing_part(exc)}needs {need[1]}, which is not installed here: "
@@ -266,6 +268,44 @@ def print_error(message: str, prog: str = PROG) -> None:
     where = f"{prog} [rank {rank}]" if rank else prog
     sys.stderr.write(f"{where}: error: {message}\n")  # one write: ranks do not interleave
     sys.stderr.flush()
+
+
+# jsonargparse's error for a list given to a union setting (trainer.logger: a Logger, a list of
+# them, true/false or null): one error per type tried, in the order of the types
+LIST_FOR_UNION = re.compile(
+    r"Does not validate against any of the Union subtypes\s*Subtypes: \[(?P<types>.*?)\]\s*"
+    r"Errors:\n(?P<errors>.*?)\nGiven value type: <class 'list'>",
+    re.S,
+)
+
+
+def list_item_error(text: str) -> str | None:
+    """The error of the list's own type (``Iterable[Logger]``) in jsonargparse's report of a
+    list for ``trainer.logger``: the logger's own refusal (WandbLogger's ``offline`` with
+    ``log_model``), otherwise 70 lines of every type tried with the list printed whole."""
+    found = LIST_FOR_UNION.search(text)
+    if found is None:
+        return None
+    types = top_level_parts(found["types"])
+    errors = re.split(r"^  - ", found["errors"], flags=re.M)[1:]
+    listed = [i for i, kind in enumerate(types) if kind.startswith("collections.abc.Iterable[")]
+    if len(errors) != len(types) or not listed or "Logger" not in types[listed[0]]:
+        return None
+    classes = {name.rpartition(".")[2] for name in re.findall(r"class_path='([\w.]+)'", text)}
+    owner = f" ({classes.pop()})" if len(classes) == 1 else ""
+    return f"trainer.logger{owner}: {one_line(errors[listed[0]])}"
+
+
+def top_level_parts(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets: the types of jsonargparse's
+    ``Subtypes: [...]``."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "[<") - (char in "]>")
+        if char == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return [*parts, text[start:].strip()]
 
 
 def one_line(text: str) -> str:

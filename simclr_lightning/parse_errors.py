@@ -21,6 +21,7 @@ from simclr_lightning.cli_errors import (
     exception_chain,
     one_line,
     print_error,
+    top_level_parts,
 )
 from simclr_lightning.loading import class_of
 
@@ -241,15 +242,8 @@ def union_types(chain: list[BaseException]) -> str | None:
 
 def _union(text: str) -> str | None:
     """A union's ``Subtypes`` text as what a user may give, or None for a union of classes."""
-    parts, depth, start = [], 0, 0
-    for i, char in enumerate(text):
-        depth += (char in "[<") - (char in "]>")
-        if char == "," and depth == 0:
-            parts.append(text[start:i].strip())
-            start = i + 1
-    parts.append(text[start:].strip())
     kinds, values, seen = [], [], set()
-    for part in map(_type, parts):
+    for part in map(_type, top_level_parts(text)):
         if part.startswith("one of "):
             for value in part.removeprefix("one of ").split(", "):
                 if value.strip("'") not in seen:  # '32' after 32: the same to a user

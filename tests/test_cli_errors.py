@@ -699,6 +699,18 @@ CASES = [
         2,
         ["error: data.root is required"],
     ),  # fmt: skip
+    # a list of loggers (the W&B overlay's) with one that refuses its settings: jsonargparse
+    # reported every type trainer.logger allows, 70 lines with the list printed whole
+    (
+        "wandb offline with log_model",
+        fit(
+            f"--config={REPO / 'configs' / 'wandb.yaml'}",
+            "--trainer.logger.init_args.offline=true",
+            "--trainer.logger.init_args.save_dir={root}/wandb",
+        ),  # fmt: skip
+        2,
+        ["trainer.logger (WandbLogger): Providing log_model=True and offline=True is an invalid"],
+    ),
     # a loss that overflows in the first step
     (
         "NaN loss",
