@@ -21,8 +21,10 @@ from simclr_lightning.data.failed_batches import (
 from simclr_lightning.data.gpu import GPUAugment
 from simclr_lightning.data.loaders import TrainOrder, check_batch_size, loader_workers
 from simclr_lightning.data.subsets import (
+    check_same_labels,
     class_balanced_subset,
     dataset_labels,
+    labelled_record,
     leaves_out_corrupt,
     listed_subset,
     stratified_order,
@@ -293,11 +295,13 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
         )
 
     def state_dict(self) -> dict:
-        """The training order's seed and position, and every rank's on-device augmentation
-        generator: what a checkpoint needs to continue the data exactly."""
-        return {"train_order": self.train_order.state_dict(), **self.augment_states()}
+        """The training order's seed and position, every rank's on-device augmentation
+        generator and the labelled images: what a checkpoint needs to continue the data."""
+        return {"train_order": self.train_order.state_dict(), "labelled": labelled_record(self),
+                **self.augment_states()}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict) -> None:
+        check_same_labels(state_dict, labelled_record(self))
         self.train_order.load_state_dict(state_dict.get("train_order", {}))
         self.load_augment_states(state_dict)
 

@@ -194,3 +194,32 @@ def substitutes_within(dataset: Dataset, indices: list[int]) -> list[int]:
     if isinstance(dataset, SkipsCorruptFiles):
         dataset.substitutes = tuple(indices)
     return indices
+
+
+def labelled_record(data: Any) -> dict | None:
+    """The settings that choose a data module's labelled training images, for its
+    checkpoints; None where it trains on every image."""
+    subset, fraction = getattr(data, "label_subset", None), getattr(data, "label_fraction", None)
+    if subset is not None:
+        return {"label_subset": subset}
+    return None if fraction is None else {"label_fraction": fraction, "label_seed": data.label_seed}
+
+
+def check_same_labels(state: dict, now: dict | None) -> None:
+    """Refuse a resume that would train on other labelled images than its checkpoint's run
+    (whose data module ``state`` records them; older checkpoints do not): a semi-supervised
+    result is the protocol's on one subset (another ``label_seed`` drew 16 of 40 images from
+    outside it, in silence)."""
+    if "labelled" not in state or state["labelled"] == now:
+        return
+
+    def said(record: dict | None) -> str:
+        if record is None:
+            return "every training image"
+        return ", ".join(f"data.{key}={value!r}" for key, value in record.items())
+
+    raise SettingError(
+        f"the checkpoint's run trained on {said(state['labelled'])}, this one would on "
+        f"{said(now)}: resume with the checkpoint's labelled images (its settings), or start "
+        f"a new run"
+    )

@@ -166,3 +166,45 @@ def test_label_subset_warns_of_names_matching_no_file_or_several(tmp_path):
         warnings.simplefilter("always")
         folder_module(tmp_path, label_subset=str(listing)).setup("fit")
     assert not [w for w in caught if "data.label_subset" in str(w.message)]
+
+
+def test_a_resume_with_other_labelled_images_is_refused_before_any_step(tmp_path):
+    """Resumed with another data.label_seed (or fraction), a semi-supervised fit trained on
+    images outside its checkpoint's labelled subset without a word: the checkpoint did not
+    record which subset it had."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from simclr_lightning import LinearEval
+    from simclr_lightning.errors import SettingError
+    from tests.helpers import write_png_folder
+
+    write_png_folder(tmp_path / "images", 16, 8)
+
+    def fit(ckpt_path=None, callbacks=(), **labels):
+        data = ImageFolderDataModule(str(tmp_path / "images"), SimCLRAugmentation(image_size=8),
+                                     batch_size=2, num_workers=0, task="classify",
+                                     **({"label_fraction": 0.5} | labels))  # fmt: skip
+        trainer = quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=list(callbacks),
+                                enable_checkpointing=bool(callbacks))  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no model.checkpoint: a random encoder here
+            trainer.fit(LinearEval(num_classes=2, cifar_stem=False), data, ckpt_path=ckpt_path)
+        return trainer
+
+    fit(callbacks=[ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=3, save_top_k=-1)])
+    ckpt = tmp_path / "step=3.ckpt"
+    for changed, said in [
+        ({"label_seed": 7}, "data.label_fraction=0.5, data.label_seed=7"),
+        ({"label_fraction": 0.25}, "data.label_fraction=0.25, data.label_seed=0"),
+        ({"label_fraction": None}, "every training image"),
+    ]:
+        with pytest.raises(SettingError, match=(
+            r"^the checkpoint's run trained on data.label_fraction=0.5, data.label_seed=0, "
+            rf"this one would on {said}: resume with the checkpoint's labelled images"
+        )):  # fmt: skip
+            fit(ckpt, **changed)
+    assert fit(ckpt).global_step == 8  # the same subset: 4 steps an epoch
+    old = torch.load(ckpt, weights_only=False)
+    del old["ImageFolderDataModule"]["labelled"]  # a checkpoint from before it was recorded
+    torch.save(old, tmp_path / "old.ckpt")
+    assert fit(tmp_path / "old.ckpt", label_seed=7).global_step == 8
