@@ -415,6 +415,20 @@ def test_a_config_piped_in_is_read_once(tmp_path):
     assert "error" not in done.stderr.lower() and "max_steps=1` reached" in done.stderr
 
 
+def sample_fit(root: Path, folder: Path, steps: int, *more: str):
+    """A tiny CLI fit on the bundled sample, ``steps`` long, saving last.ckpt in ``folder``."""
+    return cli_main([
+        "fit", "--model=SimCLR", "--model.backbone=timm:test_resnet",
+        "--model.cifar_stem=false", "--model.head_hidden_dim=8", "--model.head_output_dim=8",
+        "--model.warmup_epochs=0", "--data=SampleDataModule", "--data.batch_size=8",
+        "--data.num_workers=0", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
+        f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}",
+        "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={folder}",
+        "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=0", *more,
+    ])  # fmt: skip
+
+
 def test_ckpt_path_last_takes_a_newer_stop_checkpoint_of_slurm(tmp_path, caplog):
     """A SIGTERM under SLURM saves hpc_ckpt_<n>.ckpt in default_root_dir, not last.ckpt: a run
     started again with --ckpt_path last (as exit code 143 asks) trained from the older
@@ -423,17 +437,7 @@ def test_ckpt_path_last_takes_a_newer_stop_checkpoint_of_slurm(tmp_path, caplog)
     import shutil
 
     def run(root, steps: int, *more: str):
-        return cli_main([
-            "fit", "--model=SimCLR", "--model.backbone=timm:test_resnet",
-            "--model.cifar_stem=false", "--model.head_hidden_dim=8", "--model.head_output_dim=8",
-            "--model.warmup_epochs=0", "--data=SampleDataModule", "--data.batch_size=8",
-            "--data.num_workers=0", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
-            f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0",
-            "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={root}", "--trainer.callbacks+=ModelCheckpoint",
-            f"--trainer.callbacks.dirpath={root / 'ckpts'}", "--trainer.callbacks.save_last=true",
-            "--trainer.callbacks.save_top_k=0", *more,
-        ])  # fmt: skip
+        return sample_fit(root, root / "ckpts", steps, "--trainer.logger=false", *more)
 
     run(tmp_path, 2)  # ckpts/last.ckpt at step 2
     run(tmp_path / "later", 3)  # a later stop, as SLURM's would be saved
@@ -540,16 +544,7 @@ def test_ckpt_path_last_in_a_fixed_folder_builds_the_model_with_its_settings(tmp
     'momentum'``), where the same file given by its path gives way and says so."""
 
     def run(steps: int, *more: str):
-        return cli_main([
-            "fit", "--model=SimCLR", "--model.backbone=timm:test_resnet",
-            "--model.cifar_stem=false", "--model.head_hidden_dim=8", "--model.head_output_dim=8",
-            "--model.warmup_epochs=0", "--data=SampleDataModule", "--data.batch_size=8",
-            "--data.num_workers=0", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
-            f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0",
-            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path}/c",
-            "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=0", *more,
-        ])  # fmt: skip
+        return sample_fit(tmp_path, tmp_path / "c", steps, *more)
 
     run(2, "--model.temperature=0.2", "--model.optimizer=adamw")
     with caplog.at_level("INFO"):
