@@ -261,19 +261,20 @@ class SimCLR(LoadsItsOwnCheckpoints, L.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x)
 
+    def configure_callbacks(self) -> list:  # the first hook of a run, before Lightning's checks
+        self.__dict__.pop("validation_step", None)  # an earlier fit's skip (a failed one's too)
+        return []
+
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.get("loss") == "supcon":
             require_labels(self.trainer.datamodule)
         if stage == "fit":
             check_checkpoint_folders(self.trainer)
             check_pretraining_run(self.trainer)
-            self._val_limit = skip_unread_validation(self.trainer)  # put back at teardown
+            if skip_unread_validation(self.trainer):  # Lightning runs none without the step
+                self.validation_step = L.LightningModule.validation_step.__get__(self)
         elif stage == "validate":
             warn_unmeasured_validation(self.trainer)
-
-    def teardown(self, stage: str) -> None:
-        if stage == "fit" and getattr(self, "_val_limit", None) is not None:  # the Trainer's own
-            self.trainer.limit_val_batches, self._val_limit = self._val_limit, None
 
     def on_train_start(self) -> None:
         # Lightning keeps whatever train/eval mode the module had before fit; a model left in

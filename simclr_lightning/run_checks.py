@@ -251,16 +251,15 @@ def warn_unmeasured_validation(trainer: L.Trainer) -> None:
     )
 
 
-def skip_unread_validation(trainer: L.Trainer) -> int | float | None:
-    """A pretraining fit that no monitor watches runs no validation: each pass computed the
-    features of the whole held-out split (1,000 images every epoch of the quick start, 50,000
-    of ImageNet's) for nothing to read them (Lightning's tuners set the limit the same way).
-    Returns the Trainer's limit it replaced, for the fit's end to put back (None: kept).
-    Kept where a ModelCheckpoint or EarlyStopping acts at validation's end (validation at
-    another cadence than each epoch's end, or their own setting): they would never act."""
-    limit = trainer.limit_val_batches
-    every_epoch = trainer.check_val_every_n_epoch == 1 and trainer.val_check_interval == 1.0 and (
-        getattr(trainer, "_val_check_time_interval", None) is None)  # fmt: skip
+def skip_unread_validation(trainer: L.Trainer) -> bool:
+    """Whether a pretraining fit runs no validation, said in one line: no monitor watches it,
+    and each pass computed the features of the whole held-out split (1,000 images every epoch
+    of the quick start, 50,000 of ImageNet's) for nothing to read them. Kept where a
+    ModelCheckpoint or EarlyStopping acts at validation's end (validation at another cadence
+    than each epoch's end, or their own setting): they would never act."""
+    every_epoch = getattr(trainer, "_val_check_time_interval", None) is None and (
+        trainer.check_val_every_n_epoch == 1 and getattr(trainer, "val_check_interval", 1) == 1.0
+    )
     at_validation = any(
         getattr(c, "_save_on_train_epoch_end", None) is False
         or getattr(c, "_check_on_train_epoch_end", None) is False
@@ -268,14 +267,13 @@ def skip_unread_validation(trainer: L.Trainer) -> int | float | None:
         for c in trainer.callbacks
         if isinstance(c, (ModelCheckpoint, EarlyStopping))
     )
-    if limit == 0 or at_validation or reads_validation(trainer):
-        return None
-    trainer.limit_val_batches = 0
+    if trainer.limit_val_batches == 0 or at_validation or reads_validation(trainer):
+        return False
     rank_zero_info(
-        "simclr-lightning: no callback reads validation, so none runs (trainer."
-        "limit_val_batches=0); --config configs/monitors.yaml adds kNN, probe and plots"
+        "simclr-lightning: no callback reads validation, so none runs; --config "
+        "configs/monitors.yaml adds kNN, probe and plots"
     )
-    return limit
+    return True
 
 
 class CollapseWatch:

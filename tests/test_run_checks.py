@@ -398,7 +398,10 @@ def test_a_fit_nothing_reads_validation_from_runs_none(model_class, callback, re
     assert trainer.limit_val_batches == 1.0
 
 
-@pytest.mark.parametrize("cadence", [{"check_val_every_n_epoch": 2}, {"val_check_interval": 2}])
+@pytest.mark.parametrize("cadence", [
+    {"check_val_every_n_epoch": 2}, {"val_check_interval": 2},
+    {"val_check_interval": "00:00:10:00"},  # by time: the Trainer then has no val_check_interval
+])  # fmt: skip
 def test_validation_is_kept_where_a_checkpoint_acts_at_its_end(tmp_path, cadence, caplog):
     """At another cadence than each epoch's end, ModelCheckpoint and EarlyStopping act when
     validation ends: without validation a run of 4 epochs wrote no checkpoint until the end."""
@@ -414,6 +417,34 @@ def test_validation_is_kept_where_a_checkpoint_acts_at_its_end(tmp_path, cadence
     with caplog.at_level("INFO"):
         trainer.fit(model, datamodule=data)
     assert "so none runs" not in caplog.text
-    assert len(list(tmp_path.glob("epoch=*.ckpt"))) == (
-        2 if "check_val_every_n_epoch" in cadence else 4
-    )
+    saved = len(list(tmp_path.glob("epoch=*.ckpt")))
+    by_time = isinstance(cadence.get("val_check_interval"), str)  # not in a 4-step run
+    assert saved == (0 if by_time else 2 if "check_val_every_n_epoch" in cadence else 4)
+
+
+def test_a_failed_fit_leaves_no_skip_behind():
+    """The skip set the Trainer's limit_val_batches to 0 and put it back at teardown, which a
+    fit stopped by an exception never reaches: a LinearEval validated on that Trainer then
+    ran nothing. Now the Trainer is left alone, and the module's next run clears its own
+    skip before Lightning checks for a validation_step."""
+    from simclr_lightning import KNNMonitor, LinearEval
+
+    class Fails(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            raise RuntimeError("stopped")
+
+    val = DataLoader([(torch.randn(3, 16, 16), i % 2) for i in range(8)], batch_size=4)
+    data = L.LightningDataModule.from_datasets(TwoViews(8), batch_size=4)
+    data.val_dataloader = data.eval_train_dataloader = lambda: val
+    trainer = quiet_trainer(max_epochs=1, callbacks=[Fails()])
+    model = SimCLR(backbone="resnet18", head_hidden_dim=16, head_output_dim=8)
+    with pytest.raises(RuntimeError, match="stopped"):
+        trainer.fit(model, datamodule=data)
+    assert trainer.limit_val_batches == 1.0 and "validation_step" in vars(model)
+    classifier = LinearEval(num_classes=2)
+    torch.nn.init.normal_(classifier.head.weight)  # as if trained: an untrained one is refused
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no model.checkpoint: a random encoder, said
+        assert "val/top1" in trainer.validate(classifier, val)[0]
+    watched = quiet_trainer(callbacks=[KNNMonitor(k=3)])
+    assert "knn/val_top1" in watched.validate(model, datamodule=data)[0]  # skip cleared

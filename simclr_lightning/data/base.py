@@ -301,7 +301,7 @@ class SimCLRDataModule(ChecksBatches, DeviceViews, L.LightningDataModule):
                 **self.augment_states()}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict) -> None:
-        check_same_labels(state_dict, labelled_record(self))
+        check_same_labels(state_dict, labelled_record(self), self.trainer)
         self.train_order.load_state_dict(state_dict.get("train_order", {}))
         self.load_augment_states(state_dict)
 

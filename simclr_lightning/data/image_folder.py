@@ -148,7 +148,8 @@ class ImageFolderDataModule(SimCLRDataModule):
         if stage != "fit" and not (self.root / "val").is_dir():  # Lightning would run nothing
             raise SettingError(
                 f"data.root={str(self.root)!r} has no val/ folder, the held-out images "
-                f"simclr-lightning {stage} reads: add {self.root / 'val'}/<class>/<image>"
+                f"simclr-lightning {getattr(stage, 'value', stage)} reads: add "
+                f"{self.root / 'val'}/<class>/<image>"
                 + (", or give any images as --data ImageFilesDataModule --data.paths DIR")
                 * (stage == "predict")
             )

@@ -5,6 +5,7 @@ gives with ``data.skip_corrupt``: a substitute in training, no row in evaluation
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -198,24 +199,33 @@ def substitutes_within(dataset: Dataset, indices: list[int]) -> list[int]:
 
 def labelled_record(data: Any) -> dict | None:
     """The settings that choose a data module's labelled training images, for its
-    checkpoints; None where it trains on every image."""
+    checkpoints (a list file by its contents, wherever it lies); None where it trains on
+    every image (``label_fraction`` 1 too)."""
     subset, fraction = getattr(data, "label_subset", None), getattr(data, "label_fraction", None)
     if subset is not None:
-        return {"label_subset": subset}
-    return None if fraction is None else {"label_fraction": fraction, "label_seed": data.label_seed}
+        try:
+            return {"label_subset": hashlib.sha1(Path(subset).read_bytes()).hexdigest()}
+        except OSError:  # read when the subset is drawn, which says what is wrong
+            return {"label_subset": str(subset)}
+    if fraction is None or fraction == 1:
+        return None
+    return {"label_fraction": fraction, "label_seed": data.label_seed}
 
 
-def check_same_labels(state: dict, now: dict | None) -> None:
+def check_same_labels(state: dict, now: dict | None, trainer: Any) -> None:
     """Refuse a resume that would train on other labelled images than its checkpoint's run
     (whose data module ``state`` records them; older checkpoints do not): a semi-supervised
     result is the protocol's on one subset (another ``label_seed`` drew 16 of 40 images from
-    outside it, in silence)."""
-    if "labelled" not in state or state["labelled"] == now:
+    outside it, in silence). A fit only: test, validate and predict train on nothing."""
+    fitting = trainer is None or trainer.state.fn == "fit"
+    if not fitting or "labelled" not in state or state["labelled"] == now:
         return
 
     def said(record: dict | None) -> str:
         if record is None:
             return "every training image"
+        if "label_subset" in record:
+            return f"a data.label_subset list (sha1 {record['label_subset'][:12]})"
         return ", ".join(f"data.{key}={value!r}" for key, value in record.items())
 
     raise SettingError(

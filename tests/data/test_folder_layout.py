@@ -242,13 +242,16 @@ def test_a_held_out_class_folder_with_no_images_is_a_warning(tmp_path):
 
 @pytest.mark.parametrize("stage", ["validate", "test", "predict"])
 def test_held_out_stages_without_val_are_refused(tmp_path, stage):
-    """Lightning ran nothing and exited 0: predict wrote no file, test measured nothing."""
+    """Lightning ran nothing and exited 0: predict wrote no file, test measured nothing. The
+    stage as Lightning passes it (a TrainerFn) was said as "TrainerFn.VALIDATING"."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
     write_images(tmp_path / "train" / "cat", 2, seed=0)
     with pytest.raises(
         SettingError,
         match=f"has no val/ folder, the held-out images simclr-lightning {stage} reads",
     ) as refused:
-        data(tmp_path).setup(stage)
+        data(tmp_path).setup(TrainerFn(stage))
     assert ("ImageFilesDataModule" in str(refused.value)) == (stage == "predict")
 
 

@@ -178,7 +178,7 @@ def test_a_resume_with_other_labelled_images_is_refused_before_any_step(tmp_path
     from simclr_lightning.errors import SettingError
     from tests.helpers import write_png_folder
 
-    write_png_folder(tmp_path / "images", 16, 8)
+    write_png_folder(tmp_path / "images", 16, 8, splits=("train", "val"))
 
     def fit(ckpt_path=None, callbacks=(), **labels):
         data = ImageFolderDataModule(str(tmp_path / "images"), SimCLRAugmentation(image_size=8),
@@ -204,6 +204,13 @@ def test_a_resume_with_other_labelled_images_is_refused_before_any_step(tmp_path
         )):  # fmt: skip
             fit(ckpt, **changed)
     assert fit(ckpt).global_step == 8  # the same subset: 4 steps an epoch
+    # validate and test train on nothing: the README's "fine-tune 10%, then test" (refused)
+    data = ImageFolderDataModule(str(tmp_path / "images"), SimCLRAugmentation(image_size=8),
+                                 batch_size=2, num_workers=0, task="classify")  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        done = quiet_trainer().validate(LinearEval(num_classes=2, cifar_stem=False), data, ckpt)
+    assert "val/top1" in done[0]
     old = torch.load(ckpt, weights_only=False)
     del old["ImageFolderDataModule"]["labelled"]  # a checkpoint from before it was recorded
     torch.save(old, tmp_path / "old.ckpt")
