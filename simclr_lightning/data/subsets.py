@@ -217,7 +217,7 @@ def check_same_labels(state: dict, now: dict | None, trainer: Any) -> None:
     (whose data module ``state`` records them; older checkpoints do not): a semi-supervised
     result is the protocol's on one subset (another ``label_seed`` drew 16 of 40 images from
     outside it, in silence). A fit only: test, validate and predict train on nothing."""
-    fitting = trainer is None or trainer.state.fn == "fit"
+    fitting = getattr(getattr(trainer, "state", None), "fn", "fit") == "fit"  # (no Trainer)
     if not fitting or "labelled" not in state or state["labelled"] == now:
         return
 
