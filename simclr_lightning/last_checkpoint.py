@@ -30,12 +30,6 @@ def earlier_runs_lasts(trainer: L.Trainer) -> list[str]:
     return [path for path in glob.glob(pattern) if os.path.isfile(path)]
 
 
-def earlier_runs_last(trainer: L.Trainer) -> str | None:
-    """The newest of :func:`earlier_runs_lasts`, or None."""
-    found = earlier_runs_lasts(trainer)
-    return max(found, key=os.path.getmtime) if found else None
-
-
 def fixed_folder_lasts(trainer: L.Trainer) -> list[str]:
     """The files Lightning's own ``--ckpt_path last`` rule takes the newest of: the
     ``last*.ckpt`` in each ``ModelCheckpoint``'s fixed ``dirpath`` (``<default_root_dir>/
